@@ -1,0 +1,86 @@
+"""Optimizers with decoupled parameter groups, and per-step LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stackwise_bench.errors import ConfigError
+
+# Embeddings that ViTs learn as free tensors: decaying them towards zero hurts (DeiT, timm).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters: weight decay on weight matrices/kernels only.
+
+    Norm weights and biases (1-D tensors) and position/class embeddings get no
+    decay, as in timm and DeiT.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    implementation: str = "auto",
+) -> torch.optim.Optimizer:
+    """AdamW or SGD over :func:`param_groups`.
+
+    ``implementation``: ``auto`` uses the fused kernel on CUDA and foreach
+    elsewhere; ``foreach``/``fused``/``loop`` force one.
+    """
+    if not lr or lr <= 0:
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number; use e.g. optimizer.lr=1e-3.")
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters; check lora.rank and lora.head.")
+    on_cuda = next(model.parameters()).is_cuda
+    impl = ("fused" if on_cuda else "foreach") if implementation == "auto" else implementation
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **kwargs)
+    raise ConfigError(f"optimizer.name={name} is not known; use optimizer=adamw or optimizer=sgd.")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    steps_per_epoch: int,
+    max_epochs: int,
+    warmup_epochs: float = 0.0,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule: linear warmup, then cosine decay to ``min_lr_ratio`` or constant."""
+    total = max(1, steps_per_epoch * max_epochs)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if name not in ("cosine", "constant"):
+        raise ConfigError(f"scheduler.name={name} is not known; use scheduler=cosine or scheduler=constant.")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

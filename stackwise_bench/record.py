@@ -1,0 +1,136 @@
+"""RunRecord: the one module that writes a run directory.
+
+Layout (DESIGN.md, "The run record"): ``summary.json`` (atomic, carries the
+status from start to end), ``metrics.jsonl``, ``hardware.jsonl``,
+``split.json`` and ``checkpoints/{last,best}.pt``. Every whole-file write goes
+through a temporary file and ``os.replace``, so a crash never leaves a
+half-written summary or checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+HARDWARE = "hardware.jsonl"
+SPLIT = "split.json"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+class RunRecord:
+    """Writes one run directory; monitors and the trainer write only through it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.summary: dict[str, Any] = read_summary(self.dir) or {}
+        self._lock = threading.Lock()
+
+    # ---- summary.json -------------------------------------------------
+    def write_summary(self) -> None:
+        with self._lock:
+            atomic_write_text(self.dir / SUMMARY, json.dumps(self.summary, indent=2, default=_jsonable) + "\n")
+
+    def update(self, **sections: Any) -> None:
+        """Merge top-level sections (``train={...}``) into the summary and write it."""
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(self.summary.get(key), dict):
+                self.summary[key].update(value)
+            else:
+                self.summary[key] = value
+        self.write_summary()
+
+    def start(self, **sections: Any) -> None:
+        self.summary["status"] = "running"
+        self.summary["error"] = None
+        self.update(**sections)
+
+    def finish(self, status: str, **sections: Any) -> None:
+        self.summary.setdefault("run", {})["ended_at"] = now_iso()
+        self.summary["status"] = status
+        self.update(**sections)
+
+    def fail(self, exc: BaseException, reason: str | None = None) -> None:
+        """Record a failure with its traceback; ``reason`` is a short tag such as ``diverged``."""
+        self.summary["error"] = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "reason": reason or type(exc).__name__,
+            "traceback": "".join(traceback.format_exception(exc)),
+        }
+        self.finish("failed")
+
+    # ---- append-only logs ---------------------------------------------
+    def _append(self, name: str, row: dict) -> None:
+        with self._lock, open(self.dir / name, "a") as f:
+            f.write(json.dumps(row, default=_jsonable) + "\n")
+
+    def log_epoch(self, row: dict) -> None:
+        self._append(METRICS, row)
+
+    def log_hardware(self, row: dict) -> None:
+        self._append(HARDWARE, row)
+
+    def rewrite_metrics(self, rows: list[dict]) -> None:
+        """On resume: the metrics file becomes exactly the checkpoint's history."""
+        text = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+        with self._lock:
+            atomic_write_text(self.dir / METRICS, text)
+
+    def write_split(self, split: dict) -> None:
+        atomic_write_text(self.dir / SPLIT, json.dumps(split, default=_jsonable) + "\n")
+
+    # ---- checkpoints ----------------------------------------------------
+    def checkpoint_path(self, name: str) -> Path:
+        return self.ckpt_dir / f"{name}.pt"
+
+    def save_checkpoint(self, name: str, state: dict) -> None:
+        import torch
+
+        self.ckpt_dir.mkdir(exist_ok=True)
+        path = self.checkpoint_path(name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, name: str, map_location: Any = "cpu") -> dict:
+        import torch
+
+        return torch.load(self.checkpoint_path(name), map_location=map_location, weights_only=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Fallback for json: tensors and numpy scalars become Python numbers/lists."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)

@@ -1,0 +1,230 @@
+"""``python -m stackwise_bench.train``: compose conf/, build everything, train, leave a run record.
+
+This is the only module that reads ``cfg``: everything it builds takes plain
+arguments. :func:`run` does the work and can be called without Hydra's
+decorator (tests compose the config with ``hydra.compose`` and call it).
+"""
+
+from __future__ import annotations
+
+import os
+
+# cuBLAS needs this before CUDA initialises to have deterministic matmuls.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import hashlib
+import json
+import logging
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import hydra
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.record import RunRecord, now_iso, read_summary
+
+log = logging.getLogger("stackwise_bench.train")
+
+# Keys that may differ between a run and its resumption without changing what is trained.
+VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study")
+DONE = ("completed", "early_stopped")
+
+
+class Loaders(NamedTuple):
+    train: object
+    val: object
+    test: object
+    num_classes: int
+
+
+def instantiate(node, *args, **kwargs):
+    """``hydra.utils.instantiate`` that lets our one-sentence ConfigError through unwrapped."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """A short hash of the resolved config, ignoring keys that don't change the result."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in VOLATILE_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = container
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, choices: dict | None = None,
+        auto_resume: bool = False) -> dict:
+    """Train one run described by ``cfg`` into ``run_dir``; returns its summary dict.
+
+    ``auto_resume`` (sweeps): an unfinished run with the same config resumes
+    from its ``last.pt`` without ``trainer.resume=true``.
+    """
+    record = RunRecord(run_dir)
+    fp = fingerprint(cfg)
+    previous = _check_existing(record, cfg, fp, auto_resume)
+    if previous is not None:
+        return previous
+    resume = bool(cfg.trainer.resume) or (auto_resume and record.summary.get("status") is not None)
+    record.summary.pop("error", None)
+    record.start(
+        run={"seed": cfg.seed, "overrides": list(overrides or []), "choices": dict(choices or {}), "fingerprint": fp,
+             "git_sha": _git_sha(), "name": Path(run_dir).name, "dir": str(Path(run_dir).resolve()),
+             "started_at": now_iso(), "resumed": resume},
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    try:
+        summary = _train(cfg, record, resume)
+    except BaseException as exc:
+        from stackwise_bench.trainer import TrainingDiverged
+
+        reason = "diverged" if isinstance(exc, TrainingDiverged) else "config" if isinstance(exc, ConfigError) else None
+        if isinstance(exc, KeyboardInterrupt):
+            record.finish("interrupted")
+        else:
+            record.fail(exc, reason=reason)
+        raise
+    return summary
+
+
+def _train(cfg: DictConfig, record: RunRecord, resume: bool) -> dict:
+    import torch
+
+    from stackwise_bench.lora import apply_lora, count_parameters
+
+    trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=resume)
+    trainer.seed_everything()
+    record.update(env=_env(trainer.device))
+    data = instantiate(cfg.dataset)
+    if trainer.batch_size > len(data.train_y):
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} is larger than the training split of {data.name} "
+            f"({len(data.train_y)} images); use trainer.batch_size<={len(data.train_y)}."
+        )
+    record.write_split(data.split)
+    model = instantiate(cfg.model, num_classes=data.num_classes)
+    model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    record.update(params=count_parameters(model))
+    model = model.to(trainer.device, memory_format=torch.channels_last if trainer.channels_last else torch.preserve_format)
+    loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size)
+    optimizer = instantiate(cfg.optimizer, model=model)
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(loaders.train),
+                            max_epochs=trainer.max_epochs)
+    monitors = [instantiate(node) for node in cfg.monitors.values()]
+    log.info("training %s on %s (%s, %s) in %s", cfg.model.name, data.name, cfg.precision.name, trainer.device, record.dir)
+    result = trainer.fit(model, loaders, optimizer, scheduler, sink=record, monitors=monitors)
+    record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
+    return record.summary
+
+
+def _loaders(data, augment, trainer, img_size: int) -> Loaders:
+    """The whole dataset goes to the device once; batches are sliced, augmented and resized there."""
+    from stackwise_bench.data import BatchLoader
+
+    common = dict(device=trainer.device, out_size=img_size, mean=data.mean, std=data.std,
+                  channels_last=trainer.channels_last, seed=trainer.seed)
+    train = BatchLoader(data.train_x, data.train_y, trainer.batch_size, augment=augment if augment.enabled else None,
+                        shuffle=True, drop_last=True, **common)
+    val = BatchLoader(data.val_x, data.val_y, trainer.eval_batch_size, **common)
+    test = BatchLoader(data.test_x, data.test_y, trainer.eval_batch_size, **common)
+    return Loaders(train, val, test, data.num_classes)
+
+
+def _check_existing(record: RunRecord, cfg: DictConfig, fp: str, auto_resume: bool) -> dict | None:
+    """Never overwrite: a finished run is returned as is; a different config is refused."""
+    old = record.summary
+    if not old:
+        return None
+    old_fp = old.get("run", {}).get("fingerprint")
+    if old_fp != fp:
+        diff = _config_diff(old.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        raise ConfigError(
+            f"hydra.run.dir={record.dir} already holds a run with a different config ({diff}); "
+            "choose another hydra.run.dir (or study) instead of overwriting it."
+        )
+    if old.get("status") in DONE:
+        log.info("%s is already %s with the same config: nothing to do", record.dir, old["status"])
+        return old
+    if not (cfg.trainer.resume or auto_resume):
+        raise ConfigError(
+            f"hydra.run.dir={record.dir} already holds a {old.get('status')} run; set trainer.resume=true to continue it "
+            "from checkpoints/last.pt, or choose another hydra.run.dir."
+        )
+    return None
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _config_diff(a, b, f"{prefix}{key}.")
+            if sub:
+                keys.append(sub)
+        elif a != b and f"{prefix}{key}" not in VOLATILE_KEYS:
+            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(keys[:5])
+
+
+def _env(device) -> dict:
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "device": str(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "hostname": socket.gethostname(),
+    }
+
+
+def _git_sha() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    sweeping = hc.mode == RunMode.MULTIRUN
+    try:
+        summary = run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task),
+                      choices=OmegaConf.to_container(hc.runtime.choices), auto_resume=sweeping)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        if sweeping:
+            return None  # recorded as failed in summary.json; the other jobs go on
+        sys.exit(2)
+    return (summary.get("test") or {}).get("top1")
+
+
+if __name__ == "__main__":
+    main()

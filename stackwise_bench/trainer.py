@@ -1,0 +1,325 @@
+"""The training loop: epochs of steps, validation, early stopping, checkpoints, resume.
+
+The trainer knows nothing about Hydra or files. It emits per-epoch metric dicts
+and checkpoint states to a ``sink`` (the run record) and returns a
+:class:`FitResult`; ``train.py`` decides what to do with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.metrics import evaluate
+from stackwise_bench.precision import autocast, check_precision, make_scaler, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything about where training stands that is not a tensor; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # steps done inside the current epoch (>0 only for a mid-epoch interrupt)
+    global_step: int = 0
+    best_val_top1: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0  # evaluations since the best one, for early stopping
+    history: list = dataclasses.field(default_factory=list)
+    partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
+
+
+@dataclasses.dataclass
+class FitResult:
+    status: str
+    train: dict
+    test: dict
+    resources: dict
+
+
+class Trainer:
+    """Trains one model; every knob comes from ``conf/trainer/*.yaml``."""
+
+    def __init__(
+        self,
+        max_epochs: int = 15,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        grad_clip: float | None = 1.0,
+        early_stopping_patience: int | None = 5,
+        eval_every: int = 1,
+        label_smoothing: float = 0.0,
+        device: str = "auto",
+        precision: str = "fp32",
+        seed: int = 0,
+        deterministic: bool = True,
+        resume: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        threads: int | None = None,
+        progress: str = "auto",
+        log_every_n_steps: int = 20,
+    ):
+        for key, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("eval_every", eval_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"trainer.{key}={value} must be a positive integer.")
+        self.device = resolve_device(device)
+        check_precision(precision, self.device)
+        self.max_epochs, self.batch_size, self.eval_batch_size = max_epochs, batch_size, eval_batch_size
+        self.grad_clip, self.patience, self.eval_every = grad_clip, early_stopping_patience, eval_every
+        self.label_smoothing, self.precision, self.seed = label_smoothing, precision, seed
+        self.deterministic, self.resume, self.channels_last, self.compile = deterministic, resume, channels_last, compile
+        self.threads, self.log_every_n_steps = threads, log_every_n_steps
+        self.show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        self.amp = partial(autocast, precision, self.device)
+
+    def seed_everything(self) -> None:
+        """One seed for Python, NumPy and torch; deterministic kernels where the backend has them."""
+        import numpy as np
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.manual_seed(self.seed)
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        torch.backends.cudnn.deterministic = self.deterministic
+        torch.backends.cudnn.benchmark = not self.deterministic
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model, loaders, optimizer, scheduler, sink, monitors=()) -> FitResult:
+        """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``."""
+        self.num_classes = loaders.num_classes
+        scaler = make_scaler(self.precision, self.device)
+        forward = torch.compile(model) if self.compile else model
+        progress = self._restore(model, optimizer, scheduler, scaler, sink) if self.resume else Progress()
+        status = "completed"
+        for monitor in monitors:
+            monitor.start(sink)
+        try:
+            with StopSignal() as stop:
+                while progress.epoch < self.max_epochs:
+                    row = self._train_epoch(forward, loaders.train, optimizer, scheduler, scaler, progress, stop)
+                    if row is None:  # a signal arrived: save where we are and leave
+                        sink.save_checkpoint("last", self._state(model, optimizer, scheduler, scaler, progress))
+                        status = "interrupted"
+                        break
+                    improved = self._validate(forward, loaders.val, progress, row)
+                    progress.history.append(row)
+                    sink.log_epoch(row)
+                    state = self._state(model, optimizer, scheduler, scaler, progress)
+                    sink.save_checkpoint("last", state)
+                    if improved:
+                        sink.save_checkpoint("best", state)
+                    self._report(row)
+                    if self.patience and progress.bad_evals >= self.patience:
+                        status = "early_stopped"
+                        log.info("early stopping: val_top1 has not improved for %d evaluations", progress.bad_evals)
+                        break
+        finally:
+            resources = {}
+            for monitor in monitors:
+                resources.update(monitor.stop())
+        test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink)
+        return FitResult(status, self._train_summary(progress, status), test, resources)
+
+    # -------------------------------------------------------------- epochs
+    def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop) -> dict | None:
+        model.train()
+        sums = progress.partial or {"loss": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+        loss_sum = torch.tensor(sums["loss"], device=self.device, dtype=torch.float64)
+        correct = torch.tensor(sums["correct"], device=self.device)
+        seen = sums["seen"]
+        bar = self._bar(len(loader), progress)
+        self._sync()
+        t0 = time.perf_counter()
+        for x, y in loader.epoch(progress.epoch, start_step=progress.step):
+            with self.amp():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if self.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach().double() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            progress.step += 1
+            progress.global_step += 1
+            if bar is not None and progress.step % self.log_every_n_steps == 0:
+                self._update_bar(bar, progress.step, loss_sum, correct, seen, sums["time_s"] + time.perf_counter() - t0)
+            if stop.requested:
+                self._sync()
+                progress.partial = {"loss": float(loss_sum), "correct": int(correct), "seen": seen,
+                                    "time_s": sums["time_s"] + time.perf_counter() - t0}
+                return None
+        self._sync()
+        train_time = sums["time_s"] + time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        train_loss = float(loss_sum) / max(1, seen)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss is {train_loss} in epoch {progress.epoch + 1}; lower optimizer.lr or use precision=fp32/bf16.")
+        progress.epoch += 1
+        progress.step, progress.partial = 0, {}
+        return {
+            "epoch": progress.epoch,
+            "step": progress.global_step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "train_top1": 100.0 * int(correct) / max(1, seen),
+            "epoch_time_s": train_time,
+            "train_img_s": seen / max(train_time, 1e-9),
+        }
+
+    def _validate(self, model, loader, progress, row) -> bool:
+        """Adds val_* to ``row``; returns True when this is the best epoch so far."""
+        due = progress.epoch % self.eval_every == 0 or progress.epoch == self.max_epochs
+        if not due:
+            row.update(val_loss=None, val_top1=None, eval_time_s=0.0)
+            return False
+        t0 = time.perf_counter()
+        val = evaluate(model, loader, self.num_classes, self.amp, self.device)
+        row.update(val_loss=val["loss"], val_top1=val["top1"], eval_time_s=time.perf_counter() - t0)
+        if val["top1"] > progress.best_val_top1:
+            progress.best_val_top1, progress.best_epoch, progress.bad_evals = val["top1"], progress.epoch, 0
+            return True
+        progress.bad_evals += 1
+        return False
+
+    def _test(self, model, forward, loader, sink) -> dict:
+        """Full metrics on the test split with the best checkpoint's weights."""
+        best = sink.load_checkpoint("best", map_location=self.device)
+        model.load_state_dict(best["model"])
+        test = evaluate(forward, loader, self.num_classes, self.amp, self.device, full=True)
+        test["checkpoint_epoch"] = best["progress"]["epoch"]
+        log.info("test: top1 %.2f%%  top5 %.2f%%  f1_macro %.2f  (best epoch %d)",
+                 test["top1"], test["top5"], test["f1_macro"], test["checkpoint_epoch"])
+        return test
+
+    # --------------------------------------------------------- checkpoints
+    def _state(self, model, optimizer, scheduler, scaler, progress) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+            "progress": dataclasses.asdict(progress),
+        }
+
+    def _restore(self, model, optimizer, scheduler, scaler, sink) -> Progress:
+        path = sink.checkpoint_path("last")
+        if not path.exists():
+            log.info("trainer.resume: no %s yet, starting from scratch", path)
+            return Progress()
+        try:
+            state = sink.load_checkpoint("last", map_location=self.device)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            progress = Progress(**state["progress"])
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise ConfigError(
+                f"trainer.resume=true: {path} is corrupt or does not match this model and config ({type(exc).__name__}: {reason}); "
+                "delete it to start over or resume in the run folder that wrote it."
+            ) from exc
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        sink.rewrite_metrics(progress.history)
+        log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step)
+        return progress
+
+    # ---------------------------------------------------------- reporting
+    def _train_summary(self, progress: Progress, status: str) -> dict:
+        hist = progress.history
+        times = [r["epoch_time_s"] for r in hist]
+        imgs = sum(r["train_img_s"] * r["epoch_time_s"] for r in hist)
+        last_val = next((r for r in reversed(hist) if r.get("val_top1") is not None), {})
+        return {
+            "best_val_top1": progress.best_val_top1 if hist else None,
+            "best_epoch": progress.best_epoch,
+            "epochs_run": progress.epoch,
+            "steps": progress.global_step,
+            "time_s": sum(times),
+            "img_s": imgs / max(sum(times), 1e-9),
+            "epoch_time_mean_s": statistics.fmean(times) if times else None,
+            "epoch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+            "final_train_top1": hist[-1]["train_top1"] if hist else None,
+            "final_train_loss": hist[-1]["train_loss"] if hist else None,
+            "final_val_top1": last_val.get("val_top1"),
+            "final_val_loss": last_val.get("val_loss"),
+            "stopped_early": status == "early_stopped",
+        }
+
+    def _bar(self, total: int, progress: Progress):
+        if not self.show_bar:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{self.max_epochs}", leave=False, dynamic_ncols=True)
+
+    def _update_bar(self, bar, step, loss_sum, correct, seen, elapsed) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.1f}%", img_s=f"{seen / elapsed:.0f}")
+
+    def _report(self, row: dict) -> None:
+        val = "" if row["val_top1"] is None else f"  val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%"
+        log.info("epoch %d/%d  train_loss %.4f  train_top1 %.2f%%%s  %.0f img/s  %.1fs",
+                 row["epoch"], self.max_epochs, row["train_loss"], row["train_top1"], val, row["train_img_s"], row["epoch_time_s"])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second SIGINT aborts at once)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving last.pt after this step (Ctrl-C again to abort now)", self.requested)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False

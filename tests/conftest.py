@@ -1,0 +1,60 @@
+"""Shared fixtures: compose the real config in-process (importing torch+timm+peft costs seconds per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A tiny but real run: resnet8 on the synthetic set, two epochs, no background sampling delay.
+TINY_DATA = ["dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64"]
+TINY = TINY_DATA + [
+    "trainer.max_epochs=2",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=64",
+    "trainer.progress=log",
+    "monitors.hardware.interval_s=0.05",
+]
+
+
+def compose(overrides: list[str] | None = None, tiny: bool = True):
+    """The real config from conf/, as `python -m stackwise_bench.train <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = list(overrides or [])
+    base = TINY if tiny else []
+    for group in {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}:
+        # the test picks its own option of this group: drop the tiny defaults that belong to it
+        base = [o for o in base if o.split("=")[0] != group and not o.startswith(f"{group}.")]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=base + overrides)
+
+
+@pytest.fixture
+def cfg_factory():
+    return compose
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # No network here; make hub libraries fail fast instead of retrying.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
