@@ -19,6 +19,7 @@ import platform
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,8 +33,13 @@ from stackwise_bench.record import RunRecord, now_iso, read_summary
 
 log = logging.getLogger("stackwise_bench.train")
 
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml deliberately shadow the plugins'
+# options of the same names, so `hydra/launcher=submitit_slurm` gets our defaults; Hydra still
+# validates them against the plugin's schema (catching typos) and warns that this is deprecated.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
 # Keys that may differ between a run and its resumption without changing what is trained.
-VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study")
+VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study", "plan")
 DONE = ("completed", "early_stopped")
 
 
@@ -71,11 +77,13 @@ def fingerprint(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, choices: dict | None = None,
-        auto_resume: bool = False) -> dict:
+        auto_resume: bool = False, runtime: dict | None = None) -> dict:
     """Train one run described by ``cfg`` into ``run_dir``; returns its summary dict.
 
     ``auto_resume`` (sweeps): an unfinished run with the same config resumes
-    from its ``last.pt`` without ``trainer.resume=true``.
+    from its ``last.pt`` without ``trainer.resume=true``. ``runtime`` holds
+    trainer arguments decided by the launcher (threads, GPU slot) that do not
+    change what is trained.
     """
     record = RunRecord(run_dir)
     fp = fingerprint(cfg)
@@ -83,20 +91,23 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if previous is not None:
         return previous
     resume = bool(cfg.trainer.resume) or (auto_resume and record.summary.get("status") is not None)
-    record.summary.pop("error", None)
+    if record.summary.get("status") in ("failed", "interrupted", "running"):
+        previous_attempt = {k: record.summary.get(k) for k in ("status", "error")}
+        previous_attempt["ended_at"] = record.summary.get("run", {}).get("ended_at")
+        record.summary.setdefault("previous_attempts", []).append(previous_attempt)
     record.start(
         run={"seed": cfg.seed, "overrides": list(overrides or []), "choices": dict(choices or {}), "fingerprint": fp,
-             "git_sha": _git_sha(), "name": Path(run_dir).name, "dir": str(Path(run_dir).resolve()),
+             "git_sha": git_sha(), "name": Path(run_dir).name, "dir": str(Path(run_dir).resolve()),
              "started_at": now_iso(), "resumed": resume},
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     try:
-        summary = _train(cfg, record, resume)
+        summary = _train(cfg, record, resume, runtime or {})
     except BaseException as exc:
         from stackwise_bench.trainer import TrainingDiverged
 
         reason = "diverged" if isinstance(exc, TrainingDiverged) else "config" if isinstance(exc, ConfigError) else None
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
             record.finish("interrupted")
         else:
             record.fail(exc, reason=reason)
@@ -104,12 +115,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     return summary
 
 
-def _train(cfg: DictConfig, record: RunRecord, resume: bool) -> dict:
+def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> dict:
     import torch
 
     from stackwise_bench.lora import apply_lora, count_parameters
 
-    trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=resume)
+    trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=resume, **runtime)
     trainer.seed_everything()
     record.update(env=_env(trainer.device))
     data = instantiate(cfg.dataset)
@@ -199,7 +210,7 @@ def _env(device) -> dict:
     }
 
 
-def _git_sha() -> str | None:
+def git_sha() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -208,23 +219,94 @@ def _git_sha() -> str | None:
         return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+OmegaConf.register_new_resolver("sb.n_jobs", lambda: __import__("stackwise_bench.sweep").sweep.default_n_jobs(),
+                                replace=True)
+
+
+# conf/ sits next to the package (editable install). An absolute path works whether this module
+# runs as __main__ or is imported by a launcher's worker process.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One job: train, or (in a sweep) skip/resume it, and report its outcome to the study."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    before = read_summary(run_dir)
+    status, reason, summary = "failed", "", {}
     try:
-        summary = run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task),
-                      choices=OmegaConf.to_container(hc.runtime.choices), auto_resume=sweeping)
+        if sweeping:
+            from stackwise_bench.sweep import check_launch_record
+
+            refused = check_launch_record(Path(hc.sweep.dir), hc.job.override_dirname, fingerprint(cfg))
+            if refused:
+                raise ConfigError(refused)
+        summary = run(cfg, run_dir, overrides=list(hc.overrides.task), choices=OmegaConf.to_container(hc.runtime.choices),
+                      auto_resume=sweeping, runtime=_job_runtime(cfg, hc) if sweeping else None)
+        status = summary["status"]
+        if before and before.get("run", {}).get("started_at") == summary.get("run", {}).get("started_at"):
+            status = "skipped"
     except ConfigError as exc:
         log.error("%s", exc)
-        if sweeping:
-            return None  # recorded as failed in summary.json; the other jobs go on
-        sys.exit(2)
+        if not sweeping:
+            sys.exit(2)
+        status, reason = "refused" if before and before.get("status") in DONE else "failed", str(exc)
+    except Exception as exc:
+        if not sweeping:
+            raise
+        status, reason = "failed", _one_line(exc)
+        if reason.startswith("diverged"):
+            log.error("job %s %s", hc.job.override_dirname, reason)
+        else:
+            log.exception("job %s failed", hc.job.override_dirname)
+    finally:
+        _release_memory()
+    if sweeping:
+        from stackwise_bench.sweep import record_outcome
+
+        record_outcome(Path(hc.sweep.dir), hc.job.override_dirname, status, reason)
     return (summary.get("test") or {}).get("top1")
 
 
+def _job_runtime(cfg: DictConfig, hc) -> dict:
+    """Threads and GPU for one parallel job: jobs x threads never exceed the cores; one GPU per slot."""
+    from stackwise_bench.sweep import visible_gpus
+
+    runtime = {}
+    n_jobs = hc.launcher.get("n_jobs") or 1
+    n_jobs = os.cpu_count() if n_jobs < 0 else n_jobs
+    cpus = hc.launcher.get("cpus_per_task") or max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+    if cfg.trainer.threads is None:
+        runtime["threads"] = cpus
+    gpus = visible_gpus()
+    if gpus > 1 and cfg.trainer.device == "auto":
+        runtime["device"] = f"cuda:{hc.job.num % gpus}"
+    return runtime
+
+
+def _one_line(exc: BaseException) -> str:
+    from stackwise_bench.trainer import TrainingDiverged
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    prefix = "diverged" if isinstance(exc, TrainingDiverged) else type(exc).__name__
+    return f"{prefix}: {text}"[:200]
+
+
+def _release_memory() -> None:
+    """Joblib reuses worker processes: hand cached GPU memory back between jobs."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    main()
+    # Run the importable copy, so launchers pickle `stackwise_bench.train.main` by reference
+    # and worker processes import this module (and its resolvers) normally.
+    from stackwise_bench.train import main as entry
+
+    entry()

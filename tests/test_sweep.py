@@ -1,0 +1,158 @@
+"""Studies as real --multirun subprocesses: parallel, resumable, fault-isolated, planned, on submitit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, compose, read_metrics, read_summary
+
+SWEEP = [*TINY, "trainer.max_epochs=1", "monitors=none"]
+SWEEP = [o for o in SWEEP if not o.startswith("monitors.")]
+
+
+def multirun(args, cwd, timeout=600):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "stackwise_bench.train", "--multirun", *args], cwd=cwd,
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def job_dirs(study: Path) -> list[Path]:
+    return sorted(p for p in study.iterdir() if (p / "summary.json").exists())
+
+
+@pytest.fixture(scope="module")
+def four_jobs(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sweep")
+    args = ["seed=1,2", "optimizer.lr=0.002,0.004", *SWEEP, "study=four", "hydra.launcher.n_jobs=2"]
+    first = multirun(args, cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return cwd, args, first
+
+
+def test_four_jobs_in_parallel_complete(four_jobs):
+    cwd, _, first = four_jobs
+    study = cwd / "multirun" / "four"
+    dirs = job_dirs(study)
+    assert len(dirs) == 4
+    for d in dirs:
+        summary = read_summary(d)
+        assert summary["status"] == "completed"
+        assert summary["env"]["threads"] == 1  # 2 cores // 2 jobs: never oversubscribed
+        assert f"seed={summary['run']['seed']}" in d.name  # readable, stable names from the job's overrides
+    launch = json.loads((study / ".study" / "current.json").read_text())
+    assert sorted(launch["jobs"]) == [d.name for d in dirs]
+    record = json.loads(next((study / ".study" / "launches").glob("*/launch.json")).read_text())
+    assert record["grid"]["seed"] == "1,2" and "git_sha" in record
+    assert "n_jobs=2" in first.stderr + first.stdout
+
+
+def test_relaunch_trains_nothing(four_jobs):
+    cwd, args, first = four_jobs
+    study = cwd / "multirun" / "four"
+    before = {d.name: (d / "summary.json").read_text() for d in job_dirs(study)}
+    again = multirun(args, cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {d.name: (d / "summary.json").read_text() for d in job_dirs(study)} == before
+    assert again.seconds < first.seconds
+    assert "already completed with the same config" in again.stderr + again.stdout
+
+
+def test_plan_lists_states_and_trains_nothing(four_jobs):
+    cwd, args, _ = four_jobs
+    plan = multirun([a.replace("seed=1,2", "seed=1,2,3") for a in args] + ["plan=true"], cwd)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    lines = [l for l in plan.stdout.splitlines() if "seed=" in l]
+    assert len(lines) == 6
+    assert sum(l.rstrip().endswith("done") for l in lines) == 4
+    assert sum(l.rstrip().endswith("pending") for l in lines) == 2
+    assert not any("seed=3" in d.name for d in job_dirs(cwd / "multirun" / "four"))
+
+
+def test_changed_config_against_existing_folder_is_refused(four_jobs):
+    """Same folder name (lr excluded from the name here), different config: refused, nothing overwritten."""
+    cwd, _, _ = four_jobs
+    study = cwd / "multirun" / "four"
+    target = next(d for d in job_dirs(study) if "optimizer.lr=0.002" in d.name and "seed=1" in d.name)
+    before = (target / "summary.json").read_text()
+    exclude = "[experiment,study,plan,trainer.resume,trainer.progress,trainer.log_every_n_steps,monitors,hydra.launcher.n_jobs,label_smoothing]"
+    args = ["seed=1", "optimizer.lr=0.002", *SWEEP, "study=four", "trainer.label_smoothing=0.1",
+            f"hydra.job.config.override_dirname.exclude_keys={exclude.replace('label_smoothing', 'trainer.label_smoothing')}"]
+    out = multirun(args, cwd)
+    assert out.returncode == 1
+    assert "different config (trainer.label_smoothing: 0.0 -> 0.1)" in out.stderr + out.stdout
+    assert "refused" in out.stderr
+    assert (target / "summary.json").read_text() == before
+
+
+def test_failing_job_does_not_stop_the_others(tmp_path):
+    out = multirun(["optimizer.lr=0.002,1e30", *SWEEP, "study=faulty", "hydra.launcher.n_jobs=2"], tmp_path)
+    assert out.returncode == 1
+    assert "1 of 2 jobs did not complete" in out.stderr and "diverged" in out.stderr
+    summaries = {d.name: read_summary(d) for d in job_dirs(tmp_path / "multirun" / "faulty")}
+    statuses = sorted(s["status"] for s in summaries.values())
+    assert statuses == ["completed", "failed"]
+    failed = next(s for s in summaries.values() if s["status"] == "failed")
+    assert failed["error"]["reason"] == "diverged" and "Traceback" in failed["error"]["traceback"]
+
+
+def test_interrupted_job_is_resumed(tmp_path, monkeypatch):
+    """A job folder left interrupted mid-epoch is resumed by relaunching the sweep, ending as an uninterrupted run."""
+    import os
+    import signal
+
+    import torch
+
+    from stackwise_bench.train import run
+
+    # Threads pinned: float reductions differ between thread counts, so bit-equality needs the same count.
+    overrides = ["seed=1", *[o for o in SWEEP if not o.startswith("trainer.max_epochs")], "trainer.max_epochs=2",
+                 "trainer.threads=1", "study=resume"]
+    threads = torch.get_num_threads()
+    request_restore = lambda: torch.set_num_threads(threads)
+    excluded = ("study=", "monitors", "trainer.progress")  # hydra.job.config.override_dirname.exclude_keys
+    job = ",".join(sorted(o for o in overrides if not o.startswith(excluded)))
+    run_dir = tmp_path / "multirun" / "resume" / job
+    reference = tmp_path / "reference"
+    cfg = compose(overrides, tiny=False)
+    run(cfg, reference)
+
+    calls = {"n": 0}
+    original = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step_then_signal(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_signal)
+    assert run(cfg, run_dir, overrides=overrides)["status"] == "interrupted"
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", original)
+
+    request_restore()
+    out = multirun(overrides, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["run"]["resumed"]
+    assert summary["previous_attempts"][0]["status"] == "interrupted"
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_time_s", "_img_s"))} for r in rows]
+    assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
+
+
+def test_submitit_local_sweep(tmp_path):
+    out = multirun(["hydra/launcher=submitit_local", "seed=1,2", *SWEEP, "study=slurmish"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dirs = job_dirs(tmp_path / "multirun" / "slurmish")
+    assert len(dirs) == 2 and all(read_summary(d)["status"] == "completed" for d in dirs)
+    assert (tmp_path / "multirun" / "slurmish" / ".submitit").is_dir()
