@@ -1,0 +1,40 @@
+"""Analysis of run folders: one table, seed statistics, comparisons, plots and a report.
+
+Reads files only and never imports torch. Names are imported on first use, so
+``from stackwise_bench.analysis import collect_runs`` costs only pandas::
+
+    from stackwise_bench.analysis import collect_runs, analyze_runs, write_report
+    df = collect_runs("multirun/peft_baseline")
+    a = analyze_runs("multirun/peft_baseline", baseline="lora.rank=0")
+    write_report(a)   # -> multirun/peft_baseline/analysis/report.md, ...
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "collect": ("collect_runs", "collect_epochs", "collect_hardware", "find_run_dirs", "read_summary",
+                "override_keys", "finished", "FINISHED"),
+    "grouping": ("default_group_by", "varying_keys", "parse_selector"),
+    "stats": ("seed_stats", "t_interval", "cohens_d", "holm", "describe"),
+    "compare": ("compare_to_baseline", "compare_cells", "resolve_baseline"),
+    "dynamics": ("run_dynamics",),
+    "studies": ("precision_study", "peft_study", "optimizer_study", "StudyView"),
+    "expectations": ("load_expectations", "check_expectations"),
+    "study": ("analyze_runs", "StudyAnalysis"),
+    "report": ("write_report", "new_output_dir"),
+    "plots": ("make_plots",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stackwise_bench.analysis' has no attribute {name!r}")
+    value = getattr(import_module(f"stackwise_bench.analysis.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

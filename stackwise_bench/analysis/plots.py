@@ -1,0 +1,303 @@
+"""Seaborn figures of a study, written as PNG files.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
+through pyplot: nothing global changes, so a notebook keeps its own backend and
+no window ever opens. Each function returns the path it wrote, or ``None``
+when the runs lack the data (e.g. no LoRA rank sweep, no hardware samples).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackwise_bench.analysis.collect import FINISHED, read_summary
+from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
+
+MAX_LEGEND = 12  # more groups than this: the legend goes and the title says how many
+MAX_BANDS = 8  # more overlapping ±std bands than this hide the lines
+HARDWARE_BINS = 60  # samples of different runs never share a timestamp: average them in time bins
+
+
+def make_plots(out_dir: Path, *, runs: pd.DataFrame, epochs: pd.DataFrame, hardware: pd.DataFrame,
+               dynamics: pd.DataFrame, summary: pd.DataFrame, metric: str,
+               group_by: list[str]) -> dict[str, Path]:
+    """Every figure the data allows, into ``out_dir``; returns ``{title: path}``."""
+    import seaborn as sns  # ~1 s import: only when plotting
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = lambda df: df[df["status"].isin(FINISHED)] if len(df) else df  # noqa: E731
+    jobs = {
+        "Learning curves": lambda: learning_curves(done(epochs), group_by, out_dir / "learning_curves.png"),
+        "Learning-rate schedule": lambda: lr_schedule(done(epochs), group_by, out_dir / "lr_schedule.png"),
+        "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(summary, metric, group_by,
+                                                          out_dir / "accuracy_vs_rank.png"),
+        "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
+            summary, done(runs), metric, group_by, out_dir / "accuracy_vs_params.png"),
+        "Time per epoch and throughput": lambda: throughput(done(dynamics), done(runs), group_by,
+                                                            out_dir / "throughput.png"),
+        "Hardware use over time": lambda: hardware_use(done(hardware), group_by, out_dir / "hardware.png"),
+        "Confusion matrix of the best run": lambda: confusion_matrix(done(runs), metric, group_by,
+                                                                     out_dir / "confusion_matrix.png"),
+    }
+    written = {}
+    for title, job in jobs.items():
+        path = job()
+        if path is not None:
+            written[title] = path
+    return written
+
+
+def learning_curves(epochs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
+    """Train/validation accuracy and validation loss per epoch; band = ±1 std over seeds."""
+    panels = [(c, label) for c, label in (("train_top1", "Train top-1 accuracy (%)"),
+                                          ("val_top1", "Validation top-1 accuracy (%)"),
+                                          ("val_loss", "Validation loss (cross-entropy)"))
+              if c in epochs and epochs[c].notna().any()]
+    if epochs.empty or not panels:
+        return None
+    data = with_group_labels(epochs, group_by)
+    fig, axes = _figure(1, len(panels), width=5.2)
+    for ax, (col, label) in zip(axes, panels):
+        _line(ax, data, "epoch", col, band=True)
+        ax.set(xlabel="Epoch", ylabel=label, title=label.split(" (")[0])
+        _integer_ticks(ax)
+    _legend(fig, axes, data)
+    return _save(fig, path, "Learning curves per group (mean over seeds, band = ±1 std)")
+
+
+def lr_schedule(epochs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
+    if epochs.empty or "lr" not in epochs or epochs["lr"].isna().all():
+        return None
+    data = with_group_labels(epochs, group_by)
+    fig, axes = _figure(1, 1, width=7)
+    _line(axes[0], data, "epoch", "lr", band=False)
+    axes[0].set(xlabel="Epoch", ylabel="Learning rate (at the end of the epoch)")
+    _integer_ticks(axes[0])
+    _legend(fig, axes, data)
+    return _save(fig, path, "Learning-rate schedule")
+
+
+def accuracy_vs_rank(summary: pd.DataFrame, metric: str, group_by: list[str], path: Path) -> Path | None:
+    """Mean metric per LoRA rank with 95% t-intervals (rank 0 = full fine-tuning)."""
+    if "lora.rank" not in group_by or summary.empty:
+        return None
+    s = summary[(summary["metric"] == metric) & summary["mean"].notna()].copy()
+    if s["lora.rank"].nunique() < 2:
+        return None
+    others = [k for k in group_by if k != "lora.rank"]
+    s = with_group_labels(s, others, "series")
+    s["rank_num"] = pd.to_numeric(s["lora.rank"], errors="coerce")
+    ranks = sorted(s["rank_num"].dropna().unique())
+    pos = {r: i for i, r in enumerate(ranks)}
+    fig, axes = _figure(1, 1, width=7)
+    ax = axes[0]
+    for series, part in s.groupby("series", sort=False):
+        part = part.sort_values("rank_num")
+        x = part["rank_num"].map(pos).to_numpy(dtype=float)
+        err = _yerr(part)
+        ax.errorbar(x, part["mean"], yerr=err, marker="o", capsize=4, label=series)
+    ax.set_xticks(range(len(ranks)), ["0\n(full FT)" if r == 0 else f"{r:g}" for r in ranks])
+    ax.set(xlabel="LoRA rank r", ylabel=f"{metric} (%)")
+    _legend(fig, [ax], s, column="series")
+    return _save(fig, path, f"{metric} vs LoRA rank (mean, 95% t-interval over seeds)")
+
+
+def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str],
+                       path: Path) -> Path | None:
+    """Mean metric vs mean trainable parameters per cell (95% t-intervals); the efficient frontier dashed.
+
+    With a LoRA rank sweep, one colour per combination of the other keys and points labelled by rank.
+    """
+    if "params.trainable" not in runs or summary.empty or runs["params.trainable"].nunique() < 2:
+        return None
+    s = summary[(summary["metric"] == metric) & summary["mean"].notna()].copy()
+    params = with_group_labels(runs, group_by).groupby("group")["params.trainable"].mean()
+    s["trainable"] = s["group"].map(params)
+    s = s.dropna(subset=["trainable"]).sort_values("trainable")
+    if len(s) < 2:
+        return None
+    by_rank = "lora.rank" in group_by
+    series_keys = [k for k in group_by if k != "lora.rank"] if by_rank else []
+    s = with_group_labels(s, series_keys, "series")
+    colors = _sns().color_palette("tab10", max(1, s["series"].nunique()))
+    fig, axes = _figure(1, 1, width=7.5)
+    ax = axes[0]
+    for color, (series, part) in zip(colors, s.groupby("series", sort=False)):
+        ax.errorbar(part["trainable"], part["mean"], yerr=_yerr(part), fmt="o", capsize=4, color=color,
+                    label=series if series_keys else None)
+        frontier = part[part["mean"] >= part["mean"].cummax()]
+        ax.plot(frontier["trainable"], frontier["mean"], "--", color=color, alpha=0.6)
+        if len(part) <= 12:
+            for _, row in part.iterrows():
+                text = ("full FT" if row["lora.rank"] == 0 else f"r={format_value(row['lora.rank'])}") \
+                    if by_rank else row["group"]
+                ax.annotate(text, (row["trainable"], row["mean"]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+    if s["trainable"].max() > 10 * s["trainable"].min():
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="Trainable parameters (count, log scale)")
+    else:
+        ax.set(xlabel="Trainable parameters (count)")
+    ax.set(ylabel=f"{metric} (%)")
+    if series_keys:
+        _legend(fig, [ax], s, column="series")
+    return _save(fig, path, f"{metric} vs trainable parameters (95% CI; dashed: frontier)")
+
+
+def throughput(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
+    """Time per epoch and training images/s per cell (bars = mean, whiskers = ±1 std over seeds)."""
+    data = with_group_labels(dynamics, group_by)
+    data["img_s"] = data["run_dir"].map(runs.set_index("run_dir")["train.img_s"]) \
+        if "train.img_s" in runs else np.nan
+    data["img_s"] = data["img_s"].fillna(data["train_img_s_mean"])
+    panels = [(c, label) for c, label in (("epoch_time_mean_s", "Time per epoch (s)"),
+                                          ("img_s", "Training throughput (images/s)"))
+              if data[c].notna().any()]
+    if data.empty or not panels:
+        return None
+    x = "precision" if "precision" in group_by else "group"
+    others = [k for k in group_by if k != "precision"] if x == "precision" else []
+    data = with_group_labels(data, others, "series")
+    hue = "series" if others else None
+    fig, axes = _figure(1, len(panels), width=max(5.0, 0.5 * data[x].nunique() + 3))
+    sns = _sns()
+    for ax, (col, label) in zip(axes, panels):
+        sns.barplot(data=data, x=x, y=col, hue=hue, errorbar="sd", ax=ax, legend=hue is not None,
+                    order=_order(data[x]))
+        ax.set(ylabel=label, xlabel=x, title=label.split(" (")[0])
+        ax.tick_params(axis="x", labelrotation=30 if x == "group" else 0)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if hue:
+        _legend(fig, axes, data, column="series")
+    return _save(fig, path, "Time per epoch and throughput per " + x)
+
+
+def hardware_use(hardware: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
+    """CPU %, resident memory and GPU memory (where sampled) over time per group."""
+    if hardware.empty:
+        return None
+    panels = [(c, label) for c, label in (("cpu_percent", "CPU use (%)"), ("rss_mb", "Resident memory (MB)"),
+                                          ("gpu_mem_mb", "GPU memory (MB)"))
+              if c in hardware and pd.to_numeric(hardware[c], errors="coerce").notna().any()]
+    if not panels:
+        return None
+    # Hardware use follows the precision (and model) far more than the other keys: fewer, readable lines.
+    keys = [k for k in ("model", "precision") if k in group_by] or group_by
+    data = with_group_labels(hardware, keys)
+    edges = np.linspace(0, float(data["t"].max()) or 1.0, HARDWARE_BINS + 1)
+    data["t_bin"] = edges[np.clip(np.searchsorted(edges, data["t"], side="right") - 1, 0, HARDWARE_BINS - 1)]
+    for col, _ in panels:
+        data[col] = pd.to_numeric(data[col], errors="coerce")
+    fig, axes = _figure(1, len(panels), width=5.2)
+    for ax, (col, label) in zip(axes, panels):
+        _line(ax, data, "t_bin", col, band=True)
+        ax.set(xlabel="Time since start (s)", ylabel=label, title=label.split(" (")[0])
+    _legend(fig, axes, data)
+    per = ", ".join(keys) if keys else "all runs"
+    return _save(fig, path, f"Hardware use over time per {per} (mean over runs, band = ±1 std)")
+
+
+def confusion_matrix(runs: pd.DataFrame, metric: str, group_by: list[str], path: Path) -> Path | None:
+    """Row-normalised test confusion matrix (%) of the run with the best ``metric``."""
+    if runs.empty or metric not in runs or runs[metric].notna().sum() == 0:
+        return None
+    best = runs.loc[pd.to_numeric(runs[metric], errors="coerce").idxmax()]
+    cm = read_summary(best["run_dir"]).get("test", {}).get("confusion_matrix")
+    if not cm:
+        return None
+    cm = np.asarray(cm, dtype=float)
+    pct = 100 * cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    size = min(12, 3 + 0.45 * len(cm))
+    fig, axes = _figure(1, 1, width=size + 1.5, height=size)
+    _sns().heatmap(pct, ax=axes[0], cmap="Blues", vmin=0, vmax=100, square=True,
+                   annot=len(cm) <= 12, fmt=".0f", cbar_kws={"label": "Share of true class (%)"})
+    axes[0].set(xlabel="Predicted class", ylabel="True class")
+    name = group_label(best, group_by) + f", seed {format_value(best['seed'])}"
+    return _save(fig, path, f"Test confusion matrix of the best run ({name}: {metric} = {best[metric]:.2f})")
+
+
+# ---- helpers ---------------------------------------------------------------
+
+def _sns():
+    import seaborn as sns
+
+    return sns
+
+
+def _figure(rows: int, cols: int, width: float = 6.0, height: float = 4.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    return fig, axes
+
+
+def _line(ax, data: pd.DataFrame, x: str, y: str, band: bool) -> None:
+    """Mean line per group with a ±1 std band; aggregated here (seaborn's per-point
+    aggregation takes seconds on 1,000 runs), drawn with seaborn."""
+    order = _group_order(data)
+    agg = data.groupby(["group", x], sort=False)[y].agg(["mean", "std"]).reset_index()
+    colors = dict(zip(order, _sns().color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
+    _sns().lineplot(data=agg, x=x, y="mean", hue="group", hue_order=order, palette=colors, errorbar=None,
+                    ax=ax, legend=len(order) <= MAX_LEGEND)
+    if band and len(order) <= MAX_BANDS:
+        for name, part in agg.groupby("group", sort=False):
+            part = part.sort_values(x)
+            ax.fill_between(part[x], part["mean"] - part["std"].fillna(0), part["mean"] + part["std"].fillna(0),
+                            color=colors[name], alpha=0.2, linewidth=0)
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+
+
+def _group_order(data: pd.DataFrame) -> list[str]:
+    """Group labels in the order of their key values (lora.rank=2 before lora.rank=16)."""
+    keys = data.attrs.get("group_keys") or []
+    firsts = data.drop_duplicates("group")
+    try:
+        firsts = firsts.sort_values(keys, kind="stable") if keys else firsts
+    except TypeError:
+        pass
+    return firsts["group"].tolist()
+
+
+def _legend(fig, axes, data: pd.DataFrame, column: str = "group") -> None:
+    n = data[column].nunique()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles and 1 < n <= MAX_LEGEND:
+        fig.legend(handles, labels, loc="outside right center", fontsize=8, title=None)
+    elif n > MAX_LEGEND:
+        axes[0].set_title(f"{axes[0].get_title()} — {n} groups (legend omitted)".strip(" —"))
+
+
+def _order(values: pd.Series) -> list:
+    """Precisions from widest to narrowest; anything else in sorted order."""
+    rank = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "fp8": 4}
+    return sorted(values.dropna().unique(), key=lambda v: (rank.get(str(v), 99), str(v)))
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _yerr(s: pd.DataFrame) -> np.ndarray:
+    low = (s["mean"] - s["ci95_low"]).fillna(0).to_numpy()
+    high = (s["ci95_high"] - s["mean"]).fillna(0).to_numpy()
+    return np.vstack([low, high])
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=12)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,140 @@
+"""One call from run folders to every table of a study: :func:`analyze_runs`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from stackwise_bench.analysis.collect import (FINISHED, PathsLike, _as_path_list, collect_epochs,
+                                              collect_hardware, collect_runs, override_keys)
+from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, resolve_baseline
+from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
+from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
+from stackwise_bench.analysis.grouping import check_group_by, format_value
+from stackwise_bench.analysis.stats import seed_stats
+from stackwise_bench.analysis.studies import StudyView, optimizer_study, peft_study, precision_study
+from stackwise_bench.errors import ConfigError
+
+# Summarised for every cell besides the chosen metric, where the runs have them.
+DEFAULT_METRICS = ("test.top1", "test.top5", "test.f1_macro", "train.best_val_top1", "train.time_s",
+                   "train.img_s", "params.trainable", "resources.peak_rss_mb")
+MAX_LISTED = 6  # more incomplete cells than this: one summary line instead of one line each
+METRIC_FALLBACKS = ("test.top1", "train.best_val_top1", "train.final_val_top1")
+
+
+@dataclass
+class StudyAnalysis:
+    """Everything :func:`analyze_runs` computed; ``write_report`` turns it into files."""
+
+    paths: list[Path]
+    runs: pd.DataFrame
+    epochs: pd.DataFrame
+    hardware: pd.DataFrame
+    group_by: list[str]
+    metric: str
+    baseline: dict
+    baseline_auto: bool
+    summary: pd.DataFrame
+    comparisons: pd.DataFrame
+    dynamics: pd.DataFrame
+    dynamics_summary: pd.DataFrame
+    views: list[StudyView] = field(default_factory=list)
+    validation: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def unfinished(self) -> pd.DataFrame:
+        """Runs that failed, were interrupted, are running or unreadable: listed, not in the statistics."""
+        return self.runs[~self.runs["status"].isin(FINISHED)]
+
+
+def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
+                 group_by: list[str] | None = None, expect: str | Path | None = None) -> StudyAnalysis:
+    """Collect the runs below ``paths`` and compute statistics, comparisons, dynamics and views.
+
+    Args:
+        paths: run or study folders (one or a list).
+        metric: the headline metric column (default: ``test.top1``, else the best validation accuracy).
+        baseline: ``"precision=fp32"`` or ``{"precision": "fp32"}``; default: ``lora.rank=0``,
+            ``precision=fp32`` or ``optimizer=sgd`` when that key is a grouping key.
+        group_by: cell keys (default: every varying override key except the seed).
+        expect: an expectations YAML file, checked into ``validation``.
+
+    Raises:
+        ConfigError: no runs, an unknown metric / group_by / baseline key, a bad expectations file.
+    """
+    expectations = load_expectations(expect) if expect else None
+    runs = collect_runs(paths)
+    metric = choose_metric(runs, metric)
+    group_by = check_group_by(runs, group_by)
+    base = resolve_baseline(runs, baseline, group_by)
+    group_by += [k for k in base if k not in group_by]
+    epochs, hardware = collect_epochs(runs), collect_hardware(runs)
+    metrics = [metric] + [m for m in DEFAULT_METRICS if m != metric and m in runs]
+    summary = seed_stats(runs, metrics, group_by)
+    comparisons = compare_to_baseline(runs, metric, base, group_by)
+    dynamics = run_dynamics(runs, epochs)
+    dyn_cols = [c for c in DYNAMICS if dynamics[c].notna().any()]
+    analysis = StudyAnalysis(
+        paths=_as_path_list(paths), runs=runs, epochs=epochs, hardware=hardware, group_by=group_by,
+        metric=metric, baseline=base, baseline_auto=bool(base) and not baseline, summary=summary,
+        comparisons=comparisons, dynamics=dynamics, dynamics_summary=seed_stats(dynamics, dyn_cols, group_by))
+    analysis.views = [v for v in (precision_study(runs, dynamics, epochs, group_by, metric),
+                                  peft_study(summary, runs, metric, group_by),
+                                  optimizer_study(summary, runs, metric, group_by)) if v is not None]
+    if expectations is not None:
+        analysis.validation = summarize_validation(check_expectations(runs, expectations, group_by))
+    analysis.warnings = _warnings(analysis, explicit_baseline=baseline is not None)
+    return analysis
+
+
+def choose_metric(runs: pd.DataFrame, metric: str | None) -> str:
+    """The requested metric, checked to be a numeric column; else the first fallback with values."""
+    keys = set(override_keys(runs)) | {"run_dir", "status", "seed"}
+    numeric = [c for c in runs.columns if c not in keys and not pd.api.types.is_bool_dtype(runs[c])
+               and (pd.api.types.is_numeric_dtype(runs[c]) or runs[c].isna().all())]
+    if metric is None:
+        for m in METRIC_FALLBACKS:
+            if m in runs and runs.loc[runs["status"].isin(FINISHED), m].notna().any():
+                return m
+        return METRIC_FALLBACKS[0] if METRIC_FALLBACKS[0] in runs else (numeric or ["test.top1"])[0]
+    if metric not in numeric:
+        shown = ", ".join(c for c in numeric if c.startswith(("test.", "train.")))[:300]
+        raise ConfigError(f"metric={metric} is not a numeric column of these runs; choose e.g. one of {shown}.")
+    return metric
+
+
+def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
+    out = []
+    if len(a.unfinished):
+        counts = a.unfinished["status"].value_counts()
+        what = ", ".join(f"{n} {s}" for s, n in counts.items())
+        out.append(f"{len(a.unfinished)} run(s) not finished ({what}): listed under 'Runs not included', "
+                   "left out of the statistics.")
+    s = a.summary[a.summary["metric"] == a.metric] if len(a.summary) else a.summary
+    if len(s) and s["n"].max() == 0:
+        out.append(f"no finished run has {a.metric}: nothing to summarise.")
+    elif len(s):
+        incomplete = s[s["incomplete"]]
+        if len(incomplete) > MAX_LISTED:
+            out.append(f"{len(incomplete)} of {len(s)} cells are incomplete (fewer seeds than the fullest cell, "
+                       f"{int(s['n'].max())}): see the flags in the table.")
+        for _, r in incomplete.iterrows() if len(incomplete) <= MAX_LISTED else ():
+            out.append(f"cell {r['group']} is incomplete: {int(r['n'])} of {int(s['n'].max())} seeds"
+                       + (f" (missing {r['missing_seeds']})" if r["missing_seeds"] else "") + ".")
+        if s["n"].max() < MIN_SEEDS:
+            out.append(f"every cell has fewer than {MIN_SEEDS} seeds: intervals are very wide and the tests "
+                       "cannot tell real differences from seed noise; run more seeds.")
+    if not a.baseline and len(s) > 1:
+        out.append("no baseline: set baseline=key=value (e.g. baseline=precision=fp32) to compare cells."
+                   if not explicit_baseline else "baseline is empty: no comparisons.")
+    elif a.comparisons.empty:
+        key = ", ".join(f"{k}={format_value(v)}" for k, v in a.baseline.items())
+        out.append(f"baseline {key}: no other cell to compare with.")
+    elif "note" in a.comparisons:
+        few = a.comparisons["note"].fillna("").str.contains("seeds on one side|seed on one side")
+        if few.any():
+            out.append(f"{int(few.sum())} comparison(s) have too few seeds to mean anything (see the notes).")
+    return out

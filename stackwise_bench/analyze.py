@@ -1,0 +1,124 @@
+"""Command line: ``python -m stackwise_bench.analyze runs=multirun/peft_baseline [key=value ...]``.
+
+Keys: ``runs`` (a folder or ``[f1,f2]``; quote a folder whose name has commas
+inside a list: ``runs=["multirun/x/lora.rank=8,seed=1",multirun/y]``), ``metric`` (default test.top1),
+``baseline`` (``baseline=precision=fp32``), ``group_by`` (``[k1,k2]``), ``out``
+(default ``<first runs folder>/analysis``, numbered when it exists),
+``expect`` (expectations YAML), ``plots`` (true/false).
+
+Not a Hydra app on purpose: Hydra's override grammar rejects
+``baseline=precision=fp32``; ``OmegaConf.from_dotlist`` splits at the first ``=``.
+Exit status: 0 done, 1 an expectation failed, 2 bad input (one sentence on stderr).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+from stackwise_bench.errors import ConfigError
+
+USAGE = ("usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
+         "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true]")
+DEFAULTS = {"runs": None, "metric": None, "baseline": None, "group_by": None, "out": None, "expect": None,
+            "plots": True}
+
+
+def parse_args(argv: list[str]) -> dict:
+    """``key=value`` arguments into a dict of :data:`DEFAULTS` keys.
+
+    Raises:
+        ConfigError: for an argument without ``=``, an unknown key, or no ``runs``.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
+        key = arg.split("=", 1)[0].split(".", 1)[0]
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown key {key!r}; the keys are {', '.join(DEFAULTS)}.")
+    try:
+        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"could not parse the arguments ({exc}); {USAGE}") from exc
+    args = {**DEFAULTS, **given}
+    if not args["runs"]:
+        raise ConfigError(f"runs= is missing: name the run or sweep folder(s) to analyse; {USAGE}")
+    args["runs"] = _as_list(args["runs"], split_commas=False)  # Hydra job folders have commas in their names
+    if args["group_by"] is not None:
+        args["group_by"] = [] if args["group_by"] in ("", "[]") else _as_list(args["group_by"])
+    if args["out"] is not None:
+        args["out"] = os.path.expanduser(str(args["out"]))
+    if not isinstance(args["plots"], bool):
+        raise ConfigError(f"plots={args['plots']} must be true or false.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        args = parse_args(argv)
+        from stackwise_bench.analysis.report import write_report
+        from stackwise_bench.analysis.study import analyze_runs
+
+        start = time.perf_counter()
+        a = analyze_runs(args["runs"], metric=args["metric"], baseline=args["baseline"],
+                         group_by=args["group_by"], expect=args["expect"])
+        command = "python -m stackwise_bench.analyze " + " ".join(shlex.quote(x) for x in argv)
+        out_dir = write_report(a, args["out"], plots=args["plots"], command=command)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print_summary(a, out_dir, time.perf_counter() - start)
+    except BrokenPipeError:  # `... | head`: the report is written, the reader left early
+        sys.stdout = open(os.devnull, "w")
+    return 1 if a.validation and a.validation["failed"] else 0
+
+
+def print_summary(a, out_dir, seconds: float) -> None:
+    from stackwise_bench.analysis.tables import headline_table, screen_table
+
+    finished = len(a.runs) - len(a.unfinished)
+    base = ", ".join(f"{k}={v}" for k, v in a.baseline.items()) or "none"
+    print(f"{len(a.runs)} runs ({finished} finished) | cells by {', '.join(a.group_by) or '(all runs)'} "
+          f"| metric {a.metric} | baseline {base}\n")
+    print(screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline)))
+    for view in a.views:
+        if view.highlights:
+            print(f"\n{view.title}:")
+            print("".join(f"  - {h}\n" for h in view.highlights), end="")
+    if a.validation is not None:
+        v = a.validation
+        print(f"\nExpectations: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped")
+        for r in v["results"]:
+            if r["passed"] is False:
+                print(f"  FAIL {r['name']} [{r.get('group')}]: {r.get('detail', '')}")
+    if a.warnings:
+        print("\nWarnings:")
+        print("".join(f"  - {w}\n" for w in a.warnings), end="")
+    print(f"\nReport: {out_dir / 'report.md'}  ({seconds:.1f} s)")
+
+
+def _as_list(value, split_commas: bool = True) -> list:
+    """A list as given (``[a,b]``), or one string: split at commas only where asked."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if not split_commas:
+        return [text]
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

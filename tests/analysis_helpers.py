@@ -1,0 +1,131 @@
+"""Hand-built run folders for the analysis tests, written to the run-record contract.
+
+``write_run`` writes summary.json, metrics.jsonl, hardware.jsonl and Hydra's
+.hydra/ files with exactly the numbers a test passes in, so every statistic
+the tests check can be recomputed independently from those numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+CHOICES = {"model": "resnet8", "dataset": "digits", "precision": "fp32", "augmentation": "basic",
+           "optimizer": "adamw", "scheduler": "cosine", "lora": "default", "trainer": "default",
+           "monitors": "default", "experiment": None}
+CONFIG = {"seed": 0, "precision": {"name": "fp32"}, "model": {"name": "resnet8", "pretrained": False},
+          "dataset": {"name": "digits", "num_classes": 10, "root": "data"},
+          "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.05},
+          "scheduler": {"name": "cosine", "warmup_epochs": 1},
+          "lora": {"rank": 0, "alpha": None, "dropout": 0.1},
+          "trainer": {"max_epochs": 3, "batch_size": 64}}
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _typed(text: str):
+    """Hydra types override values: 1e-3 is a float (PyYAML alone would keep it a string)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def curve(n_epochs: int = 3, val=None, train=None, epoch_time=None, lr=None) -> list[dict]:
+    """Per-epoch rows; ``val``/``train``/``epoch_time``/``lr`` are lists of n_epochs numbers."""
+    val = val or [50.0 + 10 * i for i in range(n_epochs)]
+    train = train or [v + 5 for v in val]
+    epoch_time = epoch_time or [2.0] * n_epochs
+    lr = lr or [0.001 * (n_epochs - i) / n_epochs for i in range(n_epochs)]
+    return [{"epoch": i + 1, "step": 10 * (i + 1), "lr": lr[i], "train_loss": 2.0 / (i + 1),
+             "train_top1": train[i], "val_loss": 2.2 / (i + 1), "val_top1": val[i],
+             "epoch_time_s": epoch_time[i], "train_img_s": 1000.0 / epoch_time[i]} for i in range(len(val))]
+
+
+def write_run(root: Path, job: str, *, seed: int, overrides: list[str] | None = None,
+              choices: dict | None = None, status: str = "completed", test: dict | None = None,
+              train: dict | None = None, params: dict | None = None, resources: dict | None = None,
+              epochs: list[dict] | None = None, hardware: list[dict] | None = None,
+              error: dict | None = None, n_classes: int = 3, config_values: dict | None = None) -> Path:
+    """One run folder ``root/job`` with the given numbers; returns its path.
+
+    ``overrides`` are Hydra override strings; group overrides (``precision=fp16``)
+    set the choice, dotted ones (``lora.rank=8``) set the config value.
+    ``config_values`` (dotted key -> value) change the config without an override,
+    as a config group or an experiment preset does.
+    """
+    run_dir = Path(root) / job
+    (run_dir / ".hydra").mkdir(parents=True)
+    choices = {**CHOICES, **(choices or {})}
+    overrides = [f"seed={seed}", *(overrides or [])]
+    config = copy.deepcopy(CONFIG)
+    config["seed"] = seed
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in choices:
+            choices[key] = value
+        else:
+            set_dotted(config, key, _typed(value))
+    for key, value in (config_values or {}).items():
+        set_dotted(config, key, value)
+    config["precision"]["name"] = choices["precision"]
+    summary = {
+        "status": status, "error": error,
+        "run": {"seed": seed, "overrides": overrides, "choices": choices, "fingerprint": f"fp{job}{seed}",
+                "git_sha": "abc123", "name": job, "dir": str(run_dir), "started_at": "2024-01-01T00:00:00+00:00",
+                "ended_at": None if status == "running" else "2024-01-01T00:10:00+00:00"},
+        "config": config,
+        "env": {"torch": "2.4.0", "device": "cpu", "python": "3.11.7", "platform": "linux", "cpu_count": 2,
+                "threads": 2, "gpu_name": None, "hostname": "test"},
+    }
+    if params is not None:
+        summary["params"] = params
+    if train is not None:
+        summary["train"] = train
+    if test is not None:
+        cm = [[10 if i == j else 1 for j in range(n_classes)] for i in range(n_classes)]
+        summary["test"] = {"top5": 100.0, "f1_macro": test.get("top1", 0) - 1, "precision_macro": 90.0,
+                           "recall_macro": 90.0, "loss": 0.3, "per_class_top1": [90.0] * n_classes,
+                           "confusion_matrix": cm, "infer_img_s": 5000.0, **test}
+    if resources is not None:
+        summary["resources"] = resources
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if epochs:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+    if hardware:
+        (run_dir / "hardware.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hardware))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {**choices, "hydra/launcher": "basic"}}}}))
+    (run_dir / "split.json").write_text("{}")
+    return run_dir
+
+
+def finished_run(root: Path, job: str, *, seed: int, top1: float, overrides: list[str] | None = None,
+                 choices: dict | None = None, time_s: float = 60.0, trainable: int = 1000,
+                 epochs: list[dict] | None = None, **kw) -> Path:
+    """A completed run with a given test.top1 and the train/params/resources sections filled in."""
+    epochs = epochs if epochs is not None else curve()
+    evaluated = [r for r in epochs if r["val_top1"] is not None]
+    best = max(evaluated, key=lambda r: r["val_top1"]) if evaluated else {"val_top1": top1, "epoch": 1}
+    train = {"best_val_top1": best["val_top1"], "best_epoch": best["epoch"], "epochs_run": len(epochs),
+             "time_s": time_s, "img_s": 1000.0, "epoch_time_mean_s": 2.0, "epoch_time_std_s": 0.0,
+             "final_train_top1": epochs[-1]["train_top1"] if epochs else 90.0,
+             "final_train_loss": 0.1, "final_val_top1": epochs[-1]["val_top1"] if epochs else top1,
+             "final_val_loss": 0.3, "stopped_early": False}
+    params = {"total": 100000, "trainable": trainable, "lora": 0, "size_mb": 0.4}
+    resources = {"peak_rss_mb": 500.0, "peak_gpu_mem_mb": None, "cpu_percent_mean": 180.0, "rss_mb_mean": 450.0}
+    return write_run(root, job, seed=seed, overrides=overrides, choices=choices, test={"top1": top1},
+                     train=train, params=params, resources=resources, epochs=epochs, **kw)
