@@ -94,7 +94,11 @@ class RunRecord:
             f.write(json.dumps(row, default=_jsonable) + "\n")
 
     def log_epoch(self, row: dict) -> None:
+        """Append the epoch's metrics, and beat the summary's heartbeat so a stale `running` run can be told apart."""
         self._append(METRICS, row)
+        self.summary.setdefault("run", {})["updated_at"] = now_iso()
+        self.summary["progress"] = {"epoch": row.get("epoch"), "step": row.get("step")}
+        self.write_summary()
 
     def log_hardware(self, row: dict) -> None:
         self._append(HARDWARE, row)

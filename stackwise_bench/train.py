@@ -41,6 +41,7 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 # Keys that may differ between a run and its resumption without changing what is trained.
 VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study", "plan")
 DONE = ("completed", "early_stopped")
+SCHEMA_VERSION = 1  # of summary.json; bump when a key analysis relies on changes meaning
 
 
 class Loaders(NamedTuple):
@@ -96,7 +97,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         previous_attempt["ended_at"] = record.summary.get("run", {}).get("ended_at")
         record.summary.setdefault("previous_attempts", []).append(previous_attempt)
     record.start(
-        run={"seed": cfg.seed, "overrides": list(overrides or []), "choices": dict(choices or {}), "fingerprint": fp,
+        schema_version=SCHEMA_VERSION,
+        run={"seed": cfg.seed, "study": cfg.get("study"), "overrides": list(overrides or []), "choices": dict(choices or {}), "fingerprint": fp,
              "git_sha": git_sha(), "name": Path(run_dir).name, "dir": str(Path(run_dir).resolve()),
              "started_at": now_iso(), "resumed": resume},
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -131,8 +133,9 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
         )
     record.write_split(data.split)
     model = instantiate(cfg.model, num_classes=data.num_classes)
+    shape = _model_shape(model, cfg.lora.head)
     model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
-    record.update(params=count_parameters(model))
+    record.update(params=count_parameters(model) | shape)
     model = model.to(trainer.device, memory_format=torch.channels_last if trainer.channels_last else torch.preserve_format)
     loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size)
     optimizer = instantiate(cfg.optimizer, model=model)
@@ -143,6 +146,17 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
     result = trainer.fit(model, loaders, optimizer, scheduler, sink=record, monitors=monitors)
     record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
     return record.summary
+
+
+def _model_shape(model, head_name: str | None) -> dict:
+    """Inputs of the LoRA parameter formula (48·d·r + head): the width, depth and head size."""
+    head = model.get_submodule(head_name) if head_name and hasattr(model, head_name) else None
+    blocks = getattr(model, "blocks", None)
+    return {
+        "head": sum(p.numel() for p in head.parameters()) if head is not None else None,
+        "embed_dim": getattr(model, "embed_dim", None),
+        "depth": len(blocks) if blocks is not None else None,
+    }
 
 
 def _loaders(data, augment, trainer, img_size: int) -> Loaders:
