@@ -156,3 +156,52 @@ def test_submitit_local_sweep(tmp_path):
     dirs = job_dirs(tmp_path / "multirun" / "slurmish")
     assert len(dirs) == 2 and all(read_summary(d)["status"] == "completed" for d in dirs)
     assert (tmp_path / "multirun" / "slurmish" / ".submitit").is_dir()
+
+
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_tiny_variant_trains(preset, tmp_path):
+    """Each study preset composes as written and its tiny offline variant trains (in-process)."""
+    from stackwise_bench.train import run
+
+    full = compose([f"experiment={preset}"], tiny=False)
+    assert full.study == preset
+    tiny = compose([f"experiment={preset}", "model=resnet8", "model.pretrained=false", "trainer.max_epochs=1",
+                    "trainer.eval_every=1", "trainer.batch_size=32"])
+    summary = run(tiny, tmp_path / preset)
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["config"]["precision"]["name"] == full.precision.name
+    assert summary["config"]["augmentation"] == dict(full.augmentation)
+
+
+def test_analysis_of_a_real_sweep(four_jobs, tmp_path):
+    """The analysis reads a real sweep: cells by optimizer.lr, means and paired test from the summaries themselves."""
+    import numpy as np
+    from scipy import stats
+
+    from stackwise_bench.analysis.report import write_report
+    from stackwise_bench.analysis.study import analyze_runs
+
+    cwd, _, _ = four_jobs
+    study = cwd / "multirun" / "four"
+    a = analyze_runs(study, metric="test.top1", baseline="optimizer.lr=0.002")
+    assert len(a.runs) == 4 and set(a.runs["status"]) == {"completed"}
+    assert a.group_by == ["optimizer.lr"]
+    top1 = {}
+    for d in job_dirs(study):
+        s = read_summary(d)
+        top1.setdefault(s["config"]["optimizer"]["lr"], {})[s["run"]["seed"]] = s["test"]["top1"]
+    for lr, by_seed in top1.items():
+        row = a.summary[a.summary["optimizer.lr"] == lr].iloc[0]
+        assert row["n"] == 2
+        assert np.isclose(row["mean"], np.mean(list(by_seed.values())))
+    comparison = a.comparisons.iloc[0]
+    base, other = top1[0.002], top1[0.004]
+    expected = stats.ttest_rel([other[s] for s in (1, 2)], [base[s] for s in (1, 2)])
+    if np.isfinite(expected.pvalue):
+        assert np.isclose(comparison["p_value"], expected.pvalue)
+    out = write_report(a, tmp_path / "report")
+    for name in ("report.md", "table.tex", "runs.csv", "summary.csv", "stats.csv"):
+        assert (out / name).stat().st_size > 0
