@@ -12,7 +12,8 @@ import torch
 
 from stackwise_bench.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fp8: torchao's Float8Linear layers (fp8.py) inside bf16 autocast for everything else.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -37,10 +38,14 @@ def check_precision(name: str, device: torch.device) -> None:
     """
     if name not in DTYPES:
         raise ConfigError(
-            f"precision={name} is not one of {sorted(DTYPES)}; fp8 has its own issue (use precision=fp16 or bf16 meanwhile)."
+            f"precision={name} is not one of {sorted(DTYPES)}; use e.g. precision=bf16."
         )
     if name == "fp32":
         return
+    if name == "fp8":
+        from stackwise_bench.fp8 import check_support
+
+        check_support(device)  # FP8 tensor cores (compute capability 8.9+) and torchao, or one sentence
     if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             f"precision=bf16 needs a GPU with bfloat16 support (compute capability 8.0+), and {torch.cuda.get_device_name(device)} has none; use precision=fp16 or fp32."

@@ -135,6 +135,10 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
     model = instantiate(cfg.model, num_classes=data.num_classes)
     shape = _model_shape(model, cfg.lora.head)
     model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    if cfg.precision.name == "fp8":  # the trainer's check_precision has already refused unsuitable hardware
+        from stackwise_bench.fp8 import convert_for_training
+
+        record.update(precision={"name": "fp8", "fp8_layers": convert_for_training(model)})
     record.update(params=count_parameters(model) | shape)
     model = model.to(trainer.device, memory_format=torch.channels_last if trainer.channels_last else torch.preserve_format)
     loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size)
@@ -260,8 +264,15 @@ def main(cfg: DictConfig) -> float | None:
             refused = check_launch_record(Path(hc.sweep.dir), hc.job.override_dirname, fingerprint(cfg))
             if refused:
                 raise ConfigError(refused)
-        summary = run(cfg, run_dir, overrides=list(hc.overrides.task), choices=OmegaConf.to_container(hc.runtime.choices),
-                      auto_resume=sweeping, runtime=_job_runtime(cfg, hc) if sweeping else None)
+        if cfg.get("evaluate") is not None:  # an evaluation preset (experiment=FP8Test): evaluates runs, trains nothing
+            from stackwise_bench.evaluate import evaluate_study
+
+            summary = evaluate_study(**OmegaConf.to_container(cfg.evaluate, resolve=True), out_dir=run_dir,
+                                     **(_job_runtime(cfg, hc) if sweeping else {}))
+        else:
+            summary = run(cfg, run_dir, overrides=list(hc.overrides.task),
+                          choices=OmegaConf.to_container(hc.runtime.choices),
+                          auto_resume=sweeping, runtime=_job_runtime(cfg, hc) if sweeping else None)
         status = summary["status"]
         if before and before.get("run", {}).get("started_at") == summary.get("run", {}).get("started_at"):
             status = "skipped"

@@ -158,7 +158,8 @@ def test_submitit_local_sweep(tmp_path):
     assert (tmp_path / "multirun" / "slurmish" / ".submitit").is_dir()
 
 
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# FP8Test evaluates other studies' runs and trains nothing: tests/test_evaluate.py covers it end to end.
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "FP8Test")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
