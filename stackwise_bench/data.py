@@ -8,7 +8,9 @@ device once and serves normalised, augmented batches with tensor ops only
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import socket
@@ -113,27 +115,37 @@ def load_digits(val_fraction: float = 0.1, split_seed: int = 0, img_size: int = 
                 test_fraction: float = 0.2) -> ImageData:
     """scikit-learn's bundled 8x8 digits, upsampled (bilinear) to ``img_size`` and replicated to RGB.
 
-    The test split is stratified with a fixed ``random_state`` so it is the same for
-    every run seed and every ``split_seed``; validation is carved from the rest.
+    The test split is stratified with the fixed ``DIGITS_TEST_SEED`` so it is the same
+    for every run seed and every ``split_seed``; validation is carved from the rest.
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
     if int(img_size) != img_size or img_size < 8:
         raise ConfigError(f"dataset.img_size={img_size} must be an integer >= 8 (digits are 8x8); use e.g. 32.")
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"dataset.test_fraction={test_fraction} must be in (0, 1); use e.g. dataset.test_fraction=0.2.")
-    images, labels = sk_load_digits(return_X_y=True)
-    x = torch.from_numpy(images).float().reshape(-1, 1, 8, 8) * (255.0 / 16.0)
+    table = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32)  # 64 pixels (0..16) + the label per row
+    x = torch.from_numpy(table[:, :64]).reshape(-1, 1, 8, 8) * (255.0 / 16.0)
     if img_size != 8:
         x = F.interpolate(x, size=(int(img_size), int(img_size)), mode="bilinear", align_corners=False)
     x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.from_numpy(labels).long()
-    pool_idx, test_idx = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=labels,
-                                          random_state=DIGITS_TEST_SEED)
-    pool_idx, test_idx = torch.from_numpy(np.sort(pool_idx)), torch.from_numpy(np.sort(test_idx))
+    y = torch.from_numpy(table[:, 64]).long()
+    pool_idx, test_idx = split_train_val(y, test_fraction, DIGITS_TEST_SEED)
     return _build("digits", x[pool_idx], y[pool_idx], x[test_idx], y[test_idx],
                   [str(i) for i in range(10)], val_fraction, split_seed)
+
+
+def _digits_file() -> Path:
+    """The digits table inside the installed scikit-learn, found without importing it.
+
+    ``import sklearn`` pulls in scipy and costs ~1 s of a run's start-up; the data
+    is one 60 kB gzipped CSV, read here with numpy.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
+    if path is None or not path.is_file():
+        raise ConfigError("dataset=digits reads the digits table shipped with scikit-learn, which is not installed; "
+                          "pip install scikit-learn, or use dataset=synthetic or dataset=cifar10.")
+    return path
 
 
 def _cifar_spec(name: str):
@@ -255,7 +267,10 @@ def _derive_seed(*words: int) -> int:
 class BatchLoader:
     """Serves ``(x, y)`` batches from a uint8 set held on ``device``.
 
-    The whole set moves to ``device`` once at construction. The order of an epoch
+    The whole set moves to ``device`` once at construction; with ``on_device=False``
+    (sets larger than GPU memory) it stays in pinned host memory instead, and each
+    uint8 batch is gathered there and copied with ``non_blocking=True``, so the copy
+    overlaps the previous step's GPU work. The order of an epoch
     is a permutation seeded from ``(seed, epoch)`` only, and the augmentation of a
     step is drawn on a CPU generator seeded from ``(seed, epoch, step)``, so any
     step of any epoch can be reproduced bit for bit without replaying earlier ones
@@ -271,7 +286,7 @@ class BatchLoader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, device: str | torch.device = "cpu",
                  out_size: int | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
                  std: Sequence[float] = (1.0, 1.0, 1.0), augment: Callable | None = None, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, channels_last: bool = False) -> None:
+                 drop_last: bool = False, seed: int = 0, channels_last: bool = False, on_device: bool = True) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4 or len(x) != len(y):
             raise ValueError(f"BatchLoader needs uint8 x [N, C, H, W] and y [N]; got {x.dtype} {tuple(x.shape)}, y {tuple(y.shape)}.")
         if int(batch_size) != batch_size or batch_size < 1:
@@ -286,7 +301,9 @@ class BatchLoader:
         if int(seed) != seed or seed < 0:
             raise ConfigError(f"seed={seed} must be a non-negative integer; use e.g. seed=42.")
         self.device = torch.device(device)
-        self.x = x.to(self.device)  # the one host-to-device copy of the set
+        # Only a CUDA device has memory of its own: on the CPU the set is always "on the device".
+        self.host = not on_device and self.device.type == "cuda"
+        self.x = x.pin_memory() if self.host else x.to(self.device)  # else the one host-to-device copy of the set
         self.y = y.to(self.device, dtype=torch.long)
         self.batch_size, self.shuffle, self.drop_last, self.seed = int(batch_size), shuffle, drop_last, int(seed)
         self.out_size = None if out_size is None or out_size == x.shape[-1] == x.shape[-2] else int(out_size)
@@ -294,6 +311,7 @@ class BatchLoader:
         self.std = torch.tensor([float(s) for s in std], device=self.device).view(1, -1, 1, 1)
         self.normalise = not (bool((self.mean == 0).all()) and bool((self.std == 1).all()))
         self.augment, self.channels_last = augment, channels_last
+        self._matrices = None  # CPU resize weights, built on first use
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -313,10 +331,22 @@ class BatchLoader:
         return self._batches(int(epoch), int(start_step))
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order(epoch).to(self.device, non_blocking=True)
+        order = self.order(epoch)
+        device_order = order.to(self.device, non_blocking=True)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            yield self._prepare(self.x[idx], epoch, step), self.y[idx]
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            with _one_thread_on_cpu(self.device):
+                xb = self._prepare(self._from_host(order[batch]) if self.host else self.x[device_order[batch]], epoch, step)
+            yield xb, self.y[device_order[batch]]
+
+    def _from_host(self, idx: torch.Tensor) -> torch.Tensor:
+        """Gather a uint8 batch into pinned memory and start its copy to the device without waiting.
+
+        torch's pinned-memory cache keeps the buffer alive until the copy has finished.
+        """
+        buffer = torch.empty((len(idx), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=True)
+        torch.index_select(self.x, 0, idx, out=buffer)
+        return buffer.to(self.device, non_blocking=True)
 
     def _prepare(self, xb: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         xb = xb.float().div_(255.0)
@@ -330,6 +360,47 @@ class BatchLoader:
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)  # interpolate keeps the format
         if self.out_size is not None:
-            xb = F.interpolate(xb, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False,
-                               antialias=False)
+            xb = self._resize(xb)
         return xb
+
+    def _resize(self, xb: torch.Tensor) -> torch.Tensor:
+        """Bilinear (align_corners=False, no antialias) resize to ``out_size``.
+
+        On the CPU as two matmuls with interpolation matrices built by F.interpolate itself:
+        32 -> 224 px is ~1.5x faster than F.interpolate on 2 cores (the output is
+        channels-first contiguous) and equal to it within 1e-6. GPUs keep F.interpolate.
+        """
+        if self.device.type != "cpu":
+            return F.interpolate(xb, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False,
+                                 antialias=False)
+        if self._matrices is None:
+            self._matrices = (_interpolation_matrix(xb.shape[-2], self.out_size),
+                              _interpolation_matrix(xb.shape[-1], self.out_size).T.contiguous())
+        rows, cols = self._matrices
+        out = (rows @ xb) @ cols
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """Prepare CPU batches on one intra-op thread; the training step gets all threads back.
+
+    A batch is a few dozen small ops, and a multi-threaded op waits for its slowest thread:
+    with another process busy on one of 2 cores, 32 px batches fell from ~80k to ~2.6k img/s.
+    One thread is within ~25% of two on an idle machine at 32 px, and faster at 224 px.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interpolation_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """``[size_out, size_in]`` weights of 1-D linear resizing: F.interpolate applied to every unit impulse."""
+    impulses = torch.eye(size_in).unsqueeze(1)  # [size_in, 1, size_in]
+    return F.interpolate(impulses, size=size_out, mode="linear", align_corners=False).squeeze(1).T.contiguous()

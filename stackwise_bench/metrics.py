@@ -1,4 +1,11 @@
-"""Evaluation with torchmetrics: one pass over a loader, every classification metric."""
+"""Evaluation: one pass over a loader under ``torch.inference_mode``, every classification metric.
+
+Everything comes from one confusion matrix accumulated on the device, plus a
+top-k hit count. This replaces torchmetrics (same definitions, checked against
+it in tests/test_startup.py) because ``import torchmetrics`` costs ~1.7 s per
+process here and drags in transformers, scikit-learn and torch._dynamo: more
+than half of ``import torch`` again, paid by every run and every sweep worker.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +15,75 @@ import torch
 import torch.nn.functional as F
 
 
-def build_metrics(num_classes: int, full: bool, device: torch.device):
-    """Top-1 always; with ``full`` also top-5, macro F1/precision/recall, per-class accuracy, confusion."""
-    from torchmetrics import MetricCollection
-    from torchmetrics.classification import (
-        MulticlassAccuracy,
-        MulticlassConfusionMatrix,
-        MulticlassF1Score,
-        MulticlassPrecision,
-        MulticlassRecall,
-    )
-
-    metrics = {"top1": MulticlassAccuracy(num_classes, average="micro")}
-    if full:
-        metrics.update(
-            top5=MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            f1_macro=MulticlassF1Score(num_classes, average="macro"),
-            precision_macro=MulticlassPrecision(num_classes, average="macro"),
-            recall_macro=MulticlassRecall(num_classes, average="macro"),
-            per_class_top1=MulticlassAccuracy(num_classes, average=None),
-            confusion_matrix=MulticlassConfusionMatrix(num_classes),
-        )
-    return MetricCollection(metrics).to(device)
-
-
 @torch.inference_mode()
 def evaluate(model, loader, num_classes: int, autocast_ctx, device: torch.device, full: bool = False) -> dict:
-    """Loss and accuracies (in percent) over ``loader``; ``infer_img_s`` is measured under inference_mode."""
+    """Loss and accuracies (in percent) over ``loader``.
+
+    Always ``loss``, ``top1``, ``num_samples`` and ``infer_img_s`` (images per second of
+    the whole pass, measured under inference_mode: no autograd bookkeeping at all).
+    With ``full`` also ``top5``, macro F1/precision/recall, ``per_class_top1`` and the
+    ``confusion_matrix`` (rows: true class, columns: predicted).
+    """
     was_training = model.training
     model.eval()
-    metrics = build_metrics(num_classes, full, device)
+    k = min(5, num_classes)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    topk_hits = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     for x, y in loader.epoch(0):
         with autocast_ctx():
             logits = model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        metrics.update(logits, y)
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        if full:
+            topk_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum()
         seen += y.numel()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     elapsed = time.perf_counter() - t0
     model.train(was_training)
     out = {"loss": float(loss_sum) / max(1, seen), "num_samples": seen, "infer_img_s": seen / max(elapsed, 1e-9)}
-    for name, value in metrics.compute().items():
-        if name == "confusion_matrix":
-            out[name] = value.int().tolist()
-        elif value.ndim:
-            out[name] = [round(100.0 * v, 4) for v in value.tolist()]
-        else:
-            out[name] = 100.0 * float(value)
+    cm = confusion.view(num_classes, num_classes).cpu()
+    out["top1"] = 100.0 * int(cm.trace()) / max(1, seen)
+    if full:
+        out["top5"] = 100.0 * int(topk_hits) / max(1, seen)
+        out.update(classification_report(cm))
+        out["confusion_matrix"] = cm.tolist()
     return out
+
+
+def classification_report(cm: torch.Tensor) -> dict:
+    """Macro precision/recall/F1 and per-class accuracy (percent) from a confusion matrix.
+
+    torchmetrics' definitions: a 0/0 ratio counts as 0, and the macro means skip
+    classes that occur neither as a target nor as a prediction.
+    """
+    cm = cm.double()
+    tp = cm.diagonal()
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision = _ratio(tp, predicted)
+    recall = _ratio(tp, actual)
+    f1 = _ratio(2 * tp, predicted + actual)
+    present = (predicted + actual) > 0
+
+    def macro(v: torch.Tensor) -> float:
+        return 100.0 * float(v[present].mean()) if bool(present.any()) else 0.0
+
+    return {
+        "f1_macro": macro(f1),
+        "precision_macro": macro(precision),
+        "recall_macro": macro(recall),
+        "per_class_top1": [round(100.0 * v, 4) for v in recall.tolist()],
+    }
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -168,7 +168,7 @@ def _loaders(data, augment, trainer, img_size: int) -> Loaders:
     from stackwise_bench.data import BatchLoader
 
     common = dict(device=trainer.device, out_size=img_size, mean=data.mean, std=data.std,
-                  channels_last=trainer.channels_last, seed=trainer.seed)
+                  channels_last=trainer.channels_last, seed=trainer.seed, on_device=trainer.data_on_device)
     train = BatchLoader(data.train_x, data.train_y, trainer.batch_size, augment=augment if augment.enabled else None,
                         shuffle=True, drop_last=True, **common)
     val = BatchLoader(data.val_x, data.val_y, trainer.eval_batch_size, **common)

@@ -61,7 +61,7 @@ class Trainer:
         self,
         max_epochs: int = 15,
         batch_size: int = 128,
-        eval_batch_size: int = 512,
+        eval_batch_size: int | None = None,
         grad_clip: float | None = 1.0,
         early_stopping_patience: int | None = 5,
         eval_every: int = 1,
@@ -73,22 +73,31 @@ class Trainer:
         resume: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        data_on_device: bool = True,
         threads: int | None = None,
         progress: str = "auto",
         log_every_n_steps: int = 20,
     ):
-        for key, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("eval_every", eval_every)):
+        for key, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size), ("eval_every", eval_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"trainer.{key}={value} must be a positive integer.")
         self.device = resolve_device(device)
         check_precision(precision, self.device)
-        self.max_epochs, self.batch_size, self.eval_batch_size = max_epochs, batch_size, eval_batch_size
+        self.max_epochs, self.batch_size = max_epochs, batch_size
+        self.eval_batch_size = eval_batch_size or self.auto_eval_batch_size(self.device, batch_size)  # None: auto
         self.grad_clip, self.patience, self.eval_every = grad_clip, early_stopping_patience, eval_every
         self.label_smoothing, self.precision, self.seed = label_smoothing, precision, seed
         self.deterministic, self.resume, self.channels_last, self.compile = deterministic, resume, channels_last, compile
+        self.data_on_device = data_on_device
         self.threads, self.log_every_n_steps = threads, log_every_n_steps
         self.show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self.amp = partial(autocast, precision, self.device)
+
+    @staticmethod
+    def auto_eval_batch_size(device: torch.device, batch_size: int) -> int:
+        """``trainer.eval_batch_size=null``: 512 on a GPU, which big batches keep busy; the training batch on a
+        CPU, where bigger batches overflow the caches (resnet8 evaluates ~1.7x slower at 512 than at 128 on 2 cores)."""
+        return 512 if device.type == "cuda" else batch_size
 
     def seed_everything(self) -> None:
         """One seed for Python, NumPy and torch; deterministic kernels where the backend has them."""
@@ -100,6 +109,10 @@ class Trainer:
         np.random.seed(self.seed % 2**32)
         torch.manual_seed(self.seed)
         torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        # Deterministic mode also NaN-fills every new tensor, a debugging aid for kernels that read
+        # memory they never wrote (none here: reruns and resumes are checked bit for bit in the
+        # tests). It cost ~11% of a resnet8 step on the CPU.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.deterministic = self.deterministic
         torch.backends.cudnn.benchmark = not self.deterministic
 
@@ -108,6 +121,8 @@ class Trainer:
         """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``."""
         self.num_classes = loaders.num_classes
         scaler = make_scaler(self.precision, self.device)
+        if self.channels_last and is_convnet(model):
+            model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         forward = torch.compile(model) if self.compile else model
         progress = self._restore(model, optimizer, scheduler, scaler, sink) if self.resume else Progress()
         status = "completed"
@@ -298,6 +313,11 @@ class Trainer:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def is_convnet(model: torch.nn.Module) -> bool:
+    """More than one 2-D convolution: channels_last pays off. A ViT's single patch-embedding conv does not count."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
 
 
 class StopSignal:

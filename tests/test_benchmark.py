@@ -1,0 +1,95 @@
+"""scripts/benchmark.py: its measuring parts work, on a budget far too small to mean anything.
+
+No timing is asserted: speed is shown by running the benchmark, not by tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules["benchmark"] = bench  # dataclasses look their module up there
+spec.loader.exec_module(bench)
+
+TINY = bench.Budget(reps=1, steps={"resnet8": 3, "vit_tiny_p4": 3}, batch={"resnet8": 8, "vit_tiny_p4": 4},
+                    warmup_steps=1, pipeline_images=128, startup_reps=1, sweep_reps=1, sweep_epochs=1, compile=False)
+
+
+def test_interleaved_alternates_order_and_discards_warmup():
+    calls = []
+    arms = {name: (lambda r, name=name: calls.append((name, r)) or float(r + 1)) for name in "ab"}
+    samples = bench.interleaved(3, arms, warmup=True)
+    assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert samples == {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0]}
+    row = bench.compare({"a": [2.0, 4.0, 9.0], "b": [1.0, 4.0, 3.0]}, "a", "b")
+    assert (row["ratio"], row["ratio_min"], row["ratio_max"], row["a_median"]) == (2.0, 1.0, 3.0, 4.0)
+
+
+def test_step_clock_times_any_optimizer_between_steps():
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([param], lr=0.1)
+    with bench.StepClock(torch.device("cpu")) as clock:
+        for _ in range(4):
+            param.grad = torch.ones(3)
+            opt.step()
+    opt.step()  # after the block: not timed
+    assert len(clock.marks) == 4 and clock.img_s(batch=10, warmup=1) > 0
+    with pytest.raises(RuntimeError, match="optimizer steps"):
+        clock.img_s(batch=10, warmup=3)
+
+
+def test_framework_and_bare_arms_train_the_same_setup(tmp_path):
+    overrides = bench.train_overrides("resnet8", "fp32", TINY)
+    cfg = bench.compose(overrides)
+    assert (cfg.trainer.max_epochs, cfg.trainer.batch_size, cfg.augmentation.crop_padding) == (1, 8, 0)
+    rows = []
+    assert bench.framework_img_s(overrides, tmp_path / "fw", TINY, rows) > 0
+    assert len(rows) == 1 and rows[0]["step"] >= TINY.steps["resnet8"]
+    assert bench.bare_img_s(overrides, TINY) > 0
+
+
+def test_flops_and_peak_table(monkeypatch):
+    flops = bench.train_flops_per_image("resnet8", 32, torch.device("cpu"))
+    assert 3e7 < flops < 3e8  # ~12.5M multiply-adds forward at 32 px, x2 FLOPs, x3 with backward
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 PCIe")
+    assert bench.peak_flops(None, "bf16") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
+    assert bench.peak_flops(None, "fp32") == 19.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
+    assert bench.peak_flops(None, "bf16") is None
+
+
+def test_knob_figures_measure_each_arm():
+    cpu = torch.device("cpu")
+    adamw = bench._adamw_knob(TINY, cpu, model="resnet8")
+    assert (adamw["a"], adamw["b"]) == ("loop", "fused") and adamw["foreach_ms"] > 0
+    inference = bench._inference_knobs(TINY, cpu)
+    assert [(r["a"], r["b"]) for r in inference] == [("512", "64"), ("inference_mode", "no_grad")]
+    assert all(r["a_median"] > 0 and r["b_median"] > 0 for r in inference)
+
+
+def test_main_writes_json_and_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.BUDGETS, "quick", TINY)
+    fake = {"figure": "overhead", "setting": "fake", "unit": "img/s", "goal": ">= 0.97",
+            **bench.compare({"framework": [99.0], "bare": [100.0]}, "framework", "bare")}
+    monkeypatch.setattr(bench, "fig_overhead", lambda b, work: [fake])
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--quick", "--only", "overhead,gpu", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["mode"] == "quick" and report["machine"]["torch"] == torch.__version__
+    assert [r["figure"] for r in report["rows"]] == [r["figure"] for r in rows] == ["overhead", "gpu"]
+    assert bench.met(rows[0]) == "yes" and bench.met({**rows[0], "ratio": 0.9}) == "NO"
+    printed = capsys.readouterr().out
+    assert "A/B" in printed and " 0.99 " in printed
+    if not torch.cuda.is_available():
+        assert rows[1]["skipped"] and "no CUDA device" in printed
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "nonsense"])
