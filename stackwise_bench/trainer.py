@@ -40,6 +40,7 @@ class Progress:
     step: int = 0  # steps done inside the current epoch (>0 only for a mid-epoch interrupt)
     global_step: int = 0
     best_val_top1: float = -1.0
+    best_val_loss: float = float("inf")  # breaks ties in val_top1 (small validation sets tie often)
     best_epoch: int = 0
     bad_evals: int = 0  # evaluations since the best one, for early stopping
     history: list = dataclasses.field(default_factory=list)
@@ -146,7 +147,7 @@ class Trainer:
                     self._report(row)
                     if self.patience and progress.bad_evals >= self.patience:
                         status = "early_stopped"
-                        log.info("early stopping: val_top1 has not improved for %d evaluations", progress.bad_evals)
+                        log.info("early stopping: val_top1 (ties broken by val_loss) has not improved for %d evaluations", progress.bad_evals)
                         break
         finally:
             resources = {}
@@ -217,8 +218,9 @@ class Trainer:
         t0 = time.perf_counter()
         val = evaluate(model, loader, self.num_classes, self.amp, self.device)
         row.update(val_loss=val["loss"], val_top1=val["top1"], eval_time_s=time.perf_counter() - t0)
-        if val["top1"] > progress.best_val_top1:
-            progress.best_val_top1, progress.best_epoch, progress.bad_evals = val["top1"], progress.epoch, 0
+        if (val["top1"], -val["loss"]) > (progress.best_val_top1, -progress.best_val_loss):
+            progress.best_val_top1, progress.best_val_loss = val["top1"], val["loss"]
+            progress.best_epoch, progress.bad_evals = progress.epoch, 0
             return True
         progress.bad_evals += 1
         return False
