@@ -140,7 +140,7 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
 
         record.update(precision={"name": "fp8", "fp8_layers": convert_for_training(model)})
     record.update(params=count_parameters(model) | shape)
-    model = model.to(trainer.device, memory_format=torch.channels_last if trainer.channels_last else torch.preserve_format)
+    model = model.to(trainer.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size)
     optimizer = instantiate(cfg.optimizer, model=model)
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(loaders.train),

@@ -17,7 +17,8 @@ from conftest import ROOT
 from stackwise_bench.metrics import classification_report, evaluate
 
 # Only runs that ask for them may import these: timm (ViT/DeiT), peft (lora.rank > 0),
-# torchvision (CIFAR), and never transformers, scikit-learn/scipy or torchmetrics.
+# torchvision (CIFAR), and never transformers, scikit-learn/scipy or torchmetrics before training
+# (torchmetrics computes the final test metrics, imported only then).
 HEAVY = ("timm", "peft", "transformers", "sklearn", "scipy", "torchmetrics", "torchvision")
 
 DEFAULT_PATH = """
@@ -38,7 +39,8 @@ model = apply_lora(create_model("resnet8", data.num_classes), rank=0)
 count_parameters(model)
 build_optimizer(model, "adamw", lr=1e-3)
 loader = BatchLoader(data.test_x[:64], data.test_y[:64], 64, mean=data.mean, std=data.std)
-evaluate(model, loader, data.num_classes, lambda: autocast("fp32", trainer.device), trainer.device, full=True)
+# per-epoch validation (full=False) stays light; the final test metrics (full=True) use torchmetrics
+evaluate(model, loader, data.num_classes, lambda: autocast("fp32", trainer.device), trainer.device, full=False)
 print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 """
 
