@@ -214,7 +214,8 @@ def _build(config: dict, ckpt: Path) -> Built:
 
     from stackwise_bench.data import BatchLoader
     from stackwise_bench.lora import apply_lora
-    from stackwise_bench.train import instantiate
+    from stackwise_bench.train import instantiate, loader_options
+    from stackwise_bench.trainer import is_convnet
 
     cfg = OmegaConf.create(config)
     trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=False)
@@ -223,16 +224,16 @@ def _build(config: dict, ckpt: Path) -> Built:
     data = instantiate(cfg.dataset)
     model = instantiate(cfg.model, num_classes=data.num_classes)
     model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
-    memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
-    model = model.to(trainer.device, memory_format=memory_format)
+    model = model.to(trainer.device)
+    if trainer.channels_last and is_convnet(model):  # as Trainer.fit does before training
+        model = model.to(memory_format=torch.channels_last)
     _load_weights(model, state, ckpt, cfg)
     if cfg.precision.name == "fp8":  # as train.py does for FP8 training (check_precision has refused elsewhere)
         from stackwise_bench.fp8 import convert_for_training
 
         convert_for_training(model)
-    loader = BatchLoader(data.test_x, data.test_y, trainer.eval_batch_size, device=trainer.device,
-                         out_size=cfg.model.img_size, mean=data.mean, std=data.std,
-                         channels_last=trainer.channels_last, seed=trainer.seed)
+    loader = BatchLoader(data.test_x, data.test_y, trainer.eval_batch_size,
+                         **loader_options(data, trainer, cfg.model.img_size))
     return Built(model=model, loader=loader, amp=trainer.amp, device=trainer.device, compile=trainer.compile,
                   classes=list(data.classes), epoch=epoch)
 

@@ -163,12 +163,17 @@ def _model_shape(model, head_name: str | None) -> dict:
     }
 
 
+def loader_options(data, trainer, img_size: int) -> dict:
+    """BatchLoader options shared by every split, here and in ``evaluate`` (which must see the same test pixels)."""
+    return dict(device=trainer.device, out_size=img_size, mean=data.mean, std=data.std,
+                channels_last=trainer.channels_last, seed=trainer.seed, on_device=trainer.data_on_device)
+
+
 def _loaders(data, augment, trainer, img_size: int) -> Loaders:
     """The whole dataset goes to the device once; batches are sliced, augmented and resized there."""
     from stackwise_bench.data import BatchLoader
 
-    common = dict(device=trainer.device, out_size=img_size, mean=data.mean, std=data.std,
-                  channels_last=trainer.channels_last, seed=trainer.seed, on_device=trainer.data_on_device)
+    common = loader_options(data, trainer, img_size)
     train = BatchLoader(data.train_x, data.train_y, trainer.batch_size, augment=augment if augment.enabled else None,
                         shuffle=True, drop_last=True, **common)
     val = BatchLoader(data.val_x, data.val_y, trainer.eval_batch_size, **common)

@@ -58,7 +58,14 @@ def test_every_option_composes(group, option, cfg_factory):
         cfg = cfg_factory([f"experiment={option}"])
     else:
         cfg = cfg_factory([f"{group}={option}"])
-    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if group == "experiment":
+        assert container["study"] == option  # each preset names its own study folder
+    else:
+        chosen = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+        for key, value in chosen.items():  # the option's own values are what got composed
+            if key != "defaults" and not isinstance(value, dict):
+                assert container[group][key] == value, (group, option, key)
 
 
 @pytest.mark.parametrize("option", GROUPS["model"])
