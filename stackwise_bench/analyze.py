@@ -96,6 +96,13 @@ def print_summary(a, out_dir, seconds: float) -> None:
         if view.highlights:
             print(f"\n{view.title}:")
             print("".join(f"  - {h}\n" for h in view.highlights), end="")
+    if len(a.quantization):
+        from stackwise_bench.analysis.quantization import quantization_display
+
+        shown = ["format", "settings", "n", "top-1 before (%)", "top-1 after (%)", "degradation (points)", "p (Holm)"]
+        table = quantization_display(a.quantization, a.group_by)
+        print("\nPost-training quantization:")
+        print(screen_table(table[[c for c in ["group", *shown] if c in table]]))
     if a.validation is not None:
         v = a.validation
         print(f"\nExpectations: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped")

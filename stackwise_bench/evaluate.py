@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.record import RunRecord, atomic_write_text, now_iso, read_summary
+from stackwise_bench.record import RunRecord, atomic_write_text, claim_new_dir, now_iso, read_summary
 
 log = logging.getLogger("stackwise_bench.evaluate")
 
@@ -102,7 +102,7 @@ def evaluate_checkpoint(checkpoint: str | Path, quantize: str | None = None, kee
         log.info("%s: already evaluated with the same checkpoint and settings", done["run"]["dir"])
         return done
     built = _build(config, ckpt)
-    record = RunRecord(_claim_dir(run_dir / "eval", base))
+    record = RunRecord(claim_new_dir(run_dir / "eval" / base, sep="-"))
     tested = ckpt.resolve() == (run_dir / "checkpoints" / "best.pt").resolve()  # what the run's test metrics came from
     recorded = (source.get("test") or {}).get("top1") if tested else None
     src_run = source.get("run", {})
@@ -287,19 +287,6 @@ def _check_name(name) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"name={name} must be a plain folder name (it goes under <run>/eval/); use e.g. name=fp8_test.")
     return name
-
-
-def _claim_dir(parent: Path, base: str) -> Path:
-    """Create and return ``parent/base`` or the first free ``base-2``, ``base-3``, ... (mkdir is the lock)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        path = parent / (base if n == 1 else f"{base}-{n}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            n += 1
 
 
 def _find_done(parent: Path, base: str, fp: str) -> dict | None:

@@ -37,6 +37,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def claim_new_dir(base: str | Path, sep: str = "_") -> Path:
+    """Create and return the folder ``base``, or the first free ``base<sep>2``, ``base<sep>3``, ...
+
+    Never returns a folder that existed: ``mkdir`` without ``exist_ok`` is the lock, so two processes
+    claiming the same name at once get different folders. The parent is created as needed.
+    """
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = base if n == 1 else base.with_name(f"{base.name}{sep}{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
 def read_summary(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / SUMMARY
     if not path.exists():

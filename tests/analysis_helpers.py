@@ -129,3 +129,62 @@ def finished_run(root: Path, job: str, *, seed: int, top1: float, overrides: lis
     resources = {"peak_rss_mb": 500.0, "peak_gpu_mem_mb": None, "cpu_percent_mean": 180.0, "rss_mb_mean": 450.0}
     return write_run(root, job, seed=seed, overrides=overrides, choices=choices, test={"top1": top1},
                      train=train, params=params, resources=resources, epochs=epochs, **kw)
+
+
+def write_eval(run_dir: Path, name: str, *, quantize: str | None, after: float | None = None,
+               before: float | None = None, weight_bytes: tuple[int, int] = (400_000, 112_000),
+               status: str = "completed", keep_head: bool = True, activations: bool = False,
+               checkpoint: str = "best.pt", ended_at: str = "2024-01-02T00:00:00+00:00") -> Path:
+    """One evaluation record ``run_dir/eval/name`` shaped like ``evaluate_checkpoint``'s summary.json.
+
+    ``before`` (the unquantized re-evaluation) defaults to the run's recorded test top-1; ``after`` is
+    the top-1 after quantization (ignored without ``quantize``).
+    """
+    source = json.loads((Path(run_dir) / "summary.json").read_text())
+    recorded = source["test"]["top1"] if checkpoint == "best.pt" else None
+    before = recorded if before is None else before
+    eval_dir = Path(run_dir) / "eval" / name
+    eval_dir.mkdir(parents=True)
+    n = len(source["test"]["per_class_top1"])
+    summary = {
+        "status": status, "error": None, "kind": "evaluate",
+        "run": {"name": name, "dir": str(eval_dir), "fingerprint": f"ev{name}", "command": None,
+                "started_at": ended_at, "ended_at": ended_at, "device": "cpu",
+                "precision": source["config"]["precision"]["name"], "seed": source["run"]["seed"],
+                "choices": source["run"]["choices"], "checkpoint": checkpoint, "quantize": quantize,
+                "keep_head": keep_head, "activations": activations},
+        "source": {"dir": str(run_dir), "checkpoint": str(Path(run_dir) / "checkpoints" / checkpoint),
+                   "checkpoint_sha256": "0" * 64, "checkpoint_epoch": 3, "status": source["status"],
+                   "recorded_test_top1": recorded, "run": source["run"]},
+        "config": source["config"], "classes": [str(i) for i in range(n)],
+    }
+    if status == "failed":
+        summary["error"] = {"type": "RuntimeError", "message": "out of memory", "reason": "RuntimeError",
+                            "traceback": "Traceback ..."}
+    elif status == "completed":
+        base = _eval_metrics(before, n) | {"matches_recorded": None if recorded is None else before == recorded}
+        if quantize is None:
+            summary["test"] = base
+        else:
+            test = _eval_metrics(after, n)
+            per_class = [round(b - a, 4) for b, a in zip(base["per_class_top1"], test["per_class_top1"])]
+            summary.update(baseline=base, test=test, quantize={
+                "format": quantize, "keep_head": keep_head, "layers": ["conv1", "fc"], "num_layers": 2,
+                "activations": "dynamic_per_tensor" if activations else None,
+                "weight_bytes_before": weight_bytes[0], "weight_bytes_after": weight_bytes[1],
+                "compression": weight_bytes[0] / weight_bytes[1], "weight_rel_error": 0.02},
+                degradation={"top1_points": before - after, "top5_points": 0.0, "f1_macro_points": before - after,
+                             "loss_increase": 0.01, "per_class_top1_points": per_class,
+                             "worst_class": max(range(n), key=per_class.__getitem__),
+                             "worst_class_points": max(per_class),
+                             "classes_worse": sum(p > 0 for p in per_class),
+                             "classes_better": sum(p < 0 for p in per_class)})
+    (eval_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return eval_dir
+
+
+def _eval_metrics(top1: float, n_classes: int) -> dict:
+    """Test metrics of one pass: every class at the overall accuracy except the first, 1 point lower."""
+    per_class = [top1 - (1.0 if i == 0 else 0.0) for i in range(n_classes)]
+    return {"top1": top1, "top5": 100.0, "f1_macro": top1, "loss": 0.3, "per_class_top1": per_class,
+            "confusion_matrix": [[1] * n_classes for _ in range(n_classes)]}

@@ -72,6 +72,16 @@ def test_output_folder_is_never_overwritten(peft_study, tmp_path):
     assert new_output_dir(tmp_path / "fresh").is_dir()
 
 
+def test_one_never_overwrite_helper_numbers_both_kinds_of_folder(tmp_path):
+    """evaluate's <run>/eval/<name>-2 and the report's analysis_2 come from the same helper."""
+    from stackwise_bench.record import claim_new_dir
+
+    names = [claim_new_dir(tmp_path / "run" / "eval" / "best", sep="-").name for _ in range(3)]
+    assert names == ["best", "best-2", "best-3"]
+    (tmp_path / "analysis_2").mkdir()  # taken by someone else: skipped, not reused
+    assert [new_output_dir(tmp_path / "analysis").name for _ in range(2)] == ["analysis", "analysis_3"]
+
+
 def test_default_output_folder_is_next_to_the_runs(peft_study):
     out = write_report(analyze_runs(peft_study), plots=False)
     try:

@@ -155,6 +155,28 @@ def test_study_goes_on_past_a_bad_run_and_then_says_so(study, tmp_path):
     assert read_summary(good / "eval" / "best_fp8_e4m3")["status"] == "completed"
 
 
+def test_analysis_reports_real_fp8_evaluations(study, tmp_path):
+    """Real E4M3/E5M2 records of a trained run, read back by the (torch-free) analysis: the numbers the records hold."""
+    from stackwise_bench.analysis import analyze_runs, find_run_dirs, write_report
+
+    _, run_dir = study
+    run = copy_run(run_dir, tmp_path / "AugmFP16" / "seed=42")
+    records = {fmt: evaluate_checkpoint(run, quantize=fmt) for fmt in ("fp8_e4m3", "fp8_e5m2")}
+    assert find_run_dirs(tmp_path) == [run]  # what evaluate_study walks: the eval folders are not runs
+    a = analyze_runs(tmp_path / "AugmFP16")
+    assert len(a.runs) == 1 and len(a.quantization) == 2
+    for _, row in a.quantization.iterrows():
+        s = records[row["quantize"]]
+        assert row["n"] == 1 and row["top1_before_mean"] == s["baseline"]["top1"] == read_summary(run)["test"]["top1"]
+        assert row["top1_after_mean"] == s["test"]["top1"]
+        assert row["degradation_mean"] == pytest.approx(s["degradation"]["top1_points"])
+        assert row["weight_mb_after"] == s["quantize"]["weight_bytes_after"] / 2**20
+        assert row["compression"] == pytest.approx(s["quantize"]["compression"])
+        assert (row["baseline_matches"], row["n_recorded"]) == (1, 1)
+    md = (write_report(a, tmp_path / "analysis", plots=False) / "report.md").read_text()
+    assert "## FP8 post-training quantization" in md and "reproduced the recorded test top-1 exactly in all 2" in md
+
+
 def cli(module, args, cwd, timeout=300):
     import os
 

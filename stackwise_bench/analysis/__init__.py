@@ -7,19 +7,23 @@ Reads files only and never imports torch. Names are imported on first use, so
     df = collect_runs("multirun/peft_baseline")
     a = analyze_runs("multirun/peft_baseline", baseline="lora.rank=0")
     write_report(a)   # -> multirun/peft_baseline/analysis/report.md, ...
+
+Evaluation records next to the runs (``<run>/eval/<name>/``, from ``stackwise_bench.evaluate``)
+are not runs; their quantized ones become ``a.quantization`` (per cell and format).
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "collect": ("collect_runs", "collect_epochs", "collect_hardware", "find_run_dirs", "read_summary",
-                "override_keys", "finished", "FINISHED"),
+    "collect": ("collect_runs", "collect_epochs", "collect_hardware", "find_run_dirs", "find_eval_dirs",
+                "is_eval_record", "read_summary", "override_keys", "finished", "FINISHED"),
     "grouping": ("default_group_by", "varying_keys", "parse_selector"),
     "stats": ("seed_stats", "t_interval", "cohens_d", "holm", "describe"),
     "compare": ("compare_to_baseline", "compare_cells", "resolve_baseline"),
     "dynamics": ("run_dynamics",),
     "studies": ("precision_study", "peft_study", "optimizer_study", "StudyView"),
     "expectations": ("load_expectations", "check_expectations"),
+    "quantization": ("collect_evaluations", "quantized_evaluations", "quantization_table"),
     "study": ("analyze_runs", "StudyAnalysis"),
     "report": ("write_report", "new_output_dir"),
     "plots": ("make_plots",),

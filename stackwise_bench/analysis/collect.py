@@ -5,6 +5,11 @@ source of truth); runs are found at any depth below the folders given, and a
 run directory is never searched further (its ``checkpoints/`` can be large).
 Runs that failed, were interrupted or are still running are listed with their
 status, never dropped: statistics filter on ``status`` later.
+
+Evaluation records (``python -m stackwise_bench.evaluate`` writes them to
+``<run>/eval/<name>/summary.json`` with ``kind: evaluate``) are not runs: they are
+found next to their runs (:func:`find_eval_dirs`) and analysed by
+:mod:`stackwise_bench.analysis.quantization`.
 """
 
 from __future__ import annotations
@@ -33,27 +38,60 @@ CHOICE_ORDER = ("model", "dataset", "precision", "augmentation", "optimizer", "s
 # Config values worth a column even when no run overrides them: they define the studies.
 STUDY_KEYS = ("lora.rank", "optimizer.lr", "trainer.max_epochs", "trainer.batch_size")
 _SKIP_DIRS = {".hydra", "checkpoints", "__pycache__"}
+EVAL_DIR = "eval"  # <run>/eval/<name>/: where evaluate writes its records
+EVAL_KIND = "evaluate"
 
 PathsLike = str | os.PathLike | Iterable[str | os.PathLike]
 
 
 def find_run_dirs(paths: PathsLike) -> list[Path]:
-    """Every folder at or below ``paths`` that holds a summary.json, sorted, without duplicates.
+    """Every training run at or below ``paths`` (a folder with a summary.json), sorted, without duplicates.
+
+    Evaluation records are not runs, even when ``paths`` points inside a run's ``eval/``.
 
     Raises:
         ConfigError: when a path does not exist.
     """
-    found: dict[str, Path] = {}
+    return _find_records(paths)[0]
+
+
+def find_eval_dirs(paths: PathsLike) -> list[Path]:
+    """Every evaluation record at or below ``paths``, including those in the ``eval/`` of the runs found."""
+    return _find_records(paths)[1]
+
+
+def is_eval_record(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is ``<run>/eval/<name>/`` holding an evaluation's summary.json."""
+    folder = Path(folder)
+    # The folder name is checked first: a summary is read only where evaluate writes its records.
+    return folder.parent.name == EVAL_DIR and read_summary(folder).get("kind") == EVAL_KIND
+
+
+def _find_records(paths: PathsLike) -> tuple[list[Path], list[Path]]:
+    """(training run folders, evaluation record folders) at or below ``paths``."""
+    runs: dict[str, Path] = {}
+    evals: dict[str, Path] = {}
     for root in _as_path_list(paths):
         if not root.exists():
             raise ConfigError(f"runs={root} does not exist; point runs= at a run or multirun folder.")
         for dirpath, dirnames, filenames in os.walk(root):
             if SUMMARY in filenames:
+                found = evals if is_eval_record(dirpath) else runs
                 found.setdefault(os.path.realpath(dirpath), Path(dirpath))
+                if found is runs:
+                    for record in _eval_records_of(Path(dirpath)):
+                        evals.setdefault(os.path.realpath(record), record)
                 dirnames.clear()  # a run dir holds no runs; skip its checkpoints
                 continue
             dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-    return sorted(found.values(), key=_natural_key)
+    return sorted(runs.values(), key=_natural_key), sorted(evals.values(), key=_natural_key)
+
+
+def _eval_records_of(run_dir: Path) -> list[Path]:
+    folder = run_dir / EVAL_DIR
+    if not folder.is_dir():
+        return []
+    return [d for d in folder.iterdir() if (d / SUMMARY).is_file() and is_eval_record(d)]
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict:
@@ -82,9 +120,12 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
     Raises:
         ConfigError: when a path does not exist or holds no runs.
     """
-    run_dirs = find_run_dirs(paths)
+    run_dirs, eval_dirs = _find_records(paths)
     if not run_dirs:
         shown = ", ".join(str(p) for p in _as_path_list(paths))
+        if eval_dirs:
+            raise ConfigError(f"runs={shown} holds evaluation records (eval/) but no training run; point runs= at "
+                              "the runs they evaluated (the folders that hold eval/): they are analysed together.")
         raise ConfigError(f"runs={shown} holds no run folders (none has a summary.json); "
                           "point runs= at the output of a training run or sweep.")
     records = [_run_row(d) for d in run_dirs]

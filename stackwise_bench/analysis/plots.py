@@ -15,6 +15,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.collect import FINISHED, read_summary
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
+from stackwise_bench.analysis.quantization import settings_label
 
 MAX_LEGEND = 12  # more groups than this: the legend goes and the title says how many
 MAX_BANDS = 8  # more overlapping ±std bands than this hide the lines
@@ -23,8 +24,12 @@ HARDWARE_BINS = 60  # samples of different runs never share a timestamp: average
 
 def make_plots(out_dir: Path, *, runs: pd.DataFrame, epochs: pd.DataFrame, hardware: pd.DataFrame,
                dynamics: pd.DataFrame, summary: pd.DataFrame, metric: str,
-               group_by: list[str]) -> dict[str, Path]:
-    """Every figure the data allows, into ``out_dir``; returns ``{title: path}``."""
+               group_by: list[str], quantized: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Every figure the data allows, into ``out_dir``; returns ``{title: path}``.
+
+    ``quantized``: the quantized evaluation records
+    (:func:`stackwise_bench.analysis.quantization.quantized_evaluations`).
+    """
     import seaborn as sns  # ~1 s import: only when plotting
 
     sns.set_theme(style="whitegrid", context="notebook")
@@ -42,6 +47,8 @@ def make_plots(out_dir: Path, *, runs: pd.DataFrame, epochs: pd.DataFrame, hardw
         "Hardware use over time": lambda: hardware_use(done(hardware), group_by, out_dir / "hardware.png"),
         "Confusion matrix of the best run": lambda: confusion_matrix(done(runs), metric, group_by,
                                                                      out_dir / "confusion_matrix.png"),
+        "Post-training quantization": lambda: quantization_degradation(quantized, group_by,
+                                                                       out_dir / "quantization.png"),
     }
     written = {}
     for title, job in jobs.items():
@@ -222,6 +229,29 @@ def confusion_matrix(runs: pd.DataFrame, metric: str, group_by: list[str], path:
     axes[0].set(xlabel="Predicted class", ylabel="True class")
     name = group_label(best, group_by) + f", seed {format_value(best['seed'])}"
     return _save(fig, path, f"Test confusion matrix of the best run ({name}: {metric} = {best[metric]:.2f})")
+
+
+def quantization_degradation(quantized: pd.DataFrame | None, group_by: list[str], path: Path) -> Path | None:
+    """Top-1 points lost per quantization setting and cell (bars = mean, whiskers = ±1 std over seeds)."""
+    if quantized is None or quantized.empty:
+        return None
+    data = with_group_labels(quantized, group_by)
+    data = data.sort_values(["quantize", "activations", "keep_head"], ascending=[True, True, False], kind="stable")
+    data["setting"] = ["\n".join([q, *settings_label(r).split(", ")]) for q, (_, r) in
+                       zip(data["quantize"], data.iterrows())]
+    data["degradation"] = data["top1_before"] - data["top1_after"]
+    hue = "group" if group_by else None
+    fig, axes = _figure(1, 1, width=max(5.0, 2.0 * data["setting"].nunique() + 3))
+    _sns().barplot(data=data, x="setting", y="degradation", hue=hue, errorbar="sd", ax=axes[0],
+                   order=list(dict.fromkeys(data["setting"])), hue_order=_group_order(data) if hue else None,
+                   legend=hue is not None)
+    axes[0].axhline(0, color="black", linewidth=0.8)
+    axes[0].set(xlabel="Quantization", ylabel="Top-1 lost (points; negative = gained)")
+    if axes[0].get_legend() is not None:
+        axes[0].get_legend().remove()
+    if hue:
+        _legend(fig, axes, data)
+    return _save(fig, path, "Post-training quantization: test top-1 lost per setting (mean, ±1 std over seeds)")
 
 
 # ---- helpers ---------------------------------------------------------------

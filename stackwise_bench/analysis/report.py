@@ -1,5 +1,8 @@
 """Write a study's analysis into a fresh folder: report.md, table.tex, CSVs, plots, validation.json.
 
+Where the runs have quantized evaluation records (``<run>/eval/<name>/``), the report
+gains a "Post-training quantization" section and ``quantization.csv`` / ``evaluations.csv``.
+
 The folder is created with ``mkdir`` (never ``exist_ok``): when ``analysis``
 exists the next free ``analysis_2``, ``analysis_3``, ... is used, so an earlier
 report is never overwritten, even by two analyses started at once.
@@ -8,7 +11,6 @@ report is never overwritten, even by two analyses started at once.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 from pathlib import Path
 
@@ -18,8 +20,10 @@ from stackwise_bench.analysis.collect import SUMMARY
 from stackwise_bench.analysis.compare import ALPHA, MIN_WILCOXON_PAIRS, PAIRED_FRACTION
 from stackwise_bench.analysis.dynamics import CONVERGENCE_TOLERANCE
 from stackwise_bench.analysis.grouping import format_value
+from stackwise_bench.analysis.quantization import baseline_mismatches, quantization_display
 from stackwise_bench.analysis.study import StudyAnalysis
 from stackwise_bench.analysis.tables import booktabs_table, fmt, fmt_p, headline_table, markdown_table
+from stackwise_bench.record import claim_new_dir
 
 DYNAMICS_SHOWN = {"convergence_epoch": "convergence epoch", "best_val_top1": "best val top-1 (%)",
                   "generalisation_gap": "gen. gap (points)", "overfitting": "overfitting (points)",
@@ -34,16 +38,7 @@ def default_output_base(paths: list[Path]) -> Path:
 
 def new_output_dir(base: str | Path) -> Path:
     """Create and return ``base``, or ``base_2``, ``base_3``, ... when it already exists."""
-    base = Path(base)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for i in itertools.count(1):
-        candidate = base if i == 1 else base.with_name(f"{base.name}_{i}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+    return claim_new_dir(base, sep="_")
 
 
 def write_report(a: StudyAnalysis, out: str | Path | None = None, *, plots: bool = True,
@@ -57,6 +52,9 @@ def write_report(a: StudyAnalysis, out: str | Path | None = None, *, plots: bool
     a.epochs.to_csv(out_dir / "epochs.csv", index=False)
     headline = headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline)
     (out_dir / "table.tex").write_text(booktabs_table(headline, _caption(a)))
+    if len(a.quantization):
+        a.quantization.to_csv(out_dir / "quantization.csv", index=False)
+        a.quantized.to_csv(out_dir / "evaluations.csv", index=False)
     if a.validation is not None:
         (out_dir / "validation.json").write_text(json.dumps(a.validation, indent=2, default=_jsonable) + "\n")
     figures = {}
@@ -64,7 +62,8 @@ def write_report(a: StudyAnalysis, out: str | Path | None = None, *, plots: bool
         from stackwise_bench.analysis.plots import make_plots
 
         figures = make_plots(out_dir / "plots", runs=a.runs, epochs=a.epochs, hardware=a.hardware,
-                             dynamics=a.dynamics, summary=a.summary, metric=a.metric, group_by=a.group_by)
+                             dynamics=a.dynamics, summary=a.summary, metric=a.metric, group_by=a.group_by,
+                             quantized=a.quantized)
     (out_dir / "report.md").write_text(render_markdown(a, headline, figures, out_dir, command))
     return out_dir
 
@@ -75,7 +74,7 @@ def render_markdown(a: StudyAnalysis, headline: pd.DataFrame, figures: dict[str,
              + f"\nmean ± std and 95% t-interval over seeds; Δ is cell − baseline [95% interval]; "
                f"p is the raw p-value (Holm–Bonferroni adjusted across all {len(a.comparisons)} comparisons).\n",
              _comparisons_md(a), _unfinished_md(a), _dynamics_md(a)]
-    parts += [_view_md(v) for v in a.views]
+    parts += [_view_md(v) for v in a.views] + [_quantization_md(a)]
     parts += [_other_metrics_md(a), _validation_md(a), _figures_md(figures, out_dir), _files_md(a)]
     return "\n".join(p for p in parts if p)
 
@@ -159,6 +158,34 @@ def _view_md(v) -> str:
     return md
 
 
+def _quantization_md(a: StudyAnalysis) -> str:
+    t = a.quantization
+    if t.empty:
+        return ""
+    formats = ", ".join(dict.fromkeys(str(f).upper().replace("_", " ") for f in t["quantize"]))
+    title = "FP8 post-training quantization" if all(str(f).startswith("fp8") for f in t["quantize"]) \
+        else "Post-training quantization"
+    matched, compared = int(t["baseline_matches"].sum()), int(t["n_recorded"].sum())
+    if not compared:
+        reeval = "No record re-evaluated a best.pt, so none can be checked against the run's recorded test top-1."
+    elif matched == compared:
+        reeval = (f"The unquantized re-evaluation reproduced the recorded test top-1 exactly in all {compared} "
+                  "records that have one, so the degradation is measured against the accuracy the runs reported.")
+    else:
+        reeval = (f"The unquantized re-evaluation reproduced the recorded test top-1 in only {matched} of {compared} "
+                  "records; the degradation is measured against the re-evaluated accuracy. Differing: "
+                  + "; ".join(baseline_mismatches(a.quantized)[:5]) + ".")
+    return (f"## {title}\n\n{len(a.quantized)} evaluation record(s) of the runs' checkpoints ({formats}), grouped "
+            f"by the runs' cells and the quantization settings.\n\n"
+            + markdown_table(quantization_display(t, a.group_by))
+            + "\nmean ± std over seeds. Degradation: top-1 before − after quantization (positive = accuracy lost), "
+              "with its 95% t-interval and a paired t-test over the seeds (each record measures the same model "
+              "before and after; Holm-adjusted across these rows). Weights: every parameter, in MB of 2^20 bytes, "
+              "FP8 weights counted with one scale byte per output channel. re-eval = recorded: records whose "
+              "unquantized pass matched the run's recorded test top-1, of those with a recorded value.\n\n"
+            + reeval + "\n")
+
+
 def _other_metrics_md(a: StudyAnalysis) -> str:
     s = a.summary[a.summary["metric"] != a.metric] if len(a.summary) else a.summary
     if s.empty:
@@ -190,6 +217,9 @@ def _files_md(a: StudyAnalysis) -> str:
     files = ["runs.csv (one row per run)", "summary.csv (seed statistics per cell and metric)",
              "stats.csv (comparisons)", "dynamics.csv (per-run dynamics)", "epochs.csv (per-epoch curves)",
              "table.tex (booktabs)"] + (["validation.json"] if a.validation is not None else [])
+    if len(a.quantization):
+        files += ["quantization.csv (post-training quantization per cell and settings)",
+                  "evaluations.csv (the evaluation records used, one per run and settings)"]
     return "## Files\n\n" + "".join(f"- {f}\n" for f in files)
 
 

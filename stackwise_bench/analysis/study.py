@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, res
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
 from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
 from stackwise_bench.analysis.grouping import check_group_by, format_value
+from stackwise_bench.analysis.quantization import collect_evaluations, quantization_table, quantized_evaluations
 from stackwise_bench.analysis.stats import seed_stats
 from stackwise_bench.analysis.studies import StudyView, optimizer_study, peft_study, precision_study
 from stackwise_bench.errors import ConfigError
@@ -43,6 +45,10 @@ class StudyAnalysis:
     views: list[StudyView] = field(default_factory=list)
     validation: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    # Evaluation records (<run>/eval/<name>/): all of them, the quantized ones used, and their table.
+    evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
+    quantized: pd.DataFrame = field(default_factory=pd.DataFrame)
+    quantization: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def unfinished(self) -> pd.DataFrame:
@@ -84,6 +90,9 @@ def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
     analysis.views = [v for v in (precision_study(runs, dynamics, epochs, group_by, metric),
                                   peft_study(summary, runs, metric, group_by),
                                   optimizer_study(summary, runs, metric, group_by)) if v is not None]
+    analysis.evaluations = collect_evaluations(paths)
+    analysis.quantized = quantized_evaluations(analysis.evaluations, runs, group_by)
+    analysis.quantization = quantization_table(analysis.quantized, runs, group_by)
     if expectations is not None:
         analysis.validation = summarize_validation(check_expectations(runs, expectations, group_by))
     analysis.warnings = _warnings(analysis, explicit_baseline=baseline is not None)
@@ -137,4 +146,29 @@ def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
         few = a.comparisons["note"].fillna("").str.contains("seeds on one side|seed on one side")
         if few.any():
             out.append(f"{int(few.sum())} comparison(s) have too few seeds to mean anything (see the notes).")
+    return out + _evaluation_warnings(a)
+
+
+def _evaluation_warnings(a: StudyAnalysis) -> list[str]:
+    """Evaluation records that are not in the post-training quantization table, and why."""
+    e = a.evaluations
+    if e.empty:
+        return []
+    out = []
+    unfinished = e[e["status"] != "completed"]
+    if len(unfinished):
+        what = ", ".join(f"{n} {s}" for s, n in unfinished["status"].value_counts().items())
+        out.append(f"{len(unfinished)} evaluation record(s) not completed ({what}), e.g. "
+                   f"{unfinished['eval_dir'].iloc[0]}: left out of the post-training quantization table.")
+    done = e[(e["status"] == "completed") & e["quantize"].notna()]
+    used = set(a.quantized["eval_dir"]) if len(a.quantized) else set()
+    analysed = {os.path.realpath(d) for d in a.runs.loc[a.runs["status"].isin(FINISHED), "run_dir"]}
+    orphans = done[[os.path.realpath(d) not in analysed for d in done["run_dir"]]]
+    if len(orphans):
+        out.append(f"{len(orphans)} quantized evaluation record(s) evaluated runs that are not among the finished "
+                   f"runs analysed (e.g. {orphans['eval_dir'].iloc[0]}): left out; add their run folders to runs=.")
+    repeats = len(done) - len(orphans) - len(used)
+    if repeats > 0:
+        out.append(f"{repeats} quantized evaluation record(s) repeat an evaluation of the same checkpoint with the "
+                   "same settings: the latest of each is used.")
     return out
