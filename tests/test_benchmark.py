@@ -20,7 +20,8 @@ sys.modules["benchmark"] = bench  # dataclasses look their module up there
 spec.loader.exec_module(bench)
 
 TINY = bench.Budget(reps=1, steps={"resnet8": 3, "vit_tiny_p4": 3}, batch={"resnet8": 8, "vit_tiny_p4": 4},
-                    warmup_steps=1, pipeline_images=128, startup_reps=1, sweep_reps=1, sweep_epochs=1, compile=False)
+                    warmup_steps=1, pipeline_images=128, startup_reps=1, sweep_reps=1, sweep_epochs=1,
+                    sweep_default_epochs=1, compile=False)
 
 
 def test_interleaved_alternates_order_and_discards_warmup():
