@@ -1,0 +1,95 @@
+"""What every dataset loader returns: :class:`ImageData`, and the deterministic train/val split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from stackwise_bench.errors import ConfigError
+
+
+@dataclass
+class ImageData:
+    """A dataset split into train / val / test, all uint8 ``[N, 3, H, W]`` CPU tensors.
+
+    ``train_x`` is the training part after validation was carved out; ``mean`` and
+    ``std`` are its per-channel statistics in [0, 1]. ``split`` is what goes into
+    ``split.json``; its indices refer to the training pool before the carve-out.
+    """
+
+    name: str
+    train_x: torch.Tensor = field(repr=False)
+    train_y: torch.Tensor = field(repr=False)
+    val_x: torch.Tensor = field(repr=False)
+    val_y: torch.Tensor = field(repr=False)
+    test_x: torch.Tensor = field(repr=False)
+    test_y: torch.Tensor = field(repr=False)
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    split: dict = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def split_train_val(labels: torch.Tensor, val_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified, deterministic split of ``range(len(labels))`` into sorted (train_idx, val_idx).
+
+    Each class contributes ``round(val_fraction * class_size)`` samples to validation,
+    chosen by a permutation from a CPU generator seeded with ``split_seed`` only.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction={val_fraction} must be in [0, 1); use e.g. dataset.val_fraction=0.1.")
+    if int(split_seed) != split_seed or split_seed < 0:
+        raise ConfigError(f"dataset.split_seed={split_seed} must be a non-negative integer; use e.g. dataset.split_seed=0.")
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    gen = torch.Generator().manual_seed(int(split_seed))
+    train_parts, val_parts = [], []
+    for cls in torch.unique(labels, sorted=True):
+        idx = torch.nonzero(labels == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_val = int(math.floor(val_fraction * len(idx) + 0.5))
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    train_idx = torch.sort(torch.cat(train_parts)).values if train_parts else torch.zeros(0, dtype=torch.long)
+    val_idx = torch.sort(torch.cat(val_parts)).values if val_parts else torch.zeros(0, dtype=torch.long)
+    if val_fraction > 0 and len(val_idx) == 0:
+        raise ConfigError(
+            f"dataset.val_fraction={val_fraction} leaves no validation sample out of {len(labels)}; "
+            "raise dataset.val_fraction or use more training data."
+        )
+    return train_idx, val_idx
+
+
+def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of a uint8 ``[N, C, H, W]`` tensor in [0, 1], exact integer sums in chunks."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    for part in x.split(chunk):
+        part = part.to(torch.float64)
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    count = x.numel() / x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    return tuple((mean / 255).tolist()), tuple((std / 255).clamp_min(1e-6).tolist())
+
+
+def build_image_data(name, pool_x, pool_y, test_x, test_y, classes, val_fraction, split_seed) -> ImageData:
+    """Carve validation out of the training pool and compute train-only statistics."""
+    train_idx, val_idx = split_train_val(pool_y, val_fraction, split_seed)
+    lists = {"train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
+    digest = hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest()
+    split = {"val_fraction": float(val_fraction), "split_seed": int(split_seed),
+             "num_train": len(train_idx), "num_val": len(val_idx), **lists, "sha256": digest}
+    train_x = pool_x[train_idx].contiguous()
+    mean, std = _channel_stats(train_x)
+    return ImageData(name, train_x, pool_y[train_idx].contiguous(), pool_x[val_idx].contiguous(),
+                     pool_y[val_idx].contiguous(), test_x.contiguous(), test_y.contiguous(),
+                     list(classes), mean, std, split)
