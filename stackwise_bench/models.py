@@ -141,7 +141,7 @@ def _create_resnet(name, num_classes, pretrained, path, drop_path_rate, extra) -
         if any(k in own and v.shape != own[k].shape for k, v in state.items() if k.startswith("head.")):
             state = {k: v for k, v in state.items() if not k.startswith("head.")}  # new class count: fresh head
             own = {k: v for k, v in own.items() if not k.startswith("head.")}
-        problem = _mismatch(state, own)
+        problem = state_dict_mismatch(state, own)
         if problem:
             raise ConfigError(f"model.checkpoint_path={path} does not fit {name} ({problem}); "
                               f"point it at weights saved from {name}.")
@@ -153,7 +153,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip and format errors all mean the same to the user
-        raise ConfigError(f"model.checkpoint_path={path} could not be read as torch weights ({_short(e)}); "
+        raise ConfigError(f"model.checkpoint_path={path} could not be read as torch weights ({short_error(e)}); "
                           "point it at a file written by torch.save(model.state_dict(), path).") from e
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # trainer checkpoints keep the weights under one of these
@@ -167,7 +167,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in obj.items()}
 
 
-def _mismatch(state: dict, own: dict) -> str:
+def state_dict_mismatch(state: dict, own: dict) -> str:
     """Short description of how a state dict differs from a model's, or '' when it fits."""
     parts = []
     for label, keys in (("missing", own.keys() - state.keys()), ("unexpected", state.keys() - own.keys())):
@@ -180,7 +180,7 @@ def _mismatch(state: dict, own: dict) -> str:
     return "; ".join(parts)
 
 
-def _short(e: BaseException, limit: int = 160) -> str:
+def short_error(e: BaseException, limit: int = 160) -> str:
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     text = text if len(text) <= limit else text[:limit] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -211,7 +211,7 @@ def _build_timm(timm, arch: str, **kwargs) -> nn.Module:
             kwargs.pop("img_size")
             return _build_timm(timm, arch, **kwargs)
         extra = [k for k in kwargs if k not in ("num_classes", "pretrained", "pretrained_cfg_overlay", "img_size")]
-        raise ConfigError(f"model: timm could not build {arch} with {extra} ({_short(e)}); "
+        raise ConfigError(f"model: timm could not build {arch} with {extra} ({short_error(e)}); "
                           "remove the model.* keys it does not take.") from e
 
 
@@ -223,7 +223,7 @@ def _create_timm_from_file(timm, arch: str, num_classes: int, path: str, kwargs:
     try:
         state = timm.models.load_state_dict(path)  # weights_only=True, unwraps model/state_dict/EMA entries
     except Exception as e:
-        raise ConfigError(f"model.checkpoint_path={path} could not be read as torch weights ({_short(e)}); "
+        raise ConfigError(f"model.checkpoint_path={path} could not be read as torch weights ({short_error(e)}); "
                           "point it at a file written by torch.save(model.state_dict(), path).") from e
     classifier = timm.models.get_pretrained_cfg_value(arch, "classifier") or "head"
     classifier = classifier if isinstance(classifier, str) else classifier[0]
@@ -236,7 +236,7 @@ def _create_timm_from_file(timm, arch: str, num_classes: int, path: str, kwargs:
     except ConfigError:
         raise
     except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"model.checkpoint_path={path} does not fit {arch} ({_short(e, 300)}); "
+        raise ConfigError(f"model.checkpoint_path={path} does not fit {arch} ({short_error(e, 300)}); "
                           f"point it at weights saved from {arch}.") from e
     if file_classes != num_classes:
         model.reset_classifier(num_classes)  # fine-tuning on a new label set: fresh head
@@ -260,7 +260,7 @@ def _create_timm_pretrained(timm, arch: str, num_classes: int, kwargs: dict) -> 
         except Exception as e:
             if not _is_fetch_error(e):
                 raise
-            reason = _short(e)
+            reason = short_error(e)
     raise ConfigError(f"model.pretrained=true: could not fetch timm weights for {arch} ({reason}); "
                       "use model.pretrained=false or model.checkpoint_path=<local file>.")
 
