@@ -13,7 +13,8 @@ import yaml
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.models import BasicBlock, create_model
+from stackwise_bench.models import create_model
+from stackwise_bench.resnet import BasicBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((ROOT / "conf" / "model").glob("*.yaml"))
