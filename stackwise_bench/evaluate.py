@@ -193,7 +193,7 @@ def evaluate_study(runs: str, quantize: str | None, checkpoint: str = "best", ke
         ConfigError: ``runs`` holds no finished run with that checkpoint, or some runs could not be evaluated
             (after all the others were).
     """
-    from stackwise_bench.analysis.collect import find_run_dirs
+    from stackwise_bench.analysis.run_folders import find_run_dirs
 
     if not Path(runs).is_dir():
         raise ConfigError(f"evaluate.runs={runs} does not exist; train that study first (e.g. python -m "

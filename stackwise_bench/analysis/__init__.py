@@ -15,8 +15,8 @@ are not runs; their quantized ones become ``a.quantization`` (per cell and forma
 from importlib import import_module
 
 _EXPORTS = {
-    "collect": ("collect_runs", "collect_epochs", "collect_hardware", "find_run_dirs", "find_eval_dirs",
-                "is_eval_record", "read_summary", "override_keys", "finished", "FINISHED"),
+    "collect": ("collect_runs", "collect_epochs", "collect_hardware", "override_keys", "finished", "FINISHED"),
+    "run_folders": ("find_run_dirs", "find_eval_dirs", "is_eval_record", "read_summary"),
     "grouping": ("default_group_by", "varying_keys", "parse_selector"),
     "stats": ("seed_stats", "t_interval", "cohens_d", "holm", "describe"),
     "compare": ("compare_to_baseline", "compare_cells", "resolve_baseline"),

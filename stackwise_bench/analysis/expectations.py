@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED, read_summary
+from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups, same_value
+from stackwise_bench.analysis.run_folders import read_summary
 from stackwise_bench.errors import ConfigError
 
 ALIASES = {"r": "lora.rank", "rank": "lora.rank", "alpha": "lora.alpha"}

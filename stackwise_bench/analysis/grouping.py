@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from stackwise_bench.analysis.collect import _parse_value, override_keys
+from stackwise_bench.analysis.collect import override_keys
+from stackwise_bench.analysis.run_row import parse_value
 from stackwise_bench.errors import ConfigError
 
 # Keys that never define a group by default: the seed is what we average over,
@@ -101,7 +102,7 @@ def parse_selector(spec: str | Mapping | None) -> dict[str, Any]:
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"baseline={spec} is not key=value; write e.g. baseline=precision=fp32.")
-        selector[key.strip()] = _parse_value(raw)
+        selector[key.strip()] = parse_value(raw)
     return selector
 
 

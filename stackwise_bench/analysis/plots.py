@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED, read_summary
+from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.quantization import settings_label
+from stackwise_bench.analysis.run_folders import read_summary
 
 MAX_LEGEND = 12  # more groups than this: the legend goes and the title says how many
 MAX_BANDS = 8  # more overlapping ±std bands than this hide the lines

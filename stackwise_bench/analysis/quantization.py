@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED, PathsLike, find_eval_dirs, read_summary
+from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.compare import ALPHA, _paired
 from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups
+from stackwise_bench.analysis.run_folders import PathsLike, find_eval_dirs, read_summary
 from stackwise_bench.analysis.stats import describe, holm
 from stackwise_bench.analysis.tables import fmt, fmt_p
 

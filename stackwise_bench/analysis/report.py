@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from stackwise_bench.analysis.collect import SUMMARY
 from stackwise_bench.analysis.compare import ALPHA, MIN_WILCOXON_PAIRS, PAIRED_FRACTION
 from stackwise_bench.analysis.dynamics import CONVERGENCE_TOLERANCE
 from stackwise_bench.analysis.grouping import format_value
 from stackwise_bench.analysis.quantization import baseline_mismatches, quantization_display
+from stackwise_bench.analysis.run_folders import SUMMARY
 from stackwise_bench.analysis.study import StudyAnalysis
 from stackwise_bench.analysis.tables import booktabs_table, fmt, fmt_p, headline_table, markdown_table
 from stackwise_bench.record import claim_new_dir

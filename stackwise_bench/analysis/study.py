@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from stackwise_bench.analysis.collect import (FINISHED, PathsLike, _as_path_list, collect_epochs,
-                                              collect_hardware, collect_runs, override_keys)
+from stackwise_bench.analysis.collect import FINISHED, collect_epochs, collect_hardware, collect_runs, override_keys
 from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, resolve_baseline
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
 from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
 from stackwise_bench.analysis.grouping import check_group_by, format_value
 from stackwise_bench.analysis.quantization import collect_evaluations, quantization_table, quantized_evaluations
+from stackwise_bench.analysis.run_folders import PathsLike, as_path_list
 from stackwise_bench.analysis.stats import seed_stats
 from stackwise_bench.analysis.studies import StudyView, optimizer_study, peft_study, precision_study
 from stackwise_bench.errors import ConfigError
@@ -84,7 +84,7 @@ def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
     dynamics = run_dynamics(runs, epochs)
     dyn_cols = [c for c in DYNAMICS if dynamics[c].notna().any()]
     analysis = StudyAnalysis(
-        paths=_as_path_list(paths), runs=runs, epochs=epochs, hardware=hardware, group_by=group_by,
+        paths=as_path_list(paths), runs=runs, epochs=epochs, hardware=hardware, group_by=group_by,
         metric=metric, baseline=base, baseline_auto=bool(base) and not baseline, summary=summary,
         comparisons=comparisons, dynamics=dynamics, dynamics_summary=seed_stats(dynamics, dyn_cols, group_by))
     analysis.views = [v for v in (precision_study(runs, dynamics, epochs, group_by, metric),

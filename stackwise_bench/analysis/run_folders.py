@@ -1,0 +1,101 @@
+"""Finding run folders and evaluation records below given paths, and reading their summary.json.
+
+A run directory is any folder holding a ``summary.json`` (the run record's
+source of truth); runs are found at any depth below the folders given, and a
+run directory is never searched further (its ``checkpoints/`` can be large).
+
+Evaluation records (``python -m stackwise_bench.evaluate`` writes them to
+``<run>/eval/<name>/summary.json`` with ``kind: evaluate``) are not runs: they are
+found next to their runs (:func:`find_eval_dirs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from stackwise_bench.errors import ConfigError
+
+SUMMARY = "summary.json"
+_SKIP_DIRS = {".hydra", "checkpoints", "__pycache__"}
+EVAL_DIR = "eval"  # <run>/eval/<name>/: where evaluate writes its records
+EVAL_KIND = "evaluate"
+
+PathsLike = str | os.PathLike | Iterable[str | os.PathLike]
+
+
+def find_run_dirs(paths: PathsLike) -> list[Path]:
+    """Every training run at or below ``paths`` (a folder with a summary.json), sorted, without duplicates.
+
+    Evaluation records are not runs, even when ``paths`` points inside a run's ``eval/``.
+
+    Raises:
+        ConfigError: when a path does not exist.
+    """
+    return find_records(paths)[0]
+
+
+def find_eval_dirs(paths: PathsLike) -> list[Path]:
+    """Every evaluation record at or below ``paths``, including those in the ``eval/`` of the runs found."""
+    return find_records(paths)[1]
+
+
+def is_eval_record(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is ``<run>/eval/<name>/`` holding an evaluation's summary.json."""
+    folder = Path(folder)
+    # The folder name is checked first: a summary is read only where evaluate writes its records.
+    return folder.parent.name == EVAL_DIR and read_summary(folder).get("kind") == EVAL_KIND
+
+
+def find_records(paths: PathsLike) -> tuple[list[Path], list[Path]]:
+    """(training run folders, evaluation record folders) at or below ``paths``."""
+    runs: dict[str, Path] = {}
+    evals: dict[str, Path] = {}
+    for root in as_path_list(paths):
+        if not root.exists():
+            raise ConfigError(f"runs={root} does not exist; point runs= at a run or multirun folder.")
+        for dirpath, dirnames, filenames in os.walk(root):
+            if SUMMARY in filenames:
+                found = evals if is_eval_record(dirpath) else runs
+                found.setdefault(os.path.realpath(dirpath), Path(dirpath))
+                if found is runs:
+                    for record in _eval_records_of(Path(dirpath)):
+                        evals.setdefault(os.path.realpath(record), record)
+                dirnames.clear()  # a run dir holds no runs; skip its checkpoints
+                continue
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+    return sorted(runs.values(), key=_natural_key), sorted(evals.values(), key=_natural_key)
+
+
+def _eval_records_of(run_dir: Path) -> list[Path]:
+    folder = run_dir / EVAL_DIR
+    if not folder.is_dir():
+        return []
+    return [d for d in folder.iterdir() if (d / SUMMARY).is_file() and is_eval_record(d)]
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    """The parsed summary.json of one run; ``{}`` when it is missing or unreadable."""
+    try:
+        with open(Path(run_dir) / SUMMARY) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _natural_key(path: Path) -> list:
+    """Sort job folders 0, 1, 2, ..., 10 rather than 0, 1, 10, 2."""
+    parts = []
+    for part in path.parts:
+        parts.append((0, int(part), "") if part.isdigit() else (1, 0, part))
+    return parts
+
+
+def as_path_list(paths: PathsLike) -> list[Path]:
+    """``paths`` (one path or several) as a list of Paths."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
