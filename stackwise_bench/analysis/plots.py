@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stackwise_bench.analysis import drawing
 from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.quantization import settings_label
 from stackwise_bench.analysis.run_folders import read_summary
 
-MAX_LEGEND = 12  # more groups than this: the legend goes and the title says how many
-MAX_BANDS = 8  # more overlapping ±std bands than this hide the lines
 HARDWARE_BINS = 60  # samples of different runs never share a timestamp: average them in time bins
 
 
@@ -68,25 +67,25 @@ def learning_curves(epochs: pd.DataFrame, group_by: list[str], path: Path) -> Pa
     if epochs.empty or not panels:
         return None
     data = with_group_labels(epochs, group_by)
-    fig, axes = _figure(1, len(panels), width=5.2)
+    fig, axes = drawing.figure(1, len(panels), width=5.2)
     for ax, (col, label) in zip(axes, panels):
-        _line(ax, data, "epoch", col, band=True)
+        drawing.line(ax, data, "epoch", col, band=True)
         ax.set(xlabel="Epoch", ylabel=label, title=label.split(" (")[0])
-        _integer_ticks(ax)
-    _legend(fig, axes, data)
-    return _save(fig, path, "Learning curves per group (mean over seeds, band = ±1 std)")
+        drawing.integer_ticks(ax)
+    drawing.legend(fig, axes, data)
+    return drawing.save(fig, path, "Learning curves per group (mean over seeds, band = ±1 std)")
 
 
 def lr_schedule(epochs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
     if epochs.empty or "lr" not in epochs or epochs["lr"].isna().all():
         return None
     data = with_group_labels(epochs, group_by)
-    fig, axes = _figure(1, 1, width=7)
-    _line(axes[0], data, "epoch", "lr", band=False)
+    fig, axes = drawing.figure(1, 1, width=7)
+    drawing.line(axes[0], data, "epoch", "lr", band=False)
     axes[0].set(xlabel="Epoch", ylabel="Learning rate (at the end of the epoch)")
-    _integer_ticks(axes[0])
-    _legend(fig, axes, data)
-    return _save(fig, path, "Learning-rate schedule")
+    drawing.integer_ticks(axes[0])
+    drawing.legend(fig, axes, data)
+    return drawing.save(fig, path, "Learning-rate schedule")
 
 
 def accuracy_vs_rank(summary: pd.DataFrame, metric: str, group_by: list[str], path: Path) -> Path | None:
@@ -101,17 +100,17 @@ def accuracy_vs_rank(summary: pd.DataFrame, metric: str, group_by: list[str], pa
     s["rank_num"] = pd.to_numeric(s["lora.rank"], errors="coerce")
     ranks = sorted(s["rank_num"].dropna().unique())
     pos = {r: i for i, r in enumerate(ranks)}
-    fig, axes = _figure(1, 1, width=7)
+    fig, axes = drawing.figure(1, 1, width=7)
     ax = axes[0]
     for series, part in s.groupby("series", sort=False):
         part = part.sort_values("rank_num")
         x = part["rank_num"].map(pos).to_numpy(dtype=float)
-        err = _yerr(part)
+        err = drawing.yerr(part)
         ax.errorbar(x, part["mean"], yerr=err, marker="o", capsize=4, label=series)
     ax.set_xticks(range(len(ranks)), ["0\n(full FT)" if r == 0 else f"{r:g}" for r in ranks])
     ax.set(xlabel="LoRA rank r", ylabel=f"{metric} (%)")
-    _legend(fig, [ax], s, column="series")
-    return _save(fig, path, f"{metric} vs LoRA rank (mean, 95% t-interval over seeds)")
+    drawing.legend(fig, [ax], s, column="series")
+    return drawing.save(fig, path, f"{metric} vs LoRA rank (mean, 95% t-interval over seeds)")
 
 
 def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str],
@@ -131,11 +130,11 @@ def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, g
     by_rank = "lora.rank" in group_by
     series_keys = [k for k in group_by if k != "lora.rank"] if by_rank else []
     s = with_group_labels(s, series_keys, "series")
-    colors = _sns().color_palette("tab10", max(1, s["series"].nunique()))
-    fig, axes = _figure(1, 1, width=7.5)
+    colors = drawing.seaborn().color_palette("tab10", max(1, s["series"].nunique()))
+    fig, axes = drawing.figure(1, 1, width=7.5)
     ax = axes[0]
     for color, (series, part) in zip(colors, s.groupby("series", sort=False)):
-        ax.errorbar(part["trainable"], part["mean"], yerr=_yerr(part), fmt="o", capsize=4, color=color,
+        ax.errorbar(part["trainable"], part["mean"], yerr=drawing.yerr(part), fmt="o", capsize=4, color=color,
                     label=series if series_keys else None)
         frontier = part[part["mean"] >= part["mean"].cummax()]
         ax.plot(frontier["trainable"], frontier["mean"], "--", color=color, alpha=0.6)
@@ -155,8 +154,8 @@ def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, g
         ax.set(xlabel="Trainable parameters (count)")
     ax.set(ylabel=f"{metric} (%)")
     if series_keys:
-        _legend(fig, [ax], s, column="series")
-    return _save(fig, path, f"{metric} vs trainable parameters (95% CI; dashed: frontier)")
+        drawing.legend(fig, [ax], s, column="series")
+    return drawing.save(fig, path, f"{metric} vs trainable parameters (95% CI; dashed: frontier)")
 
 
 def throughput(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
@@ -174,18 +173,18 @@ def throughput(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list[str], 
     others = [k for k in group_by if k != "precision"] if x == "precision" else []
     data = with_group_labels(data, others, "series")
     hue = "series" if others else None
-    fig, axes = _figure(1, len(panels), width=max(5.0, 0.5 * data[x].nunique() + 3))
-    sns = _sns()
+    fig, axes = drawing.figure(1, len(panels), width=max(5.0, 0.5 * data[x].nunique() + 3))
+    sns = drawing.seaborn()
     for ax, (col, label) in zip(axes, panels):
         sns.barplot(data=data, x=x, y=col, hue=hue, errorbar="sd", ax=ax, legend=hue is not None,
-                    order=_order(data[x]))
+                    order=drawing.axis_order(data[x]))
         ax.set(ylabel=label, xlabel=x, title=label.split(" (")[0])
         ax.tick_params(axis="x", labelrotation=30 if x == "group" else 0)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     if hue:
-        _legend(fig, axes, data, column="series")
-    return _save(fig, path, "Time per epoch and throughput per " + x)
+        drawing.legend(fig, axes, data, column="series")
+    return drawing.save(fig, path, "Time per epoch and throughput per " + x)
 
 
 def hardware_use(hardware: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
@@ -204,13 +203,13 @@ def hardware_use(hardware: pd.DataFrame, group_by: list[str], path: Path) -> Pat
     data["t_bin"] = edges[np.clip(np.searchsorted(edges, data["t"], side="right") - 1, 0, HARDWARE_BINS - 1)]
     for col, _ in panels:
         data[col] = pd.to_numeric(data[col], errors="coerce")
-    fig, axes = _figure(1, len(panels), width=5.2)
+    fig, axes = drawing.figure(1, len(panels), width=5.2)
     for ax, (col, label) in zip(axes, panels):
-        _line(ax, data, "t_bin", col, band=True)
+        drawing.line(ax, data, "t_bin", col, band=True)
         ax.set(xlabel="Time since start (s)", ylabel=label, title=label.split(" (")[0])
-    _legend(fig, axes, data)
+    drawing.legend(fig, axes, data)
     per = ", ".join(keys) if keys else "all runs"
-    return _save(fig, path, f"Hardware use over time per {per} (mean over runs, band = ±1 std)")
+    return drawing.save(fig, path, f"Hardware use over time per {per} (mean over runs, band = ±1 std)")
 
 
 def confusion_matrix(runs: pd.DataFrame, metric: str, group_by: list[str], path: Path) -> Path | None:
@@ -224,12 +223,12 @@ def confusion_matrix(runs: pd.DataFrame, metric: str, group_by: list[str], path:
     cm = np.asarray(cm, dtype=float)
     pct = 100 * cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
     size = min(12, 3 + 0.45 * len(cm))
-    fig, axes = _figure(1, 1, width=size + 1.5, height=size)
-    _sns().heatmap(pct, ax=axes[0], cmap="Blues", vmin=0, vmax=100, square=True,
-                   annot=len(cm) <= 12, fmt=".0f", cbar_kws={"label": "Share of true class (%)"})
+    fig, axes = drawing.figure(1, 1, width=size + 1.5, height=size)
+    drawing.seaborn().heatmap(pct, ax=axes[0], cmap="Blues", vmin=0, vmax=100, square=True,
+                              annot=len(cm) <= 12, fmt=".0f", cbar_kws={"label": "Share of true class (%)"})
     axes[0].set(xlabel="Predicted class", ylabel="True class")
     name = group_label(best, group_by) + f", seed {format_value(best['seed'])}"
-    return _save(fig, path, f"Test confusion matrix of the best run ({name}: {metric} = {best[metric]:.2f})")
+    return drawing.save(fig, path, f"Test confusion matrix of the best run ({name}: {metric} = {best[metric]:.2f})")
 
 
 def quantization_degradation(quantized: pd.DataFrame | None, group_by: list[str], path: Path) -> Path | None:
@@ -242,93 +241,14 @@ def quantization_degradation(quantized: pd.DataFrame | None, group_by: list[str]
                        zip(data["quantize"], data.iterrows())]
     data["degradation"] = data["top1_before"] - data["top1_after"]
     hue = "group" if group_by else None
-    fig, axes = _figure(1, 1, width=max(5.0, 2.0 * data["setting"].nunique() + 3))
-    _sns().barplot(data=data, x="setting", y="degradation", hue=hue, errorbar="sd", ax=axes[0],
-                   order=list(dict.fromkeys(data["setting"])), hue_order=_group_order(data) if hue else None,
-                   legend=hue is not None)
+    fig, axes = drawing.figure(1, 1, width=max(5.0, 2.0 * data["setting"].nunique() + 3))
+    drawing.seaborn().barplot(data=data, x="setting", y="degradation", hue=hue, errorbar="sd", ax=axes[0],
+                              order=list(dict.fromkeys(data["setting"])),
+                              hue_order=drawing.group_order(data) if hue else None, legend=hue is not None)
     axes[0].axhline(0, color="black", linewidth=0.8)
     axes[0].set(xlabel="Quantization", ylabel="Top-1 lost (points; negative = gained)")
     if axes[0].get_legend() is not None:
         axes[0].get_legend().remove()
     if hue:
-        _legend(fig, axes, data)
-    return _save(fig, path, "Post-training quantization: test top-1 lost per setting (mean, ±1 std over seeds)")
-
-
-# ---- helpers ---------------------------------------------------------------
-
-def _sns():
-    import seaborn as sns
-
-    return sns
-
-
-def _figure(rows: int, cols: int, width: float = 6.0, height: float = 4.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-    return fig, axes
-
-
-def _line(ax, data: pd.DataFrame, x: str, y: str, band: bool) -> None:
-    """Mean line per group with a ±1 std band; aggregated here (seaborn's per-point
-    aggregation takes seconds on 1,000 runs), drawn with seaborn."""
-    order = _group_order(data)
-    agg = data.groupby(["group", x], sort=False)[y].agg(["mean", "std"]).reset_index()
-    colors = dict(zip(order, _sns().color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
-    _sns().lineplot(data=agg, x=x, y="mean", hue="group", hue_order=order, palette=colors, errorbar=None,
-                    ax=ax, legend=len(order) <= MAX_LEGEND)
-    if band and len(order) <= MAX_BANDS:
-        for name, part in agg.groupby("group", sort=False):
-            part = part.sort_values(x)
-            ax.fill_between(part[x], part["mean"] - part["std"].fillna(0), part["mean"] + part["std"].fillna(0),
-                            color=colors[name], alpha=0.2, linewidth=0)
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
-
-
-def _group_order(data: pd.DataFrame) -> list[str]:
-    """Group labels in the order of their key values (lora.rank=2 before lora.rank=16)."""
-    keys = data.attrs.get("group_keys") or []
-    firsts = data.drop_duplicates("group")
-    try:
-        firsts = firsts.sort_values(keys, kind="stable") if keys else firsts
-    except TypeError:
-        pass
-    return firsts["group"].tolist()
-
-
-def _legend(fig, axes, data: pd.DataFrame, column: str = "group") -> None:
-    n = data[column].nunique()
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles and 1 < n <= MAX_LEGEND:
-        fig.legend(handles, labels, loc="outside right center", fontsize=8, title=None)
-    elif n > MAX_LEGEND:
-        axes[0].set_title(f"{axes[0].get_title()} — {n} groups (legend omitted)".strip(" —"))
-
-
-def _order(values: pd.Series) -> list:
-    """Precisions from widest to narrowest; anything else in sorted order."""
-    rank = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "fp8": 4}
-    return sorted(values.dropna().unique(), key=lambda v: (rank.get(str(v), 99), str(v)))
-
-
-def _integer_ticks(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _yerr(s: pd.DataFrame) -> np.ndarray:
-    low = (s["mean"] - s["ci95_low"]).fillna(0).to_numpy()
-    high = (s["ci95_high"] - s["mean"]).fillna(0).to_numpy()
-    return np.vstack([low, high])
-
-
-def _save(fig, path: Path, title: str) -> Path:
-    fig.suptitle(title, fontsize=12)
-    fig.savefig(path, dpi=110)
-    return path
+        drawing.legend(fig, axes, data)
+    return drawing.save(fig, path, "Post-training quantization: test top-1 lost per setting (mean, ±1 std over seeds)")
