@@ -96,7 +96,7 @@ def rebuild(config: dict, ckpt: Path) -> Built:
 
         convert_for_training(model)
     loader = BatchLoader(data.test_x, data.test_y, trainer.eval_batch_size,
-                         **loader_options(data, trainer, cfg.model.img_size))
+                         **loader_options(data, trainer, cfg.model.img_size, model))
     return Built(model=model, loader=loader, amp=trainer.amp, device=trainer.device, compile=trainer.compile,
                   classes=list(data.classes), epoch=epoch)
 

@@ -141,7 +141,7 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
         record.update(precision={"name": "fp8", "fp8_layers": convert_for_training(model)})
     record.update(params=count_parameters(model) | shape)
     model = model.to(trainer.device)  # Trainer.fit makes convnets (only) channels_last when asked
-    loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size)
+    loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size, model=model)
     optimizer = instantiate(cfg.optimizer, model=model)
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(loaders.train),
                             max_epochs=trainer.max_epochs)
@@ -163,17 +163,23 @@ def _model_shape(model, head_name: str | None) -> dict:
     }
 
 
-def loader_options(data, trainer, img_size: int) -> dict:
-    """BatchLoader options shared by every split, here and in ``evaluate`` (which must see the same test pixels)."""
+def loader_options(data, trainer, img_size: int, model) -> dict:
+    """BatchLoader options shared by every split, here and in ``evaluate`` (which must see the same test pixels).
+
+    Batches are channels_last only for a convnet, the only kind ``Trainer.fit`` converts.
+    """
+    from stackwise_bench.trainer import is_convnet
+
     return dict(device=trainer.device, out_size=img_size, mean=data.mean, std=data.std,
-                channels_last=trainer.channels_last, seed=trainer.seed, on_device=trainer.data_on_device)
+                channels_last=trainer.channels_last and is_convnet(model), seed=trainer.seed,
+                on_device=trainer.data_on_device)
 
 
-def _loaders(data, augment, trainer, img_size: int) -> Loaders:
+def _loaders(data, augment, trainer, img_size: int, model) -> Loaders:
     """The whole dataset goes to the device once; batches are sliced, augmented and resized there."""
     from stackwise_bench.data import BatchLoader
 
-    common = loader_options(data, trainer, img_size)
+    common = loader_options(data, trainer, img_size, model)
     train = BatchLoader(data.train_x, data.train_y, trainer.batch_size, augment=augment if augment.enabled else None,
                         shuffle=True, drop_last=True, **common)
     val = BatchLoader(data.val_x, data.val_y, trainer.eval_batch_size, **common)

@@ -72,7 +72,7 @@ class Trainer:
         seed: int = 0,
         deterministic: bool = True,
         resume: bool = False,
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
         data_on_device: bool = True,
         threads: int | None = None,
