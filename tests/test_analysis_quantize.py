@@ -162,3 +162,15 @@ def test_records_of_runs_not_analysed_are_left_out_with_a_warning(tmp_path):
     assert any("not among the finished runs analysed" in w and "add their run folders" in w for w in a.warnings)
     summary = json.loads((other / "eval" / "best_fp8_e4m3" / "summary.json").read_text())
     assert summary["kind"] == "evaluate"  # the fabricated record has evaluate's shape
+
+
+def test_an_fp8test_folder_names_the_study_to_analyse(tmp_path):
+    """experiment=FP8Test's own folder holds evaluations.json, not runs: the error names the study it evaluated."""
+    job = tmp_path / "multirun" / "FP8Test" / "experiment=FP8Test"
+    job.mkdir(parents=True)
+    (job / "evaluations.json").write_text(json.dumps({"runs": "multirun/AugmFP16", "evaluations": []}))
+    with pytest.raises(ConfigError, match=re.escape("analyse those: runs=multirun/AugmFP16.")):
+        collect_runs(tmp_path / "multirun" / "FP8Test")
+    (job / "evaluations.json").unlink()
+    with pytest.raises(ConfigError, match="holds no run folders"):
+        collect_runs(tmp_path / "multirun" / "FP8Test")

@@ -56,6 +56,9 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
         if eval_dirs:
             raise ConfigError(f"runs={shown} holds evaluation records (eval/) but no training run; point runs= at "
                               "the runs they evaluated (the folders that hold eval/): they are analysed together.")
+        if studies := _evaluated_studies(paths):
+            raise ConfigError(f"runs={shown} holds evaluations (experiment=FP8Test) whose records live next to the "
+                              f"runs they evaluated; analyse those: runs={','.join(studies)}.")
         raise ConfigError(f"runs={shown} holds no run folders (none has a summary.json); "
                           "point runs= at the output of a training run or sweep.")
     records = [run_row(d) for d in run_dirs]
@@ -79,6 +82,18 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
     # Config values shown for context that no run overrode (optimizer.lr follows optimizer=sgd|adamw).
     df.attrs["derived_keys"] = [k for k in STUDY_KEYS if k in dotted and k not in overridden]
     return df
+
+
+def _evaluated_studies(paths: PathsLike) -> list[str]:
+    """The ``evaluate.runs`` folders named by the ``evaluations.json`` of FP8Test-style jobs below ``paths``."""
+    studies = set()
+    for root in as_path_list(paths):
+        for path in Path(root).rglob("evaluations.json"):
+            try:
+                studies.add(str(json.loads(path.read_text())["runs"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return sorted(studies)
 
 
 def override_keys(runs: pd.DataFrame) -> list[str]:
