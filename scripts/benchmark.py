@@ -63,15 +63,16 @@ class Budget:
 
 
 # Speed differs more between two runs of the same loop (allocation, placement, neighbours) than
-# between steps of one run, so the budget buys many short repetitions rather than long ones.
+# between steps of one run, so the budget buys many repetitions. Each arm still runs ~3 s: with
+# resnet8 arms of 14 steps (0.7 s) one neighbour's burst swung a repetition's ratio 0.6-1.4.
 BUDGETS = {
-    "full": Budget(reps=11, steps={"resnet8": 14, "vit_tiny_p4": 8, "deit_tiny": 30},
+    "full": Budget(reps=11, steps={"resnet8": 60, "vit_tiny_p4": 8, "deit_tiny": 30},
                    batch={"resnet8": 64, "vit_tiny_p4": 32, "deit_tiny": 64}, warmup_steps=2,
-                   pipeline_images=4096, startup_reps=7, sweep_reps=2, sweep_epochs=10,
+                   pipeline_images=4096, startup_reps=7, sweep_reps=2, sweep_epochs=20,
                    sweep_default_epochs=5, compile=True),
-    "quick": Budget(reps=5, steps={"resnet8": 6, "vit_tiny_p4": 5, "deit_tiny": 12},
+    "quick": Budget(reps=5, steps={"resnet8": 20, "vit_tiny_p4": 5, "deit_tiny": 12},
                     batch={"resnet8": 64, "vit_tiny_p4": 16, "deit_tiny": 64}, warmup_steps=1,
-                    pipeline_images=1024, startup_reps=3, sweep_reps=1, sweep_epochs=4,
+                    pipeline_images=1024, startup_reps=3, sweep_reps=1, sweep_epochs=6,
                     sweep_default_epochs=2, compile=False),
 }
 
@@ -344,9 +345,11 @@ def fig_startup(b: Budget, work: Path) -> list[dict]:
 
 
 SWEEP_JOB = ["trainer.progress=log"]  # the default run (resnet8 on digits)
-# A tiny job: digits at its native 8 px, batch 16, every epoch run. Steps this small are dominated
-# by per-op overhead, so a second intra-op thread buys nothing (it costs a little): what the
-# issue's "4 tiny jobs" and a seed/LR sweep of small models look like.
+# A tiny job: the default recipe on digits at its native 8 px, batch 16, every epoch run (no early
+# stop). Steps this small are dominated by per-op overhead, so a second intra-op thread buys
+# nothing: what a seed/LR sweep of small models looks like. Each process also pays ~8 s of
+# imports (torch, torch._dynamo, torchmetrics) that no n_jobs can share, so shorter jobs gain less
+# (10 epochs: 1.58x in the run of 2026-11-21).
 TINY_SWEEP_JOB = [*SWEEP_JOB, "dataset.img_size=8", "model.img_size=8", "trainer.batch_size=16",
                   "trainer.early_stopping_patience=null"]
 
