@@ -12,12 +12,7 @@ import os
 # cuBLAS needs this before CUDA initialises to have deterministic matmuls.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import hashlib
-import json
 import logging
-import platform
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +24,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.provenance import config_diff, env_info, fingerprint, git_sha
 from stackwise_bench.record import RunRecord, now_iso, read_summary
 
 log = logging.getLogger("stackwise_bench.train")
@@ -38,8 +34,6 @@ log = logging.getLogger("stackwise_bench.train")
 # validates them against the plugin's schema (catching typos) and warns that this is deprecated.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
-# Keys that may differ between a run and its resumption without changing what is trained.
-VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study", "plan")
 DONE = ("completed", "early_stopped")
 SCHEMA_VERSION = 1  # of summary.json; bump when a key analysis relies on changes meaning
 
@@ -62,19 +56,6 @@ def instantiate(node, *args, **kwargs):
         if cause is not None:
             raise cause from None
         raise
-
-
-def fingerprint(cfg: DictConfig) -> str:
-    """A short hash of the resolved config, ignoring keys that don't change the result."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in VOLATILE_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = container
-        for key in parents:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, choices: dict | None = None,
@@ -124,7 +105,7 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
 
     trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=resume, **runtime)
     trainer.seed_everything()
-    record.update(env=_env(trainer.device))
+    record.update(env=env_info(trainer.device))
     data = instantiate(cfg.dataset)
     if trainer.batch_size > len(data.train_y):
         raise ConfigError(
@@ -194,7 +175,7 @@ def _check_existing(record: RunRecord, cfg: DictConfig, fp: str, auto_resume: bo
         return None
     old_fp = old.get("run", {}).get("fingerprint")
     if old_fp != fp:
-        diff = _config_diff(old.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        diff = config_diff(old.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
         raise ConfigError(
             f"hydra.run.dir={record.dir} already holds a run with a different config ({diff}); "
             "choose another hydra.run.dir (or study) instead of overwriting it."
@@ -208,44 +189,6 @@ def _check_existing(record: RunRecord, cfg: DictConfig, fp: str, auto_resume: bo
             "from checkpoints/last.pt, or choose another hydra.run.dir."
         )
     return None
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = _config_diff(a, b, f"{prefix}{key}.")
-            if sub:
-                keys.append(sub)
-        elif a != b and f"{prefix}{key}" not in VOLATILE_KEYS:
-            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(keys[:5])
-
-
-def _env(device) -> dict:
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "device": str(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda": torch.version.cuda,
-        "hostname": socket.gethostname(),
-    }
-
-
-def git_sha() -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 OmegaConf.register_new_resolver("sb.n_jobs", lambda: __import__("stackwise_bench.sweep").sweep.default_n_jobs(),
