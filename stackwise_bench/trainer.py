@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from stackwise_bench.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.metrics import evaluate
 from stackwise_bench.precision import autocast, check_precision, make_scaler, resolve_device
@@ -30,21 +31,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class Progress:
-    """Everything about where training stands that is not a tensor; saved in every checkpoint."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # steps done inside the current epoch (>0 only for a mid-epoch interrupt)
-    global_step: int = 0
-    best_val_top1: float = -1.0
-    best_val_loss: float = float("inf")  # breaks ties in val_top1 (small validation sets tie often)
-    best_epoch: int = 0
-    bad_evals: int = 0  # evaluations since the best one, for early stopping
-    history: list = dataclasses.field(default_factory=list)
-    partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
 
 
 @dataclasses.dataclass
@@ -125,7 +111,7 @@ class Trainer:
         if self.channels_last and is_convnet(model):
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         forward = torch.compile(model) if self.compile else model
-        progress = self._restore(model, optimizer, scheduler, scaler, sink) if self.resume else Progress()
+        progress = restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()
         status = "completed"
         for monitor in monitors:
             monitor.start(sink)
@@ -134,13 +120,13 @@ class Trainer:
                 while progress.epoch < self.max_epochs:
                     row = self._train_epoch(forward, loaders.train, optimizer, scheduler, scaler, progress, stop)
                     if row is None:  # a signal arrived: save where we are and leave
-                        sink.save_checkpoint("last", self._state(model, optimizer, scheduler, scaler, progress))
+                        sink.save_checkpoint("last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device))
                         status = "interrupted"
                         break
                     improved = self._validate(forward, loaders.val, progress, row)
                     progress.history.append(row)
                     sink.log_epoch(row)
-                    state = self._state(model, optimizer, scheduler, scaler, progress)
+                    state = checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device)
                     sink.save_checkpoint("last", state)
                     if improved:
                         sink.save_checkpoint("best", state)
@@ -234,45 +220,6 @@ class Trainer:
         log.info("test: top1 %.2f%%  top5 %.2f%%  f1_macro %.2f  (best epoch %d)",
                  test["top1"], test["top5"], test["f1_macro"], test["checkpoint_epoch"])
         return test
-
-    # --------------------------------------------------------- checkpoints
-    def _state(self, model, optimizer, scheduler, scaler, progress) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng,
-            "progress": dataclasses.asdict(progress),
-        }
-
-    def _restore(self, model, optimizer, scheduler, scaler, sink) -> Progress:
-        path = sink.checkpoint_path("last")
-        if not path.exists():
-            log.info("trainer.resume: no %s yet, starting from scratch", path)
-            return Progress()
-        try:
-            state = sink.load_checkpoint("last", map_location=self.device)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            progress = Progress(**state["progress"])
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200]
-            raise ConfigError(
-                f"trainer.resume=true: {path} is corrupt or does not match this model and config ({type(exc).__name__}: {reason}); "
-                "delete it to start over or resume in the run folder that wrote it."
-            ) from exc
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-        sink.rewrite_metrics(progress.history)
-        log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step)
-        return progress
 
     # ---------------------------------------------------------- reporting
     def _train_summary(self, progress: Progress, status: str) -> dict:

@@ -1,0 +1,74 @@
+"""What a checkpoint holds and how a resumed run gets it back: enough to continue bit for bit.
+
+A checkpoint is the model, optimizer, scheduler and scaler state, the RNG state and a
+:class:`Progress`; the trainer hands it to its ``sink``, which decides where it is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from stackwise_bench.errors import ConfigError
+
+# The resume messages are the trainer's: they keep its logger name in the run log.
+log = logging.getLogger("stackwise_bench.trainer")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything about where training stands that is not a tensor; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # steps done inside the current epoch (>0 only for a mid-epoch interrupt)
+    global_step: int = 0
+    best_val_top1: float = -1.0
+    best_val_loss: float = float("inf")  # breaks ties in val_top1 (small validation sets tie often)
+    best_epoch: int = 0
+    bad_evals: int = 0  # evaluations since the best one, for early stopping
+    history: list = dataclasses.field(default_factory=list)
+    partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, device: torch.device) -> dict:
+    """Everything a resume needs, as one dict for ``sink.save_checkpoint``."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,
+        "progress": dataclasses.asdict(progress),
+    }
+
+
+def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.device) -> Progress:
+    """Loads the sink's ``last`` checkpoint into the objects in place; a fresh Progress when there is none yet."""
+    path = sink.checkpoint_path("last")
+    if not path.exists():
+        log.info("trainer.resume: no %s yet, starting from scratch", path)
+        return Progress()
+    try:
+        state = sink.load_checkpoint("last", map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"trainer.resume=true: {path} is corrupt or does not match this model and config ({type(exc).__name__}: {reason}); "
+            "delete it to start over or resume in the run folder that wrote it."
+        ) from exc
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if "cuda" in state["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    sink.rewrite_metrics(progress.history)
+    log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step)
+    return progress
