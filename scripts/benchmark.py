@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller budget: the same figures in a few minutes")
     parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
-    parser.add_argument("--out", default=None, help="JSON path (default outputs/benchmark-<full|quick>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default multirun/benchmark/<full|quick>.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all cores)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             report["rows"] += rows
             print(table(rows).split("\n", 1)[1], file=sys.stderr, flush=True)
     report.update(seconds=time.perf_counter() - started, loadavg_end=_loadavg())
-    out = Path(args.out or ROOT / "outputs" / f"benchmark-{mode}.json")
+    out = Path(args.out or ROOT / "multirun" / "benchmark" / f"{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
