@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from stackwise_bench.precision import synchronize  # noqa: E402
+
 FIGURES = ("overhead", "pipeline", "startup", "sweep", "knobs", "gpu")
 
 
@@ -101,9 +103,6 @@ def compare(samples: dict, a: str, b: str) -> dict:
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "samples": samples}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepClock:
@@ -278,20 +277,20 @@ def fig_pipeline(b: Budget, work: Path) -> list[dict]:
                                           persistent_workers=True, pin_memory=device.type == "cuda")
 
         def ours_pass(epoch):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             seen = sum(len(yb) for _, yb in ours.epoch(epoch))
-            sync(device)
+            synchronize(device)
             return seen / (time.perf_counter() - t0)
 
         def ref_pass(_):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             seen = 0
             for xb, yb in ref:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 seen += len(yb)
-            sync(device)
+            synchronize(device)
             return seen / (time.perf_counter() - t0)
 
         ours_pass(0), ref_pass(0)  # warm-up: workers, allocator, kernels
@@ -444,11 +443,11 @@ def _adamw_knob(b: Budget, device: torch.device, model: str = "vit_tiny_p4") -> 
     def step_ms(name):
         def arm(_):
             optims[name].step()  # warm: state exists after the first call
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(5):
                 optims[name].step()
-            sync(device)
+            synchronize(device)
             return (time.perf_counter() - t0) / 5 * 1e3
         return arm
 
@@ -484,12 +483,12 @@ def _inference_knobs(b: Budget, device: torch.device) -> list[dict]:
 
     def forward_img_s(mode):
         def arm(_):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             with mode():
                 for xb in batches:
                     model(xb)
-            sync(device)
+            synchronize(device)
             return n / (time.perf_counter() - t0)
         return arm
 

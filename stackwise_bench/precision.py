@@ -16,6 +16,12 @@ from stackwise_bench.errors import ConfigError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a timer reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; an unavailable device is refused."""
     if device == "auto":

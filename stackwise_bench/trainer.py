@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from stackwise_bench.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.metrics import evaluate
-from stackwise_bench.precision import autocast, check_precision, make_scaler, resolve_device
+from stackwise_bench.precision import autocast, check_precision, make_scaler, resolve_device, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Trainer:
         correct = torch.tensor(sums["correct"], device=self.device)
         seen = sums["seen"]
         bar = self._bar(len(loader), progress)
-        self._sync()
+        synchronize(self.device)
         t0 = time.perf_counter()
         for x, y in loader.epoch(progress.epoch, start_step=progress.step):
             with self.amp():
@@ -172,11 +172,11 @@ class Trainer:
             if bar is not None and progress.step % self.log_every_n_steps == 0:
                 self._update_bar(bar, progress.step, loss_sum, correct, seen, sums["time_s"] + time.perf_counter() - t0)
             if stop.requested:
-                self._sync()
+                synchronize(self.device)
                 progress.partial = {"loss": float(loss_sum), "correct": int(correct), "seen": seen,
                                     "time_s": sums["time_s"] + time.perf_counter() - t0}
                 return None
-        self._sync()
+        synchronize(self.device)
         train_time = sums["time_s"] + time.perf_counter() - t0
         if bar is not None:
             bar.close()
@@ -258,10 +258,6 @@ class Trainer:
         val = "" if row["val_top1"] is None else f"  val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%"
         log.info("epoch %d/%d  train_loss %.4f  train_top1 %.2f%%%s  %.0f img/s  %.1fs",
                  row["epoch"], self.max_epochs, row["train_loss"], row["train_top1"], val, row["train_img_s"], row["epoch_time_s"])
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def is_convnet(model: torch.nn.Module) -> bool:

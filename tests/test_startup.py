@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from stackwise_bench.metrics import classification_report, evaluate
+from stackwise_bench.metrics import evaluate
 
 # Only runs that ask for them may import these: timm (ViT/DeiT), peft (lora.rank > 0),
 # torchvision (CIFAR), and never transformers, scikit-learn/scipy or torchmetrics before training
@@ -64,7 +64,7 @@ class _Batches:
 
 @pytest.mark.parametrize("num_classes", [4, 7])
 def test_metrics_match_torchmetrics(num_classes):
-    """Our confusion-matrix metrics replace torchmetrics for start-up; they must agree with it."""
+    """The reported metrics are torchmetrics'; the light per-epoch top-1 (no torchmetrics) agrees with it."""
     from torchmetrics.classification import (
         MulticlassAccuracy,
         MulticlassConfusionMatrix,
@@ -92,11 +92,17 @@ def test_metrics_match_torchmetrics(num_classes):
     assert got["per_class_top1"] == pytest.approx([100.0 * v for v in per_class.tolist()], abs=1e-3)
     assert got["confusion_matrix"] == MulticlassConfusionMatrix(num_classes)(logits, targets).tolist()
     assert got["num_samples"] == 203 and got["infer_img_s"] > 0
+    light = evaluate(torch.nn.Identity(), _Batches(logits, targets, 64), num_classes, contextlib.nullcontext,
+                     torch.device("cpu"))
+    assert light["top1"] == pytest.approx(100.0 * float(ref["top1"]), abs=1e-4) and "top5" not in light
 
 
 def test_macro_metrics_skip_classes_never_seen():
-    cm = torch.tensor([[2, 0, 0], [1, 1, 0], [0, 0, 0]])  # class 2: neither a target nor a prediction
-    report = classification_report(cm)
+    # confusion [[2, 0, 0], [1, 1, 0], [0, 0, 0]]: class 2 is neither a target nor a prediction
+    targets = torch.tensor([0, 0, 1, 1])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 3).float()
+    report = evaluate(torch.nn.Identity(), _Batches(logits, targets, 4), 3, contextlib.nullcontext,
+                      torch.device("cpu"), full=True)
     assert report["recall_macro"] == pytest.approx(100.0 * (1.0 + 0.5) / 2)
     assert report["precision_macro"] == pytest.approx(100.0 * (2 / 3 + 1.0) / 2)
     assert report["per_class_top1"] == [100.0, 50.0, 0.0]
