@@ -24,12 +24,11 @@ from pathlib import Path
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.rebuild import file_sha256, rebuild, resolve_checkpoint, run_config
-from stackwise_bench.record import RunRecord, atomic_write_text, claim_new_dir, now_iso, read_summary
+from stackwise_bench.record import FINISHED, RunRecord, atomic_write_text, claim_new_dir, now_iso, read_summary
 
 log = logging.getLogger("stackwise_bench.evaluate")
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "evaluate.yaml"
-DONE = ("completed", "early_stopped")
 USAGE = ("usage: python -m stackwise_bench.evaluate checkpoint=<run folder>|<file.pt> [quantize=fp8_e4m3|fp8_e5m2] "
          "[keep_head=true] [activations=false] [name=<folder>] [device=cpu|cuda] [dataset.root=<dir>]")
 
@@ -199,7 +198,7 @@ def evaluate_study(runs: str, quantize: str | None, checkpoint: str = "best", ke
         raise ConfigError(f"evaluate.runs={runs} does not exist; train that study first (e.g. python -m "
                           "stackwise_bench.train --multirun experiment=AugmFP16) or point evaluate.runs at its folder.")
     found = [d for d in find_run_dirs(runs) if (d / "checkpoints" / f"{checkpoint}.pt").is_file()
-             and (read_summary(d) or {}).get("status") in DONE]
+             and (read_summary(d) or {}).get("status") in FINISHED]
     if not found:
         raise ConfigError(f"evaluate.runs={runs} holds no finished run with checkpoints/{checkpoint}.pt; train the "
                           "study first (e.g. python -m stackwise_bench.train --multirun experiment=AugmFP16).")

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 SUMMARY = "summary.json"
+# The statuses of a run that trained to its end: its metrics and best.pt are final.
+FINISHED = ("completed", "early_stopped")
 METRICS = "metrics.jsonl"
 HARDWARE = "hardware.jsonl"
 SPLIT = "split.json"

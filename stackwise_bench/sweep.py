@@ -23,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stackwise_bench.record import atomic_write_text, read_summary
+from stackwise_bench.record import FINISHED, atomic_write_text, read_summary
 
 log = logging.getLogger("stackwise_bench.sweep")
 STUDY_DIR = ".study"
@@ -108,7 +108,7 @@ class StudyCallback(Callback):
         for name in current["jobs"]:
             outcome_file = sweep_dir / STUDY_DIR / "outcomes" / f"{_safe(name)}.json"
             outcome = json.loads(outcome_file.read_text()) if outcome_file.exists() else {"status": "failed", "reason": "no outcome recorded (the job died)"}
-            if outcome["status"] not in ("completed", "early_stopped", "skipped"):
+            if outcome["status"] not in (*FINISHED, "skipped"):
                 failed.append((name, outcome))
         n = len(current["jobs"])
         if not failed:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.provenance import config_diff, env_info, fingerprint, git_sha
-from stackwise_bench.record import RunRecord, now_iso, read_summary
+from stackwise_bench.record import FINISHED, RunRecord, now_iso, read_summary
 
 log = logging.getLogger("stackwise_bench.train")
 
@@ -34,7 +34,6 @@ log = logging.getLogger("stackwise_bench.train")
 # validates them against the plugin's schema (catching typos) and warns that this is deprecated.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
-DONE = ("completed", "early_stopped")
 SCHEMA_VERSION = 1  # of summary.json; bump when a key analysis relies on changes meaning
 
 
@@ -180,7 +179,7 @@ def _check_existing(record: RunRecord, cfg: DictConfig, fp: str, auto_resume: bo
             f"hydra.run.dir={record.dir} already holds a run with a different config ({diff}); "
             "choose another hydra.run.dir (or study) instead of overwriting it."
         )
-    if old.get("status") in DONE:
+    if old.get("status") in FINISHED:
         log.info("%s is already %s with the same config: nothing to do", record.dir, old["status"])
         return old
     if not (cfg.trainer.resume or auto_resume):
@@ -234,7 +233,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", exc)
         if not sweeping:
             sys.exit(2)
-        status, reason = "refused" if before and before.get("status") in DONE else "failed", str(exc)
+        status, reason = "refused" if before and before.get("status") in FINISHED else "failed", str(exc)
     except Exception as exc:
         if not sweeping:
             raise

@@ -25,10 +25,10 @@ import pandas as pd
 from stackwise_bench.analysis.run_folders import PathsLike, as_path_list, find_records
 from stackwise_bench.analysis.run_row import SECTIONS, STUDY_KEYS, is_scalar, lookup, run_row
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.record import FINISHED  # noqa: F401  (re-exported: the analysis modules import it from here)
 
 METRICS = "metrics.jsonl"
 HARDWARE = "hardware.jsonl"
-FINISHED = ("completed", "early_stopped")
 # Config-group choice columns in this order; any other group sorts after them.
 CHOICE_ORDER = ("model", "dataset", "precision", "augmentation", "optimizer", "scheduler",
                 "lora", "trainer", "monitors", "experiment")
