@@ -79,6 +79,7 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
     front = ["run_dir", "status", *keys]
     df = df[front + [c for c in df.columns if c not in front]]
     df.attrs["override_keys"] = keys
+    df.attrs["eval_dirs"] = eval_dirs  # found by the same walk: collect_evaluations(df) reads them without another
     # Config values shown for context that no run overrode (optimizer.lr follows optimizer=sgd|adamw).
     df.attrs["derived_keys"] = [k for k in STUDY_KEYS if k in dotted and k not in overridden]
     return df

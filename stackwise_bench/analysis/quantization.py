@@ -34,15 +34,19 @@ COLUMNS = ("n", "seeds", "top1_before_mean", "top1_before_std", "top1_after_mean
            "worst_class_points", "baseline_matches", "n_recorded", "note")
 
 
-def collect_evaluations(paths: PathsLike) -> pd.DataFrame:
+def collect_evaluations(paths: PathsLike | pd.DataFrame) -> pd.DataFrame:
     """One row per evaluation record at or below ``paths`` (every status and setting).
+
+    ``paths`` may be the DataFrame from :func:`~stackwise_bench.analysis.collect.collect_runs`, whose
+    folder walk already found the records (``attrs["eval_dirs"]``).
 
     Columns: ``eval_dir``, ``run_dir`` (the evaluated run: the record's ``<run>``), ``status``, ``seed``,
     the :data:`SETTINGS`, ``top1_before`` / ``top1_after`` (equal without quantization),
     ``degradation_points``, ``weight_mb_before`` / ``weight_mb_after``, ``compression``,
     ``worst_class_points``, ``recorded_test_top1``, ``matches_recorded`` and ``ended_at``.
     """
-    rows = [_eval_row(d) for d in find_eval_dirs(paths)]
+    eval_dirs = paths.attrs.get("eval_dirs", []) if isinstance(paths, pd.DataFrame) else find_eval_dirs(paths)
+    rows = [_eval_row(d) for d in eval_dirs]
     columns = ["eval_dir", "run_dir", "status", "seed", *SETTINGS, "top1_before", "top1_after",
                "degradation_points", "weight_mb_before", "weight_mb_after", "compression", "worst_class_points",
                "recorded_test_top1", "matches_recorded", "ended_at"]

@@ -90,7 +90,7 @@ def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
     analysis.views = [v for v in (precision_study(runs, dynamics, epochs, group_by, metric),
                                   peft_study(summary, runs, metric, group_by),
                                   optimizer_study(summary, runs, metric, group_by)) if v is not None]
-    analysis.evaluations = collect_evaluations(paths)
+    analysis.evaluations = collect_evaluations(runs)
     analysis.quantized = quantized_evaluations(analysis.evaluations, runs, group_by)
     analysis.quantization = quantization_table(analysis.quantized, runs, group_by)
     if expectations is not None:
