@@ -65,7 +65,8 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
 
 def evaluate_checkpoint(checkpoint: str | Path, quantize: str | None = None, keep_head: bool = True,
                         activations: bool = False, name: str | None = None, device: str | None = None,
-                        dataset: dict | None = None, skip_done: bool = False, command: str | None = None) -> dict:
+                        dataset: dict | None = None, skip_done: bool = False, command: str | None = None,
+                        datasets: dict | None = None) -> dict:
     """Evaluate one checkpoint with its run's config into a new ``<run>/eval/<name>/``; returns that summary.
 
     Args:
@@ -79,6 +80,7 @@ def evaluate_checkpoint(checkpoint: str | Path, quantize: str | None = None, kee
         skip_done: Return an existing completed evaluation with the same checkpoint bytes and settings
             instead of evaluating again (what a rerun of ``experiment=FP8Test`` wants).
         command: The command line, recorded in the summary.
+        datasets: Loaded datasets by config, shared across calls (``evaluate_study`` reads each once).
 
     Raises:
         ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
@@ -100,7 +102,7 @@ def evaluate_checkpoint(checkpoint: str | Path, quantize: str | None = None, kee
     if skip_done and (done := _find_done(run_dir / "eval", base, fp)) is not None:
         log.info("%s: already evaluated with the same checkpoint and settings", done["run"]["dir"])
         return done
-    built = rebuild(config, ckpt)
+    built = rebuild(config, ckpt, datasets)
     record = RunRecord(claim_new_dir(run_dir / "eval" / base, sep="-"))
     tested = ckpt.resolve() == (run_dir / "checkpoints" / "best.pt").resolve()  # what the run's test metrics came from
     recorded = (source.get("test") or {}).get("top1") if tested else None
@@ -206,12 +208,12 @@ def evaluate_study(runs: str, quantize: str | None, checkpoint: str = "best", ke
         import torch
 
         torch.set_num_threads(threads)  # the sweep's share of the cores (the runs' own trainer.threads still win)
-    rows = []
+    rows, datasets = [], {}
     for run_dir in found:
         row = {"run": str(run_dir)}
         try:
             s = evaluate_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt", quantize=quantize, keep_head=keep_head,
-                                    activations=activations, device=device, skip_done=True)
+                                    activations=activations, device=device, skip_done=True, datasets=datasets)
             row.update(status="completed", eval_dir=s["run"]["dir"], seed=s["run"]["seed"],
                        top1_before=s.get("baseline", s["test"])["top1"], top1=s["test"]["top1"],
                        degradation_points=(s.get("degradation") or {}).get("top1_points"))

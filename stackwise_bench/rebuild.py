@@ -70,31 +70,33 @@ class Built(NamedTuple):
     epoch: int | None
 
 
-def rebuild(config: dict, ckpt: Path) -> Built:
-    """Data, model (+ LoRA) and the test loader exactly as ``train.py`` builds them; the checkpoint loaded."""
+def rebuild(config: dict, ckpt: Path, datasets: dict | None = None) -> Built:
+    """Data, model (+ LoRA) and the test loader exactly as ``train.py`` builds them; the checkpoint loaded.
+
+    ``datasets``: a dict kept by the caller across calls (``evaluate_study``), so runs with the same
+    dataset config read it once.
+    """
     import torch
     from omegaconf import OmegaConf
 
     from stackwise_bench.data import BatchLoader
-    from stackwise_bench.lora import apply_lora
-    from stackwise_bench.train import instantiate, loader_options
-    from stackwise_bench.trainer import is_convnet
+    from stackwise_bench.train import build_model, instantiate, loader_options
 
     cfg = OmegaConf.create(config)
     trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=False)
     trainer.seed_everything()
     state, epoch = _load_state(ckpt, trainer.device)
-    data = instantiate(cfg.dataset)
-    model = instantiate(cfg.model, num_classes=data.num_classes)
-    model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    key = json.dumps(config["dataset"], sort_keys=True, default=str)
+    data = datasets.get(key) if datasets is not None else None
+    if data is None:
+        data = instantiate(cfg.dataset)
+        if datasets is not None:
+            datasets[key] = data
+    model, _, _ = build_model(cfg, data.num_classes)  # FP8 layers keep nn.Linear's state_dict keys
     model = model.to(trainer.device)
-    if trainer.channels_last and is_convnet(model):  # as Trainer.fit does before training
+    if trainer.wants_channels_last(model):  # as Trainer.fit does before training
         model = model.to(memory_format=torch.channels_last)
     _load_weights(model, state, ckpt, cfg)
-    if cfg.precision.name == "fp8":  # as train.py does for FP8 training (check_precision has refused elsewhere)
-        from stackwise_bench.fp8 import convert_for_training
-
-        convert_for_training(model)
     loader = BatchLoader(data.test_x, data.test_y, trainer.eval_batch_size,
                          **loader_options(data, trainer, cfg.model.img_size, model))
     return Built(model=model, loader=loader, amp=trainer.amp, device=trainer.device, compile=trainer.compile,

@@ -98,9 +98,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
 
 def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> dict:
-    import torch
-
-    from stackwise_bench.lora import apply_lora, count_parameters
+    from stackwise_bench.lora import count_parameters
 
     trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed, resume=resume, **runtime)
     trainer.seed_everything()
@@ -112,13 +110,9 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
             f"({len(data.train_y)} images); use trainer.batch_size<={len(data.train_y)}."
         )
     record.write_split(data.split)
-    model = instantiate(cfg.model, num_classes=data.num_classes)
-    shape = _model_shape(model, cfg.lora.head)
-    model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
-    if cfg.precision.name == "fp8":  # the trainer's check_precision has already refused unsuitable hardware
-        from stackwise_bench.fp8 import convert_for_training
-
-        record.update(precision={"name": "fp8", "fp8_layers": convert_for_training(model)})
+    model, shape, fp8_layers = build_model(cfg, data.num_classes)
+    if fp8_layers is not None:
+        record.update(precision={"name": "fp8", "fp8_layers": fp8_layers})
     record.update(params=count_parameters(model) | shape)
     model = model.to(trainer.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = _loaders(data, instantiate(cfg.augmentation), trainer, img_size=cfg.model.img_size, model=model)
@@ -130,6 +124,25 @@ def _train(cfg: DictConfig, record: RunRecord, resume: bool, runtime: dict) -> d
     result = trainer.fit(model, loaders, optimizer, scheduler, sink=record, monitors=monitors)
     record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
     return record.summary
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> tuple:
+    """The model as it trains: the configured net, LoRA (peft) on top, torchao FP8 layers for precision=fp8.
+
+    ``evaluate`` rebuilds a run's model with this same function. Returns ``(model, shape, fp8_layers)``:
+    ``shape`` feeds the LoRA parameter formula, ``fp8_layers`` names the converted layers (None unless fp8).
+    """
+    from stackwise_bench.lora import apply_lora
+
+    model = instantiate(cfg.model, num_classes=num_classes)
+    shape = _model_shape(model, cfg.lora.head)
+    model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    fp8_layers = None
+    if cfg.precision.name == "fp8":  # the trainer's check_precision has already refused unsuitable hardware
+        from stackwise_bench.fp8 import convert_for_training
+
+        fp8_layers = convert_for_training(model)
+    return model, shape, fp8_layers
 
 
 def _model_shape(model, head_name: str | None) -> dict:
@@ -148,10 +161,8 @@ def loader_options(data, trainer, img_size: int, model) -> dict:
 
     Batches are channels_last only for a convnet, the only kind ``Trainer.fit`` converts.
     """
-    from stackwise_bench.trainer import is_convnet
-
     return dict(device=trainer.device, out_size=img_size, mean=data.mean, std=data.std,
-                channels_last=trainer.channels_last and is_convnet(model), seed=trainer.seed,
+                channels_last=trainer.wants_channels_last(model), seed=trainer.seed,
                 on_device=trainer.data_on_device)
 
 

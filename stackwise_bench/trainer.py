@@ -86,6 +86,10 @@ class Trainer:
         CPU, where bigger batches overflow the caches (resnet8 evaluates ~1.7x slower at 512 than at 128 on 2 cores)."""
         return 512 if device.type == "cuda" else batch_size
 
+    def wants_channels_last(self, model: torch.nn.Module) -> bool:
+        """``trainer.channels_last`` and a convnet: the one place that decides the model's and the batches' layout."""
+        return self.channels_last and is_convnet(model)
+
     def seed_everything(self) -> None:
         """One seed for Python, NumPy and torch; deterministic kernels where the backend has them."""
         import numpy as np
@@ -108,7 +112,7 @@ class Trainer:
         """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``."""
         self.num_classes = loaders.num_classes
         scaler = make_scaler(self.precision, self.device)
-        if self.channels_last and is_convnet(model):
+        if self.wants_channels_last(model):
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         forward = torch.compile(model) if self.compile else model
         progress = restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()

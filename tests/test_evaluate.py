@@ -155,6 +155,20 @@ def test_study_goes_on_past_a_bad_run_and_then_says_so(study, tmp_path):
     assert read_summary(good / "eval" / "best_fp8_e4m3")["status"] == "completed"
 
 
+def test_study_reads_a_shared_dataset_once(study, tmp_path, monkeypatch):
+    import stackwise_bench.data as data
+
+    _, run_dir = study
+    for seed in (1, 2):
+        copy_run(run_dir, tmp_path / "study" / f"seed={seed}")
+    calls = []
+    real = data.make_synthetic
+    monkeypatch.setattr(data, "make_synthetic", lambda *a, **k: calls.append(k) or real(*a, **k))
+    result = evaluate_study(str(tmp_path / "study"), "fp8_e4m3")
+    assert [r["status"] for r in result["evaluations"]] == ["completed", "completed"]
+    assert len(calls) == 1  # both runs share dataset=synthetic with the same settings
+
+
 def test_analysis_reports_real_fp8_evaluations(study, tmp_path):
     """Real E4M3/E5M2 records of a trained run, read back by the (torch-free) analysis: the numbers the records hold."""
     from stackwise_bench.analysis import analyze_runs, find_run_dirs, write_report
