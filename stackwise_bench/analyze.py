@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 
+from stackwise_bench.cli import parse_key_values
 from stackwise_bench.errors import ConfigError
 
 USAGE = ("usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
@@ -32,20 +33,7 @@ def parse_args(argv: list[str]) -> dict:
     Raises:
         ConfigError: for an argument without ``=``, an unknown key, or no ``runs``.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
-        key = arg.split("=", 1)[0].split(".", 1)[0]
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown key {key!r}; the keys are {', '.join(DEFAULTS)}.")
-    try:
-        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"could not parse the arguments ({exc}); {USAGE}") from exc
-    args = {**DEFAULTS, **given}
+    args = {**DEFAULTS, **parse_key_values(argv, DEFAULTS, USAGE)}
     if not args["runs"]:
         raise ConfigError(f"runs= is missing: name the run or sweep folder(s) to analyse; {USAGE}")
     args["runs"] = _as_list(args["runs"], split_commas=False)  # Hydra job folders have commas in their names

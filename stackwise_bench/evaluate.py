@@ -22,6 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from stackwise_bench.cli import parse_key_values
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.rebuild import file_sha256, rebuild, resolve_checkpoint, run_config
 from stackwise_bench.record import FINISHED, RunRecord, atomic_write_text, claim_new_dir, now_iso, read_summary
@@ -36,20 +37,9 @@ USAGE = ("usage: python -m stackwise_bench.evaluate checkpoint=<run folder>|<fil
 def parse_args(argv: list[str]) -> dict:
     """``key=value`` arguments over the defaults in ``conf/evaluate.yaml``; ConfigError for an unknown key."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     defaults = OmegaConf.to_container(OmegaConf.load(CONF))
-    for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
-        key = arg.split("=", 1)[0]
-        top, _, sub = key.partition(".")
-        if top not in defaults or (sub and sub not in (defaults[top] if isinstance(defaults[top], dict) else {})):
-            raise ConfigError(f"unknown key {key!r}; the keys are {', '.join(_keys(defaults))}.")
-    try:
-        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"could not parse the arguments ({exc}); {USAGE}") from exc
+    given = parse_key_values(argv, defaults, USAGE)
     args = {**defaults, **given, "dataset": {**defaults["dataset"], **given.get("dataset", {})}}
     if not args["checkpoint"]:
         raise ConfigError(f"checkpoint= is missing: name a run folder or a .pt file inside one; {USAGE}")
@@ -57,10 +47,6 @@ def parse_args(argv: list[str]) -> dict:
         if not isinstance(args[key], bool):
             raise ConfigError(f"{key}={args[key]} must be true or false.")
     return args
-
-
-def _keys(tree: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
 
 
 def evaluate_checkpoint(checkpoint: str | Path, quantize: str | None = None, keep_head: bool = True,
