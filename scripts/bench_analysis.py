@@ -37,9 +37,18 @@ def write_synthetic_runs(root: Path, n: int, n_epochs: int, seed: int = 0) -> Pa
         run_seed = job // len(cells)
         status = "failed" if job % 97 == 13 else "completed"
         overrides = [f"seed={run_seed}", f"lora.rank={rank}", f"precision={prec}"]
-        choices = {"model": "deit_tiny", "dataset": "cifar10", "precision": prec, "augmentation": "basic",
-                   "optimizer": "adamw", "scheduler": "cosine", "lora": "default", "trainer": "default",
-                   "monitors": "default", "experiment": "peft_baseline"}
+        choices = {
+            "model": "deit_tiny",
+            "dataset": "cifar10",
+            "precision": prec,
+            "augmentation": "basic",
+            "optimizer": "adamw",
+            "scheduler": "cosine",
+            "lora": "default",
+            "trainer": "default",
+            "monitors": "default",
+            "experiment": "peft_baseline",
+        }
         speed = {"fp32": 1.0, "fp16": 1.8, "bf16": 1.6}[prec]
         target = 95 - 4 / (1 + rank) + rng.normal(0, 0.4)
         val = target - 30 * np.exp(-np.arange(1, n_epochs + 1) / 3) + rng.normal(0, 0.3, n_epochs)
@@ -51,40 +60,112 @@ def write_synthetic_runs(root: Path, n: int, n_epochs: int, seed: int = 0) -> Pa
         cm = (rng.integers(0, 5, (10, 10)) + np.eye(10, dtype=int) * 90).tolist()
         summary = {
             "status": status,
-            "error": ({"type": "RuntimeError", "message": "loss is NaN", "traceback": "..."}
-                      if status == "failed" else None),
-            "run": {"seed": run_seed, "overrides": overrides, "choices": choices, "fingerprint": f"{job:08x}",
-                    "git_sha": "0" * 40, "name": str(job), "dir": str(d), "started_at": "2024-01-01T00:00:00",
-                    "ended_at": "2024-01-01T01:00:00"},
-            "config": {"seed": run_seed, "lora": {"rank": rank, "alpha": 2 * rank, "dropout": 0.1},
-                       "optimizer": {"name": "adamw", "lr": 5e-4},
-                       "trainer": {"max_epochs": n_epochs, "batch_size": 128},
-                       "model": {"name": "deit_tiny"}, "dataset": {"name": "cifar10", "num_classes": 10}},
-            "env": {"torch": "2.4.0", "device": "cuda", "python": "3.11", "platform": "linux", "cpu_count": 16,
-                    "threads": 8, "gpu_name": "H100", "hostname": "bench"},
-            "params": {"total": 5_526_346 + (trainable if rank else 0), "trainable": trainable,
-                       "lora": trainable - 1930 if rank else 0, "size_mb": 21.1},
+            "error": (
+                {"type": "RuntimeError", "message": "loss is NaN", "traceback": "..."} if status == "failed" else None
+            ),
+            "run": {
+                "seed": run_seed,
+                "overrides": overrides,
+                "choices": choices,
+                "fingerprint": f"{job:08x}",
+                "git_sha": "0" * 40,
+                "name": str(job),
+                "dir": str(d),
+                "started_at": "2024-01-01T00:00:00",
+                "ended_at": "2024-01-01T01:00:00",
+            },
+            "config": {
+                "seed": run_seed,
+                "lora": {"rank": rank, "alpha": 2 * rank, "dropout": 0.1},
+                "optimizer": {"name": "adamw", "lr": 5e-4},
+                "trainer": {"max_epochs": n_epochs, "batch_size": 128},
+                "model": {"name": "deit_tiny"},
+                "dataset": {"name": "cifar10", "num_classes": 10},
+            },
+            "env": {
+                "torch": "2.4.0",
+                "device": "cuda",
+                "python": "3.11",
+                "platform": "linux",
+                "cpu_count": 16,
+                "threads": 8,
+                "gpu_name": "H100",
+                "hostname": "bench",
+            },
+            "params": {
+                "total": 5_526_346 + (trainable if rank else 0),
+                "trainable": trainable,
+                "lora": trainable - 1930 if rank else 0,
+                "size_mb": 21.1,
+            },
         }
         if status == "completed":
-            summary["train"] = {"best_val_top1": float(val.max()), "best_epoch": int(val.argmax()) + 1,
-                                "epochs_run": n_epochs, "time_s": float(times.sum()), "img_s": 5000 * speed,
-                                "epoch_time_mean_s": float(times.mean()), "epoch_time_std_s": float(times.std(ddof=1)),
-                                "final_train_top1": float(train[-1]), "final_train_loss": 0.1,
-                                "final_val_top1": float(val[-1]), "final_val_loss": 0.3, "stopped_early": False}
-            summary["test"] = {"top1": float(target), "top5": 99.5, "f1_macro": float(target - 0.3),
-                               "precision_macro": 90.0, "recall_macro": 90.0, "loss": 0.3,
-                               "per_class_top1": [float(target)] * 10, "confusion_matrix": cm, "infer_img_s": 20000.0}
-            summary["resources"] = {"peak_rss_mb": 3000.0, "peak_gpu_mem_mb": 8000.0 / speed,
-                                    "cpu_percent_mean": 100.0, "rss_mb_mean": 2800.0}
+            summary["train"] = {
+                "best_val_top1": float(val.max()),
+                "best_epoch": int(val.argmax()) + 1,
+                "epochs_run": n_epochs,
+                "time_s": float(times.sum()),
+                "img_s": 5000 * speed,
+                "epoch_time_mean_s": float(times.mean()),
+                "epoch_time_std_s": float(times.std(ddof=1)),
+                "final_train_top1": float(train[-1]),
+                "final_train_loss": 0.1,
+                "final_val_top1": float(val[-1]),
+                "final_val_loss": 0.3,
+                "stopped_early": False,
+            }
+            summary["test"] = {
+                "top1": float(target),
+                "top5": 99.5,
+                "f1_macro": float(target - 0.3),
+                "precision_macro": 90.0,
+                "recall_macro": 90.0,
+                "loss": 0.3,
+                "per_class_top1": [float(target)] * 10,
+                "confusion_matrix": cm,
+                "infer_img_s": 20000.0,
+            }
+            summary["resources"] = {
+                "peak_rss_mb": 3000.0,
+                "peak_gpu_mem_mb": 8000.0 / speed,
+                "cpu_percent_mean": 100.0,
+                "rss_mb_mean": 2800.0,
+            }
         (d / "summary.json").write_text(json.dumps(summary, indent=2))
-        (d / "metrics.jsonl").write_text("".join(json.dumps(
-            {"epoch": e + 1, "step": 100 * (e + 1), "lr": 5e-4 * 0.5 * (1 + np.cos(np.pi * e / n_epochs)),
-             "train_loss": 2 / (e + 1), "train_top1": float(train[e]), "val_loss": 2.2 / (e + 1),
-             "val_top1": float(val[e]), "epoch_time_s": float(times[e]), "train_img_s": 5000 * speed}) + "\n"
-            for e in range(n_epochs)))
-        (d / "hardware.jsonl").write_text("".join(json.dumps(
-            {"t": 5.0 * i, "cpu_percent": 100.0 + rng.normal(0, 5), "rss_mb": 2800.0 + i,
-             "gpu_mem_mb": 8000.0 / speed, "gpu_util": None}) + "\n" for i in range(30)))
+        (d / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "epoch": e + 1,
+                        "step": 100 * (e + 1),
+                        "lr": 5e-4 * 0.5 * (1 + np.cos(np.pi * e / n_epochs)),
+                        "train_loss": 2 / (e + 1),
+                        "train_top1": float(train[e]),
+                        "val_loss": 2.2 / (e + 1),
+                        "val_top1": float(val[e]),
+                        "epoch_time_s": float(times[e]),
+                        "train_img_s": 5000 * speed,
+                    }
+                )
+                + "\n"
+                for e in range(n_epochs)
+            )
+        )
+        (d / "hardware.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "t": 5.0 * i,
+                        "cpu_percent": 100.0 + rng.normal(0, 5),
+                        "rss_mb": 2800.0 + i,
+                        "gpu_mem_mb": 8000.0 / speed,
+                        "gpu_util": None,
+                    }
+                )
+                + "\n"
+                for i in range(30)
+            )
+        )
         (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     return study
 
@@ -125,8 +206,10 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"{len(runs)} runs, {len(epochs)} epoch rows, {len(analysis.summary)} summary rows, "
-          f"{len(analysis.comparisons)} comparisons (cells by {', '.join(analysis.group_by)})")
+    print(
+        f"{len(runs)} runs, {len(epochs)} epoch rows, {len(analysis.summary)} summary rows, "
+        f"{len(analysis.comparisons)} comparisons (cells by {', '.join(analysis.group_by)})"
+    )
     print(f"  write synthetic runs        {t_gen:6.2f} s (not part of the analysis)")
     print(f"  import analysis             {t_import:6.2f} s")
     print(f"  collect_runs                {t_collect:6.2f} s")

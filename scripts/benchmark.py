@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stackwise_bench.precision import synchronize  # noqa: E402
+from stackwise_bench.training.precision import synchronize  # noqa: E402
 
 FIGURES = ("overhead", "pipeline", "startup", "sweep", "knobs", "gpu")
 
@@ -68,14 +69,30 @@ class Budget:
 # between steps of one run, so the budget buys many repetitions. Each arm still runs ~3 s: with
 # resnet8 arms of 14 steps (0.7 s) one neighbour's burst swung a repetition's ratio 0.6-1.4.
 BUDGETS = {
-    "full": Budget(reps=11, steps={"resnet8": 60, "vit_tiny_p4": 8, "deit_tiny": 30},
-                   batch={"resnet8": 64, "vit_tiny_p4": 32, "deit_tiny": 64}, warmup_steps=2,
-                   pipeline_images=4096, startup_reps=7, sweep_reps=2, sweep_epochs=20,
-                   sweep_default_epochs=5, compile=True),
-    "quick": Budget(reps=5, steps={"resnet8": 20, "vit_tiny_p4": 5, "deit_tiny": 12},
-                    batch={"resnet8": 64, "vit_tiny_p4": 16, "deit_tiny": 64}, warmup_steps=1,
-                    pipeline_images=1024, startup_reps=3, sweep_reps=1, sweep_epochs=6,
-                    sweep_default_epochs=2, compile=False),
+    "full": Budget(
+        reps=11,
+        steps={"resnet8": 60, "vit_tiny_p4": 8, "deit_tiny": 30},
+        batch={"resnet8": 64, "vit_tiny_p4": 32, "deit_tiny": 64},
+        warmup_steps=2,
+        pipeline_images=4096,
+        startup_reps=7,
+        sweep_reps=2,
+        sweep_epochs=20,
+        sweep_default_epochs=5,
+        compile=True,
+    ),
+    "quick": Budget(
+        reps=5,
+        steps={"resnet8": 20, "vit_tiny_p4": 5, "deit_tiny": 12},
+        batch={"resnet8": 64, "vit_tiny_p4": 16, "deit_tiny": 64},
+        warmup_steps=1,
+        pipeline_images=1024,
+        startup_reps=3,
+        sweep_reps=1,
+        sweep_epochs=6,
+        sweep_default_epochs=2,
+        compile=False,
+    ),
 }
 
 # ---------------------------------------------------------------------------------- measuring
@@ -91,7 +108,7 @@ def interleaved(reps: int, arms: dict, warmup: bool = False) -> dict[str, list[f
         arms[name](-1)
     samples = {name: [] for name in arms}
     for rep in range(reps):
-        for name in (list(arms) if rep % 2 == 0 else list(arms)[::-1]):
+        for name in list(arms) if rep % 2 == 0 else list(arms)[::-1]:
             samples[name].append(arms[name](rep))
     return samples
 
@@ -99,10 +116,16 @@ def interleaved(reps: int, arms: dict, warmup: bool = False) -> dict[str, list[f
 def compare(samples: dict, a: str, b: str) -> dict:
     """Medians of arms ``a`` and ``b`` and the median (min, max) over repetitions of the ratio a/b."""
     ratios = [x / y for x, y in zip(samples[a], samples[b])]
-    return {"a": a, "b": b, "a_median": statistics.median(samples[a]), "b_median": statistics.median(samples[b]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "samples": samples}
-
-
+    return {
+        "a": a,
+        "b": b,
+        "a_median": statistics.median(samples[a]),
+        "b_median": statistics.median(samples[b]),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "samples": samples,
+    }
 
 
 class StepClock:
@@ -155,16 +178,27 @@ def train_overrides(model: str, precision: str, b: Budget, *extra: str) -> list[
     """One epoch of about ``b.steps`` steps on a synthetic CIFAR-shaped set (10 classes, 32 px), no augmentation."""
     batch, steps = b.batch[model], b.steps[model]
     num_train = max(math.ceil(batch * steps / 0.9) + 10, 60)  # 10% goes to validation: >= 1 per class
-    return [f"model={model}", f"precision={precision}", "model.pretrained=false", "augmentation=none",
-            "dataset=synthetic", "dataset.num_classes=10", f"dataset.num_train={num_train}",
-            f"dataset.num_test={batch}", f"trainer.batch_size={batch}", f"trainer.eval_batch_size={batch}",
-            "trainer.max_epochs=1", "trainer.progress=log", *extra]
+    return [
+        f"model={model}",
+        f"precision={precision}",
+        "model.pretrained=false",
+        "augmentation=none",
+        "dataset=synthetic",
+        "dataset.num_classes=10",
+        f"dataset.num_train={num_train}",
+        f"dataset.num_test={batch}",
+        f"trainer.batch_size={batch}",
+        f"trainer.eval_batch_size={batch}",
+        "trainer.max_epochs=1",
+        "trainer.progress=log",
+        *extra,
+    ]
 
 
 def framework_img_s(overrides: list[str], run_dir: Path, b: Budget, rows: list | None = None) -> float:
     """``stackwise_bench.train.run`` on the composed config, as ``python -m stackwise_bench.train`` runs it."""
-    from stackwise_bench.precision import resolve_device
     from stackwise_bench.train import run
+    from stackwise_bench.training.precision import resolve_device
 
     cfg = compose(overrides)
     with StepClock(resolve_device(cfg.trainer.device)) as clock:
@@ -180,10 +214,9 @@ def bare_img_s(overrides: list[str], b: Budget) -> float:
     What anyone would write: the uint8 set on the device, a permutation per epoch, normalise,
     AdamW over ``model.parameters()``, grad-norm clip, cosine LR per step. No logging, no metrics.
     """
-    from stackwise_bench.models import create_model
-    from stackwise_bench.precision import autocast, resolve_device
-    from stackwise_bench.train import instantiate
-    from stackwise_bench.trainer import is_convnet
+    from stackwise_bench.build import instantiate
+    from stackwise_bench.nn.models import create_model, is_convnet
+    from stackwise_bench.training.precision import autocast, resolve_device
 
     cfg = compose(overrides)
     device = resolve_device(cfg.trainer.device)
@@ -193,7 +226,9 @@ def bare_img_s(overrides: list[str], b: Budget) -> float:
     fmt = torch.channels_last if cfg.trainer.channels_last and is_convnet(model) else torch.contiguous_format
     model.to(memory_format=fmt)
     # fused: what optimizer.implementation=auto picks, so this figure is about the loop, not the kernel
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
+    )
     x, y = data.train_x.to(device), data.train_y.to(device)
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
@@ -203,7 +238,7 @@ def bare_img_s(overrides: list[str], b: Budget) -> float:
     with StepClock(device) as clock:
         perm = torch.randperm(len(x), device=device)
         for step in range(steps):
-            idx = perm[step * batch:(step + 1) * batch]
+            idx = perm[step * batch : (step + 1) * batch]
             xb = ((x[idx].float() / 255 - mean) / std).contiguous(memory_format=fmt)
             if size != xb.shape[-1]:
                 xb = F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False)
@@ -227,10 +262,23 @@ def fig_overhead(b: Budget, work: Path) -> list[dict]:
         for precision in ("fp32", "bf16"):
             ov = train_overrides(model, precision, b)
             reps = 2 * b.reps if model == "resnet8" else b.reps  # cheap runs, with the widest run-to-run spread
-            s = interleaved(reps, {"framework": lambda r: framework_img_s(ov, work / f"ov-{model}-{precision}-{r}", b),
-                                     "bare": lambda r: bare_img_s(ov, b)}, warmup=True)
-            out.append({"figure": "overhead", "setting": f"train img/s, framework / bare loop: {model} {precision} "
-                        f"batch {b.batch[model]}", "unit": "img/s", "goal": ">= 0.97", **compare(s, "framework", "bare")})
+            s = interleaved(
+                reps,
+                {
+                    "framework": lambda r: framework_img_s(ov, work / f"ov-{model}-{precision}-{r}", b),
+                    "bare": lambda r: bare_img_s(ov, b),
+                },
+                warmup=True,
+            )
+            out.append(
+                {
+                    "figure": "overhead",
+                    "setting": f"train img/s, framework / bare loop: {model} {precision} batch {b.batch[model]}",
+                    "unit": "img/s",
+                    "goal": ">= 0.97",
+                    **compare(s, "framework", "bare"),
+                }
+            )
     return out
 
 
@@ -252,9 +300,9 @@ class PILSet(torch.utils.data.Dataset):
 def fig_pipeline(b: Budget, work: Path) -> list[dict]:
     from torchvision import transforms as T
 
-    from stackwise_bench.augment import BatchAugment
     from stackwise_bench.data import BatchLoader
-    from stackwise_bench.precision import resolve_device
+    from stackwise_bench.data.augment import BatchAugment
+    from stackwise_bench.training.precision import resolve_device
 
     device = resolve_device("auto")
     batch = 128
@@ -266,15 +314,32 @@ def fig_pipeline(b: Budget, work: Path) -> list[dict]:
     for size in (32, 224):
         n = len(x_all) if size == 32 else b.pipeline_images  # 224 px batches cost ~50x more: fewer of them
         x, y = x_all[:n], y_all[:n]
-        ours = BatchLoader(x, y, batch, device=device, out_size=size, mean=mean, std=std, augment=BatchAugment(),
-                           shuffle=True, drop_last=True)
+        ours = BatchLoader(
+            x,
+            y,
+            batch,
+            device=device,
+            out_size=size,
+            mean=mean,
+            std=std,
+            augment=BatchAugment(),
+            shuffle=True,
+            drop_last=True,
+        )
         tf = [T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
         tf += [T.Resize(size)] if size != 32 else []
         tf += [T.ToTensor(), T.Normalize(mean, std)]
         ds = PILSet(x.permute(0, 2, 3, 1).contiguous().numpy(), y.numpy(), T.Compose(tf))
         # persistent workers, timed after a warm-up pass: worker start-up is not counted against torchvision
-        ref = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True,
-                                          persistent_workers=True, pin_memory=device.type == "cuda")
+        ref = torch.utils.data.DataLoader(
+            ds,
+            batch_size=batch,
+            shuffle=True,
+            num_workers=2,
+            drop_last=True,
+            persistent_workers=True,
+            pin_memory=device.type == "cuda",
+        )
 
         def ours_pass(epoch):
             synchronize(device)
@@ -283,11 +348,11 @@ def fig_pipeline(b: Budget, work: Path) -> list[dict]:
             synchronize(device)
             return seen / (time.perf_counter() - t0)
 
-        def ref_pass(_):
+        def ref_pass(_, loader=ref):
             synchronize(device)
             t0 = time.perf_counter()
             seen = 0
-            for xb, yb in ref:
+            for xb, yb in loader:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 seen += len(yb)
             synchronize(device)
@@ -295,10 +360,17 @@ def fig_pipeline(b: Budget, work: Path) -> list[dict]:
 
         ours_pass(0), ref_pass(0)  # warm-up: workers, allocator, kernels
         s = interleaved(b.reps, {"batched": lambda r: ours_pass(r + 1), "torchvision": ref_pass})
-        del ref
-        out.append({"figure": "pipeline", "setting": f"img/s, batched / torchvision PIL: crop+flip"
-                    f"{'+resize' if size != 32 else ''}+normalise to {size} px, batch {batch}", "unit": "img/s",
-                    "goal": ">= 6" if size == 32 else ">= 2.5", **compare(s, "batched", "torchvision")})
+        del ref_pass, ref  # shuts the persistent workers down before the next size
+        out.append(
+            {
+                "figure": "pipeline",
+                "setting": f"img/s, batched / torchvision PIL: crop+flip"
+                f"{'+resize' if size != 32 else ''}+normalise to {size} px, batch {batch}",
+                "unit": "img/s",
+                "goal": ">= 6" if size == 32 else ">= 2.5",
+                **compare(s, "batched", "torchvision"),
+            }
+        )
     return out
 
 
@@ -312,7 +384,7 @@ runpy.run_module("stackwise_bench.train", run_name="__main__", alter_sys=True)
 
 BARE_FIRST_STEP = """
 import torch, torch.nn.functional as F
-from stackwise_bench.models import create_model
+from stackwise_bench.nn.models import create_model
 model = create_model("resnet8", 10)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 F.cross_entropy(model(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,))).backward()
@@ -337,10 +409,22 @@ def fig_startup(b: Budget, work: Path) -> list[dict]:
         "bare first step": lambda r: timed_process([py, "-c", BARE_FIRST_STEP]),
     }
     s = interleaved(b.startup_reps, arms)
-    return [{"figure": "startup", "setting": "default run to 1st optimizer step / import torch", "unit": "s",
-             "goal": "<= 1.8", **compare(s, "default run", "import torch")},
-            {"figure": "startup", "setting": "floor: bare script (resnet8, AdamW) to 1st step / import torch",
-             "unit": "s", "goal": "", **compare(s, "bare first step", "import torch")}]
+    return [
+        {
+            "figure": "startup",
+            "setting": "default run to 1st optimizer step / import torch",
+            "unit": "s",
+            "goal": "<= 1.8",
+            **compare(s, "default run", "import torch"),
+        },
+        {
+            "figure": "startup",
+            "setting": "floor: bare script (resnet8, AdamW) to 1st step / import torch",
+            "unit": "s",
+            "goal": "",
+            **compare(s, "bare first step", "import torch"),
+        },
+    ]
 
 
 SWEEP_JOB = ["trainer.progress=log"]  # the default run (resnet8 on digits)
@@ -349,90 +433,174 @@ SWEEP_JOB = ["trainer.progress=log"]  # the default run (resnet8 on digits)
 # nothing: what a seed/LR sweep of small models looks like. Each process also pays ~8 s of
 # imports (torch, torch._dynamo, torchmetrics) that no n_jobs can share, so shorter jobs gain less
 # (10 epochs: 1.58x in the run of 2026-11-21).
-TINY_SWEEP_JOB = [*SWEEP_JOB, "dataset.img_size=8", "model.img_size=8", "trainer.batch_size=16",
-                  "trainer.early_stopping_patience=null"]
+TINY_SWEEP_JOB = [
+    *SWEEP_JOB,
+    "dataset.img_size=8",
+    "model.img_size=8",
+    "trainer.batch_size=16",
+    "trainer.early_stopping_patience=null",
+]
 
 
 def fig_sweep(b: Budget, work: Path) -> list[dict]:
     def sweep(name: str, job: list[str], epochs: int):
         def arm(n_jobs: int, rep: int) -> float:
             sweep_dir = work / f"sweep-{name}-n{n_jobs}-{rep}"
-            seconds = timed_process([sys.executable, "-m", "stackwise_bench.train", "--multirun", "seed=1,2,3,4",
-                                     f"trainer.max_epochs={epochs}", *job, f"hydra.launcher.n_jobs={n_jobs}",
-                                     f"hydra.sweep.dir={sweep_dir}"], timeout=1800)
+            seconds = timed_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "stackwise_bench.train",
+                    "--multirun",
+                    "seed=1,2,3,4",
+                    f"trainer.max_epochs={epochs}",
+                    *job,
+                    f"hydra.launcher.n_jobs={n_jobs}",
+                    f"hydra.sweep.dir={sweep_dir}",
+                ],
+                timeout=1800,
+            )
             done = [json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/summary.json")]
             if sorted(done) != ["completed"] * 4:
                 raise RuntimeError(f"sweep with n_jobs={n_jobs} finished {done} instead of 4 completed jobs")
             return seconds
+
         return {"n_jobs=2": lambda r: arm(2, r), "n_jobs=1": lambda r: arm(1, r)}
 
     s = interleaved(b.sweep_reps, sweep("tiny", TINY_SWEEP_JOB, b.sweep_epochs))
-    rows = [{"figure": "sweep", "setting": f"wall s, n_jobs=1 / n_jobs=2: 4 tiny jobs x {b.sweep_epochs} epochs "
-             "(resnet8, digits 8 px, batch 16)", "unit": "s", "goal": ">= 1.7", **compare(s, "n_jobs=1", "n_jobs=2")}]
+    rows = [
+        {
+            "figure": "sweep",
+            "setting": f"wall s, n_jobs=1 / n_jobs=2: 4 tiny jobs x {b.sweep_epochs} epochs "
+            "(resnet8, digits 8 px, batch 16)",
+            "unit": "s",
+            "goal": ">= 1.7",
+            **compare(s, "n_jobs=1", "n_jobs=2"),
+        }
+    ]
     s = interleaved(1, sweep("default", SWEEP_JOB, b.sweep_default_epochs))
-    rows.append({"figure": "sweep", "setting": f"wall s, n_jobs=1 / n_jobs=2: 4 default jobs x {b.sweep_default_epochs} "
-                 "epochs (resnet8, digits 32 px, batch 64)", "unit": "s", "goal": "", **compare(s, "n_jobs=1", "n_jobs=2")})
+    rows.append(
+        {
+            "figure": "sweep",
+            "setting": f"wall s, n_jobs=1 / n_jobs=2: 4 default jobs x {b.sweep_default_epochs} "
+            "epochs (resnet8, digits 32 px, batch 64)",
+            "unit": "s",
+            "goal": "",
+            **compare(s, "n_jobs=1", "n_jobs=2"),
+        }
+    )
     # Why the default job gains less: one job already spreads over every core. Two 1-thread jobs beat
     # one all-thread job by at most cores / (what the extra threads give one job).
     cores, job = torch.get_num_threads(), [*SWEEP_JOB, "trainer.max_epochs=1", "monitors=none"]
     if cores > 1:
-        s = interleaved(min(b.reps, 5), {
-            "all": lambda r: framework_img_s([*job, f"trainer.threads={cores}"], work / f"threads-all-{r}", b),
-            "one": lambda r: framework_img_s([*job, "trainer.threads=1"], work / f"threads-one-{r}", b)}, warmup=True)
+        s = interleaved(
+            min(b.reps, 5),
+            {
+                "all": lambda r: framework_img_s([*job, f"trainer.threads={cores}"], work / f"threads-all-{r}", b),
+                "one": lambda r: framework_img_s([*job, "trainer.threads=1"], work / f"threads-one-{r}", b),
+            },
+            warmup=True,
+        )
         torch.set_num_threads(cores)
-        rows.append({"figure": "sweep", "setting": f"ceiling for default jobs: one job's train img/s, {cores} threads / 1 "
-                     f"(n_jobs={cores} gains at most {cores} / this)", "unit": "img/s", "goal": "", **compare(s, "all", "one")})
+        rows.append(
+            {
+                "figure": "sweep",
+                "setting": f"ceiling for default jobs: one job's train img/s, {cores} threads / 1 "
+                f"(n_jobs={cores} gains at most {cores} / this)",
+                "unit": "img/s",
+                "goal": "",
+                **compare(s, "all", "one"),
+            }
+        )
     return rows
 
 
 def fig_knobs(b: Budget, work: Path) -> list[dict]:
-    from stackwise_bench.precision import resolve_device
+    from stackwise_bench.training.precision import resolve_device
 
     device = resolve_device("auto")
     out = []
     for precision in ("fp32", "bf16"):
         ov = train_overrides("resnet8", precision, b)
-        s = interleaved(b.reps, {
-            "on": lambda r: framework_img_s([*ov, "trainer.channels_last=true"], work / f"cl-on-{precision}-{r}", b),
-            "off": lambda r: framework_img_s([*ov, "trainer.channels_last=false"], work / f"cl-off-{precision}-{r}", b)}, warmup=True)
-        out.append({"figure": "knobs", "setting": f"trainer.channels_last on / off: resnet8 {precision} train img/s",
-                    "unit": "img/s", "goal": "", **compare(s, "on", "off")})
+        s = interleaved(
+            b.reps,
+            {
+                "on": lambda r: framework_img_s(
+                    [*ov, "trainer.channels_last=true"], work / f"cl-on-{precision}-{r}", b
+                ),
+                "off": lambda r: framework_img_s(
+                    [*ov, "trainer.channels_last=false"], work / f"cl-off-{precision}-{r}", b
+                ),
+            },
+            warmup=True,
+        )
+        out.append(
+            {
+                "figure": "knobs",
+                "setting": f"trainer.channels_last on / off: resnet8 {precision} train img/s",
+                "unit": "img/s",
+                "goal": "",
+                **compare(s, "on", "off"),
+            }
+        )
     if "data_on_device" in compose([]).trainer and device.type == "cuda":
         ov = train_overrides("resnet8", "bf16", b)
-        s = interleaved(b.reps, {
-            "host": lambda r: framework_img_s([*ov, "trainer.data_on_device=false"], work / f"host-{r}", b),
-            "device": lambda r: framework_img_s([*ov, "trainer.data_on_device=true"], work / f"dev-{r}", b)}, warmup=True)
-        out.append({"figure": "knobs", "setting": "data in pinned host memory + non_blocking copies / on device: "
-                    "resnet8 bf16 train img/s", "unit": "img/s", "goal": "", **compare(s, "host", "device")})
+        s = interleaved(
+            b.reps,
+            {
+                "host": lambda r: framework_img_s([*ov, "trainer.data_on_device=false"], work / f"host-{r}", b),
+                "device": lambda r: framework_img_s([*ov, "trainer.data_on_device=true"], work / f"dev-{r}", b),
+            },
+            warmup=True,
+        )
+        out.append(
+            {
+                "figure": "knobs",
+                "setting": "data in pinned host memory + non_blocking copies / on device: resnet8 bf16 train img/s",
+                "unit": "img/s",
+                "goal": "",
+                **compare(s, "host", "device"),
+            }
+        )
     if b.compile:
         out.append(_compile_knob(b, work))
     out += [_adamw_knob(b, device), *_inference_knobs(b, device)]
     return out
 
 
-def _compile_knob(b: Budget, work: Path) -> dict:
-    ov = train_overrides("resnet8", "fp32", b)
-    extra_s = []
+def _compile_knob(b: Budget, work: Path, model: str = "resnet8", precision: str = "fp32", reps: int = 3) -> dict:
+    ov = train_overrides(model, precision, b)
+    compile_s = []
 
     def compiled(r):
         rows = []
-        img_s = framework_img_s([*ov, "trainer.compile=true"], work / f"compile-{r}", b, rows)
-        extra_s.append(rows[0]["epoch_time_s"] - b.steps["resnet8"] * b.batch["resnet8"] / img_s)  # ~ compile time
+        img_s = framework_img_s([*ov, "trainer.compile=true"], work / f"compile-{model}-{precision}-{r}", b, rows)
+        compile_s.append(rows[0]["compile_time_s"])  # the first step, compilation included (out of train_img_s)
         return img_s
 
     saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")  # the first compile starts cold
     try:
-        s = interleaved(3, {"compile": compiled, "eager": lambda r: framework_img_s(ov, work / f"eager-{r}", b)})
+        s = interleaved(
+            reps,
+            {"compile": compiled, "eager": lambda r: framework_img_s(ov, work / f"eager-{model}-{precision}-{r}", b)},
+        )
     finally:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if saved is None else os.environ.update(TORCHINDUCTOR_CACHE_DIR=saved)
-    return {"figure": "knobs", "setting": "trainer.compile on / off: resnet8 fp32 steady train img/s", "unit": "img/s",
-            "goal": "", **compare(s, "compile", "eager"), "compile_s": extra_s[0], "compile_s_each": extra_s}
+    return {
+        "figure": "knobs",
+        "setting": f"trainer.compile on / off: {model} {precision} steady train img/s",
+        "unit": "img/s",
+        "goal": "",
+        **compare(s, "compile", "eager"),
+        "compile_s": compile_s[0],
+        "compile_s_each": compile_s,
+    }
 
 
 def _adamw_knob(b: Budget, device: torch.device, model: str = "vit_tiny_p4") -> dict:
     """One AdamW step over a model's parameters (5.5M for vit_tiny_p4), per optimizer.implementation."""
-    from stackwise_bench.models import create_model
+    from stackwise_bench.nn.models import create_model
 
     params = [p.detach().to(device).requires_grad_() for p in create_model(model, 10).parameters()]
     for p in params:
@@ -449,12 +617,18 @@ def _adamw_knob(b: Budget, device: torch.device, model: str = "vit_tiny_p4") -> 
                 optims[name].step()
             synchronize(device)
             return (time.perf_counter() - t0) / 5 * 1e3
+
         return arm
 
     s = interleaved(b.reps, {name: step_ms(name) for name in impls})
     default = "foreach" if device.type == "cuda" else "loop"  # what torch.optim picks when not told
-    row = {"figure": "knobs", "setting": f"AdamW step ms on {model}, torch default ({default}) / fused (= auto)",
-           "unit": "ms", "goal": "", **compare(s, default, "fused")}
+    row = {
+        "figure": "knobs",
+        "setting": f"AdamW step ms on {model}, torch default ({default}) / fused (= auto)",
+        "unit": "ms",
+        "goal": "",
+        **compare(s, default, "fused"),
+    }
     row["foreach_ms"] = statistics.median(s["foreach"])
     return row
 
@@ -462,8 +636,8 @@ def _adamw_knob(b: Budget, device: torch.device, model: str = "vit_tiny_p4") -> 
 def _inference_knobs(b: Budget, device: torch.device) -> list[dict]:
     """evaluate() at the train batch vs trainer.eval_batch_size, and inference_mode vs no_grad."""
     from stackwise_bench.data import BatchLoader
-    from stackwise_bench.metrics import evaluate
-    from stackwise_bench.models import create_model
+    from stackwise_bench.nn.models import create_model
+    from stackwise_bench.training.metrics import evaluate
 
     model = create_model("resnet8", 10).to(device, memory_format=torch.channels_last).eval()
     n, reps = 2 * b.pipeline_images, min(b.reps, 5)
@@ -477,8 +651,15 @@ def _inference_knobs(b: Budget, device: torch.device) -> list[dict]:
     evaluate(model, loaders[512], 10, contextlib.nullcontext, device)  # warm-up
     s = interleaved(reps, {"512": eval_img_s(512), "64": eval_img_s(64)})
     auto = "512" if device.type == "cuda" else "the training batch"
-    rows = [{"figure": "knobs", "setting": f"eval batch 512 / 64: resnet8 fp32 evaluate() img/s (null picks {auto})", "unit": "img/s",
-             "goal": "", **compare(s, "512", "64")}]
+    rows = [
+        {
+            "figure": "knobs",
+            "setting": f"eval batch 512 / 64: resnet8 fp32 evaluate() img/s (null picks {auto})",
+            "unit": "img/s",
+            "goal": "",
+            **compare(s, "512", "64"),
+        }
+    ]
     batches = [xb for xb, _ in loaders[512].epoch(0)]
 
     def forward_img_s(mode):
@@ -490,23 +671,40 @@ def _inference_knobs(b: Budget, device: torch.device) -> list[dict]:
                     model(xb)
             synchronize(device)
             return n / (time.perf_counter() - t0)
+
         return arm
 
-    s = interleaved(reps, {"inference_mode": forward_img_s(torch.inference_mode), "no_grad": forward_img_s(torch.no_grad)})
-    rows.append({"figure": "knobs", "setting": "torch.inference_mode / no_grad: resnet8 fp32 forward img/s, batch 512",
-                 "unit": "img/s", "goal": "", **compare(s, "inference_mode", "no_grad")})
+    s = interleaved(
+        reps, {"inference_mode": forward_img_s(torch.inference_mode), "no_grad": forward_img_s(torch.no_grad)}
+    )
+    rows.append(
+        {
+            "figure": "knobs",
+            "setting": "torch.inference_mode / no_grad: resnet8 fp32 forward img/s, batch 512",
+            "unit": "img/s",
+            "goal": "",
+            **compare(s, "inference_mode", "no_grad"),
+        }
+    )
     return rows
 
 
 # Dense (no sparsity) peak TFLOP/s from vendor datasheets: bf16/fp16 tensor cores, and plain FP32 (no TF32).
 # First match of the substring in torch.cuda.get_device_name() wins, so specific names come first.
 PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}), ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
-    ("H100", {"bf16": 989.4, "fp32": 66.9}), ("H200", {"bf16": 989.4, "fp32": 66.9}),
-    ("GH200", {"bf16": 989.4, "fp32": 66.9}), ("B200", {"bf16": 2250.0, "fp32": 80.0}),
-    ("A100", {"bf16": 312.0, "fp32": 19.5}), ("L40S", {"bf16": 362.1, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp32": 30.3}), ("A10G", {"bf16": 70.0, "fp32": 31.2}), ("A10", {"bf16": 125.0, "fp32": 31.2}),
-    ("RTX 4090", {"bf16": 165.2, "fp32": 82.6}), ("RTX 3090", {"bf16": 71.0, "fp32": 35.6}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "fp32": 66.9}),
+    ("GH200", {"bf16": 989.4, "fp32": 66.9}),
+    ("B200", {"bf16": 2250.0, "fp32": 80.0}),
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp32": 30.3}),
+    ("A10G", {"bf16": 70.0, "fp32": 31.2}),
+    ("A10", {"bf16": 125.0, "fp32": 31.2}),
+    ("RTX 4090", {"bf16": 165.2, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp32": 35.6}),
 ]
 
 
@@ -519,7 +717,7 @@ def train_flops_per_image(model_name: str, img_size: int, device: torch.device) 
     """Forward + backward FLOPs of one image, counted by torch.utils.flop_counter (matmuls, convs, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stackwise_bench.models import create_model
+    from stackwise_bench.nn.models import create_model
 
     model = create_model(model_name, 10, img_size=img_size).to(device)
     x = torch.randn(4, 3, img_size, img_size, device=device)
@@ -529,22 +727,66 @@ def train_flops_per_image(model_name: str, img_size: int, device: torch.device) 
 
 
 def fig_gpu(b: Budget, work: Path) -> list[dict]:
+    """deit_tiny at 224 and resnet8 at 32 (bf16 / fp32, MFU against the bf16 tensor-core peak), compile, FP8."""
     if not torch.cuda.is_available():
-        return [{"figure": "gpu", "setting": "no CUDA device on this machine: deit_tiny/MFU figures skipped",
-                 "skipped": True}]
+        return [
+            {
+                "figure": "gpu",
+                "setting": "no CUDA device on this machine: deit_tiny/MFU figures skipped",
+                "skipped": True,
+            }
+        ]
     device = torch.device("cuda")
+    # Batches that keep a datacenter GPU busy (the CPU budget's 64 would measure kernel launches).
+    g = dataclasses.replace(
+        b,
+        batch={**b.batch, "deit_tiny": 256, "resnet8": 512},
+        steps={**b.steps, "deit_tiny": max(b.steps["deit_tiny"], 20), "resnet8": 30},
+    )
+    peak = peak_flops(device, "bf16")
+    reps = min(b.reps, 3)  # scripts/gpu_check.sh has 8 minutes for the tests and every GPU row
     out = []
     for model, size in (("deit_tiny", 224), ("resnet8", 32)):
         flops = train_flops_per_image(model, size, device)
-        ovs = {p: train_overrides(model, p, b) for p in ("bf16", "fp32")}
-        s = interleaved(b.reps, {p: (lambda r, p=p: framework_img_s(ovs[p], work / f"gpu-{model}-{p}-{r}", b)) for p in ovs})
-        row = {"figure": "gpu", "setting": f"{model} at {size} px, batch {b.batch[model]}: train img/s bf16 / fp32",
-               "unit": "img/s", "goal": "", **compare(s, "bf16", "fp32"), "train_flops_per_image": flops,
-               "gpu": torch.cuda.get_device_name(device)}
-        for p in ovs:
-            peak = peak_flops(device, p)
+        ovs = {p: train_overrides(model, p, g) for p in ("bf16", "fp32")}
+        s = interleaved(
+            reps, {p: (lambda r, p=p: framework_img_s(ovs[p], work / f"gpu-{model}-{p}-{r}", g)) for p in ovs}
+        )
+        row = {
+            "figure": "gpu",
+            "setting": f"{model} at {size} px, batch {g.batch[model]}: train img/s bf16 / fp32",
+            "unit": "img/s",
+            "goal": "",
+            **compare(s, "bf16", "fp32"),
+            "train_flops_per_image": flops,
+            "gpu": torch.cuda.get_device_name(device),
+            "peak_bf16_tflops": peak / 1e12 if peak else None,
+        }
+        for p in ovs:  # both against the bf16 peak: what the chip could do, not what fp32 could
             row[f"mfu_{p}"] = statistics.median(s[p]) * flops / peak if peak else None
         out.append(row)
+    out.append({**_compile_knob(g, work, "deit_tiny", "bf16", reps=2), "figure": "gpu"})
+    if tuple(torch.cuda.get_device_capability(device)) >= (8, 9) and importlib.util.find_spec("torchao"):
+        ovs = {p: train_overrides("deit_tiny", p, g, "trainer.compile=true") for p in ("fp8", "bf16")}
+        s = interleaved(2, {p: (lambda r, p=p: framework_img_s(ovs[p], work / f"gpu-fp8-{p}-{r}", g)) for p in ovs})
+        out.append(
+            {
+                "figure": "gpu",
+                "setting": f"precision=fp8 / bf16: deit_tiny at 224, batch {g.batch['deit_tiny']}, "
+                "compiled, train img/s",
+                "unit": "img/s",
+                "goal": "",
+                **compare(s, "fp8", "bf16"),
+            }
+        )
+    else:
+        out.append(
+            {
+                "figure": "gpu",
+                "setting": "precision=fp8: needs compute capability 8.9+ and torchao: skipped",
+                "skipped": True,
+            }
+        )
     return out
 
 
@@ -574,19 +816,39 @@ def table(rows: list[dict]) -> str:
             continue
         extra = "".join(f"; {k} {v:.1%}" for k, v in r.items() if k.startswith("mfu_") and v is not None)
         extra += f"; 1st compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
-        lines.append(f"{r['figure']:<9} {r['setting'] + extra:<84} {cell(r['a_median'], r['unit']):>13} "
-                     f"{cell(r['b_median'], r['unit']):>13} {r['ratio']:>6.2f} "
-                     f"{'[' + format(r['ratio_min'], '.2f') + '-' + format(r['ratio_max'], '.2f') + ']':>13} "
-                     f"{r['goal']:>7} {met(r):>3}")
+        lines.append(
+            f"{r['figure']:<9} {r['setting'] + extra:<84} {cell(r['a_median'], r['unit']):>13} "
+            f"{cell(r['b_median'], r['unit']):>13} {r['ratio']:>6.2f} "
+            f"{'[' + format(r['ratio_min'], '.2f') + '-' + format(r['ratio_max'], '.2f') + ']':>13} "
+            f"{r['goal']:>7} {met(r):>3}"
+        )
     return "\n".join(lines)
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "platform": platform.platform(), "hostname": platform.node()}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -594,14 +856,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="smaller budget: the same figures in a few minutes")
     parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--out", default=None, help="JSON path (default multirun/benchmark/<full|quick>.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all cores)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load = _loadavg()
     if load and load[0] > (os.cpu_count() or 1):
-        print(f"warning: load average {load[0]} exceeds the {os.cpu_count()} cores: other work competes with every "
-              "figure (ratios stay paired, but multi-threaded arms suffer more)", file=sys.stderr)
+        print(
+            f"warning: load average {load[0]} exceeds the {os.cpu_count()} cores: other work competes with every "
+            "figure (ratios stay paired, but multi-threaded arms suffer more)",
+            file=sys.stderr,
+        )
     mode = "quick" if args.quick else "full"
     budget = BUDGETS[mode]
     only = [f.strip() for f in args.only.split(",") if f.strip()]
@@ -609,9 +876,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"--only {','.join(unknown)}: not a figure; choose from {','.join(FIGURES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "mode": mode, "budget": dataclasses.asdict(budget), "machine": machine(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": _loadavg(), "rows": []}
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "mode": mode,
+        "budget": dataclasses.asdict(budget),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": _loadavg(),
+        "rows": [],
+    }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stackwise-bench-") as tmp:
         for name in only:
@@ -629,9 +902,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
-    print(f"\n{mode} benchmark on {m['gpu'] or m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, "
-          f"torch {m['torch']}; load average {report['loadavg_start']} -> {report['loadavg_end']}; "
-          f"{report['seconds']:.0f} s\n")
+    print(
+        f"\n{mode} benchmark on {m['gpu'] or m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, "
+        f"torch {m['torch']}; load average {report['loadavg_start']} -> {report['loadavg_end']}; "
+        f"{report['seconds']:.0f} s\n"
+    )
     print(table(report["rows"]))
     print(f"\nA/B: median over repetitions of the per-repetition ratio (arms interleaved). JSON: {out}")
     return report["rows"]

@@ -21,10 +21,19 @@ import time
 from stackwise_bench.cli import parse_key_values
 from stackwise_bench.errors import ConfigError
 
-USAGE = ("usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
-         "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true]")
-DEFAULTS = {"runs": None, "metric": None, "baseline": None, "group_by": None, "out": None, "expect": None,
-            "plots": True}
+USAGE = (
+    "usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
+    "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true]"
+)
+DEFAULTS = {
+    "runs": None,
+    "metric": None,
+    "baseline": None,
+    "group_by": None,
+    "out": None,
+    "expect": None,
+    "plots": True,
+}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -58,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         from stackwise_bench.analysis.study import analyze_runs
 
         start = time.perf_counter()
-        a = analyze_runs(args["runs"], metric=args["metric"], baseline=args["baseline"],
-                         group_by=args["group_by"], expect=args["expect"])
+        a = analyze_runs(
+            args["runs"],
+            metric=args["metric"],
+            baseline=args["baseline"],
+            group_by=args["group_by"],
+            expect=args["expect"],
+        )
         command = "python -m stackwise_bench.analyze " + " ".join(shlex.quote(x) for x in argv)
         out_dir = write_report(a, args["out"], plots=args["plots"], command=command)
     except ConfigError as exc:
@@ -77,8 +91,10 @@ def print_summary(a, out_dir, seconds: float) -> None:
 
     finished = len(a.runs) - len(a.unfinished)
     base = ", ".join(f"{k}={v}" for k, v in a.baseline.items()) or "none"
-    print(f"{len(a.runs)} runs ({finished} finished) | cells by {', '.join(a.group_by) or '(all runs)'} "
-          f"| metric {a.metric} | baseline {base}\n")
+    print(
+        f"{len(a.runs)} runs ({finished} finished) | cells by {', '.join(a.group_by) or '(all runs)'} "
+        f"| metric {a.metric} | baseline {base}\n"
+    )
     print(screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline)))
     for view in a.views:
         if view.highlights:

@@ -33,4 +33,6 @@ def parse_key_values(argv: list[str], defaults: dict, usage: str) -> dict:
 
 
 def _keys(tree: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
+    return [
+        k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+    ]

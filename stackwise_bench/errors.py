@@ -7,3 +7,5 @@ class ConfigError(ValueError):
     The message is one sentence naming the config key, what was wrong and what
     to do, e.g. ``lora.rank=-1 must be a non-negative integer (0 = full fine-tuning); use e.g. lora.rank=8.``
     """
+
+    reason = "config"  # the run record's error.reason and the sweep's failure table

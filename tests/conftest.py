@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from stackwise_bench.runs.contract import METRICS, read_summary  # noqa: F401  (the tests read records as the package does)
+
+# The analysis tests' hand-built studies (peft_study, precision_studies, ...) are fixtures of every test module.
+pytest_plugins = ["fixtures_analysis"]
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# A tiny but real run: resnet8 on the synthetic set, two epochs, no background sampling delay.
+# A tiny but real run: resnet8 on the synthetic set, two epochs, no background sampling delay. On the CPU:
+# the tests that mean it say so, so a GPU workstation runs the same numbers (GPU tests: tests/test_gpu.py).
 TINY_DATA = ["dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64"]
 TINY = TINY_DATA + [
+    "trainer.device=cpu",
     "trainer.max_epochs=2",
     "trainer.batch_size=32",
     "trainer.eval_batch_size=64",
@@ -42,11 +49,7 @@ def cfg_factory():
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    return [json.loads(line) for line in (Path(run_dir) / METRICS).read_text().splitlines()]
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +61,15 @@ def _offline(monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

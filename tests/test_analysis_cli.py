@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_analysis import optimizer_study, peft_study, precision_studies  # noqa: F401
 
 import stackwise_bench
 from stackwise_bench.analyze import main, parse_args
@@ -35,10 +34,13 @@ def test_cli_study_with_baseline(precision_studies, tmp_path):
     assert plots == {"learning_curves.png", "lr_schedule.png", "throughput.png", "confusion_matrix.png"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["metric=test.top2"], "metric=test.top2 is not a numeric column"),
-    (["baseline=precison=fp32"], "baseline key 'precison' is not a config choice or override"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["metric=test.top2"], "metric=test.top2 is not a numeric column"),
+        (["baseline=precison=fp32"], "baseline key 'precison' is not a config choice or override"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_sentence(peft_study, args, message):
     res = _run(f"runs={peft_study}", "plots=false", *args)
     assert res.returncode == 2
@@ -48,9 +50,15 @@ def test_cli_bad_input_exits_2_with_one_sentence(peft_study, args, message):
 
 def test_cli_bad_input_in_process(tmp_path, peft_study, capsys):
     (tmp_path / "empty").mkdir()
-    cases = [[f"runs={tmp_path / 'empty'}"], [f"runs={tmp_path / 'nope'}"], ["metric=test.top1"],
-             [f"runs={peft_study}", "baseline=lora.rank=3"], [f"runs={peft_study}", "colour=red"],
-             [f"runs={peft_study}", "oops"], [f"runs={peft_study}", "group_by=[lora.rnak]"]]
+    cases = [
+        [f"runs={tmp_path / 'empty'}"],
+        [f"runs={tmp_path / 'nope'}"],
+        ["metric=test.top1"],
+        [f"runs={peft_study}", "baseline=lora.rank=3"],
+        [f"runs={peft_study}", "colour=red"],
+        [f"runs={peft_study}", "oops"],
+        [f"runs={peft_study}", "group_by=[lora.rnak]"],
+    ]
     for args in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err
@@ -59,8 +67,11 @@ def test_cli_bad_input_in_process(tmp_path, peft_study, capsys):
 
 def test_cli_expectation_failure_exits_1(optimizer_study, tmp_path, capsys):
     spec = tmp_path / "e.yaml"
-    spec.write_text(yaml.safe_dump([{"name": "adamw beats 95", "where": {"optimizer": "adamw"},
-                                     "metric": "test.top1", "range": [95, None]}]))
+    spec.write_text(
+        yaml.safe_dump(
+            [{"name": "adamw beats 95", "where": {"optimizer": "adamw"}, "metric": "test.top1", "range": [95, None]}]
+        )
+    )
     code = main([f"runs={optimizer_study}", f"expect={spec}", "plots=false", f"out={tmp_path / 'o'}"])
     out = capsys.readouterr().out
     assert code == 1 and "Expectations: 0 passed, 1 failed" in out and "FAIL adamw beats 95" in out

@@ -6,11 +6,12 @@ import json
 
 import pandas as pd
 import pytest
-from analysis_helpers import curve, finished_run, write_run
-from fixtures_analysis import PEFT_TOP1, lora_trainable, peft_study  # noqa: F401
 
 from stackwise_bench.analysis import collect_epochs, collect_runs, default_group_by, find_run_dirs, finished
 from stackwise_bench.errors import ConfigError
+
+from analysis_helpers import curve, finished_run, write_run
+from fixtures_analysis import PEFT_TOP1, lora_trainable
 
 N_FINISHED = sum(len(v) for v in PEFT_TOP1.values())
 
@@ -19,9 +20,24 @@ def test_one_row_per_run_with_override_columns_and_flat_metrics(peft_study):
     df = collect_runs(peft_study)
     assert len(df) == N_FINISHED + 2  # + the failed and the interrupted run
     assert df["run_dir"].is_unique
-    for col in ("status", "model", "dataset", "precision", "optimizer", "lora.rank", "seed",
-                "test.top1", "test.f1_macro", "params.trainable", "train.time_s", "train.best_val_top1",
-                "resources.peak_rss_mb", "env.device", "run.fingerprint", "overrides"):
+    for col in (
+        "status",
+        "model",
+        "dataset",
+        "precision",
+        "optimizer",
+        "lora.rank",
+        "seed",
+        "test.top1",
+        "test.f1_macro",
+        "params.trainable",
+        "train.time_s",
+        "train.best_val_top1",
+        "resources.peak_rss_mb",
+        "env.device",
+        "run.fingerprint",
+        "overrides",
+    ):
         assert col in df.columns, col
     assert "config" not in df.columns and not any(c.startswith("config.") for c in df.columns)
     done = df[df["status"] == "completed"]
@@ -100,8 +116,9 @@ def test_long_epoch_table(tmp_path):
 def test_default_group_by_skips_seed_and_redundant_experiment(tmp_path):
     for name, prec in (("BaseFP32", "fp32"), ("BaseFP16", "fp16")):
         for seed in (1, 2):
-            finished_run(tmp_path / name, str(seed), seed=seed, top1=50.0,
-                         choices={"experiment": name, "precision": prec})
+            finished_run(
+                tmp_path / name, str(seed), seed=seed, top1=50.0, choices={"experiment": name, "precision": prec}
+            )
     df = collect_runs(tmp_path)
     assert default_group_by(df) == ["precision"]
     assert "seed" not in default_group_by(df)
@@ -109,10 +126,17 @@ def test_default_group_by_skips_seed_and_redundant_experiment(tmp_path):
 
 def test_config_values_that_follow_a_choice_do_not_split_cells(tmp_path):
     for seed in (1, 2):  # optimizer=sgd brings lr 0.1, adamw 2e-3: not a second grouping key
-        finished_run(tmp_path, f"s{seed}", seed=seed, top1=50.0, overrides=["optimizer=sgd"],
-                     config_values={"optimizer.lr": 0.1})
-        finished_run(tmp_path, f"a{seed}", seed=seed, top1=50.0, overrides=["optimizer=adamw"],
-                     config_values={"optimizer.lr": 2e-3})
+        finished_run(
+            tmp_path, f"s{seed}", seed=seed, top1=50.0, overrides=["optimizer=sgd"], config_values={"optimizer.lr": 0.1}
+        )
+        finished_run(
+            tmp_path,
+            f"a{seed}",
+            seed=seed,
+            top1=50.0,
+            overrides=["optimizer=adamw"],
+            config_values={"optimizer.lr": 2e-3},
+        )
     df = collect_runs(tmp_path)
     assert sorted(df["optimizer.lr"].unique()) == [2e-3, 0.1]
     assert default_group_by(df) == ["optimizer"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from analysis_helpers import curve, finished_run
-from fixtures_analysis import (HEAD, PEFT_TOP1, lora_trainable, optimizer_study, peft_study,  # noqa: F401
-                               precision_studies)
 from scipy import stats
 
 from stackwise_bench.analysis import analyze_runs, collect_epochs, collect_runs, run_dynamics
+
+from analysis_helpers import curve, finished_run
+from fixtures_analysis import HEAD, PEFT_TOP1, lora_trainable
 
 
 def _dynamics(tmp_path):
@@ -67,8 +67,15 @@ def test_precision_view(precision_studies):
     assert t.loc[("fp16", "extended"), "speedup_vs_fp32"] == pytest.approx((fp32 + 5) / (fp16 + 5))
     assert t.loc[("fp16", "basic"), "epoch_time_mean_s"] == pytest.approx(50 / 3)
     assert t.loc[("fp32", "basic"), "cpu_percent_mean"] == 180.0
-    for col in ("best_val_top1", "final_train_top1", "overfitting", "final_val_loss", "time_s",
-                "epoch_time_std_s", "rss_mb_mean"):
+    for col in (
+        "best_val_top1",
+        "final_train_top1",
+        "overfitting",
+        "final_val_loss",
+        "time_s",
+        "epoch_time_std_s",
+        "rss_mb_mean",
+    ):
         assert col in t.columns
     text = " ".join(view.highlights)
     assert "fastest: precision=fp16, augmentation=basic (" in text
@@ -89,8 +96,11 @@ def test_peft_view(peft_study):
         share = lora_trainable(rank) / lora_trainable(0)
         assert t.loc[rank, "efficiency_vs_full"] == pytest.approx((acc / full) / share)
     means = {r: np.mean(list(v.values())) for r, v in PEFT_TOP1.items()}
-    frontier = {r for r in means if not any(lora_trainable(o) <= lora_trainable(r) and means[o] > means[r]
-                                            for o in means if o != r)}
+    frontier = {
+        r
+        for r in means
+        if not any(lora_trainable(o) <= lora_trainable(r) and means[o] > means[r] for o in means if o != r)
+    }
     assert set(t.index[t["on_frontier"]]) == frontier
 
 

@@ -8,16 +8,22 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_helpers import finished_run, write_eval
-from fixtures_analysis import (QUANT_AFTER, QUANT_BYTES, QUANT_MISMATCH, QUANT_TOP1, peft_study,  # noqa: F401
-                               quantization_study)
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from stackwise_bench.analysis import (analyze_runs, collect_evaluations, collect_runs, find_eval_dirs, find_run_dirs,
-                                      write_report)
+from stackwise_bench.analysis import (
+    analyze_runs,
+    collect_evaluations,
+    collect_runs,
+    find_eval_dirs,
+    find_run_dirs,
+    write_report,
+)
 from stackwise_bench.analyze import main
 from stackwise_bench.errors import ConfigError
+
+from analysis_helpers import finished_run, write_eval
+from fixtures_analysis import QUANT_AFTER, QUANT_BYTES, QUANT_MISMATCH, QUANT_TOP1
 
 CELLS = [(p, f) for p in QUANT_TOP1 for f in ("fp8_e4m3", "fp8_e5m2")]
 
@@ -29,9 +35,16 @@ def expected(prec: str, fmt: str) -> dict:
         before[QUANT_MISMATCH[2] - 1] = QUANT_MISMATCH[3]
     after = np.array(QUANT_AFTER[prec, fmt])
     drop = before - after
-    return {"before": before.mean(), "before_std": before.std(ddof=1), "after": after.mean(),
-            "after_std": after.std(ddof=1), "drop": drop.mean(), "drop_std": drop.std(ddof=1),
-            "p": sps.ttest_rel(before, after).pvalue, "matches": 2 if (prec, fmt) == QUANT_MISMATCH[:2] else 3}
+    return {
+        "before": before.mean(),
+        "before_std": before.std(ddof=1),
+        "after": after.mean(),
+        "after_std": after.std(ddof=1),
+        "drop": drop.mean(),
+        "drop_std": drop.std(ddof=1),
+        "p": sps.ttest_rel(before, after).pvalue,
+        "matches": 2 if (prec, fmt) == QUANT_MISMATCH[:2] else 3,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +121,24 @@ def test_quantization_table_matches_independent_statistics(analysis):
 def test_the_report_section(analysis, tmp_path):
     out = write_report(analysis, tmp_path / "analysis")
     md = (out / "report.md").read_text()
-    section = md[md.index("## FP8 post-training quantization"):md.index("## Other metrics")]
+    section = md[md.index("## FP8 post-training quantization") : md.index("## Other metrics")]
     assert "13 evaluation record(s)" in section and "(FP8 E4M3, FP8 E5M2)" in section
     for prec, fmt in CELLS:
         w = expected(prec, fmt)
         line = next(x for x in section.splitlines() if x.startswith(f"| precision={prec} | {fmt} | weights, head"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[3:7] == ["3", f"{w['before']:.2f} ± {w['before_std']:.2f}",
-                              f"{w['after']:.2f} ± {w['after_std']:.2f}", f"{w['drop']:+.2f} ± {w['drop_std']:.2f}"]
+        assert cells[3:7] == [
+            "3",
+            f"{w['before']:.2f} ± {w['before_std']:.2f}",
+            f"{w['after']:.2f} ± {w['after_std']:.2f}",
+            f"{w['drop']:+.2f} ± {w['drop_std']:.2f}",
+        ]
         assert cells[8].startswith(f"{w['p']:.3f} (")
-        assert cells[9:12] == [f"{QUANT_BYTES[fmt][0] / 2**20:.3f} → {QUANT_BYTES[fmt][1] / 2**20:.3f}",
-                               f"{QUANT_BYTES[fmt][0] / QUANT_BYTES[fmt][1]:.2f}×", f"{w['matches']}/3"]
+        assert cells[9:12] == [
+            f"{QUANT_BYTES[fmt][0] / 2**20:.3f} → {QUANT_BYTES[fmt][1] / 2**20:.3f}",
+            f"{QUANT_BYTES[fmt][0] / QUANT_BYTES[fmt][1]:.2f}×",
+            f"{w['matches']}/3",
+        ]
     prec, fmt, seed, value = QUANT_MISMATCH
     assert "reproduced the recorded test top-1 in only 12 of 13 records" in section
     assert f"recorded {QUANT_TOP1[prec][seed - 1]}, re-evaluated {value}" in section
@@ -130,13 +150,13 @@ def test_the_report_section(analysis, tmp_path):
     used = pd.read_csv(out / "evaluations.csv")
     assert len(used) == 13 and 50.0 not in set(used["top1_after"])
     assert len(pd.read_csv(out / "runs.csv")) == 6
-    assert "quantization.csv" in md[md.index("## Files"):]
+    assert "quantization.csv" in md[md.index("## Files") :]
 
 
 def test_the_command_line_prints_the_section(quantization_study, tmp_path, capsys):
     assert main([f"runs={quantization_study}", "plots=false", f"out={tmp_path / 'o'}"]) == 0
     screen = capsys.readouterr().out
-    block = screen[screen.index("Post-training quantization:"):]
+    block = screen[screen.index("Post-training quantization:") :]
     w = expected("fp32", "fp8_e5m2")
     drop = re.escape(f"{w['drop']:+.2f} ± {w['drop_std']:.2f}")
     assert re.search(rf"precision=fp32\s+fp8_e5m2\s+weights, head kept\s+3\s+.*{drop}", block), block

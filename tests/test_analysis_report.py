@@ -8,13 +8,21 @@ import re
 import pandas as pd
 import pytest
 import yaml
-from fixtures_analysis import D_MODEL, HEAD, PEFT_TOP1, peft_study  # noqa: F401
 
 from stackwise_bench.analysis import analyze_runs, load_expectations, new_output_dir, write_report
 from stackwise_bench.errors import ConfigError
 
-PLOTS = ("learning_curves.png", "lr_schedule.png", "accuracy_vs_rank.png", "accuracy_vs_params.png",
-         "throughput.png", "hardware.png", "confusion_matrix.png")
+from fixtures_analysis import D_MODEL, HEAD, PEFT_TOP1
+
+PLOTS = (
+    "learning_curves.png",
+    "lr_schedule.png",
+    "accuracy_vs_rank.png",
+    "accuracy_vs_params.png",
+    "throughput.png",
+    "hardware.png",
+    "confusion_matrix.png",
+)
 N_RUNS = sum(len(v) for v in PEFT_TOP1.values()) + 2
 
 
@@ -44,8 +52,14 @@ def test_report_tables_and_csvs(report):
     assert set(stats_csv["lora.rank"]) == {4, 8, 16}
     assert {"p_value", "p_holm", "cohens_d", "diff_ci95_low", "note"} <= set(stats_csv.columns)
     md = (report / "report.md").read_text()
-    for heading in ("## test.top1 per cell", "## Comparisons against the baseline", "## Runs not included",
-                    "## Training dynamics", "## PEFT study", "## Warnings"):
+    for heading in (
+        "## test.top1 per cell",
+        "## Comparisons against the baseline",
+        "## Runs not included",
+        "## Training dynamics",
+        "## PEFT study",
+        "## Warnings",
+    ):
         assert heading in md, heading
     assert "loss is NaN at epoch 2" in md and "interrupted" in md
     assert "incomplete (missing seeds 4 5 6 7 8 9)" in md
@@ -55,7 +69,7 @@ def test_table_tex_is_booktabs(report):
     tex = (report / "table.tex").read_text()
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
     assert r"\hline" not in tex and r"\begin{tabular}" in tex
-    body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")]
+    body = tex[tex.index(r"\midrule") : tex.index(r"\bottomrule")]
     assert body.count(r"\\") == 4  # one row per cell
     assert "lora.rank" in tex and r"$\pm$" in tex and "95\\%" in tex
 
@@ -74,7 +88,7 @@ def test_output_folder_is_never_overwritten(peft_study, tmp_path):
 
 def test_one_never_overwrite_helper_numbers_both_kinds_of_folder(tmp_path):
     """evaluate's <run>/eval/<name>-2 and the report's analysis_2 come from the same helper."""
-    from stackwise_bench.record import claim_new_dir
+    from stackwise_bench.runs.record import claim_new_dir
 
     names = [claim_new_dir(tmp_path / "run" / "eval" / "best", sep="-").name for _ in range(3)]
     assert names == ["best", "best-2", "best-3"]
@@ -94,15 +108,26 @@ def test_default_output_folder_is_next_to_the_runs(peft_study):
 
 
 def _expect_file(tmp_path, trainable_head=HEAD, low=80):
-    spec = {"expectations": [
-        {"name": "accuracy in range", "metric": "test.top1", "range": [low, 100]},
-        {"name": "LoRA trainable parameters", "where": {"lora.rank": {"gt": 0}}, "metric": "params.trainable",
-         "formula": "48 * d * r + head", "vars": {"d": D_MODEL, "head": trainable_head}},
-        {"name": "head from the config", "where": {"lora.rank": [4, 8]}, "metric": "params.trainable",
-         "formula": "48 * d * lora.rank + d * config.dataset.num_classes + config.dataset.num_classes",
-         "vars": {"d": D_MODEL}},
-        {"name": "no such cell", "where": {"lora.rank": 64}, "metric": "test.top1", "range": [0, 1]},
-    ]}
+    spec = {
+        "expectations": [
+            {"name": "accuracy in range", "metric": "test.top1", "range": [low, 100]},
+            {
+                "name": "LoRA trainable parameters",
+                "where": {"lora.rank": {"gt": 0}},
+                "metric": "params.trainable",
+                "formula": "48 * d * r + head",
+                "vars": {"d": D_MODEL, "head": trainable_head},
+            },
+            {
+                "name": "head from the config",
+                "where": {"lora.rank": [4, 8]},
+                "metric": "params.trainable",
+                "formula": "48 * d * lora.rank + d * config.dataset.num_classes + config.dataset.num_classes",
+                "vars": {"d": D_MODEL},
+            },
+            {"name": "no such cell", "where": {"lora.rank": 64}, "metric": "test.top1", "range": [0, 1]},
+        ]
+    }
     path = tmp_path / "expect.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -142,12 +167,22 @@ def test_expectation_files_are_checked(tmp_path):
 def test_a_single_run_folder(tmp_path):
     from analysis_helpers import finished_run
 
-    run = finished_run(tmp_path / "outputs", "2024-01-01_12-00-00", seed=1, top1=80.0,
-                       hardware=[{"t": 1.0, "cpu_percent": 99.0, "rss_mb": 700.0, "gpu_mem_mb": None}])
+    run = finished_run(
+        tmp_path / "outputs",
+        "2024-01-01_12-00-00",
+        seed=1,
+        top1=80.0,
+        hardware=[{"t": 1.0, "cpu_percent": 99.0, "rss_mb": 700.0, "gpu_mem_mb": None}],
+    )
     a = analyze_runs(run)
     assert a.group_by == [] and a.summary.iloc[0]["n"] == 1 and a.comparisons.empty
     out = write_report(a)
     assert out == tmp_path / "outputs" / "analysis"  # next to the run, never inside it
     assert {p.name for p in (out / "plots").iterdir()} == {
-        "learning_curves.png", "lr_schedule.png", "throughput.png", "hardware.png", "confusion_matrix.png"}
+        "learning_curves.png",
+        "lr_schedule.png",
+        "throughput.png",
+        "hardware.png",
+        "confusion_matrix.png",
+    }
     assert pd.read_csv(out / "stats.csv").empty

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from analysis_helpers import finished_run
-from fixtures_analysis import PEFT_TOP1, peft_study, precision_studies  # noqa: F401
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from stackwise_bench.analysis import (analyze_runs, cohens_d, collect_runs, compare_to_baseline, holm,
-                                      resolve_baseline, seed_stats)
+from stackwise_bench.analysis import (
+    analyze_runs,
+    cohens_d,
+    collect_runs,
+    compare_to_baseline,
+    holm,
+    resolve_baseline,
+    seed_stats,
+)
 from stackwise_bench.errors import ConfigError
+
+from analysis_helpers import finished_run
+from fixtures_analysis import PEFT_TOP1
 
 
 def _pooled_d(a, b):

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from stackwise_bench.augment import BatchAugment
+from stackwise_bench.data.augment import BatchAugment
 from stackwise_bench.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "augmentation"
@@ -26,10 +26,16 @@ def batch():
     return torch.rand(16, 3, 12, 12, generator=gen(123))
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, dict(OFF, color_jitter=0.4), dict(OFF, rotation_deg=30), dict(OFF, erasing_p=1.0),
-    dict(color_jitter=0.4, rotation_deg=15, erasing_p=0.25),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        dict(OFF, color_jitter=0.4),
+        dict(OFF, rotation_deg=30),
+        dict(OFF, erasing_p=1.0),
+        dict(color_jitter=0.4, rotation_deg=15, erasing_p=0.25),
+    ],
+)
 def test_shapes_ranges_and_determinism(batch, kwargs):
     aug = BatchAugment(**kwargs)
     out = aug(batch, gen(1))
@@ -49,9 +55,16 @@ def test_crop_matches_per_sample_reference(batch, flip):
     for i in range(len(batch)):
         # Independent reference: numpy's reflect pad, then every possible (flipped) crop of this one sample.
         padded = np.pad(batch[i].numpy(), ((0, 0), (p, p), (p, p)), mode="reflect")
-        hits = [(dy, dx, f) for dy in range(2 * p + 1) for dx in range(2 * p + 1) for f in (False, True)
-                if np.array_equal(padded[:, dy:dy + h, dx:dx + w][:, :, ::-1] if f else padded[:, dy:dy + h, dx:dx + w],
-                                  out[i].numpy())]
+        hits = [
+            (dy, dx, f)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            for f in (False, True)
+            if np.array_equal(
+                padded[:, dy : dy + h, dx : dx + w][:, :, ::-1] if f else padded[:, dy : dy + h, dx : dx + w],
+                out[i].numpy(),
+            )
+        ]
         assert len(hits) == 1, f"sample {i} is not a {h}x{w} crop of its padded image"
         offsets.append(hits[0])
     assert len({o[:2] for o in offsets}) > 3  # per-sample offsets, not one shift for the whole batch
@@ -93,8 +106,10 @@ def test_erasing_fills_one_rectangle_with_the_image_mean(batch):
         assert mask[box].all() and mask.sum() == mask[box].numel()  # exactly one filled rectangle
         assert 0.05 <= mask.float().mean() <= 0.4
         torch.testing.assert_close(o[:, box[0], box[1]], x.mean((1, 2), keepdim=True).expand_as(o[:, box[0], box[1]]))
-    assert torch.equal(BatchAugment(**OFF, erasing_p=1e-9, color_jitter=0.1)(batch, gen(0)),
-                       BatchAugment(**OFF, color_jitter=0.1)(batch, gen(0)))
+    assert torch.equal(
+        BatchAugment(**OFF, erasing_p=1e-9, color_jitter=0.1)(batch, gen(0)),
+        BatchAugment(**OFF, color_jitter=0.1)(batch, gen(0)),
+    )
 
 
 def test_none_yaml_is_identity_and_disabled(batch):
@@ -105,16 +120,27 @@ def test_none_yaml_is_identity_and_disabled(batch):
 def test_yaml_options_build_the_documented_recipes():
     basic = instantiate(OmegaConf.load(CONF / "basic.yaml"))
     ext = instantiate(OmegaConf.load(CONF / "extended.yaml"))
-    assert (basic.crop_padding, basic.flip, basic.color_jitter, basic.rotation_deg, basic.erasing_p) == (4, True, 0, 0, 0)
+    assert (basic.crop_padding, basic.flip, basic.color_jitter, basic.rotation_deg, basic.erasing_p) == (
+        4,
+        True,
+        0,
+        0,
+        0,
+    )
     assert (ext.crop_padding, ext.flip, ext.color_jitter, ext.rotation_deg, ext.erasing_p) == (4, True, 0.4, 15, 0.25)
     assert basic.enabled and ext.enabled
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(crop_padding=-1), "augmentation.crop_padding"), (dict(color_jitter=1.5), "augmentation.color_jitter"),
-    (dict(rotation_deg=-5), "augmentation.rotation_deg"), (dict(erasing_p=2), "augmentation.erasing_p"),
-    (dict(erasing_scale=(0.5, 0.1)), "augmentation.erasing_scale"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(crop_padding=-1), "augmentation.crop_padding"),
+        (dict(color_jitter=1.5), "augmentation.color_jitter"),
+        (dict(rotation_deg=-5), "augmentation.rotation_deg"),
+        (dict(erasing_p=2), "augmentation.erasing_p"),
+        (dict(erasing_scale=(0.5, 0.1)), "augmentation.erasing_scale"),
+    ],
+)
 def test_bad_settings_are_config_errors(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         BatchAugment(**kwargs)

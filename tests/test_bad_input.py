@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import read_summary
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.train import run
+
+from conftest import read_summary
 
 
 @dataclass
@@ -63,7 +64,7 @@ def test_fp16_on_device_that_cannot_run_it(tmp_path, cfg_factory):
 
 def test_precision_probe_failure_is_refused(tmp_path, cfg_factory, monkeypatch):
     """A device whose autocast probe fails (e.g. an old GPU) gets one sentence, before training."""
-    import stackwise_bench.precision as precision
+    import stackwise_bench.training.precision as precision
 
     def broken(name, device):
         raise RuntimeError("float16 matmul not implemented")

@@ -19,9 +19,18 @@ bench = importlib.util.module_from_spec(spec)
 sys.modules["benchmark"] = bench  # dataclasses look their module up there
 spec.loader.exec_module(bench)
 
-TINY = bench.Budget(reps=1, steps={"resnet8": 3, "vit_tiny_p4": 3}, batch={"resnet8": 8, "vit_tiny_p4": 4},
-                    warmup_steps=1, pipeline_images=128, startup_reps=1, sweep_reps=1, sweep_epochs=1,
-                    sweep_default_epochs=1, compile=False)
+TINY = bench.Budget(
+    reps=1,
+    steps={"resnet8": 3, "vit_tiny_p4": 3},
+    batch={"resnet8": 8, "vit_tiny_p4": 4},
+    warmup_steps=1,
+    pipeline_images=128,
+    startup_reps=1,
+    sweep_reps=1,
+    sweep_epochs=1,
+    sweep_default_epochs=1,
+    compile=False,
+)
 
 
 def test_interleaved_alternates_order_and_discards_warmup():
@@ -79,8 +88,13 @@ def test_knob_figures_measure_each_arm():
 
 def test_main_writes_json_and_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.BUDGETS, "quick", TINY)
-    fake = {"figure": "overhead", "setting": "fake", "unit": "img/s", "goal": ">= 0.97",
-            **bench.compare({"framework": [99.0], "bare": [100.0]}, "framework", "bare")}
+    fake = {
+        "figure": "overhead",
+        "setting": "fake",
+        "unit": "img/s",
+        "goal": ">= 0.97",
+        **bench.compare({"framework": [99.0], "bare": [100.0]}, "framework", "bare"),
+    }
     monkeypatch.setattr(bench, "fig_overhead", lambda b, work: [fake])
     out = tmp_path / "bench.json"
     rows = bench.main(["--quick", "--only", "overhead,gpu", "--out", str(out)])

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import ROOT, TINY
 
 
 def train(args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "stackwise_bench.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "stackwise_bench.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
 
 
 def _env():
@@ -42,6 +47,6 @@ def test_multirun_over_seeds(tmp_path):
 def test_bad_input_exits_with_one_sentence(tmp_path):
     out = train(["lora.rank=-1", *TINY], tmp_path)
     assert out.returncode == 2
-    lines = [l for l in (out.stdout + out.stderr).splitlines() if "lora.rank=-1" in l]
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "lora.rank=-1" in line]
     assert lines and "non-negative integer" in lines[0]
     assert "Traceback" not in out.stderr

@@ -32,13 +32,54 @@ def resolve_target(dotted: str):
 
 
 def test_groups_are_the_designed_ones():
-    for group, first in {"model": "resnet8", "dataset": "digits", "precision": "fp32", "augmentation": "basic",
-                         "optimizer": "adamw", "scheduler": "cosine", "lora": "default", "trainer": "default",
-                         "monitors": "default"}.items():
+    for group, first in {
+        "model": "resnet8",
+        "dataset": "digits",
+        "precision": "fp32",
+        "augmentation": "basic",
+        "optimizer": "adamw",
+        "scheduler": "cosine",
+        "lora": "default",
+        "trainer": "default",
+        "monitors": "default",
+    }.items():
         assert first in GROUPS[group]
     assert {"resnet8", "resnet14", "deit_tiny", "deit_small", "vit_tiny_p4"} <= set(GROUPS["model"])
     assert {"digits", "cifar10", "cifar100", "synthetic"} <= set(GROUPS["dataset"])
     assert {"fp32", "fp16", "bf16"} <= set(GROUPS["precision"])
+
+
+def signature_of(target):
+    """What a target's YAML keys must bind to.
+
+    The Trainer's YAML also holds the runtime's knobs (build_runtime takes those), and Hydra's launcher
+    plugins take ``**kwargs``, so their keys are bound against the plugin's config schema instead.
+    """
+    from stackwise_bench.training.runtime import RUNTIME_KEYS, Runtime
+    from stackwise_bench.training.trainer import Trainer
+
+    if target is Trainer:
+        trainer, runtime = inspect.signature(Trainer), inspect.signature(Runtime.create)
+        params = [p for p in trainer.parameters.values() if p.name != "runtime"]
+        params += [runtime.parameters[k] for k in RUNTIME_KEYS]
+        return inspect.Signature(sorted(params, key=lambda p: p.kind))
+    module = getattr(target, "__module__", "")
+    if module.startswith("hydra_plugins."):
+        return launcher_schema(target)
+    return inspect.signature(target)
+
+
+def launcher_schema(launcher):
+    """A signature with one keyword per field of the launcher plugin's registered config dataclass."""
+    import dataclasses
+
+    target = f"{launcher.__module__}.{launcher.__name__}"
+    schemas = importlib.import_module(launcher.__module__.rpartition(".")[0] + ".config")  # what Hydra validates with
+    for schema in vars(schemas).values():
+        if dataclasses.is_dataclass(schema) and getattr(schema, "_target_", None) == target:
+            fields = [f.name for f in dataclasses.fields(schema) if f.name != "_target_"]
+            return inspect.Signature([inspect.Parameter(f, inspect.Parameter.KEYWORD_ONLY) for f in fields])
+    raise AssertionError(f"no config schema registered for {target}")
 
 
 @pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
@@ -48,8 +89,16 @@ def test_every_target_binds_its_yaml_keys(path: Path):
     for where, node in targets(tree):
         fn = resolve_target(node["_target_"])
         keys = {k: v for k, v in node.items() if not k.startswith("_") and k != "defaults"}  # defaults: Hydra's list
-        inspect.signature(fn).bind_partial(**keys)  # raises TypeError on an unknown key
+        signature_of(fn).bind_partial(**keys)  # raises TypeError on an unknown key
         assert keys or where, f"{path}: empty target"
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local", "submitit_slurm"])
+def test_launcher_yaml_typo_is_caught(launcher):
+    """The launcher binding can fail: a misspelt key of each launcher YAML is refused."""
+    node = yaml.safe_load((CONF / "hydra" / "launcher" / f"{launcher}.yaml").read_text())
+    with pytest.raises(TypeError):
+        signature_of(resolve_target(node["_target_"])).bind_partial(timeout_minutes=60)
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -118,14 +167,15 @@ def test_optimizer_and_scheduler_instantiate(optimizer, scheduler, cfg_factory):
 
 @pytest.mark.parametrize("precision", GROUPS["precision"])
 def test_trainer_and_monitors_instantiate(precision, cfg_factory):
-    import torch
+
+    from stackwise_bench.build import build_runtime, build_trainer
 
     cfg = cfg_factory([f"precision={precision}"])
-    if precision == "fp8" and not torch.cuda.is_available():  # needs FP8 tensor cores: refused here (test_fp8.py)
+    if precision == "fp8":  # needs FP8 tensor cores: refused on the CPU (test_fp8.py; on a GPU: test_gpu.py)
         with pytest.raises(Exception, match=r"precision=fp8 needs .*compute capability 8\.9"):
-            instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed)
+            build_runtime(cfg)
         return
-    trainer = instantiate(cfg.trainer, precision=cfg.precision.name, seed=cfg.seed)
-    assert trainer.precision == precision and str(trainer.device) == "cpu"
+    trainer = build_trainer(cfg, build_runtime(cfg))
+    assert trainer.runtime.precision == precision and str(trainer.device) == "cpu"
     monitors = [instantiate(node) for node in cfg.monitors.values()]
     assert monitors and all(hasattr(m, "start") and hasattr(m, "stop") for m in monitors)

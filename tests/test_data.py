@@ -14,14 +14,15 @@ import torch
 from omegaconf import OmegaConf
 
 from stackwise_bench import data
-from stackwise_bench.augment import BatchAugment
 from stackwise_bench.data import BatchLoader, load_cifar, load_digits, make_synthetic, split_train_val
+from stackwise_bench.data.augment import BatchAugment
 from stackwise_bench.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --- CIFAR-format files -------------------------------------------------------------------------
+
 
 def _pickle(path: Path, obj: dict) -> None:
     # torchvision unpickles with encoding="latin1", under which the original Python-2
@@ -53,8 +54,13 @@ def write_cifar(root: Path, name: str, n_train: int, n_test: int, seed: int = 0)
         _pickle(folder / "test", {"data": test_x, "fine_labels": test_y.tolist(), "coarse_labels": [0] * n_test})
         _pickle(folder / "meta", {"fine_label_names": names, "coarse_label_names": ["c"]})
     as_img = lambda a: torch.from_numpy(a.reshape(-1, 3, 32, 32))  # noqa: E731  (CIFAR rows are CHW)
-    return {"train_x": as_img(train_x), "train_y": torch.from_numpy(train_y).long(),
-            "test_x": as_img(test_x), "test_y": torch.from_numpy(test_y).long(), "classes": names}
+    return {
+        "train_x": as_img(train_x),
+        "train_y": torch.from_numpy(train_y).long(),
+        "test_x": as_img(test_x),
+        "test_y": torch.from_numpy(test_y).long(),
+        "classes": names,
+    }
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -117,6 +123,7 @@ def test_cifar_unknown_name_is_a_config_error():
 
 # --- digits and the split -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()
@@ -162,9 +169,13 @@ def test_split_is_stratified_sorted_and_validated():
     assert torch.equal(torch.cat([train_idx, val_idx]).sort().values, torch.arange(1000))
     with pytest.raises(ConfigError, match="dataset.val_fraction=1.0"):
         split_train_val(labels, 1.0, 0)
+    # No validation split would make epoch 1 "best" forever (best.pt, early stopping): refused in one sentence.
+    with pytest.raises(ConfigError, match=r"^dataset\.val_fraction=0 must be in \(0, 1\): best\.pt .*=0\.1\.$"):
+        split_train_val(labels, 0, 0)
 
 
 # --- synthetic ------------------------------------------------------------------------------------
+
 
 def test_synthetic_is_determined_by_seed():
     a, b, c = make_synthetic(seed=0), make_synthetic(seed=0), make_synthetic(seed=1)
@@ -177,9 +188,15 @@ def test_synthetic_is_learnable_by_a_tiny_convnet():
     torch.manual_seed(0)
     d = make_synthetic()
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(32, d.num_classes))
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(4),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, d.num_classes),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     loader = BatchLoader(d.train_x, d.train_y, 64, mean=d.mean, std=d.std, augment=BatchAugment(), shuffle=True)
     for epoch in range(4):
@@ -194,6 +211,7 @@ def test_synthetic_is_learnable_by_a_tiny_convnet():
 
 
 # --- BatchLoader ----------------------------------------------------------------------------------
+
 
 def _indexed(n: int = 100):
     """Images whose every pixel is the sample's index, so a batch reveals which samples it holds."""
@@ -215,8 +233,13 @@ def synthetic():
 
 
 def _loader(d, **kw):
-    args = dict(mean=d.mean, std=d.std, augment=BatchAugment(color_jitter=0.4, rotation_deg=15, erasing_p=0.25),
-                shuffle=True, seed=7)
+    args = dict(
+        mean=d.mean,
+        std=d.std,
+        augment=BatchAugment(color_jitter=0.4, rotation_deg=15, erasing_p=0.25),
+        shuffle=True,
+        seed=7,
+    )
     return BatchLoader(d.train_x, d.train_y, 32, **{**args, **kw})
 
 
@@ -250,7 +273,9 @@ def test_loader_sees_every_sample_once_and_normalises():
     seen = torch.cat([yb for _, yb in batches])
     assert torch.equal(seen.sort().values, torch.arange(100))
     xb, yb = batches[0]
-    expected = (yb.float().view(-1, 1, 1, 1) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    expected = (yb.float().view(-1, 1, 1, 1) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
     torch.testing.assert_close(xb, expected.expand_as(xb))
     dropped = BatchLoader(x, y, 32, shuffle=True, drop_last=True)
     assert len(dropped) == 3 and [len(b) for b, _ in _collect(dropped, 0)] == [32, 32, 32]
@@ -262,7 +287,9 @@ def test_loader_resizes_and_sets_memory_format(synthetic):
     assert x.shape == (32, 3, 48, 48) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
     flat = torch.full((4, 3, 16, 16), 51, dtype=torch.uint8)
-    out, _ = next(BatchLoader(flat, torch.zeros(4, dtype=torch.long), 4, out_size=40, mean=(0.1,) * 3, std=(0.5,) * 3).epoch(0))
+    out, _ = next(
+        BatchLoader(flat, torch.zeros(4, dtype=torch.long), 4, out_size=40, mean=(0.1,) * 3, std=(0.5,) * 3).epoch(0)
+    )
     assert out.shape == (4, 3, 40, 40) and torch.allclose(out, torch.tensor(0.2))
 
 
@@ -275,6 +302,7 @@ def test_loader_rejects_bad_input():
 
 
 # --- config files ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("option", ["digits", "cifar10", "cifar100", "synthetic"])
 def test_dataset_yaml_keys_bind_to_target(option):

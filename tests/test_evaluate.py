@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_summary
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.evaluate import evaluate_checkpoint, evaluate_study
+
+from conftest import ROOT, read_summary
 
 # resnet8 on the synthetic set, ~10 s: 100% test top1 on 256 test images (TINY's 64 resolve only 1.6 points).
 EPOCHS = ["trainer.max_epochs=5", "monitors=none", "dataset.num_test=256"]
@@ -21,8 +22,9 @@ EPOCHS = ["trainer.max_epochs=5", "monitors=none", "dataset.num_test=256"]
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A finished run where a study's job lands: <cwd>/multirun/AugmFP16/seed=42 (an '=' in the folder name)."""
-    from conftest import compose
     from stackwise_bench.train import run
+
+    from conftest import compose
 
     cwd = tmp_path_factory.mktemp("evaluate")
     run_dir = cwd / "multirun" / "AugmFP16" / "seed=42"
@@ -42,7 +44,9 @@ def test_reevaluating_best_reproduces_the_recorded_test_metrics(study):
     first = evaluate_checkpoint(run_dir)
     assert first["status"] == "completed" and first["kind"] == "evaluate"
     assert first["test"]["top1"] == recorded["top1"]  # exactly, not approximately
-    assert first["test"]["confusion_matrix"] == recorded["confusion_matrix"] and first["test"]["loss"] == recorded["loss"]
+    assert (
+        first["test"]["confusion_matrix"] == recorded["confusion_matrix"] and first["test"]["loss"] == recorded["loss"]
+    )
     assert first["test"]["matches_recorded"] is True and first["source"]["recorded_test_top1"] == recorded["top1"]
     assert first["source"]["checkpoint_epoch"] == recorded["checkpoint_epoch"]
     eval_dir = run_dir / "eval" / "best"
@@ -73,8 +77,9 @@ def test_fp8_weights_lose_little_and_the_report_says_how_much(study, fmt):
     if fmt == "fp8_e4m3":  # "only a little": 0.0 points here (loss +0.0096); 0.56 for resnet8 on digits
         assert drop["top1_points"] <= 1.0 and drop["loss_increase"] < 0.1 * base["loss"]
     assert len(drop["per_class_top1_points"]) == 4 and drop["worst_class"] in range(4)
-    assert drop["per_class_top1_points"] == [round(b - a, 4) for b, a in
-                                             zip(base["per_class_top1"], test["per_class_top1"])]
+    assert drop["per_class_top1_points"] == [
+        round(b - a, 4) for b, a in zip(base["per_class_top1"], test["per_class_top1"])
+    ]
     assert q["format"] == fmt and q["kept_high_precision"] == ["head"] and q["num_layers"] == 9
     assert q["weight_bytes_after"] < q["weight_bytes_before"] / 3.5
     assert 0 < q["weight_rel_error"] < (0.05 if fmt == "fp8_e4m3" else 0.1)
@@ -99,7 +104,7 @@ def test_corrupt_checkpoint_is_one_sentence(study, tmp_path):
 
 
 def test_checkpoint_from_a_different_model_is_one_sentence(study, tmp_path):
-    from stackwise_bench.models import create_model
+    from stackwise_bench.nn.models import create_model
 
     _, run_dir = study
     copy = copy_run(run_dir, tmp_path / "run")
@@ -148,7 +153,9 @@ def test_study_goes_on_past_a_bad_run_and_then_says_so(study, tmp_path):
     good = copy_run(run_dir, tmp_path / "study" / "seed=1")
     bad = copy_run(run_dir, tmp_path / "study" / "seed=2")
     (bad / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match=r"1 of 2 runs below .* could not be evaluated \(first: .*seed=2: ConfigError"):
+    with pytest.raises(
+        ConfigError, match=r"1 of 2 runs below .* could not be evaluated \(first: .*seed=2: ConfigError"
+    ):
         evaluate_study(str(tmp_path / "study"), "fp8_e4m3", out_dir=tmp_path)
     rows = json.loads((tmp_path / "evaluations.json").read_text())["evaluations"]
     assert [r["status"] for r in rows] == ["completed", "failed"]
@@ -195,8 +202,9 @@ def cli(module, args, cwd, timeout=300):
     import os
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_cli(study, tmp_path, capsys):
@@ -204,8 +212,9 @@ def test_cli(study, tmp_path, capsys):
     from stackwise_bench.evaluate import main
 
     cwd, run_dir = study
-    out = cli("stackwise_bench.evaluate", ["checkpoint=multirun/AugmFP16/seed=42", "quantize=fp8_e4m3",
-                                           "name=from_cli"], cwd)
+    out = cli(
+        "stackwise_bench.evaluate", ["checkpoint=multirun/AugmFP16/seed=42", "quantize=fp8_e4m3", "name=from_cli"], cwd
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = read_summary(run_dir / "eval" / "from_cli")
     assert summary["status"] == "completed" and "quantize=fp8_e4m3" in summary["run"]["command"]
@@ -217,9 +226,9 @@ def test_cli(study, tmp_path, capsys):
 
 
 def test_fp8test_preset_evaluates_the_augmfp16_runs(study):
-    """python -m stackwise_bench.train --multirun experiment=FP8Test: both formats, for every AugmFP16 run."""
+    """python -m stackwise_bench.evaluate --multirun experiment=FP8Test: both formats, for every AugmFP16 run."""
     cwd, run_dir = study
-    out = cli("stackwise_bench.train", ["--multirun", "experiment=FP8Test"], cwd, timeout=600)
+    out = cli("stackwise_bench.evaluate", ["--multirun", "experiment=FP8Test"], cwd, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for fmt in ("fp8_e4m3", "fp8_e5m2"):
         index = json.loads((cwd / "multirun" / "FP8Test" / f"evaluate.quantize={fmt}" / "evaluations.json").read_text())
@@ -227,3 +236,16 @@ def test_fp8test_preset_evaluates_the_augmfp16_runs(study):
         assert row["status"] == "completed" and row["run"].endswith("seed=42")
         assert read_summary(row["eval_dir"])["quantize"]["format"] == fmt
     assert not (cwd / "multirun" / "FP8Test" / "evaluate.quantize=fp8_e4m3" / "summary.json").exists()
+
+
+def test_train_refuses_the_evaluation_preset(tmp_path, cfg_factory):
+    """experiment=FP8Test trains nothing: `train` names the command that runs it, in one sentence."""
+    from stackwise_bench.train import run
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^experiment=FP8Test evaluates .* python -m stackwise_bench\.evaluate "
+        r"--multirun experiment=FP8Test\.$",
+    ):
+        run(cfg_factory(["experiment=FP8Test"]), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

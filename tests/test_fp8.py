@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from stackwise_bench import fp8
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.models import create_model
+from stackwise_bench.nn.models import create_model
+from stackwise_bench.quant import fp8
 
 DEIT_BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # 192x576, 192x192, 192x768, 768x192
 DEIT_TINY_FP8 = [f"blocks.{i}.{layer}" for i in range(12) for layer in DEIT_BLOCK_LAYERS]
@@ -72,7 +72,7 @@ def test_filter_needs_both_dimensions_divisible_by_16():
 def test_filter_with_lora_keeps_frozen_bases_and_skips_adapters_and_head(deit_tiny):
     import copy
 
-    from stackwise_bench.lora import apply_lora
+    from stackwise_bench.nn.lora import apply_lora
 
     model = apply_lora(copy.deepcopy(deit_tiny), rank=16)  # rank 16 adapters would pass the shape rule
     chosen = fp8.select_layers(model)
@@ -99,8 +99,9 @@ def test_convert_for_training_swaps_exactly_the_filtered_layers(deit_tiny):
 
 def test_train_refuses_fp8_on_this_cpu(tmp_path, cfg_factory):
     """Through the real entrypoint: one sentence before anything is trained."""
-    from conftest import read_summary
     from stackwise_bench.train import run
+
+    from conftest import read_summary
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

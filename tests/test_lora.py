@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.lora import apply_lora, count_parameters
-from stackwise_bench.models import create_model
+from stackwise_bench.nn.lora import apply_lora, count_parameters
+from stackwise_bench.nn.models import create_model
 
 LORA_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "lora" / "default.yaml"
 
@@ -29,8 +29,13 @@ def _sgd_step(model, seed: int = 0):
 
 def test_default_config_binds_and_means_full_finetuning():
     cfg = OmegaConf.load(LORA_CONFIG)
-    assert OmegaConf.to_container(cfg) == {"rank": 0, "alpha": None, "dropout": 0.1,
-                                           "target_modules": ["qkv"], "head": "head"}
+    assert OmegaConf.to_container(cfg) == {
+        "rank": 0,
+        "alpha": None,
+        "dropout": 0.1,
+        "target_modules": ["qkv"],
+        "head": "head",
+    }
     inspect.signature(apply_lora).bind(torch.nn.Linear(1, 1), **cfg)
     model = create_model("resnet8", num_classes=10)  # the default model has no qkv: rank 0 must not care
     assert apply_lora(model, **cfg) is model
@@ -110,14 +115,25 @@ def test_lora_on_resnet_convs_and_frozen_head():
 @pytest.mark.parametrize("rank", [-1, 2.5, "8a", True, None])
 def test_bad_rank_is_config_error(rank):
     model = create_model("resnet8", num_classes=10)
-    with pytest.raises(ConfigError, match=rf"^lora\.rank={rank} must be a non-negative integer \(0 = full fine-tuning\); "
-                                          r"use e\.g\. lora\.rank=8\.$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^lora\.rank={rank} must be a non-negative integer \(0 = full fine-tuning\); "
+        r"use e\.g\. lora\.rank=8\.$",
+    ):
         apply_lora(model, rank=rank)
 
 
-@pytest.mark.parametrize("kwargs, key", [({"alpha": 0}, "alpha"), ({"alpha": -2.0}, "alpha"), ({"alpha": "x"}, "alpha"),
-                                         ({"dropout": -0.1}, "dropout"), ({"dropout": 1.0}, "dropout"),
-                                         ({"dropout": "a"}, "dropout")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -2.0}, "alpha"),
+        ({"alpha": "x"}, "alpha"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": "a"}, "dropout"),
+    ],
+)
 def test_bad_alpha_or_dropout_is_config_error(kwargs, key):
     model = _vit()
     with pytest.raises(ConfigError, match=rf"^lora\.{key}="):
@@ -129,8 +145,10 @@ def test_unmatched_targets_list_the_model_layers():
     with pytest.raises(ConfigError) as err:
         apply_lora(create_model("resnet8", num_classes=10), rank=8)
     msg = str(err.value)
-    assert msg.startswith("lora.target_modules=['qkv'] matches no module of this model; it has: stem.conv, "
-                          "stage1.0.conv1, stage1.0.conv2, stage2.0.conv1,")
+    assert msg.startswith(
+        "lora.target_modules=['qkv'] matches no module of this model; it has: stem.conv, "
+        "stage1.0.conv1, stage1.0.conv2, stage2.0.conv1,"
+    )
     assert msg.endswith(", head; set lora.target_modules to some of these or lora.rank=0.")
 
     with pytest.raises(ConfigError, match=r"it has: proj, qkv, fc1, fc2, head;"):  # 12 blocks, deduplicated

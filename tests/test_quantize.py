@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.models import create_model
-from stackwise_bench.quantize import FORMATS, fake_quantize, pow2_scale, quantize_model
+from stackwise_bench.nn.models import create_model
+from stackwise_bench.quant.ptq import FORMATS, fake_quantize, pow2_scale, quantize_model
 
 FMTS = sorted(FORMATS)
 
 
 def awkward_weights(dtype: torch.dtype) -> torch.Tensor:
-    """Conv weights whose channels span 60 decades, with a zero channel and amaxes exactly at and next to fmax * 2**k."""
+    """Conv weights whose channels span 60 decades, a zero channel, and amaxes exactly at and next to fmax * 2**k."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(40, 8, 3, 3, generator=gen) * torch.logspace(-30, 30, 40).view(-1, 1, 1, 1)
     fmax = torch.finfo(dtype).max
@@ -27,7 +27,7 @@ def awkward_weights(dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_round_trip_changes_nothing(fmt):
-    """The dequantized weight is an FP8 value times its power-of-two scale: casting again is exact, and so is requantizing."""
+    """The dequantized weight is an FP8 value times its power-of-two scale: a second cast and requantizing are exact."""
     dtype = FORMATS[fmt]
     for w in (awkward_weights(dtype), torch.randn(64, 48), torch.randn(16, 3, 3, 3) * 0.05):
         q, scale = fake_quantize(w, dtype)
@@ -51,7 +51,6 @@ def test_per_channel_scale_never_overflows(fmt):
     assert (scaled_amax[big] > fmax / 2).all()
     assert torch.isfinite(q).all()
     assert torch.equal(q[0], torch.zeros_like(q[0]))
-
 
     # What a scale that overshoots would cost: a plain cast past fmax is inf in e5m2 (NaN or fmax in e4m3fn,
     # by torch version and device); fake_quantize also clamps (saturates) before casting.
@@ -105,6 +104,7 @@ def test_activation_quantization_feeds_fp8_inputs():
     def capture(name):
         def hook(module, args):
             seen[name] = args[0]
+
         return hook
 
     # Registered after the quantizer, so it sees what the layer will compute with.
@@ -122,7 +122,7 @@ def test_lora_adapters_are_merged_before_quantizing():
     """Each deployed weight W + BA is quantized once, not W and the adapters separately."""
     import copy
 
-    from stackwise_bench.lora import apply_lora
+    from stackwise_bench.nn.lora import apply_lora
 
     model = apply_lora(resnet8(), rank=4, target_modules=["conv1"])
     for name, p in model.named_parameters():

@@ -16,7 +16,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "collect": ("collect_runs", "collect_epochs", "collect_hardware", "override_keys", "finished", "FINISHED"),
-    "run_folders": ("find_run_dirs", "find_eval_dirs", "is_eval_record", "read_summary"),
+    "stackwise_bench.runs.folders": ("find_run_dirs", "find_eval_dirs", "is_eval_record"),
+    "stackwise_bench.runs.contract": ("read_summary",),
     "grouping": ("default_group_by", "varying_keys", "parse_selector"),
     "stats": ("seed_stats", "t_interval", "cohens_d", "holm", "describe"),
     "compare": ("compare_to_baseline", "compare_cells", "resolve_baseline"),
@@ -35,7 +36,8 @@ __all__ = sorted(_WHERE)
 def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module 'stackwise_bench.analysis' has no attribute {name!r}")
-    value = getattr(import_module(f"stackwise_bench.analysis.{_WHERE[name]}"), name)
+    module = _WHERE[name]
+    value = getattr(import_module(module if "." in module else f"stackwise_bench.analysis.{module}"), name)
     globals()[name] = value
     return value
 

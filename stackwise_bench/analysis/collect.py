@@ -8,10 +8,10 @@ status, never dropped: statistics filter on ``status`` later.
 
 Evaluation records (``python -m stackwise_bench.evaluate`` writes them to
 ``<run>/eval/<name>/summary.json`` with ``kind: evaluate``) are not runs: they are
-found next to their runs (:func:`~stackwise_bench.analysis.run_folders.find_eval_dirs`)
+found next to their runs (:func:`~stackwise_bench.runs.folders.find_eval_dirs`)
 and analysed by :mod:`stackwise_bench.analysis.quantization`.
 
-Finding the folders lives in :mod:`stackwise_bench.analysis.run_folders`, one run's
+Finding the folders lives in :mod:`stackwise_bench.runs.folders`, one run's
 row in :mod:`stackwise_bench.analysis.run_row`.
 """
 
@@ -22,16 +22,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from stackwise_bench.analysis.run_folders import PathsLike, as_path_list, find_records
 from stackwise_bench.analysis.run_row import SECTIONS, STUDY_KEYS, is_scalar, lookup, run_row
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.record import FINISHED  # noqa: F401  (re-exported: the analysis modules import it from here)
+from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS
+from stackwise_bench.runs.folders import PathsLike, as_path_list, find_records
 
-METRICS = "metrics.jsonl"
-HARDWARE = "hardware.jsonl"
 # Config-group choice columns in this order; any other group sorts after them.
-CHOICE_ORDER = ("model", "dataset", "precision", "augmentation", "optimizer", "scheduler",
-                "lora", "trainer", "monitors", "experiment")
+CHOICE_ORDER = (
+    "model",
+    "dataset",
+    "precision",
+    "augmentation",
+    "optimizer",
+    "scheduler",
+    "lora",
+    "trainer",
+    "monitors",
+    "experiment",
+)
 
 
 def collect_runs(paths: PathsLike) -> pd.DataFrame:
@@ -54,13 +62,19 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
     if not run_dirs:
         shown = ", ".join(str(p) for p in as_path_list(paths))
         if eval_dirs:
-            raise ConfigError(f"runs={shown} holds evaluation records (eval/) but no training run; point runs= at "
-                              "the runs they evaluated (the folders that hold eval/): they are analysed together.")
+            raise ConfigError(
+                f"runs={shown} holds evaluation records (eval/) but no training run; point runs= at "
+                "the runs they evaluated (the folders that hold eval/): they are analysed together."
+            )
         if studies := _evaluated_studies(paths):
-            raise ConfigError(f"runs={shown} holds evaluations (experiment=FP8Test) whose records live next to the "
-                              f"runs they evaluated; analyse those: runs={','.join(studies)}.")
-        raise ConfigError(f"runs={shown} holds no run folders (none has a summary.json); "
-                          "point runs= at the output of a training run or sweep.")
+            raise ConfigError(
+                f"runs={shown} holds evaluations (experiment=FP8Test) whose records live next to the "
+                f"runs they evaluated; analyse those: runs={','.join(studies)}."
+            )
+        raise ConfigError(
+            f"runs={shown} holds no run folders (none has a summary.json); "
+            "point runs= at the output of a training run or sweep."
+        )
     records = [run_row(d) for d in run_dirs]
     choices = _ordered_choices({k for r in records for k in r[1]})
     dotted = sorted({k for r in records for k in r[2]} - {"seed"})
@@ -116,6 +130,7 @@ def collect_epochs(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:
     Args:
         runs: the DataFrame from :func:`collect_runs`, or paths to collect first.
     """
+
     def rows_of(run_dir: str) -> list[dict]:
         by_epoch = {r["epoch"]: r for r in _read_jsonl(Path(run_dir) / METRICS) if "epoch" in r}
         return [by_epoch[e] for e in sorted(by_epoch)]

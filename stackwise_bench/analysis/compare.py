@@ -16,11 +16,18 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from stackwise_bench.analysis.collect import FINISHED, override_keys
-from stackwise_bench.analysis.grouping import (format_value, group_label, iter_groups, matching_cells,
-                                               parse_selector, same_value)
+from stackwise_bench.analysis.collect import override_keys
+from stackwise_bench.analysis.grouping import (
+    format_value,
+    group_label,
+    iter_groups,
+    matching_cells,
+    parse_selector,
+    same_value,
+)
 from stackwise_bench.analysis.stats import CONFIDENCE, cohens_d, holm
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import FINISHED
 
 # The reference each study compares against, used when no baseline= is given.
 AUTO_BASELINES = (("lora.rank", 0), ("precision", "fp32"), ("optimizer", "sgd"))
@@ -28,14 +35,32 @@ MIN_SEEDS = 3  # with fewer per cell a t-test can only detect enormous effects
 # With n pairs the smallest two-sided exact Wilcoxon p is 2/2**n: n < 6 can never reach 0.05.
 MIN_WILCOXON_PAIRS = 6
 ALPHA = 0.05
-COLUMNS = ("group", "baseline", "metric", "n", "n_baseline", "mean", "mean_baseline", "diff", "diff_ci95_low",
-           "diff_ci95_high", "test", "n_pairs", "df", "statistic", "p_value", "wilcoxon_p", "cohens_d", "p_holm",
-           "significant", "note")
+COLUMNS = (
+    "group",
+    "baseline",
+    "metric",
+    "n",
+    "n_baseline",
+    "mean",
+    "mean_baseline",
+    "diff",
+    "diff_ci95_low",
+    "diff_ci95_high",
+    "test",
+    "n_pairs",
+    "df",
+    "statistic",
+    "p_value",
+    "wilcoxon_p",
+    "cohens_d",
+    "p_holm",
+    "significant",
+    "note",
+)
 PAIRED_FRACTION = 0.75  # below this, pairing would throw away too much of the data: Welch instead
 
 
-def resolve_baseline(runs: pd.DataFrame, baseline: str | Mapping | None,
-                     group_by: list[str]) -> dict[str, Any]:
+def resolve_baseline(runs: pd.DataFrame, baseline: str | Mapping | None, group_by: list[str]) -> dict[str, Any]:
     """The baseline selector, checked against the runs; an automatic one when none is given.
 
     Raises:
@@ -46,12 +71,13 @@ def resolve_baseline(runs: pd.DataFrame, baseline: str | Mapping | None,
     for key, value in selector.items():
         if key not in keys:
             shown = ", ".join(k for k in (group_by or keys) if k != "seed")
-            raise ConfigError(f"baseline key {key!r} is not a config choice or override of these runs; "
-                              f"choose from {shown} (e.g. baseline={(group_by or keys)[0]}=...).")
+            raise ConfigError(
+                f"baseline key {key!r} is not a config choice or override of these runs; "
+                f"choose from {shown} (e.g. baseline={(group_by or keys)[0]}=...)."
+            )
         present = sorted({format_value(v) for v in runs[key]})
         if not any(same_value(v, value) for v in runs[key]):
-            raise ConfigError(f"baseline {key}={value} matches no run; {key} takes the values "
-                              f"{', '.join(present)}.")
+            raise ConfigError(f"baseline {key}={value} matches no run; {key} takes the values {', '.join(present)}.")
     if selector:
         return selector
     for key, value in AUTO_BASELINES:
@@ -60,8 +86,9 @@ def resolve_baseline(runs: pd.DataFrame, baseline: str | Mapping | None,
     return {}
 
 
-def compare_to_baseline(runs: pd.DataFrame, metric: str | Sequence[str], baseline: Mapping[str, Any],
-                        group_by: list[str]) -> pd.DataFrame:
+def compare_to_baseline(
+    runs: pd.DataFrame, metric: str | Sequence[str], baseline: Mapping[str, Any], group_by: list[str]
+) -> pd.DataFrame:
     """One row per (cell, metric) that is not the baseline, with tests and Holm-adjusted p.
 
     Args:
@@ -107,8 +134,13 @@ def compare_cells(cell: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict:
     b_all = pd.to_numeric(base[metric], errors="coerce").dropna().to_numpy()
     common = a.index.intersection(b.index)
     paired = len(common) >= 2 and len(common) >= PAIRED_FRACTION * min(len(a), len(b))
-    out = {"n": len(a_all), "n_baseline": len(b_all), "mean": _mean(a_all),
-           "mean_baseline": _mean(b_all), "n_pairs": len(common) if paired else 0}
+    out = {
+        "n": len(a_all),
+        "n_baseline": len(b_all),
+        "mean": _mean(a_all),
+        "mean_baseline": _mean(b_all),
+        "n_pairs": len(common) if paired else 0,
+    }
     if paired:
         out.update(_paired(a[common].to_numpy(), b[common].to_numpy()))
         left_out = len(a) + len(b) - 2 * len(common)
@@ -125,11 +157,19 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict:
     d = a - b
     n = len(d)
     low, high = _interval(d.mean(), d.std(ddof=1) / np.sqrt(n), n - 1)
-    out = {"diff": float(d.mean()), "diff_ci95_low": low, "diff_ci95_high": high, "test": "paired t",
-           "df": n - 1, "cohens_d": cohens_d(a, b), "wilcoxon_p": np.nan}
+    out = {
+        "diff": float(d.mean()),
+        "diff_ci95_low": low,
+        "diff_ci95_high": high,
+        "test": "paired t",
+        "df": n - 1,
+        "cohens_d": cohens_d(a, b),
+        "wilcoxon_p": np.nan,
+    }
     if np.allclose(d, d[0]):
-        out.update(statistic=np.nan, p_value=np.nan,
-                   note="every pair differs by the same amount: the t-test is undefined")
+        out.update(
+            statistic=np.nan, p_value=np.nan, note="every pair differs by the same amount: the t-test is undefined"
+        )
         return out
     res = sps.ttest_rel(a, b)
     out.update(statistic=float(res.statistic), p_value=float(res.pvalue))
@@ -140,9 +180,17 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict:
 
 def _welch(a: np.ndarray, b: np.ndarray) -> dict:
     diff = _mean(a) - _mean(b)
-    out = {"diff": diff, "diff_ci95_low": np.nan, "diff_ci95_high": np.nan, "test": "Welch t",
-           "df": np.nan, "statistic": np.nan, "p_value": np.nan, "cohens_d": cohens_d(a, b),
-           "wilcoxon_p": np.nan}
+    out = {
+        "diff": diff,
+        "diff_ci95_low": np.nan,
+        "diff_ci95_high": np.nan,
+        "test": "Welch t",
+        "df": np.nan,
+        "statistic": np.nan,
+        "p_value": np.nan,
+        "cohens_d": cohens_d(a, b),
+        "wilcoxon_p": np.nan,
+    }
     if len(a) < 2 or len(b) < 2:
         out["test"] = "none"
         return out
@@ -153,8 +201,9 @@ def _welch(a: np.ndarray, b: np.ndarray) -> dict:
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     res = sps.ttest_ind(a, b, equal_var=False)
     low, high = _interval(diff, np.sqrt(va + vb), dof)
-    out.update(diff_ci95_low=low, diff_ci95_high=high, df=float(dof),
-               statistic=float(res.statistic), p_value=float(res.pvalue))
+    out.update(
+        diff_ci95_low=low, diff_ci95_high=high, df=float(dof), statistic=float(res.statistic), p_value=float(res.pvalue)
+    )
     return out
 
 
@@ -166,11 +215,15 @@ def _interval(center: float, se: float, dof: float) -> tuple[float, float]:
 def _seed_note(n: int, n_base: int, note: str) -> str:
     smallest = min(n, n_base)
     if smallest < 2:
-        warn = (f"only {smallest} seed{'s' if smallest != 1 else ''} on one side: no test is possible; "
-                f"run at least {MIN_SEEDS} seeds per cell")
+        warn = (
+            f"only {smallest} seed{'s' if smallest != 1 else ''} on one side: no test is possible; "
+            f"run at least {MIN_SEEDS} seeds per cell"
+        )
     elif smallest < MIN_SEEDS:
-        warn = (f"only {smallest} seeds on one side: too few for the test to mean anything; "
-                f"run at least {MIN_SEEDS} (better 5) seeds per cell")
+        warn = (
+            f"only {smallest} seeds on one side: too few for the test to mean anything; "
+            f"run at least {MIN_SEEDS} (better 5) seeds per cell"
+        )
     else:
         warn = ""
     return "; ".join(s for s in (warn, note) if s)

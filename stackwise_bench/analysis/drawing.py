@@ -39,13 +39,28 @@ def line(ax, data: pd.DataFrame, x: str, y: str, band: bool) -> None:
     order = group_order(data)
     agg = data.groupby(["group", x], sort=False)[y].agg(["mean", "std"]).reset_index()
     colors = dict(zip(order, seaborn().color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
-    seaborn().lineplot(data=agg, x=x, y="mean", hue="group", hue_order=order, palette=colors, errorbar=None,
-                       ax=ax, legend=len(order) <= MAX_LEGEND)
+    seaborn().lineplot(
+        data=agg,
+        x=x,
+        y="mean",
+        hue="group",
+        hue_order=order,
+        palette=colors,
+        errorbar=None,
+        ax=ax,
+        legend=len(order) <= MAX_LEGEND,
+    )
     if band and len(order) <= MAX_BANDS:
         for name, part in agg.groupby("group", sort=False):
             part = part.sort_values(x)
-            ax.fill_between(part[x], part["mean"] - part["std"].fillna(0), part["mean"] + part["std"].fillna(0),
-                            color=colors[name], alpha=0.2, linewidth=0)
+            ax.fill_between(
+                part[x],
+                part["mean"] - part["std"].fillna(0),
+                part["mean"] + part["std"].fillna(0),
+                color=colors[name],
+                alpha=0.2,
+                linewidth=0,
+            )
     if ax.get_legend() is not None:
         ax.get_legend().remove()
 

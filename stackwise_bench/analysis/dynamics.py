@@ -15,14 +15,31 @@ import pandas as pd
 from stackwise_bench.analysis.collect import override_keys
 
 CONVERGENCE_TOLERANCE = 0.5  # accuracy points: closer than this is noise between epochs
-DYNAMICS = ("best_val_top1", "best_epoch", "convergence_epoch", "final_train_top1", "final_val_top1",
-            "final_val_loss", "generalisation_gap", "overfitting", "epoch_time_mean_s",
-            "epoch_time_std_s", "train_img_s_mean", "epochs")
+DYNAMICS = (
+    "best_val_top1",
+    "best_epoch",
+    "convergence_epoch",
+    "final_train_top1",
+    "final_val_top1",
+    "final_val_loss",
+    "generalisation_gap",
+    "overfitting",
+    "epoch_time_mean_s",
+    "epoch_time_std_s",
+    "train_img_s_mean",
+    "epochs",
+)
 # Where a run has no curve, its summary already holds these (run record contract).
-_FROM_SUMMARY = {"best_val_top1": "train.best_val_top1", "best_epoch": "train.best_epoch",
-                 "final_train_top1": "train.final_train_top1", "final_val_top1": "train.final_val_top1",
-                 "final_val_loss": "train.final_val_loss", "epoch_time_mean_s": "train.epoch_time_mean_s",
-                 "epoch_time_std_s": "train.epoch_time_std_s", "epochs": "train.epochs_run"}
+_FROM_SUMMARY = {
+    "best_val_top1": "train.best_val_top1",
+    "best_epoch": "train.best_epoch",
+    "final_train_top1": "train.final_train_top1",
+    "final_val_top1": "train.final_val_top1",
+    "final_val_loss": "train.final_val_loss",
+    "epoch_time_mean_s": "train.epoch_time_mean_s",
+    "epoch_time_std_s": "train.epoch_time_std_s",
+    "epochs": "train.epochs_run",
+}
 
 
 def run_dynamics(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
@@ -60,8 +77,11 @@ def _from_curves(epochs: pd.DataFrame) -> pd.DataFrame:
     out["best_epoch"] = ev.loc[gv["val_top1"].idxmax()].set_index("run_dir")["epoch"]
     near = ev[ev["val_top1"] >= ev["run_dir"].map(out["best_val_top1"]) - CONVERGENCE_TOLERANCE]
     out["convergence_epoch"] = near.groupby("run_dir")["epoch"].min()
-    for src, dst in (("train_top1", "final_train_top1"), ("val_top1", "final_val_top1"),
-                     ("val_loss", "final_val_loss")):
+    for src, dst in (
+        ("train_top1", "final_train_top1"),
+        ("val_top1", "final_val_top1"),
+        ("val_loss", "final_val_loss"),
+    ):
         out[dst] = g[src].last() if src in e else np.nan  # last logged value of each curve
     out["generalisation_gap"] = out["final_train_top1"] - out["final_val_top1"]
     out["overfitting"] = out["best_val_top1"] - out["final_val_top1"]

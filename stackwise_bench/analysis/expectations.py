@@ -33,19 +33,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups, same_value
-from stackwise_bench.analysis.run_folders import read_summary
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import FINISHED, read_summary
 
 ALIASES = {"r": "lora.rank", "rank": "lora.rank", "alpha": "lora.alpha"}
 _KEYS = {"name", "where", "metric", "range", "stat", "formula", "vars", "tolerance", "rel_tolerance"}
 _STATS = {"mean": np.mean, "min": np.min, "max": np.max}
-_OPS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le,
-        "ne": lambda a, b: not same_value(a, b), "eq": same_value,
-        "in": lambda a, b: any(same_value(a, x) for x in b)}
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_OPS = {
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "lt": operator.lt,
+    "le": operator.le,
+    "ne": lambda a, b: not same_value(a, b),
+    "eq": same_value,
+    "in": lambda a, b: any(same_value(a, x) for x in b),
+}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 
 
 def load_expectations(path: str | Path) -> list[dict]:
@@ -71,8 +83,10 @@ def load_expectations(path: str | Path) -> list[dict]:
             raise ConfigError(f"expectation #{i + 1} in {path} needs a metric and exactly one of range or formula.")
         unknown = set(e) - _KEYS
         if unknown:
-            raise ConfigError(f"expectation #{i + 1} in {path} has unknown key {sorted(unknown)[0]!r}; "
-                              f"allowed: {', '.join(sorted(_KEYS))}.")
+            raise ConfigError(
+                f"expectation #{i + 1} in {path} has unknown key {sorted(unknown)[0]!r}; "
+                f"allowed: {', '.join(sorted(_KEYS))}."
+            )
         if e.get("stat", "mean") not in (*_STATS, "every"):
             raise ConfigError(f"expectation #{i + 1} stat={e['stat']} must be mean, min, max or every.")
         if "formula" in e:
@@ -92,20 +106,34 @@ def check_expectations(runs: pd.DataFrame, expectations: list[dict], group_by: l
         subset = done[_where_mask(done, e.get("where") or {}, name)]
         cells = list(iter_groups(subset, group_by))
         if not cells:
-            results.append({"name": name, "metric": metric, "group": None, "passed": None,
-                            "detail": "no finished run matches 'where'"})
+            results.append(
+                {
+                    "name": name,
+                    "metric": metric,
+                    "group": None,
+                    "passed": None,
+                    "detail": "no finished run matches 'where'",
+                }
+            )
         for values, cell in cells:
-            base = {"name": name, "metric": metric, "group": group_label(values, group_by),
-                    "cell": {k: _plain(v) for k, v in values.items()}, "n": len(cell)}
+            base = {
+                "name": name,
+                "metric": metric,
+                "group": group_label(values, group_by),
+                "cell": {k: _plain(v) for k, v in values.items()},
+                "n": len(cell),
+            }
             check = _check_formula if "formula" in e else _check_range
             results.append({**base, **check(e, cell, metric)})
     return results
 
 
 def summarize_validation(results: list[dict]) -> dict:
-    counts = {"passed": sum(r["passed"] is True for r in results),
-              "failed": sum(r["passed"] is False for r in results),
-              "skipped": sum(r["passed"] is None for r in results)}
+    counts = {
+        "passed": sum(r["passed"] is True for r in results),
+        "failed": sum(r["passed"] is False for r in results),
+        "skipped": sum(r["passed"] is None for r in results),
+    }
     return {**counts, "results": results}
 
 
@@ -113,14 +141,25 @@ def _check_range(e: dict, cell: pd.DataFrame, metric: str) -> dict:
     lo, hi = (list(e["range"]) + [None, None])[:2]
     x = pd.to_numeric(cell[metric], errors="coerce").dropna().to_numpy()
     if not len(x):
-        return {"check": "range", "expected": [lo, hi], "value": None, "passed": None,
-                "detail": f"no value of {metric} in this cell"}
+        return {
+            "check": "range",
+            "expected": [lo, hi],
+            "value": None,
+            "passed": None,
+            "detail": f"no value of {metric} in this cell",
+        }
     stat = e.get("stat", "mean")
     vals = x if stat == "every" else np.array([_STATS[stat](x)])
     ok = bool(np.all((lo is None or vals >= lo) & (hi is None or vals <= hi)))
     value = [float(v) for v in vals] if stat == "every" else float(vals[0])
-    return {"check": "range", "stat": stat, "expected": [lo, hi], "value": value, "passed": ok,
-            "detail": f"{stat} {metric} = {_show(value)} {'within' if ok else 'outside'} [{lo}, {hi}]"}
+    return {
+        "check": "range",
+        "stat": stat,
+        "expected": [lo, hi],
+        "value": value,
+        "passed": ok,
+        "detail": f"{stat} {metric} = {_show(value)} {'within' if ok else 'outside'} [{lo}, {hi}]",
+    }
 
 
 def _check_formula(e: dict, cell: pd.DataFrame, metric: str) -> dict:
@@ -133,9 +172,14 @@ def _check_formula(e: dict, cell: pd.DataFrame, metric: str) -> dict:
         expected.append(want)
         actual.append(None if pd.isna(got) else float(got))
         ok &= not pd.isna(got) and abs(got - want) <= max(tol, rel * abs(want))
-    return {"check": "formula", "formula": str(e["formula"]), "expected": _one(expected),
-            "value": _one(actual), "passed": bool(ok),
-            "detail": f"{metric} = {_show(_one(actual))}, formula gives {_show(_one(expected))}"}
+    return {
+        "check": "formula",
+        "formula": str(e["formula"]),
+        "expected": _one(expected),
+        "value": _one(actual),
+        "passed": bool(ok),
+        "detail": f"{metric} = {_show(_one(actual))}, formula gives {_show(_one(expected))}",
+    }
 
 
 class _Names:
@@ -153,14 +197,15 @@ class _Names:
             return float(self.row[column])
         if name.startswith("config."):
             if self._config is None:
-                self._config = read_summary(self.row["run_dir"]).get("config") or {}
+                self._config = (read_summary(self.row["run_dir"]) or {}).get("config") or {}
             node: Any = self._config
             for part in name.split(".")[1:]:
                 node = node.get(part) if isinstance(node, Mapping) else None
             if isinstance(node, (int, float)) and not isinstance(node, bool):
                 return float(node)
-        raise ConfigError(f"formula name {name!r} is not a var, a run column or a numeric config.<key>; "
-                          "add it under vars:.")
+        raise ConfigError(
+            f"formula name {name!r} is not a var, a run column or a numeric config.<key>; add it under vars:."
+        )
 
 
 def _parse_formula(text: str) -> ast.Expression:
@@ -169,10 +214,24 @@ def _parse_formula(text: str) -> ast.Expression:
     except SyntaxError as exc:
         raise ConfigError(f"formula {text!r} is not an arithmetic expression; write e.g. 48 * d * r + head.") from exc
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name,
-                                 ast.Attribute, ast.Load, ast.USub, ast.UAdd, *_BINOPS)):
-            raise ConfigError(f"formula {text!r} uses {type(node).__name__}; only numbers, names and "
-                              "+ - * / // % ** are allowed.")
+        if not isinstance(
+            node,
+            (
+                ast.Expression,
+                ast.BinOp,
+                ast.UnaryOp,
+                ast.Constant,
+                ast.Name,
+                ast.Attribute,
+                ast.Load,
+                ast.USub,
+                ast.UAdd,
+                *_BINOPS,
+            ),
+        ):
+            raise ConfigError(
+                f"formula {text!r} uses {type(node).__name__}; only numbers, names and + - * / // % ** are allowed."
+            )
     return tree
 
 
@@ -207,8 +266,7 @@ def _where_mask(df: pd.DataFrame, where: Mapping, name: str) -> pd.Series:
         if isinstance(cond, Mapping):
             for op, arg in cond.items():
                 if op not in _OPS:
-                    raise ConfigError(f"expectation {name!r}: where operator {op} must be one of "
-                                      f"{', '.join(_OPS)}.")
+                    raise ConfigError(f"expectation {name!r}: where operator {op} must be one of {', '.join(_OPS)}.")
                 mask &= df[key].map(lambda v, f=_OPS[op], a=arg: not pd.isna(v) and bool(f(v, a)))
         elif isinstance(cond, list):
             mask &= df[key].map(lambda v, c=cond: any(same_value(v, x) for x in c))

@@ -10,11 +10,11 @@ import pandas as pd
 from stackwise_bench.analysis.collect import override_keys
 from stackwise_bench.analysis.run_row import parse_value
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import PLACE_KEYS, is_volatile
 
-# Keys that never define a group by default: the seed is what we average over,
-# the others name places or restarts, not treatments.
-NON_GROUPING = ("seed", "study", "trainer.resume", "trainer.progress", "trainer.log_every_n_steps",
-                "dataset.root", "dataset.download", "model.checkpoint_path")
+# Keys that never define a group by default: the seed is what we average over, volatile keys
+# (runs/contract.py) don't change what is trained, and place keys say where data or weights live.
+NON_GROUPING = ("seed", *PLACE_KEYS)
 # Labels that only restate other keys (experiment=BaseFP16 is precision=fp16 + augmentation=basic).
 LABEL_KEYS = ("experiment",)
 
@@ -33,8 +33,7 @@ def default_group_by(runs: pd.DataFrame) -> list[str]:
     no run overrode that follows from another choice (``optimizer.lr`` of
     ``optimizer=sgd``).
     """
-    keys = [k for k in varying_keys(runs)
-            if k not in NON_GROUPING and not k.startswith(("hydra", "monitors."))]
+    keys = [k for k in varying_keys(runs) if k not in NON_GROUPING and not is_volatile(k) and not k.startswith("hydra")]
     for label in [*runs.attrs.get("derived_keys", []), *LABEL_KEYS]:
         rest = [k for k in keys if k != label]
         if label in keys and rest and _n_groups(runs, rest) == _n_groups(runs, keys):
@@ -48,8 +47,9 @@ def check_group_by(runs: pd.DataFrame, group_by: list[str] | None) -> list[str]:
         return default_group_by(runs)
     missing = [k for k in group_by if k not in runs.columns]
     if missing:
-        raise ConfigError(f"group_by key {missing[0]!r} is not a column of these runs; "
-                          f"choose from {', '.join(override_keys(runs))}.")
+        raise ConfigError(
+            f"group_by key {missing[0]!r} is not a column of these runs; choose from {', '.join(override_keys(runs))}."
+        )
     return list(group_by)
 
 

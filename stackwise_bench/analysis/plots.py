@@ -14,17 +14,25 @@ import numpy as np
 import pandas as pd
 
 from stackwise_bench.analysis import drawing
-from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.quantization import settings_label
-from stackwise_bench.analysis.run_folders import read_summary
+from stackwise_bench.runs.contract import FINISHED, read_summary
 
 HARDWARE_BINS = 60  # samples of different runs never share a timestamp: average them in time bins
 
 
-def make_plots(out_dir: Path, *, runs: pd.DataFrame, epochs: pd.DataFrame, hardware: pd.DataFrame,
-               dynamics: pd.DataFrame, summary: pd.DataFrame, metric: str,
-               group_by: list[str], quantized: pd.DataFrame | None = None) -> dict[str, Path]:
+def make_plots(
+    out_dir: Path,
+    *,
+    runs: pd.DataFrame,
+    epochs: pd.DataFrame,
+    hardware: pd.DataFrame,
+    dynamics: pd.DataFrame,
+    summary: pd.DataFrame,
+    metric: str,
+    group_by: list[str],
+    quantized: pd.DataFrame | None = None,
+) -> dict[str, Path]:
     """Every figure the data allows, into ``out_dir``; returns ``{title: path}``.
 
     ``quantized``: the quantized evaluation records
@@ -38,17 +46,20 @@ def make_plots(out_dir: Path, *, runs: pd.DataFrame, epochs: pd.DataFrame, hardw
     jobs = {
         "Learning curves": lambda: learning_curves(done(epochs), group_by, out_dir / "learning_curves.png"),
         "Learning-rate schedule": lambda: lr_schedule(done(epochs), group_by, out_dir / "lr_schedule.png"),
-        "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(summary, metric, group_by,
-                                                          out_dir / "accuracy_vs_rank.png"),
+        "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(summary, metric, group_by, out_dir / "accuracy_vs_rank.png"),
         "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
-            summary, done(runs), metric, group_by, out_dir / "accuracy_vs_params.png"),
-        "Time per epoch and throughput": lambda: throughput(done(dynamics), done(runs), group_by,
-                                                            out_dir / "throughput.png"),
+            summary, done(runs), metric, group_by, out_dir / "accuracy_vs_params.png"
+        ),
+        "Time per epoch and throughput": lambda: throughput(
+            done(dynamics), done(runs), group_by, out_dir / "throughput.png"
+        ),
         "Hardware use over time": lambda: hardware_use(done(hardware), group_by, out_dir / "hardware.png"),
-        "Confusion matrix of the best run": lambda: confusion_matrix(done(runs), metric, group_by,
-                                                                     out_dir / "confusion_matrix.png"),
-        "Post-training quantization": lambda: quantization_degradation(quantized, group_by,
-                                                                       out_dir / "quantization.png"),
+        "Confusion matrix of the best run": lambda: confusion_matrix(
+            done(runs), metric, group_by, out_dir / "confusion_matrix.png"
+        ),
+        "Post-training quantization": lambda: quantization_degradation(
+            quantized, group_by, out_dir / "quantization.png"
+        ),
     }
     written = {}
     for title, job in jobs.items():
@@ -60,10 +71,15 @@ def make_plots(out_dir: Path, *, runs: pd.DataFrame, epochs: pd.DataFrame, hardw
 
 def learning_curves(epochs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
     """Train/validation accuracy and validation loss per epoch; band = ±1 std over seeds."""
-    panels = [(c, label) for c, label in (("train_top1", "Train top-1 accuracy (%)"),
-                                          ("val_top1", "Validation top-1 accuracy (%)"),
-                                          ("val_loss", "Validation loss (cross-entropy)"))
-              if c in epochs and epochs[c].notna().any()]
+    panels = [
+        (c, label)
+        for c, label in (
+            ("train_top1", "Train top-1 accuracy (%)"),
+            ("val_top1", "Validation top-1 accuracy (%)"),
+            ("val_loss", "Validation loss (cross-entropy)"),
+        )
+        if c in epochs and epochs[c].notna().any()
+    ]
     if epochs.empty or not panels:
         return None
     data = with_group_labels(epochs, group_by)
@@ -113,8 +129,9 @@ def accuracy_vs_rank(summary: pd.DataFrame, metric: str, group_by: list[str], pa
     return drawing.save(fig, path, f"{metric} vs LoRA rank (mean, 95% t-interval over seeds)")
 
 
-def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str],
-                       path: Path) -> Path | None:
+def accuracy_vs_params(
+    summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str], path: Path
+) -> Path | None:
     """Mean metric vs mean trainable parameters per cell (95% t-intervals); the efficient frontier dashed.
 
     With a LoRA rank sweep, one colour per combination of the other keys and points labelled by rank.
@@ -134,16 +151,27 @@ def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, g
     fig, axes = drawing.figure(1, 1, width=7.5)
     ax = axes[0]
     for color, (series, part) in zip(colors, s.groupby("series", sort=False)):
-        ax.errorbar(part["trainable"], part["mean"], yerr=drawing.yerr(part), fmt="o", capsize=4, color=color,
-                    label=series if series_keys else None)
+        ax.errorbar(
+            part["trainable"],
+            part["mean"],
+            yerr=drawing.yerr(part),
+            fmt="o",
+            capsize=4,
+            color=color,
+            label=series if series_keys else None,
+        )
         frontier = part[part["mean"] >= part["mean"].cummax()]
         ax.plot(frontier["trainable"], frontier["mean"], "--", color=color, alpha=0.6)
         if len(part) <= 12:
             for _, row in part.iterrows():
-                text = ("full FT" if row["lora.rank"] == 0 else f"r={format_value(row['lora.rank'])}") \
-                    if by_rank else row["group"]
-                ax.annotate(text, (row["trainable"], row["mean"]), fontsize=7, xytext=(4, 4),
-                            textcoords="offset points")
+                text = (
+                    ("full FT" if row["lora.rank"] == 0 else f"r={format_value(row['lora.rank'])}")
+                    if by_rank
+                    else row["group"]
+                )
+                ax.annotate(
+                    text, (row["trainable"], row["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+                )
     if s["trainable"].max() > 10 * s["trainable"].min():
         from matplotlib.ticker import NullFormatter
 
@@ -161,12 +189,13 @@ def accuracy_vs_params(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, g
 def throughput(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
     """Time per epoch and training images/s per cell (bars = mean, whiskers = ±1 std over seeds)."""
     data = with_group_labels(dynamics, group_by)
-    data["img_s"] = data["run_dir"].map(runs.set_index("run_dir")["train.img_s"]) \
-        if "train.img_s" in runs else np.nan
+    data["img_s"] = data["run_dir"].map(runs.set_index("run_dir")["train.img_s"]) if "train.img_s" in runs else np.nan
     data["img_s"] = data["img_s"].fillna(data["train_img_s_mean"])
-    panels = [(c, label) for c, label in (("epoch_time_mean_s", "Time per epoch (s)"),
-                                          ("img_s", "Training throughput (images/s)"))
-              if data[c].notna().any()]
+    panels = [
+        (c, label)
+        for c, label in (("epoch_time_mean_s", "Time per epoch (s)"), ("img_s", "Training throughput (images/s)"))
+        if data[c].notna().any()
+    ]
     if data.empty or not panels:
         return None
     x = "precision" if "precision" in group_by else "group"
@@ -176,8 +205,16 @@ def throughput(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list[str], 
     fig, axes = drawing.figure(1, len(panels), width=max(5.0, 0.5 * data[x].nunique() + 3))
     sns = drawing.seaborn()
     for ax, (col, label) in zip(axes, panels):
-        sns.barplot(data=data, x=x, y=col, hue=hue, errorbar="sd", ax=ax, legend=hue is not None,
-                    order=drawing.axis_order(data[x]))
+        sns.barplot(
+            data=data,
+            x=x,
+            y=col,
+            hue=hue,
+            errorbar="sd",
+            ax=ax,
+            legend=hue is not None,
+            order=drawing.axis_order(data[x]),
+        )
         ax.set(ylabel=label, xlabel=x, title=label.split(" (")[0])
         ax.tick_params(axis="x", labelrotation=30 if x == "group" else 0)
         if ax.get_legend() is not None:
@@ -191,9 +228,15 @@ def hardware_use(hardware: pd.DataFrame, group_by: list[str], path: Path) -> Pat
     """CPU %, resident memory and GPU memory (where sampled) over time per group."""
     if hardware.empty:
         return None
-    panels = [(c, label) for c, label in (("cpu_percent", "CPU use (%)"), ("rss_mb", "Resident memory (MB)"),
-                                          ("gpu_mem_mb", "GPU memory (MB)"))
-              if c in hardware and pd.to_numeric(hardware[c], errors="coerce").notna().any()]
+    panels = [
+        (c, label)
+        for c, label in (
+            ("cpu_percent", "CPU use (%)"),
+            ("rss_mb", "Resident memory (MB)"),
+            ("gpu_mem_mb", "GPU memory (MB)"),
+        )
+        if c in hardware and pd.to_numeric(hardware[c], errors="coerce").notna().any()
+    ]
     if not panels:
         return None
     # Hardware use follows the precision (and model) far more than the other keys: fewer, readable lines.
@@ -217,15 +260,24 @@ def confusion_matrix(runs: pd.DataFrame, metric: str, group_by: list[str], path:
     if runs.empty or metric not in runs or runs[metric].notna().sum() == 0:
         return None
     best = runs.loc[pd.to_numeric(runs[metric], errors="coerce").idxmax()]
-    cm = read_summary(best["run_dir"]).get("test", {}).get("confusion_matrix")
+    cm = (read_summary(best["run_dir"]) or {}).get("test", {}).get("confusion_matrix")
     if not cm:
         return None
     cm = np.asarray(cm, dtype=float)
     pct = 100 * cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
     size = min(12, 3 + 0.45 * len(cm))
     fig, axes = drawing.figure(1, 1, width=size + 1.5, height=size)
-    drawing.seaborn().heatmap(pct, ax=axes[0], cmap="Blues", vmin=0, vmax=100, square=True,
-                              annot=len(cm) <= 12, fmt=".0f", cbar_kws={"label": "Share of true class (%)"})
+    drawing.seaborn().heatmap(
+        pct,
+        ax=axes[0],
+        cmap="Blues",
+        vmin=0,
+        vmax=100,
+        square=True,
+        annot=len(cm) <= 12,
+        fmt=".0f",
+        cbar_kws={"label": "Share of true class (%)"},
+    )
     axes[0].set(xlabel="Predicted class", ylabel="True class")
     name = group_label(best, group_by) + f", seed {format_value(best['seed'])}"
     return drawing.save(fig, path, f"Test confusion matrix of the best run ({name}: {metric} = {best[metric]:.2f})")
@@ -237,14 +289,23 @@ def quantization_degradation(quantized: pd.DataFrame | None, group_by: list[str]
         return None
     data = with_group_labels(quantized, group_by)
     data = data.sort_values(["quantize", "activations", "keep_head"], ascending=[True, True, False], kind="stable")
-    data["setting"] = ["\n".join([q, *settings_label(r).split(", ")]) for q, (_, r) in
-                       zip(data["quantize"], data.iterrows())]
+    data["setting"] = [
+        "\n".join([q, *settings_label(r).split(", ")]) for q, (_, r) in zip(data["quantize"], data.iterrows())
+    ]
     data["degradation"] = data["top1_before"] - data["top1_after"]
     hue = "group" if group_by else None
     fig, axes = drawing.figure(1, 1, width=max(5.0, 2.0 * data["setting"].nunique() + 3))
-    drawing.seaborn().barplot(data=data, x="setting", y="degradation", hue=hue, errorbar="sd", ax=axes[0],
-                              order=list(dict.fromkeys(data["setting"])),
-                              hue_order=drawing.group_order(data) if hue else None, legend=hue is not None)
+    drawing.seaborn().barplot(
+        data=data,
+        x="setting",
+        y="degradation",
+        hue=hue,
+        errorbar="sd",
+        ax=axes[0],
+        order=list(dict.fromkeys(data["setting"])),
+        hue_order=drawing.group_order(data) if hue else None,
+        legend=hue is not None,
+    )
     axes[0].axhline(0, color="black", linewidth=0.8)
     axes[0].set(xlabel="Quantization", ylabel="Top-1 lost (points; negative = gained)")
     if axes[0].get_legend() is not None:

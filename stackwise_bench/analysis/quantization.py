@@ -18,20 +18,40 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.compare import ALPHA, _paired
 from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups
-from stackwise_bench.analysis.run_folders import PathsLike, find_eval_dirs, read_summary
 from stackwise_bench.analysis.stats import describe, holm
 from stackwise_bench.analysis.tables import fmt, fmt_p
+from stackwise_bench.runs.contract import FINISHED, read_summary
+from stackwise_bench.runs.folders import PathsLike, find_eval_dirs
 
 MB = 2**20  # bytes per MB, as evaluate's log prints it
 # What makes two records of the same run different treatments (not repeats).
 SETTINGS = ("quantize", "activations", "keep_head", "checkpoint")
-COLUMNS = ("n", "seeds", "top1_before_mean", "top1_before_std", "top1_after_mean", "top1_after_std",
-           "degradation_mean", "degradation_std", "degradation_ci95_low", "degradation_ci95_high", "test",
-           "statistic", "p_value", "p_holm", "significant", "weight_mb_before", "weight_mb_after", "compression",
-           "worst_class_points", "baseline_matches", "n_recorded", "note")
+COLUMNS = (
+    "n",
+    "seeds",
+    "top1_before_mean",
+    "top1_before_std",
+    "top1_after_mean",
+    "top1_after_std",
+    "degradation_mean",
+    "degradation_std",
+    "degradation_ci95_low",
+    "degradation_ci95_high",
+    "test",
+    "statistic",
+    "p_value",
+    "p_holm",
+    "significant",
+    "weight_mb_before",
+    "weight_mb_after",
+    "compression",
+    "worst_class_points",
+    "baseline_matches",
+    "n_recorded",
+    "note",
+)
 
 
 def collect_evaluations(paths: PathsLike | pd.DataFrame) -> pd.DataFrame:
@@ -47,30 +67,53 @@ def collect_evaluations(paths: PathsLike | pd.DataFrame) -> pd.DataFrame:
     """
     eval_dirs = paths.attrs.get("eval_dirs", []) if isinstance(paths, pd.DataFrame) else find_eval_dirs(paths)
     rows = [_eval_row(d) for d in eval_dirs]
-    columns = ["eval_dir", "run_dir", "status", "seed", *SETTINGS, "top1_before", "top1_after",
-               "degradation_points", "weight_mb_before", "weight_mb_after", "compression", "worst_class_points",
-               "recorded_test_top1", "matches_recorded", "ended_at"]
+    columns = [
+        "eval_dir",
+        "run_dir",
+        "status",
+        "seed",
+        *SETTINGS,
+        "top1_before",
+        "top1_after",
+        "degradation_points",
+        "weight_mb_before",
+        "weight_mb_after",
+        "compression",
+        "worst_class_points",
+        "recorded_test_top1",
+        "matches_recorded",
+        "ended_at",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
 def _eval_row(eval_dir: Path) -> dict:
-    s = read_summary(eval_dir)
+    s = read_summary(eval_dir) or {}
     run, source, q = s.get("run") or {}, s.get("source") or {}, s.get("quantize") or {}
     test = s.get("test") or {}
     baseline = s.get("baseline") or test  # an unquantized evaluation has one pass: test
     degradation = s.get("degradation") or {}
     bytes_before, bytes_after = q.get("weight_bytes_before"), q.get("weight_bytes_after")
-    return {"eval_dir": str(eval_dir), "run_dir": str(eval_dir.parent.parent),
-            "status": s.get("status") or "unreadable", "seed": run.get("seed"), "quantize": run.get("quantize"),
-            "activations": bool(run.get("activations")), "keep_head": run.get("keep_head", True),
-            "checkpoint": run.get("checkpoint"), "top1_before": baseline.get("top1"), "top1_after": test.get("top1"),
-            "degradation_points": degradation.get("top1_points"),
-            "weight_mb_before": bytes_before / MB if bytes_before else None,
-            "weight_mb_after": bytes_after / MB if bytes_after else None,
-            "compression": bytes_before / bytes_after if bytes_before and bytes_after else None,
-            "worst_class_points": degradation.get("worst_class_points"),
-            "recorded_test_top1": source.get("recorded_test_top1"),
-            "matches_recorded": baseline.get("matches_recorded"), "ended_at": run.get("ended_at") or ""}
+    return {
+        "eval_dir": str(eval_dir),
+        "run_dir": str(eval_dir.parent.parent),
+        "status": s.get("status") or "unreadable",
+        "seed": run.get("seed"),
+        "quantize": run.get("quantize"),
+        "activations": bool(run.get("activations")),
+        "keep_head": run.get("keep_head", True),
+        "checkpoint": run.get("checkpoint"),
+        "top1_before": baseline.get("top1"),
+        "top1_after": test.get("top1"),
+        "degradation_points": degradation.get("top1_points"),
+        "weight_mb_before": bytes_before / MB if bytes_before else None,
+        "weight_mb_after": bytes_after / MB if bytes_after else None,
+        "compression": bytes_before / bytes_after if bytes_before and bytes_after else None,
+        "worst_class_points": degradation.get("worst_class_points"),
+        "recorded_test_top1": source.get("recorded_test_top1"),
+        "matches_recorded": baseline.get("matches_recorded"),
+        "ended_at": run.get("ended_at") or "",
+    }
 
 
 def quantized_evaluations(evaluations: pd.DataFrame, runs: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
@@ -118,19 +161,35 @@ def _cell_stats(cell: pd.DataFrame, n_runs: int) -> dict:
     before = cell["top1_before"].to_numpy(dtype=float)
     after = cell["top1_after"].to_numpy(dtype=float)
     drop = describe(before - after)
-    out = {"n": len(cell), "seeds": " ".join(format_value(s) for s in sorted(cell["seed"].dropna())),
-           "top1_before_mean": describe(before)["mean"], "top1_before_std": describe(before)["std"],
-           "top1_after_mean": describe(after)["mean"], "top1_after_std": describe(after)["std"],
-           "degradation_mean": drop["mean"], "degradation_std": drop["std"],
-           "degradation_ci95_low": np.nan, "degradation_ci95_high": np.nan, "test": "none",
-           "statistic": np.nan, "p_value": np.nan,
-           "weight_mb_before": _mean(cell["weight_mb_before"]), "weight_mb_after": _mean(cell["weight_mb_after"]),
-           "compression": _mean(cell["compression"]), "worst_class_points": _max(cell["worst_class_points"])}
+    out = {
+        "n": len(cell),
+        "seeds": " ".join(format_value(s) for s in sorted(cell["seed"].dropna())),
+        "top1_before_mean": describe(before)["mean"],
+        "top1_before_std": describe(before)["std"],
+        "top1_after_mean": describe(after)["mean"],
+        "top1_after_std": describe(after)["std"],
+        "degradation_mean": drop["mean"],
+        "degradation_std": drop["std"],
+        "degradation_ci95_low": np.nan,
+        "degradation_ci95_high": np.nan,
+        "test": "none",
+        "statistic": np.nan,
+        "p_value": np.nan,
+        "weight_mb_before": _mean(cell["weight_mb_before"]),
+        "weight_mb_after": _mean(cell["weight_mb_after"]),
+        "compression": _mean(cell["compression"]),
+        "worst_class_points": _max(cell["worst_class_points"]),
+    }
     notes = []
     if len(cell) >= 2:  # the same model before and after: a paired test, as compare.py pairs seeds
         paired = _paired(before, after)
-        out.update(degradation_ci95_low=paired["diff_ci95_low"], degradation_ci95_high=paired["diff_ci95_high"],
-                   test=paired["test"], statistic=paired["statistic"], p_value=paired["p_value"])
+        out.update(
+            degradation_ci95_low=paired["diff_ci95_low"],
+            degradation_ci95_high=paired["diff_ci95_high"],
+            test=paired["test"],
+            statistic=paired["statistic"],
+            p_value=paired["p_value"],
+        )
         notes += [paired["note"]] if paired.get("note") else []
     else:
         notes.append("one seed: no test is possible")
@@ -144,8 +203,11 @@ def _cell_stats(cell: pd.DataFrame, n_runs: int) -> dict:
 def baseline_mismatches(quantized: pd.DataFrame) -> list[str]:
     """One line per record whose unquantized re-evaluation differs from the run's recorded test top-1."""
     bad = quantized[quantized["matches_recorded"].astype(object).map(lambda v: v is False)]
-    return [f"{r['run_dir']} ({r['checkpoint']}): recorded {format_value(r['recorded_test_top1'])}, "
-            f"re-evaluated {format_value(r['top1_before'])}" for _, r in bad.drop_duplicates("run_dir").iterrows()]
+    return [
+        f"{r['run_dir']} ({r['checkpoint']}): recorded {format_value(r['recorded_test_top1'])}, "
+        f"re-evaluated {format_value(r['top1_before'])}"
+        for _, r in bad.drop_duplicates("run_dir").iterrows()
+    ]
 
 
 def quantization_display(table: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
@@ -155,23 +217,32 @@ def quantization_display(table: pd.DataFrame, group_by: list[str]) -> pd.DataFra
         low, high = r["degradation_ci95_low"], r["degradation_ci95_high"]
         matched = f"{r['baseline_matches']}/{r['n_recorded']}" if r["n_recorded"] else "–"
         row = {"group": r["group"]} if group_by else {}
-        row.update({"format": r["quantize"], "settings": settings_label(r), "n": str(int(r["n"])),
-                    "top-1 before (%)": _mean_std(r["top1_before_mean"], r["top1_before_std"]),
-                    "top-1 after (%)": _mean_std(r["top1_after_mean"], r["top1_after_std"]),
-                    "degradation (points)": _mean_std(r["degradation_mean"], r["degradation_std"], signed=True),
-                    "95% CI": "–" if pd.isna(low) else f"[{fmt(low, signed=True)}, {fmt(high, signed=True)}]",
-                    "p (Holm)": "–" if pd.isna(r["p_value"]) else f"{fmt_p(r['p_value'])} ({fmt_p(r['p_holm'])})",
-                    "weights MB before → after": f"{fmt(r['weight_mb_before'], 3)} → {fmt(r['weight_mb_after'], 3)}",
-                    "compression": f"{fmt(r['compression'])}×",
-                    "re-eval = recorded": matched, "note": r["note"]})
+        row.update(
+            {
+                "format": r["quantize"],
+                "settings": settings_label(r),
+                "n": str(int(r["n"])),
+                "top-1 before (%)": _mean_std(r["top1_before_mean"], r["top1_before_std"]),
+                "top-1 after (%)": _mean_std(r["top1_after_mean"], r["top1_after_std"]),
+                "degradation (points)": _mean_std(r["degradation_mean"], r["degradation_std"], signed=True),
+                "95% CI": "–" if pd.isna(low) else f"[{fmt(low, signed=True)}, {fmt(high, signed=True)}]",
+                "p (Holm)": "–" if pd.isna(r["p_value"]) else f"{fmt_p(r['p_value'])} ({fmt_p(r['p_holm'])})",
+                "weights MB before → after": f"{fmt(r['weight_mb_before'], 3)} → {fmt(r['weight_mb_after'], 3)}",
+                "compression": f"{fmt(r['compression'])}×",
+                "re-eval = recorded": matched,
+                "note": r["note"],
+            }
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def settings_label(r) -> str:
     """``weights, head kept`` / ``weights + activations, head quantized`` (+ the checkpoint when not best.pt)."""
-    parts = ["weights + activations" if r["activations"] else "weights",
-             "head kept" if r["keep_head"] else "head quantized"]
+    parts = [
+        "weights + activations" if r["activations"] else "weights",
+        "head kept" if r["keep_head"] else "head quantized",
+    ]
     if r["checkpoint"] not in (None, "best.pt"):
         parts.append(str(r["checkpoint"]))
     return ", ".join(parts)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from stackwise_bench.analysis.run_folders import read_summary
+from stackwise_bench.runs.contract import UnreadableSummary, read_summary
 
 # Top-level summary sections flattened into metric columns (in this order);
 # any other dict section the trainer adds later is flattened after them.
@@ -19,11 +19,14 @@ STUDY_KEYS = ("lora.rank", "optimizer.lr", "trainer.max_epochs", "trainer.batch_
 
 def run_row(run_dir: Path) -> tuple[dict, dict, dict, dict, set]:
     """(flat row, choices, values, resolved config, keys the run overrode) for one run."""
-    summary = read_summary(run_dir)
+    try:
+        summary, problem = read_summary(run_dir) or {}, "summary.json is missing"
+    except UnreadableSummary as exc:  # listed with its reason, so one damaged folder does not hide a study
+        summary, problem = {}, str(exc)
     row: dict[str, Any] = {"run_dir": str(run_dir), "status": summary.get("status") or "unknown"}
     if not summary:
         row["status"] = "unreadable"
-        row["error.message"] = "summary.json is missing or not valid JSON"
+        row["error.message"] = problem
     run = summary.get("run") or {}
     config = summary.get("config") or {}
     overrides = run.get("overrides")

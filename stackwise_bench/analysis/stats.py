@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.grouping import format_value, with_group_labels
+from stackwise_bench.runs.contract import FINISHED
 
 CONFIDENCE = 0.95
 
@@ -86,8 +86,9 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
         values = pd.to_numeric(done[metric], errors="coerce") if metric in done else pd.Series(np.nan, done.index)
         frame = done[keys].assign(_v=values, _seed=done["seed"] if "seed" in done else np.nan)
         g = _grouped(frame, keys)["_v"]
-        agg = pd.DataFrame({"n": g.count(), "mean": g.mean(), "std": g.std(ddof=1), "min": g.min(),
-                            "max": g.max()}).reindex(base.index)
+        agg = pd.DataFrame(
+            {"n": g.count(), "mean": g.mean(), "std": g.std(ddof=1), "min": g.min(), "max": g.max()}
+        ).reindex(base.index)
         seeds = _grouped(frame[frame["_v"].notna()], keys)["_seed"].agg(lambda s: set(s.dropna()))
         t = pd.DataFrame({**agg, **base, "metric": metric, "group": labels, "_seeds": seeds.reindex(base.index)})
         tables.append(t)
@@ -99,10 +100,26 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
     table["incomplete"] = table["n"] < table.groupby("metric")["n"].transform("max")
     table["_seeds"] = [s if isinstance(s, set) else set() for s in table["_seeds"]]
     all_seeds = table.groupby("metric")["_seeds"].agg(lambda s: set().union(*s))
-    table["missing_seeds"] = [" ".join(format_value(s) for s in sorted(all_seeds[m] - seeds, key=_seed_key))
-                              for m, seeds in zip(table["metric"], table["_seeds"])]
-    cols = [*group_by, "group", "metric", "n", "mean", "std", "ci95_low", "ci95_high", "min", "max",
-            "n_runs", "n_unfinished", "incomplete", "missing_seeds"]
+    table["missing_seeds"] = [
+        " ".join(format_value(s) for s in sorted(all_seeds[m] - seeds, key=_seed_key))
+        for m, seeds in zip(table["metric"], table["_seeds"])
+    ]
+    cols = [
+        *group_by,
+        "group",
+        "metric",
+        "n",
+        "mean",
+        "std",
+        "ci95_low",
+        "ci95_high",
+        "min",
+        "max",
+        "n_runs",
+        "n_unfinished",
+        "incomplete",
+        "missing_seeds",
+    ]
     return table[cols]
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED
 from stackwise_bench.analysis.compare import compare_to_baseline
 from stackwise_bench.analysis.grouping import group_label, iter_groups, matching_cells, same_value
 from stackwise_bench.analysis.stats import describe
+from stackwise_bench.runs.contract import FINISHED
 
 
 @dataclass
@@ -26,17 +26,27 @@ class StudyView:
     comparisons: pd.DataFrame | None = None
 
 
-def precision_study(runs: pd.DataFrame, dynamics: pd.DataFrame, epochs: pd.DataFrame,
-                    group_by: list[str], metric: str) -> StudyView | None:
+def precision_study(
+    runs: pd.DataFrame, dynamics: pd.DataFrame, epochs: pd.DataFrame, group_by: list[str], metric: str
+) -> StudyView | None:
     """Accuracy, generalisation, time and resource use per precision cell, with speed-ups over fp32."""
     if "precision" not in group_by:
         return None
-    cols = {"best_val_top1": "best_val_top1", "final_train_top1": "final_train_top1",
-            "overfitting": "overfitting", "generalisation_gap": "generalisation_gap",
-            "final_val_loss": "final_val_loss"}
-    res = {"train.time_s": "time_s", "train.img_s": "img_s", "resources.cpu_percent_mean": "cpu_percent_mean",
-           "resources.rss_mb_mean": "rss_mb_mean", "resources.peak_rss_mb": "peak_rss_mb",
-           "resources.peak_gpu_mem_mb": "peak_gpu_mem_mb"}
+    cols = {
+        "best_val_top1": "best_val_top1",
+        "final_train_top1": "final_train_top1",
+        "overfitting": "overfitting",
+        "generalisation_gap": "generalisation_gap",
+        "final_val_loss": "final_val_loss",
+    }
+    res = {
+        "train.time_s": "time_s",
+        "train.img_s": "img_s",
+        "resources.cpu_percent_mean": "cpu_percent_mean",
+        "resources.rss_mb_mean": "rss_mb_mean",
+        "resources.peak_rss_mb": "peak_rss_mb",
+        "resources.peak_gpu_mem_mb": "peak_gpu_mem_mb",
+    }
     done_dyn = dynamics[dynamics["status"].isin(FINISHED)]
     done_ep = epochs[epochs["status"].isin(FINISHED)] if len(epochs) else epochs
     rows = []
@@ -46,8 +56,11 @@ def precision_study(runs: pd.DataFrame, dynamics: pd.DataFrame, epochs: pd.DataF
         row["best_val_top1_std"] = describe(dyn["best_val_top1"])["std"]
         row.update({dst: _mean(dyn[src]) for src, dst in cols.items()})
         row.update({dst: _mean(cell[src]) if src in cell else np.nan for src, dst in res.items()})
-        times = done_ep.loc[done_ep["run_dir"].isin(cell["run_dir"]), "epoch_time_s"] \
-            if "epoch_time_s" in done_ep else pd.Series(dtype=float)
+        times = (
+            done_ep.loc[done_ep["run_dir"].isin(cell["run_dir"]), "epoch_time_s"]
+            if "epoch_time_s" in done_ep
+            else pd.Series(dtype=float)
+        )
         t = describe(times) if len(times) else {"mean": _mean(dyn["epoch_time_mean_s"]), "std": np.nan}
         row["epoch_time_mean_s"], row["epoch_time_std_s"] = t["mean"], t["std"]
         rows.append(row)
@@ -55,23 +68,38 @@ def precision_study(runs: pd.DataFrame, dynamics: pd.DataFrame, epochs: pd.DataF
     if table.empty:
         return None
     table["speedup_vs_fp32"] = _ratio_to_reference(table, group_by, "precision", "fp32", "time_s", invert=True)
-    order = [*group_by, "n", metric, "best_val_top1", "best_val_top1_std", "final_train_top1", "overfitting",
-             "generalisation_gap", "final_val_loss", "time_s", "epoch_time_mean_s", "epoch_time_std_s",
-             "speedup_vs_fp32", "img_s", "cpu_percent_mean", "rss_mb_mean", "peak_rss_mb", "peak_gpu_mem_mb"]
+    order = [
+        *group_by,
+        "n",
+        metric,
+        "best_val_top1",
+        "best_val_top1_std",
+        "final_train_top1",
+        "overfitting",
+        "generalisation_gap",
+        "final_val_loss",
+        "time_s",
+        "epoch_time_mean_s",
+        "epoch_time_std_s",
+        "speedup_vs_fp32",
+        "img_s",
+        "cpu_percent_mean",
+        "rss_mb_mean",
+        "peak_rss_mb",
+        "peak_gpu_mem_mb",
+    ]
     table = table[[*dict.fromkeys(order), "group"]]
     return StudyView("Precision study", table, _precision_highlights(table, metric))
 
 
-def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str,
-               group_by: list[str]) -> StudyView | None:
+def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
     """Accuracy vs LoRA rank and trainable parameters, against full fine-tuning (rank 0)."""
     if "lora.rank" not in group_by:
         return None
     table = summary[summary["metric"] == metric].drop(columns=["metric"]).reset_index(drop=True)
     done = runs[runs["status"].isin(FINISHED)]
     for col, name in (("params.trainable", "trainable"), ("params.lora", "lora_params")):
-        means = {label: _mean(cell[col]) if col in cell else np.nan
-                 for label, cell in _cells_by_label(done, group_by)}
+        means = {label: _mean(cell[col]) if col in cell else np.nan for label, cell in _cells_by_label(done, group_by)}
         table[name] = table["group"].map(means)
     full_acc = _ratio_to_reference(table, group_by, "lora.rank", 0, "mean")
     full_params = _ratio_to_reference(table, group_by, "lora.rank", 0, "trainable")
@@ -83,18 +111,34 @@ def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str,
     table["on_frontier"] = _frontier(table, [k for k in group_by if k != "lora.rank"])
     for col in ("trainable", "lora_params"):
         table[col] = _as_count(table[col])
-    table = table[[*group_by, "n", "mean", "std", "ci95_low", "ci95_high", "trainable", "lora_params",
-                   "trainable_pct", "acc_retained_pct", "efficiency_vs_full", "acc_per_m_trainable",
-                   "on_frontier", "group"]]
+    table = table[
+        [
+            *group_by,
+            "n",
+            "mean",
+            "std",
+            "ci95_low",
+            "ci95_high",
+            "trainable",
+            "lora_params",
+            "trainable_pct",
+            "acc_retained_pct",
+            "efficiency_vs_full",
+            "acc_per_m_trainable",
+            "on_frontier",
+            "group",
+        ]
+    ]
     highlights = []
     for _, row in table[table["on_frontier"]].iterrows():
-        highlights.append(f"on the efficient frontier: {row['group']} — {row['mean']:.2f} "
-                          f"({metric}) with {_count(row['trainable'])} trainable parameters")
+        highlights.append(
+            f"on the efficient frontier: {row['group']} — {row['mean']:.2f} "
+            f"({metric}) with {_count(row['trainable'])} trainable parameters"
+        )
     return StudyView("PEFT study (LoRA rank)", table, highlights)
 
 
-def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str,
-                    group_by: list[str]) -> StudyView | None:
+def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
     """Final accuracy per optimizer with intervals, and the paired test against SGD."""
     if "optimizer" not in group_by:
         return None
@@ -107,17 +151,21 @@ def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str,
     for _, row in comparisons.iterrows():
         if pd.notna(row.get("diff")):
             p = row.get("p_value")
-            highlights.append(f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} points "
-                              f"({row['test']}, p = {p:.3g})" if pd.notna(p) else
-                              f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} points (no test)")
+            highlights.append(
+                f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} points ({row['test']}, p = {p:.3g})"
+                if pd.notna(p)
+                else f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} points (no test)"
+            )
     return StudyView(f"Optimizer study (reference: optimizer={ref})", table, highlights, comparisons)
 
 
 def _precision_highlights(table: pd.DataFrame, metric: str) -> list[str]:
     out = []
-    for col, word, best, unit in ((metric, "best accuracy", max, f"% {metric}"),
-                                  ("generalisation_gap", "best generalisation", min, "points train − val gap"),
-                                  ("time_s", "fastest", min, "s total training")):
+    for col, word, best, unit in (
+        (metric, "best accuracy", max, f"% {metric}"),
+        ("generalisation_gap", "best generalisation", min, "points train − val gap"),
+        ("time_s", "fastest", min, "s total training"),
+    ):
         values = table[col].dropna()
         if len(values):
             winner = best(values)
@@ -130,8 +178,9 @@ def _precision_highlights(table: pd.DataFrame, metric: str) -> list[str]:
     return out
 
 
-def _ratio_to_reference(table: pd.DataFrame, group_by: list[str], key: str, ref, col: str,
-                        invert: bool = False) -> pd.Series:
+def _ratio_to_reference(
+    table: pd.DataFrame, group_by: list[str], key: str, ref, col: str, invert: bool = False
+) -> pd.Series:
     """Each row's ``col`` divided by its reference row's (``key=ref``, other keys matched)."""
     refs = table[table[key].map(lambda v: same_value(v, ref))]
     others = [k for k in group_by if k != key]
@@ -153,8 +202,11 @@ def _frontier(table: pd.DataFrame, others: list[str]) -> pd.Series:
     for _, cell in iter_groups(table, others):
         ok = cell.dropna(subset=["mean", "trainable"])
         for i, row in ok.iterrows():
-            better = ok[(ok["trainable"] <= row["trainable"]) & (ok["mean"] >= row["mean"])
-                        & ((ok["trainable"] < row["trainable"]) | (ok["mean"] > row["mean"]))]
+            better = ok[
+                (ok["trainable"] <= row["trainable"])
+                & (ok["mean"] >= row["mean"])
+                & ((ok["trainable"] < row["trainable"]) | (ok["mean"] > row["mean"]))
+            ]
             flags[i] = better.empty
     return flags
 

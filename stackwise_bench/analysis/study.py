@@ -8,20 +8,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from stackwise_bench.analysis.collect import FINISHED, collect_epochs, collect_hardware, collect_runs, override_keys
+from stackwise_bench.analysis.collect import collect_epochs, collect_hardware, collect_runs, override_keys
 from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, resolve_baseline
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
 from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
 from stackwise_bench.analysis.grouping import check_group_by, format_value
 from stackwise_bench.analysis.quantization import collect_evaluations, quantization_table, quantized_evaluations
-from stackwise_bench.analysis.run_folders import PathsLike, as_path_list
 from stackwise_bench.analysis.stats import seed_stats
 from stackwise_bench.analysis.studies import StudyView, optimizer_study, peft_study, precision_study
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import FINISHED
+from stackwise_bench.runs.folders import PathsLike, as_path_list
 
 # Summarised for every cell besides the chosen metric, where the runs have them.
-DEFAULT_METRICS = ("test.top1", "test.top5", "test.f1_macro", "train.best_val_top1", "train.time_s",
-                   "train.img_s", "params.trainable", "resources.peak_rss_mb")
+DEFAULT_METRICS = (
+    "test.top1",
+    "test.top5",
+    "test.f1_macro",
+    "train.best_val_top1",
+    "train.time_s",
+    "train.img_s",
+    "params.trainable",
+    "resources.peak_rss_mb",
+)
 MAX_LISTED = 6  # more incomplete cells than this: one summary line instead of one line each
 METRIC_FALLBACKS = ("test.top1", "train.best_val_top1", "train.final_val_top1")
 
@@ -56,8 +65,14 @@ class StudyAnalysis:
         return self.runs[~self.runs["status"].isin(FINISHED)]
 
 
-def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
-                 group_by: list[str] | None = None, expect: str | Path | None = None) -> StudyAnalysis:
+def analyze_runs(
+    paths: PathsLike,
+    *,
+    metric: str | None = None,
+    baseline=None,
+    group_by: list[str] | None = None,
+    expect: str | Path | None = None,
+) -> StudyAnalysis:
     """Collect the runs below ``paths`` and compute statistics, comparisons, dynamics and views.
 
     Args:
@@ -84,12 +99,28 @@ def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
     dynamics = run_dynamics(runs, epochs)
     dyn_cols = [c for c in DYNAMICS if dynamics[c].notna().any()]
     analysis = StudyAnalysis(
-        paths=as_path_list(paths), runs=runs, epochs=epochs, hardware=hardware, group_by=group_by,
-        metric=metric, baseline=base, baseline_auto=bool(base) and not baseline, summary=summary,
-        comparisons=comparisons, dynamics=dynamics, dynamics_summary=seed_stats(dynamics, dyn_cols, group_by))
-    analysis.views = [v for v in (precision_study(runs, dynamics, epochs, group_by, metric),
-                                  peft_study(summary, runs, metric, group_by),
-                                  optimizer_study(summary, runs, metric, group_by)) if v is not None]
+        paths=as_path_list(paths),
+        runs=runs,
+        epochs=epochs,
+        hardware=hardware,
+        group_by=group_by,
+        metric=metric,
+        baseline=base,
+        baseline_auto=bool(base) and not baseline,
+        summary=summary,
+        comparisons=comparisons,
+        dynamics=dynamics,
+        dynamics_summary=seed_stats(dynamics, dyn_cols, group_by),
+    )
+    analysis.views = [
+        v
+        for v in (
+            precision_study(runs, dynamics, epochs, group_by, metric),
+            peft_study(summary, runs, metric, group_by),
+            optimizer_study(summary, runs, metric, group_by),
+        )
+        if v is not None
+    ]
     analysis.evaluations = collect_evaluations(runs)
     analysis.quantized = quantized_evaluations(analysis.evaluations, runs, group_by)
     analysis.quantization = quantization_table(analysis.quantized, runs, group_by)
@@ -102,8 +133,13 @@ def analyze_runs(paths: PathsLike, *, metric: str | None = None, baseline=None,
 def choose_metric(runs: pd.DataFrame, metric: str | None) -> str:
     """The requested metric, checked to be a numeric column; else the first fallback with values."""
     keys = set(override_keys(runs)) | {"run_dir", "status", "seed"}
-    numeric = [c for c in runs.columns if c not in keys and not pd.api.types.is_bool_dtype(runs[c])
-               and (pd.api.types.is_numeric_dtype(runs[c]) or runs[c].isna().all())]
+    numeric = [
+        c
+        for c in runs.columns
+        if c not in keys
+        and not pd.api.types.is_bool_dtype(runs[c])
+        and (pd.api.types.is_numeric_dtype(runs[c]) or runs[c].isna().all())
+    ]
     if metric is None:
         for m in METRIC_FALLBACKS:
             if m in runs and runs.loc[runs["status"].isin(FINISHED), m].notna().any():
@@ -120,25 +156,37 @@ def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
     if len(a.unfinished):
         counts = a.unfinished["status"].value_counts()
         what = ", ".join(f"{n} {s}" for s, n in counts.items())
-        out.append(f"{len(a.unfinished)} run(s) not finished ({what}): listed under 'Runs not included', "
-                   "left out of the statistics.")
+        out.append(
+            f"{len(a.unfinished)} run(s) not finished ({what}): listed under 'Runs not included', "
+            "left out of the statistics."
+        )
     s = a.summary[a.summary["metric"] == a.metric] if len(a.summary) else a.summary
     if len(s) and s["n"].max() == 0:
         out.append(f"no finished run has {a.metric}: nothing to summarise.")
     elif len(s):
         incomplete = s[s["incomplete"]]
         if len(incomplete) > MAX_LISTED:
-            out.append(f"{len(incomplete)} of {len(s)} cells are incomplete (fewer seeds than the fullest cell, "
-                       f"{int(s['n'].max())}): see the flags in the table.")
+            out.append(
+                f"{len(incomplete)} of {len(s)} cells are incomplete (fewer seeds than the fullest cell, "
+                f"{int(s['n'].max())}): see the flags in the table."
+            )
         for _, r in incomplete.iterrows() if len(incomplete) <= MAX_LISTED else ():
-            out.append(f"cell {r['group']} is incomplete: {int(r['n'])} of {int(s['n'].max())} seeds"
-                       + (f" (missing {r['missing_seeds']})" if r["missing_seeds"] else "") + ".")
+            out.append(
+                f"cell {r['group']} is incomplete: {int(r['n'])} of {int(s['n'].max())} seeds"
+                + (f" (missing {r['missing_seeds']})" if r["missing_seeds"] else "")
+                + "."
+            )
         if s["n"].max() < MIN_SEEDS:
-            out.append(f"every cell has fewer than {MIN_SEEDS} seeds: intervals are very wide and the tests "
-                       "cannot tell real differences from seed noise; run more seeds.")
+            out.append(
+                f"every cell has fewer than {MIN_SEEDS} seeds: intervals are very wide and the tests "
+                "cannot tell real differences from seed noise; run more seeds."
+            )
     if not a.baseline and len(s) > 1:
-        out.append("no baseline: set baseline=key=value (e.g. baseline=precision=fp32) to compare cells."
-                   if not explicit_baseline else "baseline is empty: no comparisons.")
+        out.append(
+            "no baseline: set baseline=key=value (e.g. baseline=precision=fp32) to compare cells."
+            if not explicit_baseline
+            else "baseline is empty: no comparisons."
+        )
     elif a.comparisons.empty:
         key = ", ".join(f"{k}={format_value(v)}" for k, v in a.baseline.items())
         out.append(f"baseline {key}: no other cell to compare with.")
@@ -158,17 +206,23 @@ def _evaluation_warnings(a: StudyAnalysis) -> list[str]:
     unfinished = e[e["status"] != "completed"]
     if len(unfinished):
         what = ", ".join(f"{n} {s}" for s, n in unfinished["status"].value_counts().items())
-        out.append(f"{len(unfinished)} evaluation record(s) not completed ({what}), e.g. "
-                   f"{unfinished['eval_dir'].iloc[0]}: left out of the post-training quantization table.")
+        out.append(
+            f"{len(unfinished)} evaluation record(s) not completed ({what}), e.g. "
+            f"{unfinished['eval_dir'].iloc[0]}: left out of the post-training quantization table."
+        )
     done = e[(e["status"] == "completed") & e["quantize"].notna()]
     used = set(a.quantized["eval_dir"]) if len(a.quantized) else set()
     analysed = {os.path.realpath(d) for d in a.runs.loc[a.runs["status"].isin(FINISHED), "run_dir"]}
     orphans = done[[os.path.realpath(d) not in analysed for d in done["run_dir"]]]
     if len(orphans):
-        out.append(f"{len(orphans)} quantized evaluation record(s) evaluated runs that are not among the finished "
-                   f"runs analysed (e.g. {orphans['eval_dir'].iloc[0]}): left out; add their run folders to runs=.")
+        out.append(
+            f"{len(orphans)} quantized evaluation record(s) evaluated runs that are not among the finished "
+            f"runs analysed (e.g. {orphans['eval_dir'].iloc[0]}): left out; add their run folders to runs=."
+        )
     repeats = len(done) - len(orphans) - len(used)
     if repeats > 0:
-        out.append(f"{repeats} quantized evaluation record(s) repeat an evaluation of the same checkpoint with the "
-                   "same settings: the latest of each is used.")
+        out.append(
+            f"{repeats} quantized evaluation record(s) repeat an evaluation of the same checkpoint with the "
+            "same settings: the latest of each is used."
+        )
     return out

@@ -15,5 +15,12 @@ from stackwise_bench.data.loader import BatchLoader
 from stackwise_bench.data.splits import ImageData, split_train_val
 from stackwise_bench.data.synthetic import make_synthetic
 
-__all__ = ["DIGITS_TEST_SEED", "BatchLoader", "ImageData", "load_cifar", "load_digits", "make_synthetic",
-           "split_train_val"]
+__all__ = [
+    "DIGITS_TEST_SEED",
+    "BatchLoader",
+    "ImageData",
+    "load_cifar",
+    "load_digits",
+    "make_synthetic",
+    "split_train_val",
+]

@@ -25,11 +25,15 @@ def _cifar_spec(name: str):
 
 def _unchecked(base: type) -> type:
     """``base`` with md5s dropped, so torchvision only checks that each file exists."""
-    return type(f"Unchecked{base.__name__}", (base,), {
-        "train_list": [[f, None] for f, _ in base.train_list],
-        "test_list": [[f, None] for f, _ in base.test_list],
-        "meta": {**base.meta, "md5": None},
-    })
+    return type(
+        f"Unchecked{base.__name__}",
+        (base,),
+        {
+            "train_list": [[f, None] for f, _ in base.train_list],
+            "test_list": [[f, None] for f, _ in base.test_list],
+            "meta": {**base.meta, "md5": None},
+        },
+    )
 
 
 def _download_cifar(cls: type, pretty: str, root: Path) -> None:
@@ -54,8 +58,14 @@ def _download_cifar(cls: type, pretty: str, root: Path) -> None:
         socket.setdefaulttimeout(old_timeout)
 
 
-def load_cifar(name: str = "cifar10", root: str = "data", download: bool = False, check_integrity: bool = True,
-               val_fraction: float = 0.1, split_seed: int = 0) -> ImageData:
+def load_cifar(
+    name: str = "cifar10",
+    root: str = "data",
+    download: bool = False,
+    check_integrity: bool = True,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> ImageData:
     """CIFAR-10/100 through torchvision, from ``root/cifar-10(0)-batches-py``.
 
     Args:
@@ -92,5 +102,6 @@ def load_cifar(name: str = "cifar10", root: str = "data", download: bool = False
         return x, torch.as_tensor(ds.targets, dtype=torch.long)
 
     (pool_x, pool_y), (test_x, test_y) = to_tensors(train), to_tensors(test)
-    return build_image_data(name, pool_x, pool_y, test_x, test_y, [str(c) for c in train.classes],
-                            val_fraction, split_seed)
+    return build_image_data(
+        name, pool_x, pool_y, test_x, test_y, [str(c) for c in train.classes], val_fraction, split_seed
+    )

@@ -42,14 +42,31 @@ class BatchLoader:
     ``std=1`` leave values in [0, 1].
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, device: str | torch.device = "cpu",
-                 out_size: int | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 std: Sequence[float] = (1.0, 1.0, 1.0), augment: Callable | None = None, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, channels_last: bool = False, on_device: bool = True) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        device: str | torch.device = "cpu",
+        out_size: int | None = None,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        augment: Callable | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+        on_device: bool = True,
+    ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4 or len(x) != len(y):
-            raise ValueError(f"BatchLoader needs uint8 x [N, C, H, W] and y [N]; got {x.dtype} {tuple(x.shape)}, y {tuple(y.shape)}.")
+            raise ValueError(
+                f"BatchLoader needs uint8 x [N, C, H, W] and y [N]; got {x.dtype} {tuple(x.shape)}, y {tuple(y.shape)}."
+            )
         if int(batch_size) != batch_size or batch_size < 1:
-            raise ConfigError(f"trainer.batch_size={batch_size} must be a positive integer; use e.g. trainer.batch_size=128.")
+            raise ConfigError(
+                f"trainer.batch_size={batch_size} must be a positive integer; use e.g. trainer.batch_size=128."
+            )
         if drop_last and batch_size > len(x):
             raise ConfigError(
                 f"trainer.batch_size={batch_size} is larger than the {len(x)} training samples, so drop_last leaves "
@@ -95,7 +112,9 @@ class BatchLoader:
         for step in range(start_step, len(self)):
             batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
             with _one_thread_on_cpu(self.device):
-                xb = self._prepare(self._from_host(order[batch]) if self.host else self.x[device_order[batch]], epoch, step)
+                xb = self._prepare(
+                    self._from_host(order[batch]) if self.host else self.x[device_order[batch]], epoch, step
+                )
             if self.out_size is not None:
                 xb = self._resize(xb)  # big matmuls: every thread (1.7x at 224 px on 2 idle cores)
             yield xb, self.y[device_order[batch]]
@@ -130,11 +149,14 @@ class BatchLoader:
         channels-first contiguous) and equal to it within 1e-6. GPUs keep F.interpolate.
         """
         if self.device.type != "cpu":
-            return F.interpolate(xb, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False,
-                                 antialias=False)
+            return F.interpolate(
+                xb, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False, antialias=False
+            )
         if self._matrices is None:
-            self._matrices = (_interpolation_matrix(xb.shape[-2], self.out_size),
-                              _interpolation_matrix(xb.shape[-1], self.out_size).T.contiguous())
+            self._matrices = (
+                _interpolation_matrix(xb.shape[-2], self.out_size),
+                _interpolation_matrix(xb.shape[-1], self.out_size).T.contiguous(),
+            )
         rows, cols = self._matrices
         out = (rows @ xb) @ cols
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out

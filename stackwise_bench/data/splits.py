@@ -44,10 +44,16 @@ def split_train_val(labels: torch.Tensor, val_fraction: float, split_seed: int) 
     Each class contributes ``round(val_fraction * class_size)`` samples to validation,
     chosen by a permutation from a CPU generator seeded with ``split_seed`` only.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"dataset.val_fraction={val_fraction} must be in [0, 1); use e.g. dataset.val_fraction=0.1.")
+    if not 0.0 < val_fraction < 1.0:
+        # 0 would leave nothing to pick best.pt and early stopping by: epoch 1 would stay "best" forever.
+        raise ConfigError(
+            f"dataset.val_fraction={val_fraction} must be in (0, 1): best.pt and early stopping are "
+            "chosen on the validation split; use e.g. dataset.val_fraction=0.1."
+        )
     if int(split_seed) != split_seed or split_seed < 0:
-        raise ConfigError(f"dataset.split_seed={split_seed} must be a non-negative integer; use e.g. dataset.split_seed=0.")
+        raise ConfigError(
+            f"dataset.split_seed={split_seed} must be a non-negative integer; use e.g. dataset.split_seed=0."
+        )
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     gen = torch.Generator().manual_seed(int(split_seed))
     train_parts, val_parts = [], []
@@ -59,7 +65,7 @@ def split_train_val(labels: torch.Tensor, val_fraction: float, split_seed: int) 
         train_parts.append(idx[n_val:])
     train_idx = torch.sort(torch.cat(train_parts)).values if train_parts else torch.zeros(0, dtype=torch.long)
     val_idx = torch.sort(torch.cat(val_parts)).values if val_parts else torch.zeros(0, dtype=torch.long)
-    if val_fraction > 0 and len(val_idx) == 0:
+    if len(val_idx) == 0:
         raise ConfigError(
             f"dataset.val_fraction={val_fraction} leaves no validation sample out of {len(labels)}; "
             "raise dataset.val_fraction or use more training data."
@@ -86,10 +92,26 @@ def build_image_data(name, pool_x, pool_y, test_x, test_y, classes, val_fraction
     train_idx, val_idx = split_train_val(pool_y, val_fraction, split_seed)
     lists = {"train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
     digest = hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest()
-    split = {"val_fraction": float(val_fraction), "split_seed": int(split_seed),
-             "num_train": len(train_idx), "num_val": len(val_idx), **lists, "sha256": digest}
+    split = {
+        "val_fraction": float(val_fraction),
+        "split_seed": int(split_seed),
+        "num_train": len(train_idx),
+        "num_val": len(val_idx),
+        **lists,
+        "sha256": digest,
+    }
     train_x = pool_x[train_idx].contiguous()
     mean, std = _channel_stats(train_x)
-    return ImageData(name, train_x, pool_y[train_idx].contiguous(), pool_x[val_idx].contiguous(),
-                     pool_y[val_idx].contiguous(), test_x.contiguous(), test_y.contiguous(),
-                     list(classes), mean, std, split)
+    return ImageData(
+        name,
+        train_x,
+        pool_y[train_idx].contiguous(),
+        pool_x[val_idx].contiguous(),
+        pool_y[val_idx].contiguous(),
+        test_x.contiguous(),
+        test_y.contiguous(),
+        list(classes),
+        mean,
+        std,
+        split,
+    )

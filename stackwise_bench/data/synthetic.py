@@ -9,8 +9,15 @@ from stackwise_bench.data.splits import ImageData, build_image_data
 from stackwise_bench.errors import ConfigError
 
 
-def make_synthetic(num_train: int = 512, num_test: int = 128, num_classes: int = 4, img_size: int = 32,
-                   seed: int = 0, val_fraction: float = 0.1, split_seed: int = 0) -> ImageData:
+def make_synthetic(
+    num_train: int = 512,
+    num_test: int = 128,
+    num_classes: int = 4,
+    img_size: int = 32,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> ImageData:
     """A small learnable set for tests: one smooth random colour pattern per class plus noise.
 
     Fully determined by ``seed``. The patterns are low-frequency (4x4 upsampled), so
@@ -34,5 +41,6 @@ def make_synthetic(num_train: int = 512, num_test: int = 128, num_classes: int =
 
     pool_x, pool_y = draw(num_train)
     test_x, test_y = draw(num_test)
-    return build_image_data("synthetic", pool_x, pool_y, test_x, test_y, [str(i) for i in range(num_classes)],
-                            val_fraction, split_seed)
+    return build_image_data(
+        "synthetic", pool_x, pool_y, test_x, test_y, [str(i) for i in range(num_classes)], val_fraction, split_seed
+    )

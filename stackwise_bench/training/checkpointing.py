@@ -14,7 +14,7 @@ import torch
 from stackwise_bench.errors import ConfigError
 
 # The resume messages are the trainer's: they keep its logger name in the run log.
-log = logging.getLogger("stackwise_bench.trainer")
+log = logging.getLogger("stackwise_bench.training.trainer")
 
 
 @dataclasses.dataclass
@@ -63,7 +63,8 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200]
         raise ConfigError(
-            f"trainer.resume=true: {path} is corrupt or does not match this model and config ({type(exc).__name__}: {reason}); "
+            f"trainer.resume=true: {path} is corrupt or does not match this model and config "
+            f"({type(exc).__name__}: {reason}); "
             "delete it to start over or resume in the run folder that wrote it."
         ) from exc
     torch.set_rng_state(state["rng"]["torch"].cpu())

@@ -7,6 +7,10 @@ the git commit and each job's config fingerprint in ``<study>/.study/``; a job
 whose config no longer matches that record is refused (:func:`check_launch_record`).
 The same job enumeration gives ``plan=true`` (print what a relaunch would do, train
 nothing) and, at the end, the table of the jobs that failed.
+
+Hydra turns an exception raised by a callback into a warning and runs the sweep on,
+without the launch record that guards it; so a failure here ends the launch with one
+sentence (exit 2) instead. What each job does with the record is in :mod:`stackwise_bench.runs.job`.
 """
 
 from __future__ import annotations
@@ -23,10 +27,35 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stackwise_bench.record import FINISHED, atomic_write_text, read_summary
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
+from stackwise_bench.runs.provenance import fingerprint, git_sha
+from stackwise_bench.runs.record import atomic_write_text, same_run
 
-log = logging.getLogger("stackwise_bench.sweep")
+log = logging.getLogger("stackwise_bench.runs.study")
 STUDY_DIR = ".study"
+
+
+def sweep_arguments(config: DictConfig) -> list[str]:
+    """The sweep's override strings: the preset's ``hydra.sweeper.params`` first, then the command line's."""
+    params = config.hydra.sweeper.get("params") or {}
+    return [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+
+
+def sweep_grid(config: DictConfig) -> dict[str, str]:
+    """``{key: values as typed}`` of the sweep, through Hydra's override parser.
+
+    Deletions (``~monitors.hardware``) and additions (``+key=value``) keep their prefix, so the grid
+    says what the command said.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    grid = {}
+    for override in OverridesParser.create().parse_overrides(sweep_arguments(config)):
+        key = override.get_key_element()  # with its ~, + or ++ prefix
+        line = override.input_line or key
+        grid[key] = line.split("=", 1)[1] if "=" in line else ""  # a deletion may name no value
+    return grid
 
 
 def job_names(config: DictConfig) -> dict[str, list[str]]:
@@ -35,10 +64,8 @@ def job_names(config: DictConfig) -> dict[str, list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = config.hydra.sweeper.get("params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     parser = OverridesParser.create()
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(sweep_arguments(config)), None)
     dirname_cfg = config.hydra.job.config.override_dirname
     jobs = {}
     for overrides in batches[0]:
@@ -55,11 +82,15 @@ def compose_job(overrides: list[str], config_name: str) -> DictConfig:
     return compose(config_name=config_name, overrides=overrides)
 
 
-def job_state(run_dir: Path, fingerprint: str) -> str:
-    summary = read_summary(run_dir)
+def job_state(run_dir: Path, config: dict, fp: str) -> str:
+    """What a launch will do with one job's folder: done, pending, interrupted, failed, or refused."""
+    try:
+        summary = read_summary(run_dir)
+    except UnreadableSummary:
+        return "unreadable summary.json (will be refused)"
     if summary is None:
         return "pending"
-    if summary.get("run", {}).get("fingerprint") != fingerprint:
+    if not same_run(summary, config, fp):
         return "config changed (will be refused)"
     status = summary.get("status")
     return {"completed": "done", "early_stopped": "done", "running": "interrupted (no clean stop)"}.get(status, status)
@@ -69,15 +100,28 @@ class StudyCallback(Callback):
     """Hydra callback: launch record and plan at the start, failure table and exit code at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from stackwise_bench.train import fingerprint, git_sha
+        try:
+            self._start(config)
+        except ConfigError as exc:
+            _stop(f"error: {exc}")
+        except Exception as exc:
+            _stop(
+                f"error: the study could not be launched ({type(exc).__name__}: {exc}); nothing was run. "
+                "Check the sweep's overrides, or report this with the command line."
+            )
 
+    def _start(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = job_names(config)
         config_name = config.hydra.job.config_name
         planned = {}
-        for name, overrides in jobs.items():
-            fp = fingerprint(compose_job(overrides, config_name))
-            planned[name] = {"overrides": overrides, "fingerprint": fp, "state": job_state(sweep_dir / name, fp)}
+        for name, overrides in job_names(config).items():
+            job_cfg = OmegaConf.to_container(compose_job(overrides, config_name), resolve=True)
+            fp = fingerprint(job_cfg)
+            planned[name] = {
+                "overrides": overrides,
+                "fingerprint": fp,
+                "state": job_state(sweep_dir / name, job_cfg, fp),
+            }
         if config.get("plan"):
             print_plan(sweep_dir, planned)
             sys.exit(0)
@@ -85,8 +129,7 @@ class StudyCallback(Callback):
         record = {
             "launched_at": stamp,
             "argv": sys.argv,
-            "grid": {k: str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
-            | {o.split("=")[0]: o.split("=", 1)[1] for o in config.hydra.overrides.task},
+            "grid": sweep_grid(config),
             "git_sha": git_sha(),
             "jobs": planned,
         }
@@ -94,7 +137,7 @@ class StudyCallback(Callback):
         launch_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(launch_dir / "launch.json", json.dumps(record, indent=2) + "\n")
         (launch_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=False))
-        atomic_write_text(sweep_dir / STUDY_DIR / "current.json", json.dumps({"launch": stamp, "jobs": planned}, indent=2))
+        atomic_write_text(current_path(sweep_dir), json.dumps({"launch": stamp, "jobs": planned}, indent=2))
         outcomes = sweep_dir / STUDY_DIR / "outcomes"
         shutil.rmtree(outcomes, ignore_errors=True)
         outcomes.mkdir(parents=True)
@@ -103,22 +146,46 @@ class StudyCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        current = json.loads((sweep_dir / STUDY_DIR / "current.json").read_text())
+        if not current_path(sweep_dir).is_file():  # a launch that on_multirun_start stopped
+            return
+        jobs = json.loads(current_path(sweep_dir).read_text())["jobs"]
         failed = []
-        for name in current["jobs"]:
-            outcome_file = sweep_dir / STUDY_DIR / "outcomes" / f"{_safe(name)}.json"
-            outcome = json.loads(outcome_file.read_text()) if outcome_file.exists() else {"status": "failed", "reason": "no outcome recorded (the job died)"}
+        for name in jobs:
+            path = outcome_path(sweep_dir, name)
+            outcome = (
+                json.loads(path.read_text())
+                if path.exists()
+                else {"status": "failed", "reason": "no outcome recorded (the job died)"}
+            )
             if outcome["status"] not in (*FINISHED, "skipped"):
                 failed.append((name, outcome))
-        n = len(current["jobs"])
         if not failed:
-            log.info("study %s: all %d jobs finished", sweep_dir, n)
+            log.info("study %s: all %d jobs finished", sweep_dir, len(jobs))
             return
         width = max(len(name) for name, _ in failed)
-        lines = [f"{len(failed)} of {n} jobs did not complete in {sweep_dir}:", f"  {'job'.ljust(width)}  status       reason"]
+        lines = [
+            f"{len(failed)} of {len(jobs)} jobs did not complete in {sweep_dir}:",
+            f"  {'job'.ljust(width)}  status       reason",
+        ]
         lines += [f"  {name.ljust(width)}  {o['status']:<11}  {o.get('reason', '')}" for name, o in failed]
         print("\n".join(lines), file=sys.stderr)
         sys.exit(1)
+
+
+def current_path(sweep_dir: Path) -> Path:
+    """The latest launch's plan: every job's overrides and config fingerprint."""
+    return Path(sweep_dir) / STUDY_DIR / "current.json"
+
+
+def outcome_path(sweep_dir: Path, job_name: str) -> Path:
+    """Where a job reports how it ended (:func:`stackwise_bench.runs.job.record_outcome`)."""
+    return Path(sweep_dir) / STUDY_DIR / "outcomes" / f"{job_name.replace(os.sep, '%2F') or '_'}.json"
+
+
+def _stop(message: str) -> None:
+    """End the launch with one sentence: SystemExit passes through Hydra's callback wrapper, which warns on the rest."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def print_plan(sweep_dir: Path, planned: dict) -> None:
@@ -131,42 +198,3 @@ def print_plan(sweep_dir: Path, planned: dict) -> None:
     for job in planned.values():
         counts[job["state"]] = counts.get(job["state"], 0) + 1
     print("  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-
-
-def check_launch_record(sweep_dir: Path, job_name: str, fp: str) -> str | None:
-    """Why this job must not run (its config changed since launch), or None."""
-    current = sweep_dir / STUDY_DIR / "current.json"
-    if not current.exists():
-        return None
-    planned = json.loads(current.read_text())["jobs"].get(job_name)
-    if planned is None or planned["fingerprint"] == fp:
-        return None
-    return (f"the config of job {job_name} changed after the study was launched (an edit to conf/ while it ran); "
-            "relaunch the study to run it with the edited config.")
-
-
-def record_outcome(sweep_dir: Path, job_name: str, status: str, reason: str = "") -> None:
-    outcomes = sweep_dir / STUDY_DIR / "outcomes"
-    outcomes.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outcomes / f"{_safe(job_name)}.json", json.dumps({"status": status, "reason": reason}) + "\n")
-
-
-def _safe(name: str) -> str:
-    return name.replace(os.sep, "%2F") or "_"
-
-
-def default_n_jobs() -> int:
-    """Parallel jobs: one per visible GPU, else up to 4 CPU jobs (each gets cores // n_jobs threads)."""
-    gpus = visible_gpus()
-    if gpus:
-        return gpus
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def visible_gpus() -> int:
-    """Count GPUs without importing torch (the launcher resolves this in the launching process)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return len([d for d in env.split(",") if d.strip() not in ("", "-1")])
-    nvidia = Path("/proc/driver/nvidia/gpus")
-    return len(list(nvidia.iterdir())) if nvidia.is_dir() else 0

@@ -2,7 +2,8 @@
 
 The trainer knows nothing about Hydra or files. It emits per-epoch metric dicts
 and checkpoint states to a ``sink`` (the run record) and returns a
-:class:`FitResult`; ``train.py`` decides what to do with it.
+:class:`FitResult`; ``train.py`` decides what to do with it. Where and how it
+computes (device, precision, seed, threads, layout) is its :class:`Runtime`.
 """
 
 from __future__ import annotations
@@ -10,27 +11,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import signal
 import statistics
 import sys
 import threading
 import time
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from stackwise_bench.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.metrics import evaluate
-from stackwise_bench.precision import autocast, check_precision, make_scaler, resolve_device, synchronize
+from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
+from stackwise_bench.training.metrics import evaluate
+from stackwise_bench.training.precision import synchronize
+from stackwise_bench.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+    reason = "diverged"  # the run record's error.reason and the sweep's failure table
 
 
 @dataclasses.dataclass
@@ -42,10 +44,11 @@ class FitResult:
 
 
 class Trainer:
-    """Trains one model; every knob comes from ``conf/trainer/*.yaml``."""
+    """Trains one model; the loop's knobs come from ``conf/trainer/*.yaml``, the rest from ``runtime``."""
 
     def __init__(
         self,
+        runtime: Runtime,
         max_epochs: int = 15,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -53,69 +56,48 @@ class Trainer:
         early_stopping_patience: int | None = 5,
         eval_every: int = 1,
         label_smoothing: float = 0.0,
-        device: str = "auto",
-        precision: str = "fp32",
-        seed: int = 0,
-        deterministic: bool = True,
         resume: bool = False,
-        channels_last: bool = True,
-        compile: bool = False,
-        data_on_device: bool = True,
-        threads: int | None = None,
         progress: str = "auto",
         log_every_n_steps: int = 20,
     ):
-        for key, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size), ("eval_every", eval_every)):
+        for key, value in (
+            ("max_epochs", max_epochs),
+            ("batch_size", batch_size),
+            ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size),
+            ("eval_every", eval_every),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"trainer.{key}={value} must be a positive integer.")
-        self.device = resolve_device(device)
-        check_precision(precision, self.device)
+        if grad_clip is not None and (
+            isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or not grad_clip >= 0
+        ):
+            raise ConfigError(
+                f"trainer.grad_clip={grad_clip} must be a non-negative number, or null (0 and null "
+                "disable clipping); use e.g. trainer.grad_clip=1.0."
+            )
+        if progress not in ("auto", "bar", "log"):
+            raise ConfigError(f"trainer.progress={progress} is not known; use auto, bar or log.")
+        self.runtime, self.device = runtime, runtime.device
         self.max_epochs, self.batch_size = max_epochs, batch_size
-        self.eval_batch_size = eval_batch_size or self.auto_eval_batch_size(self.device, batch_size)  # None: auto
+        self.eval_batch_size = runtime.eval_batch_size(eval_batch_size, batch_size)
         self.grad_clip, self.patience, self.eval_every = grad_clip, early_stopping_patience, eval_every
-        self.label_smoothing, self.precision, self.seed = label_smoothing, precision, seed
-        self.deterministic, self.resume, self.channels_last, self.compile = deterministic, resume, channels_last, compile
-        self.data_on_device = data_on_device
-        self.threads, self.log_every_n_steps = threads, log_every_n_steps
+        self.label_smoothing, self.resume = label_smoothing, resume
+        self.log_every_n_steps = log_every_n_steps
         self.show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
-        self.amp = partial(autocast, precision, self.device)
-
-    @staticmethod
-    def auto_eval_batch_size(device: torch.device, batch_size: int) -> int:
-        """``trainer.eval_batch_size=null``: 512 on a GPU, which big batches keep busy; the training batch on a
-        CPU, where bigger batches overflow the caches (resnet8 evaluates ~1.7x slower at 512 than at 128 on 2 cores)."""
-        return 512 if device.type == "cuda" else batch_size
-
-    def wants_channels_last(self, model: torch.nn.Module) -> bool:
-        """``trainer.channels_last`` and a convnet: the one place that decides the model's and the batches' layout."""
-        return self.channels_last and is_convnet(model)
-
-    def seed_everything(self) -> None:
-        """One seed for Python, NumPy and torch; deterministic kernels where the backend has them."""
-        import numpy as np
-
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-        torch.manual_seed(self.seed)
-        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
-        # Deterministic mode also NaN-fills every new tensor, a debugging aid for kernels that read
-        # memory they never wrote (none here: reruns and resumes are checked bit for bit in the
-        # tests). It cost ~11% of a resnet8 step on the CPU.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        torch.backends.cudnn.deterministic = self.deterministic
-        torch.backends.cudnn.benchmark = not self.deterministic
+        self.amp = runtime.autocast
+        self._compile_pending = runtime.compile  # the first compiled step of this process includes compilation
 
     # ------------------------------------------------------------------ fit
     def fit(self, model, loaders, optimizer, scheduler, sink, monitors=()) -> FitResult:
         """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``."""
         self.num_classes = loaders.num_classes
-        scaler = make_scaler(self.precision, self.device)
-        if self.wants_channels_last(model):
+        scaler = self.runtime.scaler()
+        if self.runtime.wants_channels_last(model):
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-        forward = torch.compile(model) if self.compile else model
-        progress = restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()
+        forward = torch.compile(model) if self.runtime.compile else model
+        progress = (
+            restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()
+        )
         status = "completed"
         for monitor in monitors:
             monitor.start(sink)
@@ -124,7 +106,9 @@ class Trainer:
                 while progress.epoch < self.max_epochs:
                     row = self._train_epoch(forward, loaders.train, optimizer, scheduler, scaler, progress, stop)
                     if row is None:  # a signal arrived: save where we are and leave
-                        sink.save_checkpoint("last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device))
+                        sink.save_checkpoint(
+                            "last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device)
+                        )
                         status = "interrupted"
                         break
                     improved = self._validate(forward, loaders.val, progress, row)
@@ -137,7 +121,10 @@ class Trainer:
                     self._report(row)
                     if self.patience and progress.bad_evals >= self.patience:
                         status = "early_stopped"
-                        log.info("early stopping: val_top1 (ties broken by val_loss) has not improved for %d evaluations", progress.bad_evals)
+                        log.info(
+                            "early stopping: val_top1 (ties broken by val_loss) has not improved for %d evaluations",
+                            progress.bad_evals,
+                        )
                         break
         finally:
             resources = {}
@@ -149,7 +136,17 @@ class Trainer:
     # -------------------------------------------------------------- epochs
     def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop) -> dict | None:
         model.train()
-        sums = progress.partial or {"loss": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+        # Running sums of this epoch; an interrupted epoch's come back from its checkpoint. compile_*: the
+        # first compiled step of a process, which includes compilation (timed apart, out of train_img_s).
+        sums = {
+            "loss": 0.0,
+            "correct": 0,
+            "seen": 0,
+            "time_s": 0.0,
+            "compile_s": 0.0,
+            "compile_imgs": 0,
+            **progress.partial,
+        }
         loss_sum = torch.tensor(sums["loss"], device=self.device, dtype=torch.float64)
         correct = torch.tensor(sums["correct"], device=self.device)
         seen = sums["seen"]
@@ -173,12 +170,22 @@ class Trainer:
             seen += y.numel()
             progress.step += 1
             progress.global_step += 1
+            if self._compile_pending:
+                synchronize(self.device)
+                sums["compile_s"] += time.perf_counter() - t0
+                sums["compile_imgs"] += y.numel()
+                self._compile_pending = False
             if bar is not None and progress.step % self.log_every_n_steps == 0:
                 self._update_bar(bar, progress.step, loss_sum, correct, seen, sums["time_s"] + time.perf_counter() - t0)
             if stop.requested:
                 synchronize(self.device)
-                progress.partial = {"loss": float(loss_sum), "correct": int(correct), "seen": seen,
-                                    "time_s": sums["time_s"] + time.perf_counter() - t0}
+                progress.partial = {
+                    **sums,
+                    "loss": float(loss_sum),
+                    "correct": int(correct),
+                    "seen": seen,
+                    "time_s": sums["time_s"] + time.perf_counter() - t0,
+                }
                 return None
         synchronize(self.device)
         train_time = sums["time_s"] + time.perf_counter() - t0
@@ -186,9 +193,12 @@ class Trainer:
             bar.close()
         train_loss = float(loss_sum) / max(1, seen)
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss is {train_loss} in epoch {progress.epoch + 1}; lower optimizer.lr or use precision=fp32/bf16.")
+            raise TrainingDiverged(
+                f"training loss is {train_loss} in epoch {progress.epoch + 1}; {self._divergence_fix()}."
+            )
         progress.epoch += 1
         progress.step, progress.partial = 0, {}
+        timed_s = max(train_time - sums["compile_s"], 1e-9)
         return {
             "epoch": progress.epoch,
             "step": progress.global_step,
@@ -196,8 +206,19 @@ class Trainer:
             "train_loss": train_loss,
             "train_top1": 100.0 * int(correct) / max(1, seen),
             "epoch_time_s": train_time,
-            "train_img_s": seen / max(train_time, 1e-9),
+            "compile_time_s": sums["compile_s"],
+            "train_img_s": (seen - sums["compile_imgs"]) / timed_s,
         }
+
+    def _divergence_fix(self) -> str:
+        """What to try against a NaN/inf loss, for this run's precision."""
+        fix = "lower optimizer.lr"
+        if not self.grad_clip:
+            fix += " or set trainer.grad_clip=1.0"
+        other = {"fp16": "precision=bf16 or fp32", "bf16": "precision=fp32", "fp8": "precision=bf16"}
+        if self.runtime.precision in other:
+            fix += f" or use {other[self.runtime.precision]}"
+        return fix
 
     def _validate(self, model, loader, progress, row) -> bool:
         """Adds val_* to ``row``; returns True when this is the best epoch so far."""
@@ -221,15 +242,21 @@ class Trainer:
         model.load_state_dict(best["model"])
         test = evaluate(forward, loader, self.num_classes, self.amp, self.device, full=True)
         test["checkpoint_epoch"] = best["progress"]["epoch"]
-        log.info("test: top1 %.2f%%  top5 %.2f%%  f1_macro %.2f  (best epoch %d)",
-                 test["top1"], test["top5"], test["f1_macro"], test["checkpoint_epoch"])
+        log.info(
+            "test: top1 %.2f%%  top5 %.2f%%  f1_macro %.2f  (best epoch %d)",
+            test["top1"],
+            test["top5"],
+            test["f1_macro"],
+            test["checkpoint_epoch"],
+        )
         return test
 
     # ---------------------------------------------------------- reporting
     def _train_summary(self, progress: Progress, status: str) -> dict:
         hist = progress.history
         times = [r["epoch_time_s"] for r in hist]
-        imgs = sum(r["train_img_s"] * r["epoch_time_s"] for r in hist)
+        timed = [r["epoch_time_s"] - r.get("compile_time_s", 0.0) for r in hist]  # compilation is not training
+        imgs = sum(r["train_img_s"] * t for r, t in zip(hist, timed))
         last_val = next((r for r in reversed(hist) if r.get("val_top1") is not None), {})
         return {
             "best_val_top1": progress.best_val_top1 if hist else None,
@@ -237,7 +264,8 @@ class Trainer:
             "epochs_run": progress.epoch,
             "steps": progress.global_step,
             "time_s": sum(times),
-            "img_s": imgs / max(sum(times), 1e-9),
+            "img_s": imgs / max(sum(timed), 1e-9),
+            "compile_time_s": sum(r.get("compile_time_s", 0.0) for r in hist),
             "epoch_time_mean_s": statistics.fmean(times) if times else None,
             "epoch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
             "final_train_top1": hist[-1]["train_top1"] if hist else None,
@@ -252,21 +280,34 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{self.max_epochs}", leave=False, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            initial=progress.step,
+            desc=f"epoch {progress.epoch + 1}/{self.max_epochs}",
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def _update_bar(self, bar, step, loss_sum, correct, seen, elapsed) -> None:
         bar.n = step
-        bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.1f}%", img_s=f"{seen / elapsed:.0f}")
+        bar.set_postfix(
+            loss=f"{float(loss_sum) / seen:.4f}",
+            acc=f"{100.0 * int(correct) / seen:.1f}%",
+            img_s=f"{seen / elapsed:.0f}",
+        )
 
     def _report(self, row: dict) -> None:
         val = "" if row["val_top1"] is None else f"  val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%"
-        log.info("epoch %d/%d  train_loss %.4f  train_top1 %.2f%%%s  %.0f img/s  %.1fs",
-                 row["epoch"], self.max_epochs, row["train_loss"], row["train_top1"], val, row["train_img_s"], row["epoch_time_s"])
-
-
-def is_convnet(model: torch.nn.Module) -> bool:
-    """More than one 2-D convolution: channels_last pays off. A ViT's single patch-embedding conv does not count."""
-    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
+        log.info(
+            "epoch %d/%d  train_loss %.4f  train_top1 %.2f%%%s  %.0f img/s  %.1fs",
+            row["epoch"],
+            self.max_epochs,
+            row["train_loss"],
+            row["train_top1"],
+            val,
+            row["train_img_s"],
+            row["epoch_time_s"],
+        )
 
 
 class StopSignal:

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from stackwise_bench.precision import synchronize
+from stackwise_bench.training.precision import synchronize
 
 
 @torch.inference_mode()
@@ -46,8 +46,12 @@ def evaluate(model, loader, num_classes: int, autocast_ctx, device: torch.device
     synchronize(device)
     elapsed = time.perf_counter() - t0
     model.train(was_training)
-    out = {"loss": float(loss_sum) / max(1, seen), "num_samples": seen, "infer_img_s": seen / max(elapsed, 1e-9),
-           "top1": 100.0 * int(correct) / max(1, seen)}
+    out = {
+        "loss": float(loss_sum) / max(1, seen),
+        "num_samples": seen,
+        "infer_img_s": seen / max(elapsed, 1e-9),
+        "top1": 100.0 * int(correct) / max(1, seen),
+    }
     if full:
         out.update(_torchmetrics_report(torch.cat(kept_logits), torch.cat(kept_targets), num_classes))
     return out
@@ -56,12 +60,18 @@ def evaluate(model, loader, num_classes: int, autocast_ctx, device: torch.device
 def _torchmetrics_report(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
     """The reported test metrics, computed by torchmetrics (imported here, at test time only)."""
     from torchmetrics.functional.classification import (
-        multiclass_accuracy, multiclass_confusion_matrix, multiclass_f1_score,
-        multiclass_precision, multiclass_recall,
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
     )
 
     c = num_classes
-    pct = lambda t: 100.0 * float(t)
+
+    def pct(t) -> float:
+        return 100.0 * float(t)
+
     return {
         "top1": pct(multiclass_accuracy(logits, y, c, average="micro")),
         "top5": pct(multiclass_accuracy(logits, y, c, top_k=min(5, c), average="micro")),

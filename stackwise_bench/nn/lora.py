@@ -15,8 +15,14 @@ from torch import nn
 from stackwise_bench.errors import ConfigError
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.1,
-               target_modules: Sequence[str] = ("qkv",), head: str | None = "head") -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.1,
+    target_modules: Sequence[str] = ("qkv",),
+    head: str | None = "head",
+) -> nn.Module:
     """Wrap ``model`` with LoRA adapters; ``rank=0`` means full fine-tuning.
 
     Args:
@@ -41,25 +47,37 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
     targets = [target_modules] if isinstance(target_modules, str) else [str(t) for t in target_modules]
     names = [n for n, _ in model.named_modules() if n]
     if not targets or not any(_matches(n, t) for n in names for t in targets):
-        raise ConfigError(f"lora.target_modules={targets} matches no module of this model; it has: "
-                          f"{', '.join(_layer_names(model))}; set lora.target_modules to some of these or lora.rank=0.")
+        raise ConfigError(
+            f"lora.target_modules={targets} matches no module of this model; it has: "
+            f"{', '.join(_layer_names(model))}; set lora.target_modules to some of these or lora.rank=0."
+        )
     if head is not None and not any(_matches(n, head) for n in names):
-        raise ConfigError(f"lora.head={head} names no module of this model; it has: {', '.join(_layer_names(model))}; "
-                          "set lora.head to the classifier's name or null.")
+        raise ConfigError(
+            f"lora.head={head} names no module of this model; it has: {', '.join(_layer_names(model))}; "
+            "set lora.head to the classifier's name or null."
+        )
 
     from peft import LoraConfig, get_peft_model  # lazy on purpose, see the module docstring
 
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                        target_modules=targets, modules_to_save=[head] if head is not None else None)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=[head] if head is not None else None,
+    )
     return get_peft_model(model, config)
 
 
 def _validate(rank, alpha, dropout) -> None:
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
-        raise ConfigError(f"lora.rank={rank} must be a non-negative integer (0 = full fine-tuning); use e.g. lora.rank=8.")
+        raise ConfigError(
+            f"lora.rank={rank} must be a non-negative integer (0 = full fine-tuning); use e.g. lora.rank=8."
+        )
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0):
-        raise ConfigError(f"lora.alpha={alpha} must be a positive number or null (null = 2 * rank); "
-                          "use e.g. lora.alpha=16.")
+        raise ConfigError(
+            f"lora.alpha={alpha} must be a positive number or null (null = 2 * rank); use e.g. lora.alpha=16."
+        )
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ConfigError(f"lora.dropout={dropout} must be a number in [0, 1); use e.g. lora.dropout=0.1.")
 

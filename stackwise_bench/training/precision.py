@@ -29,7 +29,8 @@ def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"trainer.device={device} but no CUDA device is visible here; use trainer.device=cpu or trainer.device=auto."
+            f"trainer.device={device} but no CUDA device is visible here; "
+            "use trainer.device=cpu or trainer.device=auto."
         )
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"trainer.device={device} is not supported; use cpu, cuda, cuda:N or auto.")
@@ -43,24 +44,24 @@ def check_precision(name: str, device: torch.device) -> None:
     answers for this exact build of torch and this exact device.
     """
     if name not in DTYPES:
-        raise ConfigError(
-            f"precision={name} is not one of {sorted(DTYPES)}; use e.g. precision=bf16."
-        )
+        raise ConfigError(f"precision={name} is not one of {sorted(DTYPES)}; use e.g. precision=bf16.")
     if name == "fp32":
         return
     if name == "fp8":
-        from stackwise_bench.fp8 import check_support
+        from stackwise_bench.quant.fp8 import check_support
 
         check_support(device)  # FP8 tensor cores (compute capability 8.9+) and torchao, or one sentence
     if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
-            f"precision=bf16 needs a GPU with bfloat16 support (compute capability 8.0+), and {torch.cuda.get_device_name(device)} has none; use precision=fp16 or fp32."
+            "precision=bf16 needs a GPU with bfloat16 support (compute capability 8.0+), and "
+            f"{torch.cuda.get_device_name(device)} has none; use precision=fp16 or fp32."
         )
     try:
         _probe(name, device)
     except Exception as exc:  # the probe's own failure is the answer
         raise ConfigError(
-            f"precision={name} cannot run on device {device} with torch {torch.__version__} ({type(exc).__name__}: {exc}); use precision=fp32 or another device."
+            f"precision={name} cannot run on device {device} with torch {torch.__version__} "
+            f"({type(exc).__name__}: {exc}); use precision=fp32 or another device."
         ) from exc
 
 

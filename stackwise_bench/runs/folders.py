@@ -1,4 +1,4 @@
-"""Finding run folders and evaluation records below given paths, and reading their summary.json.
+"""Finding run folders and evaluation records below given paths, and the run folder of a checkpoint.
 
 A run directory is any folder holding a ``summary.json`` (the run record's
 source of truth); runs are found at any depth below the folders given, and a
@@ -11,17 +11,14 @@ found next to their runs (:func:`find_eval_dirs`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, EVAL_KIND, SUMMARY, UnreadableSummary, read_summary
 
-SUMMARY = "summary.json"
-_SKIP_DIRS = {".hydra", "checkpoints", "__pycache__"}
-EVAL_DIR = "eval"  # <run>/eval/<name>/: where evaluate writes its records
-EVAL_KIND = "evaluate"
+_SKIP_DIRS = {".hydra", CHECKPOINTS, "__pycache__"}
 
 PathsLike = str | os.PathLike | Iterable[str | os.PathLike]
 
@@ -46,7 +43,12 @@ def is_eval_record(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is ``<run>/eval/<name>/`` holding an evaluation's summary.json."""
     folder = Path(folder)
     # The folder name is checked first: a summary is read only where evaluate writes its records.
-    return folder.parent.name == EVAL_DIR and read_summary(folder).get("kind") == EVAL_KIND
+    if folder.parent.name != EVAL_DIR:
+        return False
+    try:
+        return (read_summary(folder) or {}).get("kind") == EVAL_KIND
+    except UnreadableSummary:
+        return False  # listed as a run, where the analysis reports it as unreadable
 
 
 def find_records(paths: PathsLike) -> tuple[list[Path], list[Path]]:
@@ -76,16 +78,6 @@ def _eval_records_of(run_dir: Path) -> list[Path]:
     return [d for d in folder.iterdir() if (d / SUMMARY).is_file() and is_eval_record(d)]
 
 
-def read_summary(run_dir: str | os.PathLike) -> dict:
-    """The parsed summary.json of one run; ``{}`` when it is missing or unreadable."""
-    try:
-        with open(Path(run_dir) / SUMMARY) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _natural_key(path: Path) -> list:
     """Sort job folders 0, 1, 2, ..., 10 rather than 0, 1, 10, 2."""
     parts = []
@@ -99,3 +91,48 @@ def as_path_list(paths: PathsLike) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         return [Path(paths)]
     return [Path(p) for p in paths]
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint file)`` from a run folder (its ``best.pt``) or a ``.pt`` path inside one.
+
+    Raises:
+        ConfigError: no such file, a folder without ``best.pt``, or a file outside any run folder.
+    """
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        ckpt = path / CHECKPOINTS / "best.pt"
+        if not ckpt.is_file():
+            raise ConfigError(
+                f"checkpoint={checkpoint} is a folder without checkpoints/best.pt; point checkpoint= at a "
+                "run folder whose training finished at least one epoch, or at a .pt file inside one."
+            )
+        return path, ckpt
+    if not path.is_file():
+        raise ConfigError(f"checkpoint={checkpoint} does not exist; point it at a run folder or a .pt file inside one.")
+    for parent in path.resolve().parents:
+        if (parent / SUMMARY).is_file() or (parent / ".hydra" / "config.yaml").is_file():
+            return parent, path
+    raise ConfigError(
+        f"checkpoint={checkpoint} is not inside a run folder (no summary.json or .hydra/config.yaml "
+        "above it), so its model and data are unknown; point it at a checkpoint under a run's checkpoints/."
+    )
+
+
+def recorded_config(run_dir: Path, summary: dict | None) -> dict:
+    """The run's resolved config: its summary's ``config``, else (older records) ``.hydra/config.yaml``.
+
+    Raises:
+        ConfigError: neither holds a config with the model, dataset, trainer, precision and lora groups.
+    """
+    config = (summary or {}).get("config")
+    if not config and (Path(run_dir) / ".hydra" / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"), resolve=True)
+    if not isinstance(config, dict) or not {"model", "dataset", "trainer", "precision", "lora"} <= set(config):
+        raise ConfigError(
+            f"checkpoint: {run_dir} has no usable run config (summary.json 'config' or .hydra/config.yaml); "
+            "evaluate a folder written by python -m stackwise_bench.train."
+        )
+    return config

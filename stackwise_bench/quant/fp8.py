@@ -19,14 +19,18 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn.heads import HEAD_NAMES, classifier_names, is_head
 
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards
 DIM_MULTIPLE = 16  # torch._scaled_mm needs both matrix dimensions divisible by 16
-HEAD_NAMES = ("head", "head_dist")  # timm's classifier names (DeiT's distilled variant has two)
-HARDWARE = ("an NVIDIA GPU of compute capability 8.9 or newer (Ada: L4, L40, RTX 40xx; Hopper: H100, H200; "
-            "or Blackwell) with torchao installed")
-INSTEAD = ("use precision=bf16 (or fp16) here, or quantize a finished run after training with "
-           "python -m stackwise_bench.evaluate checkpoint=<run folder> quantize=fp8_e4m3")
+HARDWARE = (
+    "an NVIDIA GPU of compute capability 8.9 or newer (Ada: L4, L40, RTX 40xx; Hopper: H100, H200; "
+    "or Blackwell) with torchao installed"
+)
+INSTEAD = (
+    "use precision=bf16 (or fp16) here, or quantize a finished run after training with "
+    "python -m stackwise_bench.evaluate checkpoint=<run folder> quantize=fp8_e4m3"
+)
 
 
 def check_support(device: torch.device) -> None:
@@ -49,7 +53,7 @@ def check_support(device: torch.device) -> None:
     except ImportError as exc:
         raise ConfigError(
             f"precision=fp8 needs torchao, which is not installed ({exc}); "
-            "pip install -e \".[fp8]\" (or pip install torchao), or use precision=bf16."
+            'pip install -e ".[fp8]" (or pip install torchao), or use precision=bf16.'
         ) from exc
 
 
@@ -87,27 +91,10 @@ def convert_for_training(model: nn.Module, head: Sequence[str] | None = None) ->
 
     chosen = select_layers(model, head)
     if not chosen:
-        raise ConfigError("precision=fp8 found no Linear layer with both dimensions divisible by 16 outside the head "
-                          "in this model; use precision=bf16 for it.")
+        raise ConfigError(
+            "precision=fp8 found no Linear layer with both dimensions divisible by 16 outside the head "
+            "in this model; use precision=bf16 for it."
+        )
     wanted = set(chosen)
     convert_to_float8_training(model, module_filter_fn=lambda module, fqn: fqn in wanted)
     return chosen
-
-
-def classifier_names(model: nn.Module) -> tuple[str, ...]:
-    """The classifier's module name(s): timm's ``pretrained_cfg["classifier"]``, else :data:`HEAD_NAMES`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft's wrapper
-    classifier = (getattr(inner, "pretrained_cfg", None) or {}).get("classifier")
-    if classifier is None:
-        return HEAD_NAMES
-    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
-
-
-def is_head(name: str, head: str | Sequence[str]) -> bool:
-    """Whether module ``name`` is, or sits inside, a classifier named in ``head``.
-
-    Whole dotted components only: ``head`` matches ``base_model.model.head.modules_to_save.default``
-    (peft's trained copy), not ``heads`` or ``pre_head``.
-    """
-    heads = (head,) if isinstance(head, str) else head
-    return any(f".{h}." in f".{name}." for h in heads)

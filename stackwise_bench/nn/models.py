@@ -1,5 +1,5 @@
-"""Model factory: the small CIFAR ResNets in plain torch (:mod:`stackwise_bench.resnet`),
-every other name from timm.
+"""Model factory: the small CIFAR ResNets in plain torch (:mod:`stackwise_bench.nn.resnet`),
+every other name from timm; and what kind of model a net is (:func:`is_convnet`).
 
 timm (~2.5 s to import here) is imported only on the timm branch, so a ResNet run
 never pays for it.
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.resnet import RESNET_BLOCKS, CifarResNet
+from stackwise_bench.nn.resnet import RESNET_BLOCKS, CifarResNet
+from stackwise_bench.nn.state_dict import short_error, state_dict_mismatch
 
 # Short names used by conf/model/*.yaml -> (timm architecture, extra timm kwargs).
 TIMM_ALIASES = {
@@ -29,8 +30,15 @@ TIMM_ALIASES = {
 _FETCH_ERROR_MODULES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoint_path: str | None = None,
-                 img_size: int = 32, drop_path_rate: float = 0.0, **timm_kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    img_size: int = 32,
+    drop_path_rate: float = 0.0,
+    **timm_kwargs,
+) -> nn.Module:
     """Build a classifier by name.
 
     Args:
@@ -51,10 +59,14 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoi
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise ConfigError(f"model.img_size={img_size!r} must be a positive integer; use e.g. model.img_size=32.")
     if not 0.0 <= drop_path_rate < 1.0:
-        raise ConfigError(f"model.drop_path_rate={drop_path_rate!r} must be in [0, 1); use e.g. model.drop_path_rate=0.1.")
+        raise ConfigError(
+            f"model.drop_path_rate={drop_path_rate!r} must be in [0, 1); use e.g. model.drop_path_rate=0.1."
+        )
     path = str(checkpoint_path) if checkpoint_path else None
     if path is not None and not os.path.isfile(path):
-        raise ConfigError(f"model.checkpoint_path={path} is not a file; point it at a local weights file or set it to null.")
+        raise ConfigError(
+            f"model.checkpoint_path={path} is not a file; point it at a local weights file or set it to null."
+        )
     if name in RESNET_BLOCKS:
         return _create_resnet(name, num_classes, pretrained, path, drop_path_rate, timm_kwargs)
     return _create_timm(name, num_classes, pretrained, path, img_size, drop_path_rate, timm_kwargs)
@@ -63,11 +75,15 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoi
 def _create_resnet(name, num_classes, pretrained, path, drop_path_rate, extra) -> CifarResNet:
     if extra:
         key = next(iter(extra))
-        raise ConfigError(f"model.{key}={extra[key]!r} is not an option of {name}; remove it "
-                          "(only timm models take extra keyword arguments).")
+        raise ConfigError(
+            f"model.{key}={extra[key]!r} is not an option of {name}; remove it "
+            "(only timm models take extra keyword arguments)."
+        )
     if pretrained and path is None:
-        raise ConfigError(f"model.pretrained=true: {name} has no published pretrained weights; use "
-                          "model.pretrained=false, or model.checkpoint_path=<local file> to start from your own.")
+        raise ConfigError(
+            f"model.pretrained=true: {name} has no published pretrained weights; use "
+            "model.pretrained=false, or model.checkpoint_path=<local file> to start from your own."
+        )
     model = CifarResNet(RESNET_BLOCKS[name], num_classes, drop_path_rate=drop_path_rate)
     if path is not None:
         state = _read_state_dict(path)
@@ -77,8 +93,9 @@ def _create_resnet(name, num_classes, pretrained, path, drop_path_rate, extra) -
             own = {k: v for k, v in own.items() if not k.startswith("head.")}
         problem = state_dict_mismatch(state, own)
         if problem:
-            raise ConfigError(f"model.checkpoint_path={path} does not fit {name} ({problem}); "
-                              f"point it at weights saved from {name}.")
+            raise ConfigError(
+                f"model.checkpoint_path={path} does not fit {name} ({problem}); point it at weights saved from {name}."
+            )
         model.load_state_dict(state, strict=False)
     return model
 
@@ -87,37 +104,22 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip and format errors all mean the same to the user
-        raise ConfigError(f"model.checkpoint_path={path} could not be read as torch weights ({short_error(e)}); "
-                          "point it at a file written by torch.save(model.state_dict(), path).") from e
+        raise ConfigError(
+            f"model.checkpoint_path={path} could not be read as torch weights ({short_error(e)}); "
+            "point it at a file written by torch.save(model.state_dict(), path)."
+        ) from e
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # trainer checkpoints keep the weights under one of these
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"model.checkpoint_path={path} holds no state_dict of tensors; "
-                          "point it at a file written by torch.save(model.state_dict(), path).")
+        raise ConfigError(
+            f"model.checkpoint_path={path} holds no state_dict of tensors; "
+            "point it at a file written by torch.save(model.state_dict(), path)."
+        )
     prefixes = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
-    return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in obj.items()}
-
-
-def state_dict_mismatch(state: dict, own: dict) -> str:
-    """Short description of how a state dict differs from a model's, or '' when it fits."""
-    parts = []
-    for label, keys in (("missing", own.keys() - state.keys()), ("unexpected", state.keys() - own.keys())):
-        if keys:
-            parts.append(f"{len(keys)} {label} keys, e.g. {', '.join(sorted(keys)[:3])}")
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in sorted(state.keys() & own.keys()) if state[k].shape != own[k].shape]
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches, e.g. {', '.join(shapes[:2])}")
-    return "; ".join(parts)
-
-
-def short_error(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): v for k, v in obj.items()}
 
 
 def _create_timm(name, num_classes, pretrained, path, img_size, drop_path_rate, extra) -> nn.Module:
@@ -125,8 +127,10 @@ def _create_timm(name, num_classes, pretrained, path, img_size, drop_path_rate, 
 
     arch, alias_kwargs = TIMM_ALIASES.get(name, (name, {}))
     if not timm.is_model(arch):
-        raise ConfigError(f"model.name={name} is neither {', '.join([*RESNET_BLOCKS, *TIMM_ALIASES])} nor a timm "
-                          "model; use one of those or a name from timm.list_models().")
+        raise ConfigError(
+            f"model.name={name} is neither {', '.join([*RESNET_BLOCKS, *TIMM_ALIASES])} nor a timm "
+            "model; use one of those or a name from timm.list_models()."
+        )
     kwargs = {**alias_kwargs, **extra, "img_size": img_size}
     if drop_path_rate:  # only when asked: not every timm model takes it
         kwargs["drop_path_rate"] = drop_path_rate
@@ -145,8 +149,10 @@ def _build_timm(timm, arch: str, **kwargs) -> nn.Module:
             kwargs.pop("img_size")
             return _build_timm(timm, arch, **kwargs)
         extra = [k for k in kwargs if k not in ("num_classes", "pretrained", "pretrained_cfg_overlay", "img_size")]
-        raise ConfigError(f"model: timm could not build {arch} with {extra} ({short_error(e)}); "
-                          "remove the model.* keys it does not take.") from e
+        raise ConfigError(
+            f"model: timm could not build {arch} with {extra} ({short_error(e)}); "
+            "remove the model.* keys it does not take."
+        ) from e
 
 
 def _create_timm_from_file(timm, arch: str, num_classes: int, path: str, kwargs: dict) -> nn.Module:
@@ -157,21 +163,26 @@ def _create_timm_from_file(timm, arch: str, num_classes: int, path: str, kwargs:
     try:
         state = timm.models.load_state_dict(path)  # weights_only=True, unwraps model/state_dict/EMA entries
     except Exception as e:
-        raise ConfigError(f"model.checkpoint_path={path} could not be read as torch weights ({short_error(e)}); "
-                          "point it at a file written by torch.save(model.state_dict(), path).") from e
+        raise ConfigError(
+            f"model.checkpoint_path={path} could not be read as torch weights ({short_error(e)}); "
+            "point it at a file written by torch.save(model.state_dict(), path)."
+        ) from e
     classifier = timm.models.get_pretrained_cfg_value(arch, "classifier") or "head"
     classifier = classifier if isinstance(classifier, str) else classifier[0]
     head = state.get(f"{classifier}.weight")
     file_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 2 else num_classes
     overlay = {"state_dict": state, "num_classes": file_classes}
     try:
-        model = _build_timm(timm, arch, num_classes=file_classes, pretrained=True,
-                            pretrained_cfg_overlay=overlay, **kwargs)
+        model = _build_timm(
+            timm, arch, num_classes=file_classes, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
+        )
     except ConfigError:
         raise
     except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"model.checkpoint_path={path} does not fit {arch} ({short_error(e, 300)}); "
-                          f"point it at weights saved from {arch}.") from e
+        raise ConfigError(
+            f"model.checkpoint_path={path} does not fit {arch} ({short_error(e, 300)}); "
+            f"point it at weights saved from {arch}."
+        ) from e
     if file_classes != num_classes:
         model.reset_classifier(num_classes)  # fine-tuning on a new label set: fresh head
     return model
@@ -195,8 +206,10 @@ def _create_timm_pretrained(timm, arch: str, num_classes: int, kwargs: dict) -> 
             if not _is_fetch_error(e):
                 raise
             reason = short_error(e)
-    raise ConfigError(f"model.pretrained=true: could not fetch timm weights for {arch} ({reason}); "
-                      "use model.pretrained=false or model.checkpoint_path=<local file>.")
+    raise ConfigError(
+        f"model.pretrained=true: could not fetch timm weights for {arch} ({reason}); "
+        "use model.pretrained=false or model.checkpoint_path=<local file>."
+    )
 
 
 def _is_fetch_error(e: BaseException) -> bool:
@@ -242,3 +255,8 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     thread.start()
     thread.join(timeout)
     return outcome[0] if outcome else f"not in the local cache and {host} did not answer within {timeout:g} s"
+
+
+def is_convnet(model: nn.Module) -> bool:
+    """More than one 2-D convolution: channels_last pays off. A ViT's single patch-embedding conv does not count."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1

@@ -49,13 +49,9 @@ class BatchAugment:
                 f"augmentation.crop_padding={crop_padding} must be a non-negative integer; use e.g. 4 (0 = no crop)."
             )
         if not 0.0 <= color_jitter < 1.0:
-            raise ConfigError(
-                f"augmentation.color_jitter={color_jitter} must be in [0, 1); use e.g. 0.4 (0 = off)."
-            )
+            raise ConfigError(f"augmentation.color_jitter={color_jitter} must be in [0, 1); use e.g. 0.4 (0 = off).")
         if rotation_deg < 0 or rotation_deg > 180:
-            raise ConfigError(
-                f"augmentation.rotation_deg={rotation_deg} must be in [0, 180]; use e.g. 15 (0 = off)."
-            )
+            raise ConfigError(f"augmentation.rotation_deg={rotation_deg} must be in [0, 180]; use e.g. 15 (0 = off).")
         if not 0.0 <= erasing_p <= 1.0:
             raise ConfigError(f"augmentation.erasing_p={erasing_p} must be a probability in [0, 1]; use e.g. 0.25.")
         scale = tuple(float(v) for v in erasing_scale)
@@ -74,9 +70,7 @@ class BatchAugment:
     @property
     def enabled(self) -> bool:
         """Whether any op is on; a disabled augment returns its input unchanged."""
-        return bool(
-            self.crop_padding or self.flip or self.color_jitter or self.rotation_deg or self.erasing_p
-        )
+        return bool(self.crop_padding or self.flip or self.color_jitter or self.rotation_deg or self.erasing_p)
 
     def __repr__(self) -> str:
         return (
@@ -156,7 +150,8 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
     """Brightness, contrast and saturation factors in [1-s, 1+s] per sample (torchvision semantics)."""
     if x.shape[1] != 3:
         raise ConfigError(
-            f"augmentation.color_jitter={strength} needs 3-channel images, got {x.shape[1]}; set augmentation.color_jitter=0."
+            f"augmentation.color_jitter={strength} needs 3-channel images, got {x.shape[1]}; "
+            "set augmentation.color_jitter=0."
         )
     b = x.shape[0]
     factors = _uniform(3 * b, 1.0 - strength, 1.0 + strength, generator, x.device).to(x.dtype).view(3, b, 1, 1, 1)
@@ -166,9 +161,7 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
     return torch.lerp(_gray(x).expand_as(x), x, factors[2]).clamp_(0.0, 1.0)
 
 
-def random_erase(
-    x: torch.Tensor, p: float, scale: tuple[float, float], generator: torch.Generator
-) -> torch.Tensor:
+def random_erase(x: torch.Tensor, p: float, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """Erase one random rectangle per sample with probability ``p`` (aspect ratio in [0.3, 3.3]).
 
     The rectangle is filled with the image's per-channel mean: erasing runs here

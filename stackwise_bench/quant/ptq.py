@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn.heads import classifier_names, is_head
 
 FORMATS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 QUANTIZED_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -33,8 +34,10 @@ _MAX_EXP = 126  # keeps 2**k a normal float32 both ways
 def format_dtype(name: str) -> torch.dtype:
     """``fp8_e4m3`` / ``fp8_e5m2`` -> the torch dtype; ConfigError for anything else."""
     if name not in FORMATS:
-        raise ConfigError(f"quantize={name} is not an FP8 format; use quantize=fp8_e4m3 or quantize=fp8_e5m2 "
-                          "(or quantize=null to evaluate the checkpoint as trained).")
+        raise ConfigError(
+            f"quantize={name} is not an FP8 format; use quantize=fp8_e4m3 or quantize=fp8_e5m2 "
+            "(or quantize=null to evaluate the checkpoint as trained)."
+        )
     return FORMATS[name]
 
 
@@ -67,8 +70,9 @@ def fake_quantize(x: torch.Tensor, dtype: torch.dtype, per_channel: bool = True)
     return (q.float() / scale).to(x.dtype), scale
 
 
-def quantize_model(model: nn.Module, fmt: str, keep_head: bool = True, activations: bool = False,
-                   head: Sequence[str] | None = None) -> tuple[nn.Module, dict]:
+def quantize_model(
+    model: nn.Module, fmt: str, keep_head: bool = True, activations: bool = False, head: Sequence[str] | None = None
+) -> tuple[nn.Module, dict]:
     """Quantize the weights of every Linear/Conv layer to ``fmt`` in place (LoRA adapters merged first).
 
     Args:
@@ -83,8 +87,6 @@ def quantize_model(model: nn.Module, fmt: str, keep_head: bool = True, activatio
         ``(model, report)``: the model to evaluate (the merged base model for peft) and a dict with
         the format, the layer names, the weight bytes before/after and the weight error.
     """
-    from stackwise_bench.fp8 import classifier_names, is_head
-
     dtype = format_dtype(fmt)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -105,22 +107,33 @@ def quantize_model(model: nn.Module, fmt: str, keep_head: bool = True, activatio
             module.register_forward_pre_hook(_input_quantizer(dtype))
         done.append(name)
     if not done:
-        raise ConfigError(f"quantize={fmt}: this model has no Linear/Conv layer outside the head to quantize; "
-                          "set keep_head=false to quantize the head as well.")
+        raise ConfigError(
+            f"quantize={fmt}: this model has no Linear/Conv layer outside the head to quantize; "
+            "set keep_head=false to quantize the head as well."
+        )
     err_sq, ref_sq = sum(e for e, _ in errors.values()), sum(r for _, r in errors.values())
     rel = {n: (e / r) ** 0.5 if r > 0 else 0.0 for n, (e, r) in errors.items()}
     worst = max(rel, key=rel.get)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     report = {
-        "format": fmt, "dtype": str(dtype), "fmax": torch.finfo(dtype).max,
-        "granularity": "per_output_channel", "scale": "power_of_two",
-        "keep_head": keep_head, "activations": "dynamic_per_tensor" if activations else None,
-        "layers": done, "num_layers": len(done), "kept_high_precision": kept,
-        "weight_bytes_before": total, "weight_bytes_after": total - before + after,
-        "quantized_weight_bytes_before": before, "quantized_weight_bytes_after": after,
+        "format": fmt,
+        "dtype": str(dtype),
+        "fmax": torch.finfo(dtype).max,
+        "granularity": "per_output_channel",
+        "scale": "power_of_two",
+        "keep_head": keep_head,
+        "activations": "dynamic_per_tensor" if activations else None,
+        "layers": done,
+        "num_layers": len(done),
+        "kept_high_precision": kept,
+        "weight_bytes_before": total,
+        "weight_bytes_after": total - before + after,
+        "quantized_weight_bytes_before": before,
+        "quantized_weight_bytes_after": after,
         "compression": total / (total - before + after),
         "weight_rel_error": (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0,
-        "worst_layer": worst, "worst_layer_rel_error": rel[worst],
+        "worst_layer": worst,
+        "worst_layer_rel_error": rel[worst],
     }
     return model, report
 
@@ -147,7 +160,14 @@ def degradation(before: dict, after: dict) -> dict:
     """Points lost from ``before`` to ``after`` (metrics dicts; positive = worse), overall and per class."""
     per_class = [round(b - a, 4) for b, a in zip(before["per_class_top1"], after["per_class_top1"])]
     worst = max(range(len(per_class)), key=per_class.__getitem__)
-    return {"top1_points": before["top1"] - after["top1"], "top5_points": before["top5"] - after["top5"],
-            "f1_macro_points": before["f1_macro"] - after["f1_macro"], "loss_increase": after["loss"] - before["loss"],
-            "per_class_top1_points": per_class, "worst_class": worst, "worst_class_points": per_class[worst],
-            "classes_worse": sum(p > 0 for p in per_class), "classes_better": sum(p < 0 for p in per_class)}
+    return {
+        "top1_points": before["top1"] - after["top1"],
+        "top5_points": before["top5"] - after["top5"],
+        "f1_macro_points": before["f1_macro"] - after["f1_macro"],
+        "loss_increase": after["loss"] - before["loss"],
+        "per_class_top1_points": per_class,
+        "worst_class": worst,
+        "worst_class_points": per_class[worst],
+        "classes_worse": sum(p > 0 for p in per_class),
+        "classes_better": sum(p < 0 for p in per_class),
+    }

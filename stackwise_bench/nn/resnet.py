@@ -50,11 +50,16 @@ class CifarResNet(nn.Module):
         n = blocks_per_stage
         # Stochastic depth grows linearly with block index, as in timm.
         rates = torch.linspace(0, drop_path_rate, 3 * n).tolist()
-        self.stem = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), bn=nn.BatchNorm2d(widths[0]), act=nn.ReLU(inplace=True)))
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                bn=nn.BatchNorm2d(widths[0]),
+                act=nn.ReLU(inplace=True),
+            )
+        )
         self.stage1 = self._stage(widths[0], widths[0], n, 1, rates[0:n])
-        self.stage2 = self._stage(widths[0], widths[1], n, 2, rates[n:2 * n])
-        self.stage3 = self._stage(widths[1], widths[2], n, 2, rates[2 * n:])
+        self.stage2 = self._stage(widths[0], widths[1], n, 2, rates[n : 2 * n])
+        self.stage3 = self._stage(widths[1], widths[2], n, 2, rates[2 * n :])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(widths[2], num_classes)
         self.num_classes, self.num_features = num_classes, widths[2]
@@ -66,8 +71,9 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(in_ch: int, out_ch: int, n: int, stride: int, rates: list[float]) -> nn.Sequential:
-        return nn.Sequential(*[BasicBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, rates[i])
-                               for i in range(n)])
+        return nn.Sequential(
+            *[BasicBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, rates[i]) for i in range(n)]
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage3(self.stage2(self.stage1(self.stem(x))))

@@ -1,28 +1,36 @@
-"""RunRecord: the one module that writes a run directory.
+"""RunRecord: the one module that writes a run directory, and its never-overwrite policy.
 
-Layout (DESIGN.md, "The run record"): ``summary.json`` (atomic, carries the
-status from start to end), ``metrics.jsonl``, ``hardware.jsonl``,
-``split.json`` and ``checkpoints/{last,best}.pt``. Every whole-file write goes
-through a temporary file and ``os.replace``, so a crash never leaves a
-half-written summary or checkpoint behind.
+Layout (:mod:`stackwise_bench.runs.contract`): ``summary.json`` (atomic, carries the
+status from start to end), ``metrics.jsonl``, ``hardware.jsonl``, ``split.json`` and
+``checkpoints/{last,best}.pt``. Every whole-file write goes through a temporary file
+and ``os.replace``, so a crash never leaves a half-written summary or checkpoint behind.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import threading
 import traceback
 from pathlib import Path
 from typing import Any
 
-SUMMARY = "summary.json"
-# The statuses of a run that trained to its end: its metrics and best.pt are final.
-FINISHED = ("completed", "early_stopped")
-METRICS = "metrics.jsonl"
-HARDWARE = "hardware.jsonl"
-SPLIT = "split.json"
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import (
+    CHECKPOINTS,
+    FINISHED,
+    HARDWARE,
+    METRICS,
+    SCHEMA_VERSION,
+    SPLIT,
+    SUMMARY,
+    read_summary,
+)
+from stackwise_bench.runs.provenance import config_diff
+
+log = logging.getLogger("stackwise_bench.runs")
 
 
 def now_iso() -> str:
@@ -37,6 +45,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def same_run(summary: dict, config: dict, fingerprint: str) -> bool:
+    """Whether a recorded run trains what ``config`` trains.
+
+    Equal fingerprints say so at once. They also differ when only the code moved (``_target_`` paths)
+    or the record predates the current fingerprint, so then the configs' values decide.
+    """
+    if summary.get("run", {}).get("fingerprint") == fingerprint:
+        return True
+    return isinstance(summary.get("config"), dict) and not config_diff(summary["config"], config)
 
 
 def claim_new_dir(base: str | Path, sep: str = "_") -> Path:
@@ -57,22 +76,59 @@ def claim_new_dir(base: str | Path, sep: str = "_") -> Path:
             n += 1
 
 
-def read_summary(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / SUMMARY
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
 class RunRecord:
     """Writes one run directory; monitors and the trainer write only through it."""
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_dir = self.dir / "checkpoints"
+        self.ckpt_dir = self.dir / CHECKPOINTS
         self.summary: dict[str, Any] = read_summary(self.dir) or {}
         self._lock = threading.Lock()
+
+    # ---- the folder policy: never overwrite --------------------------------
+    def prepare(self, config: dict, fingerprint: str, may_resume: bool) -> dict | None:
+        """Decide what a run of ``config`` may do in this folder, before anything is written.
+
+        Args:
+            config: The resolved config of the run about to start.
+            fingerprint: Its :func:`~stackwise_bench.runs.provenance.fingerprint`.
+            may_resume: ``trainer.resume=true``, or a sweep job (which always continues its own folder).
+
+        Returns:
+            The folder's summary when it already holds this run finished (nothing to do), else None:
+            the folder is new, or holds an unfinished run of the same config that continues here (its
+            earlier attempt is kept in ``previous_attempts``).
+
+        Raises:
+            ConfigError: the folder holds a run of a different config, or an unfinished one and
+                ``may_resume`` is false.
+        """
+        old = self.summary
+        if not old:
+            return None
+        if not same_run(old, config, fingerprint):
+            diff = config_diff(old.get("config", {}), config)
+            raise ConfigError(
+                f"hydra.run.dir={self.dir} already holds a run with a different config ({diff}); "
+                "choose another hydra.run.dir (or study) instead of overwriting it."
+            )
+        if old.get("status") in FINISHED:
+            log.info("%s is already %s with the same config: nothing to do", self.dir, old["status"])
+            return old
+        if not may_resume:
+            raise ConfigError(
+                f"hydra.run.dir={self.dir} already holds a {old.get('status')} run; set trainer.resume=true to "
+                "continue it from checkpoints/last.pt, or choose another hydra.run.dir."
+            )
+        attempt = {k: old.get(k) for k in ("status", "error")}
+        attempt["ended_at"] = old.get("run", {}).get("ended_at")
+        old.setdefault("previous_attempts", []).append(attempt)
+        return None
+
+    def can_resume(self) -> bool:
+        """Whether a ``last.pt`` is here to continue from."""
+        return self.checkpoint_path("last").is_file()
 
     # ---- summary.json -------------------------------------------------
     def write_summary(self) -> None:
@@ -89,6 +145,7 @@ class RunRecord:
         self.write_summary()
 
     def start(self, **sections: Any) -> None:
+        self.summary["schema_version"] = SCHEMA_VERSION
         self.summary["status"] = "running"
         self.summary["error"] = None
         self.update(**sections)

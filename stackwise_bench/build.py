@@ -1,0 +1,235 @@
+"""Assembly: a composed config becomes objects. The only reader of ``cfg`` besides the apps.
+
+``train`` builds a run with :func:`build_run`; ``evaluate`` rebuilds a trained one
+with :func:`rebuild`, from the run's own recorded config, through the same
+functions, so it sees the same model, layout and test pixels. Everything built
+here takes plain arguments and can be used without Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from stackwise_bench.errors import ConfigError
+
+# _target_ module paths of records written before the package had layers: evaluate still rebuilds those runs.
+MOVED_MODULES = {
+    "stackwise_bench.models.": "stackwise_bench.nn.models.",
+    "stackwise_bench.trainer.": "stackwise_bench.training.trainer.",
+    "stackwise_bench.optim.": "stackwise_bench.training.optim.",
+    "stackwise_bench.monitors.": "stackwise_bench.training.monitors.",
+    "stackwise_bench.augment.": "stackwise_bench.data.augment.",
+}
+
+
+class Loaders(NamedTuple):
+    train: Any
+    val: Any
+    test: Any
+    num_classes: int
+
+
+class Assembly(NamedTuple):
+    """Everything one training run needs, built and checked before any step."""
+
+    runtime: Any
+    trainer: Any
+    data: Any
+    model: Any
+    model_shape: dict
+    fp8_layers: list | None
+    loaders: Loaders
+    optimizer: Any
+    scheduler: Any
+    monitors: list
+
+
+def instantiate(node, *args, **kwargs):
+    """``hydra.utils.instantiate`` that lets our one-sentence ConfigError through unwrapped."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device: str | None = None) -> Assembly:
+    """Every object of a training run, in dependency order; bad input is refused before any step.
+
+    Args:
+        cfg: The composed config.
+        resume: Continue from the run folder's ``last.pt`` (the trainer restores it in ``fit``).
+        threads, device: A sweep job's share of the machine; they apply only where the config leaves
+            ``trainer.threads`` null and ``trainer.device`` auto.
+    """
+    runtime = build_runtime(cfg, threads=threads, device=device)
+    runtime.apply()
+    trainer = build_trainer(cfg, runtime, resume)
+    data = instantiate(cfg.dataset)
+    if trainer.batch_size > len(data.train_y):
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} is larger than the training split of {data.name} "
+            f"({len(data.train_y)} images); use trainer.batch_size<={len(data.train_y)}."
+        )
+    model, shape, fp8_layers = build_model(cfg, data.num_classes)
+    model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
+    loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
+    optimizer = instantiate(cfg.optimizer, model=model)
+    scheduler = instantiate(
+        cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(loaders.train), max_epochs=trainer.max_epochs
+    )
+    monitors = [instantiate(node) for node in cfg.monitors.values()]
+    return Assembly(runtime, trainer, data, model, shape, fp8_layers, loaders, optimizer, scheduler, monitors)
+
+
+def build_runtime(cfg: DictConfig, threads: int | None = None, device: str | None = None):
+    """The run's :class:`~stackwise_bench.training.runtime.Runtime` from ``trainer.*``, ``precision`` and ``seed``."""
+    from stackwise_bench.training.runtime import RUNTIME_KEYS, Runtime
+
+    knobs = {k: cfg.trainer.get(k) for k in RUNTIME_KEYS if k in cfg.trainer}
+    if knobs.get("threads") is None and threads is not None:
+        knobs["threads"] = threads
+    if knobs.get("device", "auto") == "auto" and device is not None:
+        knobs["device"] = device
+    return Runtime.create(**knobs, precision=cfg.precision.name, seed=cfg.seed)
+
+
+def build_trainer(cfg: DictConfig, runtime, resume: bool = False):
+    """The Trainer from ``cfg.trainer``'s loop knobs (the runtime's keys went into ``runtime``)."""
+    from stackwise_bench.training.runtime import RUNTIME_KEYS
+
+    loop = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in RUNTIME_KEYS])
+    # Called here, not given to instantiate: Hydra would turn the Runtime dataclass into a config node.
+    return instantiate(loop, _partial_=True)(runtime=runtime, resume=resume)
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> tuple:
+    """The model as it trains: the configured net, LoRA (peft) on top, torchao FP8 layers for precision=fp8.
+
+    Returns ``(model, shape, fp8_layers)``: ``shape`` feeds the LoRA parameter formula, ``fp8_layers``
+    names the converted layers (None unless fp8).
+    """
+    from stackwise_bench.nn.lora import apply_lora
+
+    model = instantiate(cfg.model, num_classes=num_classes)
+    shape = model_shape(model, cfg.lora.head)
+    model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    fp8_layers = None
+    if cfg.precision.name == "fp8":  # Runtime.create has already refused unsuitable hardware
+        from stackwise_bench.quant.fp8 import convert_for_training
+
+        fp8_layers = convert_for_training(model)
+    return model, shape, fp8_layers
+
+
+def model_shape(model, head_name: str | None) -> dict:
+    """Inputs of the LoRA parameter formula (48·d·r + head): the width, depth and head size."""
+    head = model.get_submodule(head_name) if head_name and hasattr(model, head_name) else None
+    blocks = getattr(model, "blocks", None)
+    return {
+        "head": sum(p.numel() for p in head.parameters()) if head is not None else None,
+        "embed_dim": getattr(model, "embed_dim", None),
+        "depth": len(blocks) if blocks is not None else None,
+    }
+
+
+def loader_options(data, runtime, img_size: int, model) -> dict:
+    """BatchLoader options shared by every split, in training and in ``evaluate`` (the same test pixels).
+
+    Batches are channels_last only for a convnet, the only kind ``Trainer.fit`` converts.
+    """
+    return dict(
+        device=runtime.device,
+        out_size=img_size,
+        mean=data.mean,
+        std=data.std,
+        channels_last=runtime.wants_channels_last(model),
+        seed=runtime.seed,
+        on_device=runtime.data_on_device,
+    )
+
+
+def build_loaders(data, augment, trainer, img_size: int, model) -> Loaders:
+    """The whole dataset goes to the device once; batches are sliced, augmented and resized there."""
+    from stackwise_bench.data import BatchLoader
+
+    common = loader_options(data, trainer.runtime, img_size, model)
+    train = BatchLoader(
+        data.train_x,
+        data.train_y,
+        trainer.batch_size,
+        augment=augment if augment.enabled else None,
+        shuffle=True,
+        drop_last=True,
+        **common,
+    )
+    val = BatchLoader(data.val_x, data.val_y, trainer.eval_batch_size, **common)
+    test = BatchLoader(data.test_x, data.test_y, trainer.eval_batch_size, **common)
+    return Loaders(train, val, test, data.num_classes)
+
+
+class Rebuilt(NamedTuple):
+    """A trained run's model with a checkpoint loaded, its test loader and runtime, for evaluation."""
+
+    model: Any
+    loader: Any
+    runtime: Any
+    classes: list
+    epoch: int | None
+
+
+def rebuild(config: dict, ckpt: Path, datasets: dict | None = None) -> Rebuilt:
+    """Data, model (+ LoRA) and test loader exactly as training built them, from a run's resolved ``config``.
+
+    ``datasets``: a dict kept by the caller across calls (``evaluate_study``), so runs with the same
+    dataset config read it once.
+    """
+    import torch
+
+    from stackwise_bench.data import BatchLoader
+    from stackwise_bench.nn.state_dict import load_weights, read_checkpoint
+
+    cfg = OmegaConf.create(with_current_targets(config))
+    runtime = build_runtime(cfg)
+    runtime.apply()
+    state, epoch = read_checkpoint(ckpt, runtime.device)
+    key = json.dumps(config["dataset"], sort_keys=True, default=str)
+    data = datasets.get(key) if datasets is not None else None
+    if data is None:
+        data = instantiate(cfg.dataset)
+        if datasets is not None:
+            datasets[key] = data
+    model, _, _ = build_model(cfg, data.num_classes)  # FP8 layers keep nn.Linear's state_dict keys
+    model = model.to(runtime.device)
+    if runtime.wants_channels_last(model):  # as Trainer.fit does before training
+        model = model.to(memory_format=torch.channels_last)
+    load_weights(model, state, ckpt, cfg.model.name + (f" with LoRA rank {cfg.lora.rank}" if cfg.lora.rank else ""))
+    batch = runtime.eval_batch_size(cfg.trainer.get("eval_batch_size"), cfg.trainer.batch_size)
+    loader = BatchLoader(data.test_x, data.test_y, batch, **loader_options(data, runtime, cfg.model.img_size, model))
+    return Rebuilt(model=model, loader=loader, runtime=runtime, classes=list(data.classes), epoch=epoch)
+
+
+def with_current_targets(node: Any) -> Any:
+    """A recorded config with ``_target_`` paths of moved modules (:data:`MOVED_MODULES`) brought up to date."""
+    if isinstance(node, dict):
+        return {k: _current_target(v) if k == "_target_" else with_current_targets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_current_targets(v) for v in node]
+    return node
+
+
+def _current_target(target: Any) -> Any:
+    for old, new in MOVED_MODULES.items():
+        if isinstance(target, str) and target.startswith(old):
+            return new + target[len(old) :]
+    return target

@@ -1,0 +1,95 @@
+"""The run-record contract: file names, statuses, the keys that don't change a run, and reading summary.json.
+
+Everything that writes or reads a run folder takes its names from here: the
+writer (:mod:`stackwise_bench.runs.record`), the sweep protocol, ``evaluate`` and
+the torch-free analysis. Standard library only, so the analysis can import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from stackwise_bench.errors import ConfigError
+
+# Bump when a summary.json key that analysis relies on changes meaning; readers refuse newer records.
+SCHEMA_VERSION = 1
+
+# ---- files of a run folder (DESIGN.md, "The run record") ---------------------------------------
+SUMMARY = "summary.json"  # atomic; the single source of truth
+METRICS = "metrics.jsonl"  # one line per epoch
+HARDWARE = "hardware.jsonl"  # monitor samples
+SPLIT = "split.json"  # the exact train/val indices
+CHECKPOINTS = "checkpoints"  # last.pt, best.pt
+EVAL_DIR = "eval"  # <run>/eval/<name>/: evaluation records written by `evaluate`
+EVAL_KIND = "evaluate"  # summary["kind"] of an evaluation record
+
+# ---- statuses ------------------------------------------------------------------------------------
+STATUSES = ("running", "completed", "early_stopped", "failed", "interrupted")
+# A run that trained to its end: its metrics and best.pt are final.
+FINISHED = ("completed", "early_stopped")
+
+# ---- keys that do not change what is trained -------------------------------------------------------
+# The one list: the config fingerprint ignores them, a resumed or relaunched run may change them, the
+# analysis never splits cells by them, and Hydra's override_dirname.exclude_keys (conf/config.yaml) is
+# this list plus FOLDER_ONLY_KEYS (tests/test_contract.py proves the YAML agrees). A key covers its
+# children: "monitors" also covers monitors.hardware.interval_s.
+VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study", "plan")
+# Left out of job folder names only: a preset's name restates its values (which the fingerprint sees),
+# and the number of parallel jobs is the launcher's business.
+FOLDER_ONLY_KEYS = ("experiment", "hydra.launcher.n_jobs")
+# Where data or weights live, not what they are: never a cell of the analysis by default.
+PLACE_KEYS = ("dataset.root", "dataset.download", "model.checkpoint_path")
+
+
+def is_volatile(key: str) -> bool:
+    """Whether the dotted config ``key`` is, or sits under, one of :data:`VOLATILE_KEYS`."""
+    return any(key == v or key.startswith(v + ".") for v in VOLATILE_KEYS)
+
+
+class UnreadableSummary(ConfigError):
+    """A summary.json that exists but cannot be read: damaged, or not a JSON object."""
+
+
+class NewerRecord(ConfigError):
+    """A summary.json written by a newer stackwise_bench (a higher ``schema_version``) than this one reads."""
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict | None:
+    """The parsed ``summary.json`` of a run (or evaluation) folder.
+
+    Returns:
+        The summary dict, or None when the folder has no summary.json (nothing was recorded there).
+
+    Raises:
+        UnreadableSummary: the file is not valid JSON or not a JSON object. Writes are atomic, so a crash
+            cannot cause either; callers that list many runs (the analysis) report the folder and go on.
+        NewerRecord: it was written with a newer ``schema_version`` than :data:`SCHEMA_VERSION`: nothing
+            here may read or overwrite it.
+    """
+    path = Path(run_dir) / SUMMARY
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnreadableSummary(
+            f"{path} cannot be read ({exc.strerror}); fix its permissions or remove the folder."
+        ) from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UnreadableSummary(
+            f"{path} is not valid JSON ({exc}); it was edited or damaged outside stackwise_bench: "
+            "restore it or move the folder aside."
+        ) from exc
+    if not isinstance(data, dict):
+        raise UnreadableSummary(f"{path} holds a JSON {type(data).__name__}, not a run summary; move the folder aside.")
+    version = data.get("schema_version", 1)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise NewerRecord(
+            f"{path} has schema_version {version}, newer than the {SCHEMA_VERSION} this stackwise_bench reads; "
+            "upgrade stackwise_bench (pip install -U stackwise_bench) to read it."
+        )
+    return data

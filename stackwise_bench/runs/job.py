@@ -1,0 +1,227 @@
+"""One Hydra job, single or in a sweep: the protocol around the work an app does.
+
+:func:`run_job` is what ``train`` and ``evaluate``'s study app call from their
+``@hydra.main`` function. Around the app's task it: refuses a sweep job whose config
+changed since launch (:mod:`stackwise_bench.runs.study`), gives a parallel job its
+share of the cores and a GPU of its own, turns bad input into one sentence (exit 2
+for a single run), keeps a failing sweep job from stopping the others, reports the
+job's outcome for the end-of-sweep table, and hands cached GPU memory back (joblib
+reuses its worker processes between jobs).
+
+Importing this module registers the ``${sb.n_jobs:}`` resolver that
+``conf/hydra/launcher/joblib.yaml`` uses, so every process that composes or
+launches a config (the launcher and each worker) has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
+from stackwise_bench.runs.provenance import fingerprint
+from stackwise_bench.runs.record import atomic_write_text
+from stackwise_bench.runs.study import STUDY_DIR, current_path, outcome_path
+
+log = logging.getLogger("stackwise_bench.runs.job")
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml deliberately shadow the plugins' options of
+# the same names, so `hydra/launcher=submitit_slurm` gets our defaults; Hydra still validates them against the
+# plugin's schema (catching typos) and warns that this is deprecated.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What Hydra says about the job being run, as plain values."""
+
+    run_dir: Path
+    name: str  # the sweep's folder name for this job (override_dirname); "" for a single run
+    overrides: list[str]
+    choices: dict
+    sweeping: bool
+    sweep_dir: Path | None
+    threads: int | None = None  # a parallel job's share of the cores (None: a single run decides itself)
+    device: str | None = None  # the GPU of this job's slot, when a sweep spreads over several
+
+
+def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float | None:
+    """Run ``task(cfg, job)`` inside the sweep protocol; returns the summary's ``test.top1`` (Hydra's return value)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    sweeping = hc.mode == RunMode.MULTIRUN
+    job = Job(
+        run_dir=Path(hc.runtime.output_dir),
+        name=hc.job.override_dirname if sweeping else "",
+        overrides=list(hc.overrides.task),
+        choices=OmegaConf.to_container(hc.runtime.choices),
+        sweeping=sweeping,
+        sweep_dir=Path(hc.sweep.dir) if sweeping else None,
+    )
+    if not sweeping:
+        try:
+            return _top1(task(cfg, job))
+        except ConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
+        finally:
+            release_memory()
+    status, reason, summary = "failed", "", {}
+    started_before = _started_at(job.run_dir)
+    try:
+        refused = check_launch_record(job.sweep_dir, job.name, fingerprint(cfg))
+        if refused:
+            raise ConfigError(refused)
+        n_jobs = hc.launcher.get("n_jobs") or 1
+        threads = hc.launcher.get("cpus_per_task") or cores_per_job(os.cpu_count() if n_jobs < 0 else n_jobs)
+        with gpu_slot(job.sweep_dir) as device:
+            summary = task(cfg, dataclasses.replace(job, threads=threads, device=device))
+        status = summary["status"]
+        if started_before is not None and started_before == summary.get("run", {}).get("started_at"):
+            status = "skipped"  # the folder already held this run, finished
+    except ConfigError as exc:
+        log.error("%s", exc)
+        status, reason = "refused" if _finished(job.run_dir) else "failed", str(exc)
+    except Exception as exc:
+        status, reason = "failed", one_line(exc)
+        if reason.startswith("diverged"):
+            log.error("job %s %s", job.name, reason)
+        else:
+            log.exception("job %s failed", job.name)
+    finally:
+        release_memory()
+    record_outcome(job.sweep_dir, job.name, status, reason)
+    return _top1(summary)
+
+
+def check_launch_record(sweep_dir: Path, job_name: str, fp: str) -> str | None:
+    """Why this job must not run (its config changed since launch), or None."""
+    current = current_path(sweep_dir)
+    if not current.exists():
+        return None
+    planned = json.loads(current.read_text())["jobs"].get(job_name)
+    if planned is None or planned["fingerprint"] == fp:
+        return None
+    return (
+        f"the config of job {job_name} changed after the study was launched (an edit to conf/ while it ran); "
+        "relaunch the study to run it with the edited config."
+    )
+
+
+def record_outcome(sweep_dir: Path, job_name: str, status: str, reason: str = "") -> None:
+    """How the job ended, for the end-of-sweep table (``StudyCallback.on_multirun_end``)."""
+    path = outcome_path(sweep_dir, job_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"status": status, "reason": reason}) + "\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """``<reason>: <first line of the message>``; the reason is the exception's ``reason`` tag or its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{getattr(exc, 'reason', None) or type(exc).__name__}: {text}"[:200]
+
+
+def cores_per_job(n_jobs: int) -> int:
+    """Torch threads for each of ``n_jobs`` parallel jobs: together they never exceed the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+
+
+def default_n_jobs() -> int:
+    """Parallel jobs: one per visible GPU, else up to 4 CPU jobs (each gets cores // n_jobs threads)."""
+    gpus = visible_gpus()
+    if gpus:
+        return gpus
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def visible_gpus() -> int:
+    """Count GPUs without importing torch (the launcher resolves this in the launching process)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() not in ("", "-1")])
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
+
+
+@contextlib.contextmanager
+def gpu_slot(sweep_dir: Path) -> Iterator[str | None]:
+    """``cuda:<i>`` for a GPU no other job of this sweep holds, while the job runs; None with fewer than 2 GPUs.
+
+    A job's number says nothing about which GPUs are free (job 2 may start while job 0 still runs
+    and job 1 is done), so each job claims a slot file (create-exclusive) and removes it at the end.
+    A slot whose process is gone is taken over.
+    """
+    gpus = visible_gpus()
+    if gpus < 2:
+        yield None
+        return
+    slots = Path(sweep_dir) / STUDY_DIR / "gpu_slots"
+    slots.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        for i in range(gpus):
+            path = slots / f"cuda{i}"
+            if attempt and not _pid_alive(path):
+                path.unlink(missing_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            try:
+                yield f"cuda:{i}"
+            finally:
+                path.unlink(missing_ok=True)
+            return
+    raise ConfigError(
+        f"all {gpus} GPUs are held by running jobs of this sweep; run at most {gpus} jobs at once "
+        f"(hydra.launcher.n_jobs={gpus})."
+    )
+
+
+def _pid_alive(path: Path) -> bool:
+    try:
+        os.kill(int(path.read_text() or 0), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def release_memory() -> None:
+    """Joblib reuses worker processes: hand cached GPU memory back between jobs."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _top1(summary: dict) -> float | None:
+    return (summary.get("test") or {}).get("top1")
+
+
+def _started_at(run_dir: Path) -> str | None:
+    try:
+        return ((read_summary(run_dir) or {}).get("run") or {}).get("started_at")
+    except UnreadableSummary:
+        return None
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return (read_summary(run_dir) or {}).get("status") in FINISHED
+    except UnreadableSummary:
+        return False
+
+
+OmegaConf.register_new_resolver("sb.n_jobs", default_n_jobs, replace=True)

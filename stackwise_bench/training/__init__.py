@@ -1,0 +1,1 @@
+"""Training: the loop, its runtime (device, precision, seed), checkpoints, optimizers, metrics, monitors."""

@@ -1,0 +1,96 @@
+"""On a CUDA device: bit-identical reruns, fp16/bf16 steps, FP8 training, one job per GPU, exact re-evaluation.
+
+Marked ``gpu``: skipped where torch sees no CUDA device (tests/conftest.py). ``scripts/gpu_check.sh``
+runs them together with the benchmark's GPU rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stackwise_bench.train import run
+
+from conftest import ROOT, TINY, compose, read_metrics, read_summary
+
+pytestmark = pytest.mark.gpu
+
+ON_GPU = ["trainer.device=cuda", "trainer.max_epochs=2", "monitors=none"]
+TIMING = ("_time_s", "_img_s")
+
+
+def numbers(run_dir) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.endswith(TIMING)} for row in read_metrics(run_dir)]
+
+
+def test_deterministic_reruns_are_bit_identical(tmp_path):
+    cfg = compose(ON_GPU)
+    first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
+    assert first["env"]["device"].startswith("cuda") and first["status"] == "completed"
+    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+    assert first["test"]["confusion_matrix"] == second["test"]["confusion_matrix"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_trains(precision, tmp_path):
+    summary = run(compose([*ON_GPU, f"precision={precision}"]), tmp_path / precision)
+    assert summary["status"] == "completed", summary.get("error")
+    rows = read_metrics(tmp_path / precision)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    assert summary["test"]["top1"] > 50.0  # 4 classes: chance is 25%
+    scaler = torch.load(tmp_path / precision / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # a GradScaler only where float16 gradients need it
+    if precision == "fp16":
+        assert scaler["scale"] > 0
+
+
+def test_fp8_training_steps(tmp_path):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    pytest.importorskip("torchao")
+    overrides = [*ON_GPU, "precision=fp8", "model=vit_tiny_p4", "model.pretrained=false", "trainer.max_epochs=1"]
+    summary = run(compose(overrides), tmp_path / "fp8")
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["precision"]["fp8_layers"] and not any("head" in n for n in summary["precision"]["fp8_layers"])
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in read_metrics(tmp_path / "fp8"))
+
+
+def test_one_job_per_gpu_in_a_sweep(tmp_path):
+    from stackwise_bench.runs.job import default_n_jobs, visible_gpus
+
+    gpus = visible_gpus()
+    assert gpus >= 1 and default_n_jobs() == gpus  # the default sweep runs one job per GPU
+    sweep = [o for o in TINY if not o.startswith(("trainer.device", "monitors."))]
+    args = ["seed=1,2", *sweep, "trainer.max_epochs=1", "monitors=none", "study=gpus"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "stackwise_bench.train", "--multirun", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [read_summary(d) for d in (tmp_path / "multirun" / "gpus").iterdir() if (d / "summary.json").exists()]
+    assert len(summaries) == 2 and all(s["status"] == "completed" for s in summaries)
+    devices = [s["env"]["device"] for s in summaries]
+    assert all(d.startswith("cuda") for d in devices)
+    if gpus >= 2:  # two jobs started together on two GPUs: each held its own
+        assert len(set(devices)) == 2, devices
+    assert not list((tmp_path / "multirun" / "gpus" / ".study").glob("gpu_slots/*"))  # every slot was handed back
+
+
+def test_evaluate_reproduces_test_top1_on_the_gpu(tmp_path):
+    from stackwise_bench.evaluate import evaluate_checkpoint
+
+    summary = run(compose(ON_GPU), tmp_path / "run")
+    evaluation = evaluate_checkpoint(tmp_path / "run")
+    assert evaluation["run"]["device"].startswith("cuda")
+    assert evaluation["test"]["top1"] == summary["test"]["top1"] and evaluation["test"]["matches_recorded"] is True
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test"] == summary["test"]
