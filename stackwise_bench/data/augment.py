@@ -164,9 +164,10 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
 def random_erase(x: torch.Tensor, p: float, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """Erase one random rectangle per sample with probability ``p`` (aspect ratio in [0.3, 3.3]).
 
-    The rectangle is filled with the image's per-channel mean: erasing runs here
-    before normalisation, and the mean is what torchvision's usual "erase with 0
-    after Normalize" amounts to.
+    The rectangle is filled with that image's own per-channel mean. torchvision's usual
+    "RandomErasing with 0 after Normalize" fills with the training set's mean instead;
+    erasing runs here before normalisation, and the image's own mean keeps the patch at
+    the image's brightness, so the occlusion does not add a dark or bright block.
     """
     b, _, h, w = x.shape
     apply = torch.rand(b, generator=generator) < p

@@ -13,8 +13,7 @@ import torch
 
 from stackwise_bench.errors import ConfigError
 
-# The resume messages are the trainer's: they keep its logger name in the run log.
-log = logging.getLogger("stackwise_bench.training.trainer")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
