@@ -114,8 +114,7 @@ def evaluate_checkpoint(
         return done
     if source.get("status") not in FINISHED:
         log.warning(
-            "%s is a %s run, not a finished one: its %s holds the weights of wherever training stopped, "
-            "not of a completed training.",
+            "%s: the run's status is %s, not completed: %s holds the weights of wherever its training stopped",
             run_dir,
             source.get("status") or "unrecorded",
             ckpt.name,

@@ -249,3 +249,24 @@ def test_train_refuses_the_evaluation_preset(tmp_path, cfg_factory):
     ):
         run(cfg_factory(["experiment=FP8Test"]), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_last_pt_and_unfinished_runs_say_what_they_are(study, tmp_path, caplog):
+    """No "(recorded None)" for last.pt (no recorded number belongs to it); a warning for an unfinished run."""
+    import json
+
+    _, run_dir = study
+    run = copy_run(run_dir, tmp_path / "r")
+    with caplog.at_level("INFO", logger="stackwise_bench.evaluate"):
+        last = evaluate_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["test"]["matches_recorded"] is None
+    assert f"test top1 {last['test']['top1']:.2f}%" in caplog.text and "None" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    caplog.clear()
+    summary = read_summary(run)
+    summary["status"] = "interrupted"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level("INFO", logger="stackwise_bench.evaluate"):
+        evaluate_checkpoint(run)
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "status is interrupted, not completed: best.pt holds the weights of wherever" in warning.getMessage()
