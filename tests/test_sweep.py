@@ -35,6 +35,14 @@ def outcomes(study: Path) -> dict:
     return {p.stem: json.loads(p.read_text())["status"] for p in (study / ".study" / "outcomes").glob("*.json")}
 
 
+def job_name(overrides: list[str]) -> str:
+    """A job's folder name as Hydra builds it: its overrides sorted, the contract's non-naming keys left out."""
+    from stackwise_bench.runs.contract import FOLDER_ONLY_KEYS, VOLATILE_KEYS
+
+    last = {o.split("=")[0]: o for o in overrides}  # a key given twice: the last value is the one that counts
+    return ",".join(sorted(o for k, o in last.items() if k not in (*VOLATILE_KEYS, *FOLDER_ONLY_KEYS)))
+
+
 def job_dirs(study: Path) -> list[Path]:
     return sorted(p for p in study.iterdir() if (p / "summary.json").exists())
 
@@ -140,9 +148,7 @@ def test_interrupted_job_is_resumed(tmp_path, monkeypatch):
         "study=resume",
     ]
     threads = torch.get_num_threads()
-    excluded = ("study=", "monitors", "trainer.progress")  # hydra.job.config.override_dirname.exclude_keys
-    job = ",".join(sorted(o for o in overrides if not o.startswith(excluded)))
-    run_dir = tmp_path / "multirun" / "resume" / job
+    run_dir = tmp_path / "multirun" / "resume" / job_name(overrides)
     reference = tmp_path / "reference"
     cfg = compose(overrides, tiny=False)
     run(cfg, reference)
@@ -171,6 +177,29 @@ def test_interrupted_job_is_resumed(tmp_path, monkeypatch):
         return [{k: v for k, v in r.items() if not k.endswith(("_time_s", "_img_s"))} for r in rows]
 
     assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
+
+
+def test_deletion_override_is_recorded_and_a_launch_that_cannot_be_recorded_stops(tmp_path):
+    """`~monitors.hardware` in a sweep is part of its launch record; a failing launch record stops the sweep."""
+    deleting = [o for o in SWEEP if o != "monitors=none"] + ["~monitors.hardware", "study=deleting"]
+    out = multirun(["seed=1", *deleting], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = tmp_path / "multirun" / "deleting"
+    record = json.loads(next((study / ".study" / "launches").glob("*/launch.json")).read_text())
+    assert record["grid"]["~monitors.hardware"] == "" and record["grid"]["seed"] == "1"
+    (job,) = job_dirs(study)
+    assert read_summary(job)["status"] == "completed" and read_summary(job)["config"]["monitors"] == {}
+
+    # A job folder written by a newer stackwise_bench: the launch refuses in one sentence and runs nothing.
+    newer = tmp_path / "multirun" / "newer" / job_name(["seed=2", *SWEEP])
+    newer.mkdir(parents=True)
+    (newer / "summary.json").write_text(json.dumps({"schema_version": 99, "status": "completed"}))
+    out = multirun(["seed=1,2", *SWEEP, "study=newer"], tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "schema_version 99, newer than" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "raised" not in out.stderr  # not Hydra's callback warning
+    assert not (tmp_path / "multirun" / "newer" / job_name(["seed=1", *SWEEP])).exists()
 
 
 def test_submitit_local_sweep(tmp_path):
