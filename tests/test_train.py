@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,28 @@ def test_finished_run_folder_is_never_overwritten(baseline_run, cfg_factory):
     with pytest.raises(ConfigError, match=r"different config \(optimizer.lr: 0.002 -> 0.01\)"):
         run(cfg_factory(["trainer.max_epochs=3", "optimizer.lr=0.01"]), run_dir)
     assert (run_dir / "summary.json").read_text() == before
+
+
+def test_records_written_before_the_layers_are_still_the_same_run(baseline_run, tmp_path):
+    """A record with the old fingerprint and old module paths: a relaunch finds it done; evaluate rebuilds it."""
+    import json
+    import shutil
+
+    from stackwise_bench.evaluate import evaluate_checkpoint
+
+    cfg, run_dir, summary = baseline_run
+    old = Path(shutil.copytree(run_dir, tmp_path / "old", ignore=shutil.ignore_patterns("eval")))
+    record = read_summary(old)
+    record["run"]["fingerprint"] = "0123456789abcdef"  # the fingerprint also hashed _target_ paths then
+    config = record["config"]
+    config["model"]["_target_"] = "stackwise_bench.models.create_model"
+    config["trainer"]["_target_"] = "stackwise_bench.trainer.Trainer"
+    config["optimizer"]["_target_"] = "stackwise_bench.optim.build_optimizer"
+    config["augmentation"]["_target_"] = "stackwise_bench.augment.BatchAugment"
+    (old / "summary.json").write_text(json.dumps(record))
+    before = (old / "summary.json").read_text()
+    assert run(cfg, old)["status"] == "completed" and (old / "summary.json").read_text() == before  # nothing retrained
+    assert evaluate_checkpoint(old)["test"]["top1"] == summary["test"]["top1"]
 
 
 def test_resume_on_an_empty_folder_is_a_fresh_run(tmp_path, cfg_factory):
