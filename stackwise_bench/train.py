@@ -68,12 +68,14 @@ def run(
         config=config,
     )
     try:
+        from stackwise_bench.nn.lora import count_parameters  # torch: imported once a run starts, not by --help
+
         built = build_run(cfg, resume=resume, threads=threads, device=device)
         record.update(env=env_info(built.runtime.device))
         record.write_split(built.data.split)
         if built.fp8_layers is not None:
             record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
-        record.update(params=_count_parameters(built.model) | built.model_shape)
+        record.update(params=count_parameters(built.model) | built.model_shape)
         log.info(
             "training %s on %s (%s, %s) in %s",
             cfg.model.name,
@@ -93,12 +95,6 @@ def run(
         raise
     record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
     return record.summary
-
-
-def _count_parameters(model) -> dict:
-    from stackwise_bench.nn.lora import count_parameters
-
-    return count_parameters(model)
 
 
 def train_job(cfg: DictConfig, job: Job) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.evaluate import evaluate_checkpoint, evaluate_study
+from stackwise_bench.evaluation import evaluate_checkpoint, evaluate_study
 
 from conftest import ROOT, read_summary
 

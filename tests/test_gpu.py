@@ -87,7 +87,7 @@ def test_one_job_per_gpu_in_a_sweep(tmp_path):
 
 
 def test_evaluate_reproduces_test_top1_on_the_gpu(tmp_path):
-    from stackwise_bench.evaluate import evaluate_checkpoint
+    from stackwise_bench.evaluation import evaluate_checkpoint
 
     summary = run(compose(ON_GPU), tmp_path / "run")
     evaluation = evaluate_checkpoint(tmp_path / "run")

@@ -114,7 +114,7 @@ def test_records_written_before_the_layers_are_still_the_same_run(baseline_run, 
     import json
     import shutil
 
-    from stackwise_bench.evaluate import evaluate_checkpoint
+    from stackwise_bench.evaluation import evaluate_checkpoint
 
     cfg, run_dir, summary = baseline_run
     old = Path(shutil.copytree(run_dir, tmp_path / "old", ignore=shutil.ignore_patterns("eval")))

@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 import statistics
 import sys
-import threading
 import time
 
 import torch
@@ -25,6 +23,7 @@ from stackwise_bench.training.checkpointing import Progress, checkpoint_state, r
 from stackwise_bench.training.metrics import evaluate
 from stackwise_bench.training.precision import synchronize
 from stackwise_bench.training.runtime import Runtime
+from stackwise_bench.training.stop import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -308,28 +307,3 @@ class Trainer:
             row["train_img_s"],
             row["epoch_time_s"],
         )
-
-
-class StopSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (a second SIGINT aborts at once)."""
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: saving last.pt after this step (Ctrl-C again to abort now)", self.requested)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        return False

@@ -1,0 +1,303 @@
+"""Evaluating trained runs: one checkpoint (:func:`evaluate_checkpoint`), or every finished run of a study.
+
+Rebuilds a run's data and model from the run's own config exactly as training
+built them (:func:`stackwise_bench.build.rebuild`; the checkpoint loads with
+``weights_only=True``), evaluates the test split, and writes
+``<run>/eval/<name>/summary.json`` (atomically, never over an existing folder).
+With ``quantize=fp8_e4m3|fp8_e5m2`` the weights are also quantized after the
+baseline pass (:mod:`stackwise_bench.quant.ptq`), and the summary holds both
+passes, the degradation in points and the weight bytes. The command line and the
+evaluation-study Hydra app are :mod:`stackwise_bench.evaluate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from stackwise_bench.build import rebuild
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, read_summary
+from stackwise_bench.runs.folders import find_run_dirs, recorded_config, resolve_checkpoint
+from stackwise_bench.runs.provenance import file_sha256
+from stackwise_bench.runs.record import RunRecord, atomic_write_text, claim_new_dir, now_iso
+
+log = logging.getLogger("stackwise_bench.evaluate")  # the command's name in logs
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    quantize: str | None = None,
+    keep_head: bool = True,
+    activations: bool = False,
+    name: str | None = None,
+    device: str | None = None,
+    dataset: dict | None = None,
+    skip_done: bool = False,
+    command: str | None = None,
+    datasets: dict | None = None,
+) -> dict:
+    """Evaluate one checkpoint with its run's config into a new ``<run>/eval/<name>/``; returns that summary.
+
+    Args:
+        checkpoint: A run folder (its ``checkpoints/best.pt``) or a ``.pt`` file inside a run folder.
+        quantize: None, ``fp8_e4m3`` or ``fp8_e5m2`` (post-training FP8 weights).
+        keep_head: Keep the classifier head in its trained precision when quantizing.
+        activations: Also quantize layer inputs (dynamic, per tensor) when quantizing.
+        name: Folder name under ``eval/``; taken names get ``-2``, ``-3``, ...
+        device: None = the run's ``trainer.device``.
+        dataset: ``{"root": ..., "download": ...}``; None values keep the run's own.
+        skip_done: Return an existing completed evaluation with the same checkpoint bytes and settings
+            instead of evaluating again (what a rerun of ``experiment=FP8Test`` wants).
+        command: The command line, recorded in the summary.
+        datasets: Loaded datasets by config, shared across calls (``evaluate_study`` reads each once).
+
+    Raises:
+        ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
+    """
+    from stackwise_bench.quant.ptq import format_dtype
+
+    if quantize is not None:
+        format_dtype(quantize)
+    elif activations or not keep_head:
+        raise ConfigError(
+            "activations=true and keep_head=false only apply to a quantized model; add quantize=fp8_e4m3 (or fp8_e5m2)."
+        )
+    run_dir, ckpt = resolve_checkpoint(checkpoint)
+    source = read_summary(run_dir) or {}
+    config = _with_overrides(recorded_config(run_dir, source), device, dataset or {})
+    settings = {"checkpoint": ckpt.name, "quantize": quantize, "keep_head": keep_head, "activations": activations}
+    digest = file_sha256(ckpt)
+    fp = hashlib.sha256(json.dumps([digest, settings, config], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations)
+    if skip_done and (done := _find_done(run_dir / EVAL_DIR, base, fp)) is not None:
+        log.info("%s: already evaluated with the same checkpoint and settings", done["run"]["dir"])
+        return done
+    if source.get("status") not in FINISHED:
+        log.warning(
+            "%s: the run's status is %s, not completed: %s holds the weights of wherever its training stopped",
+            run_dir,
+            source.get("status") or "unrecorded",
+            ckpt.name,
+        )
+    built = rebuild(config, ckpt, datasets)
+    record = RunRecord(claim_new_dir(run_dir / EVAL_DIR / base, sep="-"))
+    tested = ckpt.resolve() == (run_dir / CHECKPOINTS / "best.pt").resolve()  # what the run's test metrics came from
+    recorded = (source.get("test") or {}).get("top1") if tested else None
+    src_run = source.get("run", {})
+    # "run" describes this evaluation (RunRecord's layout); seed and choices are the evaluated run's, so an
+    # eval folder groups like its run in an analysis. "source" is the evaluated run itself.
+    record.start(
+        kind="evaluate",
+        run={
+            "name": record.dir.name,
+            "dir": str(record.dir.resolve()),
+            "fingerprint": fp,
+            "command": command,
+            "started_at": now_iso(),
+            "device": str(built.runtime.device),
+            "precision": config["precision"]["name"],
+            "seed": config.get("seed"),
+            "choices": src_run.get("choices", {}),
+            **settings,
+        },
+        source={
+            "dir": str(run_dir.resolve()),
+            "checkpoint": str(ckpt.resolve()),
+            "checkpoint_sha256": digest,
+            "checkpoint_epoch": built.epoch,
+            "status": source.get("status"),
+            "recorded_test_top1": recorded,
+            "run": src_run,
+        },
+        config=config,
+        classes=built.classes,
+    )
+    try:
+        _evaluate_into(record, built, quantize, keep_head, activations, recorded)
+    except KeyboardInterrupt:
+        record.finish("interrupted")
+        raise
+    except BaseException as exc:
+        record.fail(exc)
+        raise
+    return record.summary
+
+
+def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, recorded) -> None:
+    import torch
+
+    from stackwise_bench.training.metrics import evaluate
+
+    runtime = built.runtime
+
+    def test(model) -> dict:
+        forward = torch.compile(model) if runtime.compile else model
+        return evaluate(forward, built.loader, len(built.classes), runtime.autocast, runtime.device, full=True)
+
+    baseline = test(built.model)
+    baseline["matches_recorded"] = None if recorded is None else baseline["top1"] == recorded
+    if quantize is None:
+        record.finish("completed", test=baseline)
+        shown = "" if recorded is None else f" (the run recorded {recorded:.2f}%)"
+        log.info("%s: test top1 %.2f%%%s", record.dir, baseline["top1"], shown)
+        return
+    from stackwise_bench.quant.ptq import degradation, quantize_model
+
+    model, report = quantize_model(built.model, quantize, keep_head=keep_head, activations=activations)
+    after = test(model)
+    record.finish("completed", baseline=baseline, test=after, quantize=report, degradation=degradation(baseline, after))
+    log.info(
+        "%s: test top1 %.2f%% -> %.2f%% in %s (%+.2f points); weights %.3f MB -> %.3f MB",
+        record.dir,
+        baseline["top1"],
+        after["top1"],
+        quantize,
+        after["top1"] - baseline["top1"],
+        report["weight_bytes_before"] / 2**20,
+        report["weight_bytes_after"] / 2**20,
+    )
+
+
+def _with_overrides(config: dict, device: str | None, dataset: dict) -> dict:
+    """A private copy of the run's config with evaluate's ``device=`` and ``dataset.*=`` applied."""
+    config = json.loads(json.dumps(config))
+    if device is not None:
+        config["trainer"]["device"] = device
+    for key, value in dataset.items():
+        if value is None:
+            continue
+        if key not in config["dataset"]:
+            raise ConfigError(
+                f"dataset.{key}={value}: the run's dataset ({config['dataset'].get('_target_')}) has no "
+                f"{key} option; drop dataset.{key}."
+            )
+        config["dataset"][key] = value
+    # The checkpoint replaces every weight: never fetch pretrained weights or read the start file again.
+    config["model"].update(pretrained=False, checkpoint_path=None)
+    return config
+
+
+def _default_name(ckpt: Path, quantize: str | None, keep_head: bool, activations: bool) -> str:
+    if quantize is None:
+        return ckpt.stem
+    return ckpt.stem + f"_{quantize}" + ("_act" if activations else "") + ("" if keep_head else "_qhead")
+
+
+def _check_name(name) -> str:
+    name = str(name)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(
+            f"name={name} must be a plain folder name (it goes under <run>/eval/); use e.g. name=fp8_test."
+        )
+    return name
+
+
+def _find_done(parent: Path, base: str, fp: str) -> dict | None:
+    if not parent.is_dir():
+        return None
+    for path in sorted(parent.iterdir()):
+        if path.name == base or path.name.startswith(base + "-"):
+            summary = read_summary(path) or {}
+            if summary.get("status") == "completed" and summary.get("run", {}).get("fingerprint") == fp:
+                return summary
+    return None
+
+
+def evaluate_study(
+    runs: str,
+    quantize: str | None,
+    checkpoint: str = "best",
+    keep_head: bool = True,
+    activations: bool = False,
+    out_dir: str | Path | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """Evaluate every finished run below ``runs`` (one job of ``evaluate --multirun experiment=FP8Test``).
+
+    Each run gets ``<run>/eval/<checkpoint>_<quantize>/`` (skipped when already done with the same
+    checkpoint bytes and settings). A run that cannot be evaluated does not stop the others.
+    ``out_dir`` (the sweep job's folder) gets ``evaluations.json``: one row per run.
+
+    Returns:
+        ``{"status": "completed", "test": {"top1": mean top1 after quantization}, "mean": {...}, "evaluations": rows}``
+        (the sweep records ``status``; the app returns ``test.top1``).
+
+    Raises:
+        ConfigError: ``runs`` holds no finished run with that checkpoint, or some runs could not be evaluated
+            (after all the others were).
+    """
+    if not Path(runs).is_dir():
+        raise ConfigError(
+            f"evaluate.runs={runs} does not exist; train that study first (e.g. python -m "
+            "stackwise_bench.train --multirun experiment=AugmFP16) or point evaluate.runs at its folder."
+        )
+    found = [
+        d
+        for d in find_run_dirs(runs)
+        if (d / CHECKPOINTS / f"{checkpoint}.pt").is_file() and (read_summary(d) or {}).get("status") in FINISHED
+    ]
+    if not found:
+        raise ConfigError(
+            f"evaluate.runs={runs} holds no finished run with checkpoints/{checkpoint}.pt; train the "
+            "study first (e.g. python -m stackwise_bench.train --multirun experiment=AugmFP16)."
+        )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # the sweep's share of the cores (the runs' own trainer.threads still win)
+    rows, datasets = [], {}
+    for run_dir in found:
+        row = {"run": str(run_dir)}
+        try:
+            s = evaluate_checkpoint(
+                run_dir / CHECKPOINTS / f"{checkpoint}.pt",
+                quantize=quantize,
+                keep_head=keep_head,
+                activations=activations,
+                device=device,
+                skip_done=True,
+                datasets=datasets,
+            )
+            row.update(
+                status="completed",
+                eval_dir=s["run"]["dir"],
+                seed=s["run"]["seed"],
+                top1_before=s.get("baseline", s["test"])["top1"],
+                top1=s["test"]["top1"],
+                degradation_points=(s.get("degradation") or {}).get("top1_points"),
+            )
+        except Exception as exc:  # recorded here (and in its eval folder, if it got one); the others go on
+            log.error("%s: %s", run_dir, exc)
+            row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+    ok = [r for r in rows if r["status"] == "completed"]
+    values = {key: [r[key] for r in ok if r[key] is not None] for key in ("top1_before", "top1", "degradation_points")}
+    mean = {key: sum(v) / len(v) if v else None for key, v in values.items()}
+    if out_dir is not None:
+        atomic_write_text(
+            Path(out_dir) / "evaluations.json",
+            json.dumps(
+                {
+                    "runs": str(runs),
+                    "quantize": quantize,
+                    "checkpoint": checkpoint,
+                    "keep_head": keep_head,
+                    "activations": activations,
+                    "mean": mean,
+                    "evaluations": rows,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+    failed = [r for r in rows if r["status"] != "completed"]
+    if failed:
+        raise ConfigError(
+            f"{len(failed)} of {len(rows)} runs below {runs} could not be evaluated (first: "
+            f"{failed[0]['run']}: {failed[0]['error']}); the others are done, see evaluations.json."
+        )
+    return {"status": "completed", "test": {"top1": mean["top1"]}, "mean": mean, "evaluations": rows}
