@@ -96,6 +96,8 @@ def test_main_writes_json_and_table(tmp_path, monkeypatch, capsys):
         **bench.compare({"framework": [99.0], "bare": [100.0]}, "framework", "bare"),
     }
     monkeypatch.setattr(bench, "fig_overhead", lambda b, work: [fake])
+    if torch.cuda.is_available():  # the real GPU rows are gpu_check.sh's minutes, not this test's
+        monkeypatch.setattr(bench, "fig_gpu", lambda b, work: [{**fake, "figure": "gpu"}])
     out = tmp_path / "bench.json"
     rows = bench.main(["--quick", "--only", "overhead,gpu", "--out", str(out)])
     report = json.loads(out.read_text())

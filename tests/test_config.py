@@ -179,3 +179,23 @@ def test_trainer_and_monitors_instantiate(precision, cfg_factory):
     assert trainer.runtime.precision == precision and str(trainer.device) == "cpu"
     monitors = [instantiate(node) for node in cfg.monitors.values()]
     assert monitors and all(hasattr(m, "start") and hasattr(m, "stop") for m in monitors)
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local", "submitit_slurm"])
+def test_every_launcher_composes_with_our_defaults(launcher):
+    """Each launcher YAML composes into the app's Hydra config and resolves (submitit_slurm's requeue defaults too)."""
+    from hydra import compose, initialize_config_dir
+
+    from stackwise_bench.runs.job import cores_per_job, default_n_jobs  # registers ${sb.n_jobs:}
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    chosen = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    written = yaml.safe_load((CONF / "hydra" / "launcher" / f"{launcher}.yaml").read_text())
+    assert chosen["_target_"] == written["_target_"]
+    if launcher == "joblib":
+        assert chosen["n_jobs"] == default_n_jobs() and cores_per_job(chosen["n_jobs"]) >= 1
+    else:
+        assert chosen["submitit_folder"].endswith("multirun/default/.submitit/%j")
+    if launcher == "submitit_slurm":
+        assert (chosen["gpus_per_node"], chosen["max_num_timeout"], chosen["signal_delay_s"]) == (1, 5, 120)
