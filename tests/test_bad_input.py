@@ -121,7 +121,7 @@ def test_unknown_key(cfg_factory):
 
 
 def test_negative_grad_clip(tmp_path, cfg_factory):
-    """A negative clip norm would zero every step's update direction (trained at chance and recorded completed)."""
+    """A negative clip norm scales every gradient by a negative factor: ascent, at chance, recorded completed."""
     r = refuse(cfg_factory(["trainer.grad_clip=-1"]), tmp_path / "r")
     assert re.search(r"^trainer\.grad_clip=-1 must be a non-negative number", r.message), r.message
     assert not r.problems, r.problems
