@@ -37,6 +37,9 @@ CONFIG = {
     "scheduler": {"name": "cosine", "warmup_epochs": 1},
     "lora": {"rank": 0, "alpha": None, "dropout": 0.1},
     "trainer": {"max_epochs": 3, "batch_size": 64},
+    "monitors": {
+        "hardware": {"_target_": "stackwise_bench.training.monitors.HardwareMonitor", "interval_s": 1.0, "gpu": True}
+    },
 }
 
 
@@ -46,6 +49,25 @@ def set_dotted(tree: dict, dotted: str, value) -> None:
     for p in parents:
         node = node.setdefault(p, {})
     node[leaf] = value
+
+
+def delete_dotted(tree: dict, dotted: str) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    del node[leaf]
+
+
+def _apply_deletion(item: str, choices: dict, config: dict) -> None:
+    """``~key`` (a single run) or ``~key=null`` (a sweep job), as Hydra records them: the key leaves the config.
+
+    Deleting a config group (``~monitors``) also drops its choice, as Hydra's ``runtime.choices`` does.
+    """
+    key = item[1:].split("=", 1)[0]
+    if key in choices:
+        del choices[key]
+    delete_dotted(config, key)
 
 
 def _typed(text: str):
@@ -101,7 +123,8 @@ def write_run(
     """One run folder ``root/job`` with the given numbers; returns its path.
 
     ``overrides`` are Hydra override strings; group overrides (``precision=fp16``)
-    set the choice, dotted ones (``lora.rank=8``) set the config value.
+    set the choice, dotted ones (``lora.rank=8``) set the config value, deletions
+    (``~monitors.hardware=null``, as a sweep job records them) remove the key.
     ``config_values`` (dotted key -> value) change the config without an override,
     as a config group or an experiment preset does.
     """
@@ -112,6 +135,9 @@ def write_run(
     config = copy.deepcopy(CONFIG)
     config["seed"] = seed
     for item in overrides:
+        if item.startswith("~"):
+            _apply_deletion(item, choices, config)
+            continue
         key, value = item.split("=", 1)
         if key in choices:
             choices[key] = value
@@ -193,6 +219,7 @@ def finished_run(
     choices: dict | None = None,
     time_s: float = 60.0,
     trainable: int = 1000,
+    img_s: float = 1000.0,
     epochs: list[dict] | None = None,
     **kw,
 ) -> Path:
@@ -205,7 +232,7 @@ def finished_run(
         "best_epoch": best["epoch"],
         "epochs_run": len(epochs),
         "time_s": time_s,
-        "img_s": 1000.0,
+        "img_s": img_s,
         "epoch_time_mean_s": 2.0,
         "epoch_time_std_s": 0.0,
         "final_train_top1": epochs[-1]["train_top1"] if epochs else 90.0,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stackwise_bench.analysis.run_row import SECTIONS, STUDY_KEYS, is_scalar, lookup, run_row
+from stackwise_bench.analysis.run_row import SECTIONS, STUDY_KEYS, config_cell, run_row
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS
 from stackwise_bench.runs.folders import PathsLike, as_path_list, find_records
@@ -77,13 +77,14 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
         )
     records = [run_row(d) for d in run_dirs]
     choices = _ordered_choices({k for r in records for k in r[1]})
-    dotted = sorted({k for r in records for k in r[2]} - {"seed"})
+    # One column per key: a group that is a choice in some runs and an override value in others
+    # (deleted with ~group) must not become a second column of the same name.
+    dotted = sorted({k for r in records for k in r[2]} - {"seed", *choices})
     overridden = {k for r in records for k in r[4]}
     for row, _, _, config, _ in records:
         for key in dotted:  # a key overridden in some runs: the others' value from their config
             if key not in row:
-                value = lookup(config, key)
-                row[key] = value if is_scalar(value) else None
+                row[key] = config_cell(config, key)
     df = pd.DataFrame([r[0] for r in records])
     keys = choices + dotted + ["seed"]
     for k in keys:

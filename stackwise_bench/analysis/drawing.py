@@ -13,6 +13,7 @@ import pandas as pd
 
 MAX_LEGEND = 12  # more groups than this: the legend goes and the title says how many
 MAX_BANDS = 8  # more overlapping ±std bands than this hide the lines
+MAX_MARKED = 12  # series this short get a marker per point: a one-epoch curve is a dot, not an invisible line
 
 
 def seaborn():
@@ -38,6 +39,10 @@ def line(ax, data: pd.DataFrame, x: str, y: str, band: bool) -> None:
     aggregation takes seconds on 1,000 runs), drawn with seaborn."""
     order = group_order(data)
     agg = data.groupby(["group", x], sort=False)[y].agg(["mean", "std"]).reset_index()
+    # Points without a value (validation every n epochs leaves val_* null in between) are dropped, so
+    # the line and its band join the points that have one instead of breaking at every gap.
+    agg = agg.dropna(subset=["mean"])
+    longest = agg.groupby("group").size().max() if len(agg) else 0
     colors = dict(zip(order, seaborn().color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
     seaborn().lineplot(
         data=agg,
@@ -47,22 +52,24 @@ def line(ax, data: pd.DataFrame, x: str, y: str, band: bool) -> None:
         hue_order=order,
         palette=colors,
         errorbar=None,
+        marker="o" if longest <= MAX_MARKED else None,
         ax=ax,
         legend=len(order) <= MAX_LEGEND,
     )
     if band and len(order) <= MAX_BANDS:
         for name, part in agg.groupby("group", sort=False):
-            part = part.sort_values(x)
-            ax.fill_between(
-                part[x],
-                part["mean"] - part["std"].fillna(0),
-                part["mean"] + part["std"].fillna(0),
-                color=colors[name],
-                alpha=0.2,
-                linewidth=0,
-            )
+            _band(ax, part.sort_values(x), x, colors[name])
     if ax.get_legend() is not None:
         ax.get_legend().remove()
+
+
+def _band(ax, part: pd.DataFrame, x: str, color) -> None:
+    """mean ± std of one group: a filled band, or a bar where the group has a single point."""
+    low, high = part["mean"] - part["std"].fillna(0), part["mean"] + part["std"].fillna(0)
+    if len(part) == 1:  # a band one point wide has no area
+        ax.vlines(part[x], low, high, color=color, alpha=0.3, linewidth=6)
+    else:
+        ax.fill_between(part[x], low, high, color=color, alpha=0.2, linewidth=0)
 
 
 def group_order(data: pd.DataFrame) -> list[str]:
@@ -93,10 +100,12 @@ def axis_order(values: pd.Series) -> list:
 
 
 def integer_ticks(ax) -> None:
-    """Whole-number ticks on the x axis (epochs)."""
+    """Whole-number ticks on the x axis (epochs), also when the curves span a single epoch."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # min_n_ticks=1: matplotlib keeps ticks whole only while that many integers are in view; with the
+    # default 2, one epoch (view 0.945-1.055) was ticked at fractions.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def yerr(s: pd.DataFrame) -> np.ndarray:

@@ -15,6 +15,8 @@ SECTIONS = ("train", "test", "params", "resources", "env")
 # Lists (per-class accuracy, confusion matrix) stay in summary.json: read them with read_summary.
 # Config values worth a column even when no run overrides them: they define the studies.
 STUDY_KEYS = ("lora.rank", "optimizer.lr", "trainer.max_epochs", "trainer.batch_size")
+# The value of a key (or config group) a run deleted with ``~key``: a treatment of its own, not a missing value.
+DELETED = "deleted"
 
 
 def run_row(run_dir: Path) -> tuple[dict, dict, dict, dict, set]:
@@ -57,18 +59,26 @@ def run_row(run_dir: Path) -> tuple[dict, dict, dict, dict, set]:
 
 
 def _override_values(overrides: list[str], choices: dict, config: dict) -> dict:
-    """Dotted override keys -> value, typed from the resolved config where it has the key."""
+    """Override keys -> value, typed from the resolved config where it has the key; deleted keys -> DELETED.
+
+    A deletion is ``~key`` in a single run and ``~key=null`` in a sweep job; deleting a config
+    group (``~monitors``) also drops it from the run's choices, so it lands here too.
+    """
     values = {}
     for item in overrides:
         item = str(item)
-        if item.startswith("~") or "=" not in item:
+        deleted = item.startswith("~")
+        if not deleted and "=" not in item:
             continue
-        key, raw = item.lstrip("+").split("=", 1)
+        key, _, raw = item.lstrip("~+").partition("=")
         if key.startswith("hydra.") or key.startswith("hydra/") or key in choices:
+            continue
+        if deleted:
+            values[key] = DELETED
             continue
         from_config = lookup(config, key)
         values[key] = parse_value(raw) if from_config is _MISSING else from_config
-    return {k: (v if is_scalar(v) else json.dumps(v)) for k, v in values.items()}
+    return {k: cell_value(v) for k, v in values.items()}
 
 
 def _read_hydra(run_dir: Path, overrides, choices) -> tuple[list, dict]:
@@ -109,6 +119,17 @@ def _flatten(tree: dict, prefix: str, out: dict) -> None:
             _flatten(value, name, out)
         elif is_scalar(value):
             out[name] = value
+
+
+def config_cell(config: dict, dotted: str) -> Any:
+    """The resolved config's value at ``dotted`` as a table cell (None where the config lacks it)."""
+    value = lookup(config, dotted)
+    return None if value is _MISSING else cell_value(value)
+
+
+def cell_value(value: Any) -> Any:
+    """``value`` as one table cell: scalars as they are, a dict or list as its JSON text."""
+    return value if is_scalar(value) else json.dumps(value)
 
 
 def is_scalar(value: Any) -> bool:
