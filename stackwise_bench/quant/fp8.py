@@ -82,7 +82,7 @@ def select_layers(model: nn.Module, head: Sequence[str] | None = None) -> list[s
 def convert_for_training(model: nn.Module, head: Sequence[str] | None = None) -> list[str]:
     """Swap the selected Linear layers for torchao ``Float8Linear`` in place; returns their names.
 
-    Call after ``apply_lora`` and before the optimizer is built, as ``train.py`` does.
+    Call after ``apply_lora`` and before the optimizer is built, as ``build.build_model`` does.
 
     Raises:
         ConfigError: when no layer qualifies (FP8 would change nothing but the name).

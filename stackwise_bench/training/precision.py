@@ -12,7 +12,7 @@ import torch
 
 from stackwise_bench.errors import ConfigError
 
-# fp8: torchao's Float8Linear layers (fp8.py) inside bf16 autocast for everything else.
+# fp8: torchao's Float8Linear layers (quant/fp8.py) inside bf16 autocast for everything else.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 

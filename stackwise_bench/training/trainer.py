@@ -2,7 +2,7 @@
 
 The trainer knows nothing about Hydra or files. It emits per-epoch metric dicts
 and checkpoint states to a ``sink`` (the run record) and returns a
-:class:`FitResult`; ``train.py`` decides what to do with it. Where and how it
+:class:`FitResult`; ``train.run`` decides what to do with it. Where and how it
 computes (device, precision, seed, threads, layout) is its :class:`Runtime`.
 """
 
