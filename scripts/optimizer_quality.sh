@@ -3,12 +3,17 @@
 # 3 seeds (conf/experiment/optimizer_quality.yaml), then the paired comparison against SGD.
 #
 #   bash scripts/optimizer_quality.sh                # the study (CIFAR-10 under data/)
-#   QUICK=1 bash scripts/optimizer_quality.sh        # offline smoke run on a CPU: digits, 4 epochs
+#   QUICK=1 bash scripts/optimizer_quality.sh        # offline smoke run on a CPU: digits, about a minute
 set -uo pipefail
 quick=()
 study=optimizer_quality
 if [[ "${QUICK:-0}" == 1 ]]; then
-  quick=(dataset=digits trainer.max_epochs=4 trainer.eval_every=2 trainer.batch_size=64 seed=42,123)
+  # SGD vs AdamW with the preset's own settings (resnet8, batch 128, constant LR, 3 seeds), offline: digits
+  # at 16 px (they are 8x8 upsampled, so nothing is lost, and a step is ~3x cheaper than at 32), 20 epochs
+  # evaluated every 2 (the study's 10 evaluations, in small). Measured 2026-11-29 on the 2-core dev VM:
+  # 59 s with the report; test top-1 over 3 seeds: SGD 99.0 +- 0.8, AdamW 99.4 +- 0.3 (not significant:
+  # both saturate digits, so the smoke run checks the pipeline and the paired test, not which optimizer wins).
+  quick=(dataset=digits model.img_size=16 trainer.max_epochs=20 trainer.eval_every=2)
   study=optimizer_quality_quick
 fi
 status=0

@@ -26,6 +26,8 @@ TIMM_ALIASES = {
     "deit_small": ("deit_small_patch16_224", {}),
     # ViT-Tiny widths with 4x4 patches: 64 tokens at 32 px, the usual from-scratch CIFAR ViT.
     "vit_tiny_p4": ("vit_tiny_patch16_224", {"patch_size": 4}),
+    # timm's ViT cut down for the CPU smoke studies; its sizes are in conf/model/vit_micro_p4.yaml.
+    "vit_micro_p4": ("vit_tiny_patch16_224", {}),
 }
 _FETCH_ERROR_MODULES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
 
