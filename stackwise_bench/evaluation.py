@@ -20,7 +20,7 @@ from pathlib import Path
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, read_summary
-from stackwise_bench.runs.folders import find_run_dirs, recorded_config, resolve_checkpoint
+from stackwise_bench.runs.folders import find_evaluation, find_run_dirs, recorded_config, resolve_checkpoint
 from stackwise_bench.runs.provenance import file_sha256
 from stackwise_bench.runs.record import RunRecord, atomic_write_text, claim_new_dir, now_iso
 
@@ -72,7 +72,7 @@ def evaluate_checkpoint(
     digest = file_sha256(ckpt)
     fp = hashlib.sha256(json.dumps([digest, settings, config], sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations)
-    if skip_done and (done := _find_done(run_dir / EVAL_DIR, base, fp)) is not None:
+    if skip_done and (done := find_evaluation(run_dir, base, fp)) is not None:
         log.info("%s: already evaluated with the same checkpoint and settings", done["run"]["dir"])
         return done
     if source.get("status") not in FINISHED:
@@ -193,17 +193,6 @@ def _check_name(name) -> str:
             f"name={name} must be a plain folder name (it goes under <run>/eval/); use e.g. name=fp8_test."
         )
     return name
-
-
-def _find_done(parent: Path, base: str, fp: str) -> dict | None:
-    if not parent.is_dir():
-        return None
-    for path in sorted(parent.iterdir()):
-        if path.name == base or path.name.startswith(base + "-"):
-            summary = read_summary(path) or {}
-            if summary.get("status") == "completed" and summary.get("run", {}).get("fingerprint") == fp:
-                return summary
-    return None
 
 
 def evaluate_study(

@@ -71,6 +71,19 @@ def find_records(paths: PathsLike) -> tuple[list[Path], list[Path]]:
     return sorted(runs.values(), key=_natural_key), sorted(evals.values(), key=_natural_key)
 
 
+def find_evaluation(run_dir: Path, name: str, fingerprint: str) -> dict | None:
+    """A completed evaluation of ``run_dir`` named ``name`` (or ``name-2``, ...) with this fingerprint: its summary."""
+    parent = Path(run_dir) / EVAL_DIR
+    if not parent.is_dir():
+        return None
+    for path in sorted(parent.iterdir()):
+        if path.name == name or path.name.startswith(name + "-"):
+            summary = read_summary(path) or {}
+            if summary.get("status") == "completed" and summary.get("run", {}).get("fingerprint") == fingerprint:
+                return summary
+    return None
+
+
 def _eval_records_of(run_dir: Path) -> list[Path]:
     folder = run_dir / EVAL_DIR
     if not folder.is_dir():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import statistics
 import sys
 import time
 
@@ -22,6 +21,7 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.training.metrics import evaluate
 from stackwise_bench.training.precision import synchronize
+from stackwise_bench.training.reporting import log_epoch, progress_bar, train_summary, update_bar
 from stackwise_bench.training.runtime import Runtime
 from stackwise_bench.training.stop import StopSignal
 
@@ -117,7 +117,7 @@ class Trainer:
                     sink.save_checkpoint("last", state)
                     if improved:
                         sink.save_checkpoint("best", state)
-                    self._report(row)
+                    log_epoch(row, self.max_epochs)
                     if self.patience and progress.bad_evals >= self.patience:
                         status = "early_stopped"
                         log.info(
@@ -130,7 +130,7 @@ class Trainer:
             for monitor in monitors:
                 resources.update(monitor.stop())
         test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink)
-        return FitResult(status, self._train_summary(progress, status), test, resources)
+        return FitResult(status, train_summary(progress, status), test, resources)
 
     # -------------------------------------------------------------- epochs
     def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop) -> dict | None:
@@ -149,7 +149,7 @@ class Trainer:
         loss_sum = torch.tensor(sums["loss"], device=self.device, dtype=torch.float64)
         correct = torch.tensor(sums["correct"], device=self.device)
         seen = sums["seen"]
-        bar = self._bar(len(loader), progress)
+        bar = progress_bar(len(loader), progress, self.max_epochs) if self.show_bar else None
         synchronize(self.device)
         t0 = time.perf_counter()
         for x, y in loader.epoch(progress.epoch, start_step=progress.step):
@@ -175,7 +175,7 @@ class Trainer:
                 sums["compile_imgs"] += y.numel()
                 self._compile_pending = False
             if bar is not None and progress.step % self.log_every_n_steps == 0:
-                self._update_bar(bar, progress.step, loss_sum, correct, seen, sums["time_s"] + time.perf_counter() - t0)
+                update_bar(bar, progress.step, loss_sum, correct, seen, sums["time_s"] + time.perf_counter() - t0)
             if stop.requested:
                 synchronize(self.device)
                 progress.partial = {
@@ -249,61 +249,3 @@ class Trainer:
             test["checkpoint_epoch"],
         )
         return test
-
-    # ---------------------------------------------------------- reporting
-    def _train_summary(self, progress: Progress, status: str) -> dict:
-        hist = progress.history
-        times = [r["epoch_time_s"] for r in hist]
-        timed = [r["epoch_time_s"] - r.get("compile_time_s", 0.0) for r in hist]  # compilation is not training
-        imgs = sum(r["train_img_s"] * t for r, t in zip(hist, timed))
-        last_val = next((r for r in reversed(hist) if r.get("val_top1") is not None), {})
-        return {
-            "best_val_top1": progress.best_val_top1 if hist else None,
-            "best_epoch": progress.best_epoch,
-            "epochs_run": progress.epoch,
-            "steps": progress.global_step,
-            "time_s": sum(times),
-            "img_s": imgs / max(sum(timed), 1e-9),
-            "compile_time_s": sum(r.get("compile_time_s", 0.0) for r in hist),
-            "epoch_time_mean_s": statistics.fmean(times) if times else None,
-            "epoch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-            "final_train_top1": hist[-1]["train_top1"] if hist else None,
-            "final_train_loss": hist[-1]["train_loss"] if hist else None,
-            "final_val_top1": last_val.get("val_top1"),
-            "final_val_loss": last_val.get("val_loss"),
-            "stopped_early": status == "early_stopped",
-        }
-
-    def _bar(self, total: int, progress: Progress):
-        if not self.show_bar:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=total,
-            initial=progress.step,
-            desc=f"epoch {progress.epoch + 1}/{self.max_epochs}",
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-    def _update_bar(self, bar, step, loss_sum, correct, seen, elapsed) -> None:
-        bar.n = step
-        bar.set_postfix(
-            loss=f"{float(loss_sum) / seen:.4f}",
-            acc=f"{100.0 * int(correct) / seen:.1f}%",
-            img_s=f"{seen / elapsed:.0f}",
-        )
-
-    def _report(self, row: dict) -> None:
-        val = "" if row["val_top1"] is None else f"  val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%"
-        log.info(
-            "epoch %d/%d  train_loss %.4f  train_top1 %.2f%%%s  %.0f img/s  %.1fs",
-            row["epoch"],
-            self.max_epochs,
-            row["train_loss"],
-            row["train_top1"],
-            val,
-            row["train_img_s"],
-            row["epoch_time_s"],
-        )
