@@ -17,7 +17,7 @@ from stackwise_bench.nn.resnet import BasicBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((ROOT / "conf" / "model").glob("*.yaml"))
-IMG_SIZE = {"resnet8": 32, "resnet14": 32, "vit_tiny_p4": 32, "deit_tiny": 224, "deit_small": 224}
+IMG_SIZE = {"resnet8": 32, "resnet14": 32, "vit_tiny_p4": 32, "vit_micro_p4": 8, "deit_tiny": 224, "deit_small": 224}
 
 
 def _weighted_layers(model):
@@ -41,6 +41,10 @@ def test_model_config_binds_and_sizes_match(path):
     inspect.signature(create_model).bind(num_classes=10, **cfg)  # TypeError on a key create_model lacks
     assert cfg["img_size"] == IMG_SIZE[cfg["name"]]
     assert cfg["pretrained"] is cfg["name"].startswith("deit")
+    from stackwise_bench.nn.models import TIMM_ALIASES
+
+    sizes = {k: v for k, v in cfg.items() if k not in inspect.signature(create_model).parameters}
+    assert sizes == {k: v for k, v in TIMM_ALIASES.get(cfg["name"], ("", {}))[1].items() if k in sizes}
 
 
 @pytest.mark.parametrize("name", sorted(IMG_SIZE))

@@ -26,8 +26,21 @@ TIMM_ALIASES = {
     "deit_small": ("deit_small_patch16_224", {}),
     # ViT-Tiny widths with 4x4 patches: 64 tokens at 32 px, the usual from-scratch CIFAR ViT.
     "vit_tiny_p4": ("vit_tiny_patch16_224", {"patch_size": 4}),
-    # timm's ViT cut down for the CPU smoke studies; its sizes are in conf/model/vit_micro_p4.yaml.
-    "vit_micro_p4": ("vit_tiny_patch16_224", {}),
+    # timm's ViT cut down for the CPU smoke studies (why each size: conf/model/vit_micro_p4.yaml, which
+    # repeats them as overridable keys; tests/test_models.py keeps the two equal).
+    "vit_micro_p4": (
+        "vit_tiny_patch16_224",
+        {
+            "patch_size": 4,
+            "embed_dim": 64,
+            "depth": 2,
+            "num_heads": 2,
+            "mlp_ratio": 2.0,
+            "global_pool": "avg",
+            "class_token": False,
+            "weight_init": "jax",
+        },
+    ),
 }
 _FETCH_ERROR_MODULES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
 
