@@ -24,7 +24,7 @@ from stackwise_bench.runs.folders import find_evaluation, find_run_dirs, recorde
 from stackwise_bench.runs.provenance import file_sha256
 from stackwise_bench.runs.record import RunRecord, atomic_write_text, claim_new_dir, now_iso
 
-log = logging.getLogger("stackwise_bench.evaluate")  # the command's name in logs
+log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(

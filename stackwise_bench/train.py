@@ -48,10 +48,11 @@ def run(
     record = RunRecord(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     fp = fingerprint(config)
-    finished = record.prepare(config, fp, may_resume=bool(cfg.trainer.resume) or auto_resume)
+    may_resume = bool(cfg.trainer.resume) or auto_resume
+    finished = record.prepare(config, fp, may_resume=may_resume)
     if finished is not None:
         return finished
-    resume = (bool(cfg.trainer.resume) or auto_resume) and record.can_resume()
+    resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
     record.start(
         run={
             "seed": cfg.seed,
@@ -67,9 +68,9 @@ def run(
         },
         config=config,
     )
-    try:
-        from stackwise_bench.nn.lora import count_parameters  # torch: imported once a run starts, not by --help
+    from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
 
+    try:
         built = build_run(cfg, resume=resume, threads=threads, device=device)
         record.update(env=env_info(built.runtime.device))
         record.write_split(built.data.split)

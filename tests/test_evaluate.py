@@ -257,7 +257,7 @@ def test_last_pt_and_unfinished_runs_say_what_they_are(study, tmp_path, caplog):
 
     _, run_dir = study
     run = copy_run(run_dir, tmp_path / "r")
-    with caplog.at_level("INFO", logger="stackwise_bench.evaluate"):
+    with caplog.at_level("INFO", logger="stackwise_bench.evaluation"):
         last = evaluate_checkpoint(run / "checkpoints" / "last.pt")
     assert last["test"]["matches_recorded"] is None
     assert f"test top1 {last['test']['top1']:.2f}%" in caplog.text and "None" not in caplog.text
@@ -266,7 +266,7 @@ def test_last_pt_and_unfinished_runs_say_what_they_are(study, tmp_path, caplog):
     summary = read_summary(run)
     summary["status"] = "interrupted"
     (run / "summary.json").write_text(json.dumps(summary))
-    with caplog.at_level("INFO", logger="stackwise_bench.evaluate"):
+    with caplog.at_level("INFO", logger="stackwise_bench.evaluation"):
         evaluate_checkpoint(run)
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "status is interrupted, not completed: best.pt holds the weights of wherever" in warning.getMessage()

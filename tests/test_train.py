@@ -158,7 +158,7 @@ def test_divergence_names_a_fix_this_run_can_use(tmp_path, cfg_factory):
 def test_fp16_on_a_cpu_warns_and_points_to_bf16(caplog):
     from stackwise_bench.training.runtime import Runtime
 
-    with caplog.at_level("WARNING", logger="stackwise_bench.runtime"):
+    with caplog.at_level("WARNING", logger="stackwise_bench.training.runtime"):
         Runtime.create(device="cpu", precision="bf16")
         assert not caplog.records
         Runtime.create(device="cpu", precision="fp16")

@@ -28,12 +28,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
+from stackwise_bench.runs.contract import FINISHED, read_summary
 from stackwise_bench.runs.provenance import fingerprint
 from stackwise_bench.runs.record import atomic_write_text
 from stackwise_bench.runs.study import STUDY_DIR, current_path, outcome_path
 
-log = logging.getLogger("stackwise_bench.runs.job")
+log = logging.getLogger(__name__)
 
 # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml deliberately shadow the plugins' options of
 # the same names, so `hydra/launcher=submitit_slurm` gets our defaults; Hydra still validates them against the
@@ -78,9 +78,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
             sys.exit(2)
         finally:
             release_memory()
-    status, reason, summary = "failed", "", {}
-    started_before = _started_at(job.run_dir)
+    status, reason, summary, before = "failed", "", {}, {}
     try:
+        before = read_summary(job.run_dir) or {}  # what the folder held before this job: done, or to resume
         refused = check_launch_record(job.sweep_dir, job.name, fingerprint(cfg))
         if refused:
             raise ConfigError(refused)
@@ -89,11 +89,11 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
         with gpu_slot(job.sweep_dir) as device:
             summary = task(cfg, dataclasses.replace(job, threads=threads, device=device))
         status = summary["status"]
-        if started_before is not None and started_before == summary.get("run", {}).get("started_at"):
+        if before and before.get("run", {}).get("started_at") == summary.get("run", {}).get("started_at"):
             status = "skipped"  # the folder already held this run, finished
-    except ConfigError as exc:
+    except ConfigError as exc:  # UnreadableSummary and NewerRecord included
         log.error("%s", exc)
-        status, reason = "refused" if _finished(job.run_dir) else "failed", str(exc)
+        status, reason = "refused" if before.get("status") in FINISHED else "failed", str(exc)
     except Exception as exc:
         status, reason = "failed", one_line(exc)
         if reason.startswith("diverged"):
@@ -208,20 +208,6 @@ def release_memory() -> None:
 
 def _top1(summary: dict) -> float | None:
     return (summary.get("test") or {}).get("top1")
-
-
-def _started_at(run_dir: Path) -> str | None:
-    try:
-        return ((read_summary(run_dir) or {}).get("run") or {}).get("started_at")
-    except UnreadableSummary:
-        return None
-
-
-def _finished(run_dir: Path) -> bool:
-    try:
-        return (read_summary(run_dir) or {}).get("status") in FINISHED
-    except UnreadableSummary:
-        return False
 
 
 OmegaConf.register_new_resolver("sb.n_jobs", default_n_jobs, replace=True)

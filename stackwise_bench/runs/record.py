@@ -30,7 +30,7 @@ from stackwise_bench.runs.contract import (
 )
 from stackwise_bench.runs.provenance import config_diff
 
-log = logging.getLogger("stackwise_bench.runs")
+log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:

@@ -32,7 +32,7 @@ from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summ
 from stackwise_bench.runs.provenance import fingerprint, git_sha
 from stackwise_bench.runs.record import atomic_write_text, same_run
 
-log = logging.getLogger("stackwise_bench.runs.study")
+log = logging.getLogger(__name__)
 STUDY_DIR = ".study"
 
 

@@ -7,7 +7,7 @@ import statistics
 
 from stackwise_bench.training.checkpointing import Progress
 
-log = logging.getLogger("stackwise_bench.training.trainer")  # the run log's "epoch ..." lines, as before the split
+log = logging.getLogger(__name__)
 
 
 def train_summary(progress: Progress, status: str) -> dict:

@@ -18,7 +18,7 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.models import is_convnet
 from stackwise_bench.training.precision import autocast, check_precision, make_scaler, resolve_device
 
-log = logging.getLogger("stackwise_bench.runtime")
+log = logging.getLogger(__name__)
 
 # The trainer config keys that belong to the runtime rather than to the training loop.
 RUNTIME_KEYS = ("device", "deterministic", "threads", "data_on_device", "channels_last", "compile")
