@@ -96,3 +96,16 @@ def test_analysis_does_not_split_cells_by_volatile_keys(tmp_path):
     assert a.group_by == ["optimizer.lr"]
     top1 = a.summary[a.summary["metric"] == "test.top1"].set_index("optimizer.lr")
     assert top1.loc[0.1, "n"] == 3 and top1.loc[0.2, "n"] == 2
+
+
+def test_the_writer_records_only_the_contracts_statuses(tmp_path):
+    from stackwise_bench.runs.contract import STATUSES
+    from stackwise_bench.runs.record import RunRecord
+
+    record = RunRecord(tmp_path)
+    record.start(run={"seed": 1})
+    with pytest.raises(ValueError, match="'done' is not one of"):
+        record.finish("done")
+    assert read_summary(tmp_path)["status"] == "running" and "running" in STATUSES
+    record.finish("completed")
+    assert read_summary(tmp_path)["status"] == "completed"

@@ -25,6 +25,7 @@ from stackwise_bench.runs.contract import (
     METRICS,
     SCHEMA_VERSION,
     SPLIT,
+    STATUSES,
     SUMMARY,
     read_summary,
 )
@@ -151,6 +152,8 @@ class RunRecord:
         self.update(**sections)
 
     def finish(self, status: str, **sections: Any) -> None:
+        if status not in STATUSES:  # the contract's list is what analysis and sweeps read: no other word gets in
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
         self.summary.setdefault("run", {})["ended_at"] = now_iso()
         self.summary["status"] = status
         self.update(**sections)
