@@ -19,9 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from stackwise_bench.build import build_run
 from stackwise_bench.configs import CONF_DIR
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.knobs import check_config
+from stackwise_bench.runs import lease
 from stackwise_bench.runs.job import Job, run_job
 from stackwise_bench.runs.provenance import env_info, fingerprint, git_sha
 from stackwise_bench.runs.record import RunRecord, now_iso
+from stackwise_bench.training.stop import StopSignal
 
 log = logging.getLogger("stackwise_bench.train")
 
@@ -45,14 +48,31 @@ def run(
             "experiment=FP8Test evaluates finished runs and trains nothing; launch it with "
             "python -m stackwise_bench.evaluate --multirun experiment=FP8Test."
         )
-    record = RunRecord(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     fp = fingerprint(config)
     may_resume = bool(cfg.trainer.resume) or auto_resume
+    knobs = cfg.get("lease") or {}
+    with (
+        StopSignal() as stop,
+        lease.acquire(run_dir, knobs.get("timeout_s", 120), knobs.get("on_busy", "skip")) as held,
+    ):
+        summary = _run_held(cfg, run_dir, config, fp, may_resume, held, stop, overrides, choices, threads, device)
+    stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
+    return summary
+
+
+def _run_held(cfg, run_dir, config, fp, may_resume, held, stop, overrides, choices, threads, device) -> dict:
+    """:func:`run` once the run folder's lease is ours."""
+    record = RunRecord(run_dir)
+    attempts = len(record.summary.get("previous_attempts", []))
     finished = record.prepare(config, fp, may_resume=may_resume)
     if finished is not None:
         return finished
+    if held.took_over is not None:
+        note_takeover(record, held.took_over, new_attempt=len(record.summary.get("previous_attempts", [])) > attempts)
     resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
+    if resume:
+        threads = resume_threads(record.summary, cfg.trainer.get("threads"), threads)
     record.start(
         run={
             "seed": cfg.seed,
@@ -63,14 +83,18 @@ def run(
             "git_sha": git_sha(),
             "name": Path(run_dir).name,
             "dir": str(Path(run_dir).resolve()),
+            "host": held.content["host"],
+            "pid": held.content["pid"],
             "started_at": now_iso(),
             "resumed": resume,
+            "stopped_by": None,
         },
         config=config,
     )
     from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
 
     try:
+        check_config(cfg)  # every knob's type and range, before anything is built
         built = build_run(cfg, resume=resume, threads=threads, device=device)
         record.update(env=env_info(built.runtime.device))
         record.write_split(built.data.split)
@@ -86,16 +110,61 @@ def run(
             record.dir,
         )
         result = built.trainer.fit(
-            built.model, built.loaders, built.optimizer, built.scheduler, sink=record, monitors=built.monitors
+            built.model,
+            built.loaders,
+            built.optimizer,
+            built.scheduler,
+            sink=record,
+            monitors=built.monitors,
+            stop=stop,
         )
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
+            record.summary["run"]["stopped_by"] = stop.requested or type(exc).__name__
             record.finish("interrupted")
         else:
             record.fail(exc, reason=getattr(exc, "reason", None))
         raise
+    if result.status == "interrupted":
+        record.summary["run"]["stopped_by"] = stop.requested
     record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
     return record.summary
+
+
+def note_takeover(record: RunRecord, holder: dict, new_attempt: bool) -> None:
+    """Say in ``previous_attempts`` whose stale lease this run took over, and why.
+
+    ``new_attempt``: ``prepare`` already added the attempt (the folder recorded an unfinished run); else the
+    holder died before it recorded anything, and gets an attempt of its own.
+    """
+    attempts = record.summary.setdefault("previous_attempts", [])
+    if not new_attempt:
+        attempts.append({"status": record.summary.get("status"), "error": None, "ended_at": None})
+    attempts[-1]["taken_over"] = {k: holder.get(k) for k in ("host", "pid", "job_id", "started_at", "heartbeat", "why")}
+
+
+def resume_threads(summary: dict, configured: int | None, share: int | None) -> int | None:
+    """The torch threads a resumed run continues with: those it started with, unless ``trainer.threads`` says otherwise.
+
+    Deterministic CPU kernels still sum in an order that depends on the thread count, so a run resumed on
+    another count ends a few last digits away from an uninterrupted one.
+    """
+    recorded = (summary.get("env") or {}).get("threads")
+    if not recorded:
+        return share
+    if configured is not None:
+        if configured != recorded:
+            log.warning(
+                "trainer.threads=%d differs from the %d threads this run started with: its numbers will differ in "
+                "the last digits from an uninterrupted run (leave trainer.threads unset to resume with %d)",
+                configured,
+                recorded,
+                recorded,
+            )
+        return share
+    if share is not None and share != recorded:
+        log.info("resuming with the %d threads this run started with (this job's share is %d)", recorded, share)
+    return recorded
 
 
 def train_job(cfg: DictConfig, job: Job) -> dict:

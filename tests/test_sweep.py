@@ -32,7 +32,9 @@ def multirun(args, cwd, timeout=600):
 
 def outcomes(study: Path) -> dict:
     """How each job of the latest launch ended, as the sweep recorded it for its failure table."""
-    return {p.stem: json.loads(p.read_text())["status"] for p in (study / ".study" / "outcomes").glob("*.json")}
+    latest = json.loads((study / ".study" / "current.json").read_text())["launch"]
+    folder = study / ".study" / "launches" / latest / "outcomes"
+    return {p.stem: json.loads(p.read_text())["status"] for p in folder.glob("*.json")}
 
 
 def job_name(overrides: list[str]) -> str:

@@ -22,6 +22,7 @@ METRICS = "metrics.jsonl"  # one line per epoch
 HARDWARE = "hardware.jsonl"  # monitor samples
 SPLIT = "split.json"  # the exact train/val indices
 CHECKPOINTS = "checkpoints"  # last.pt, best.pt
+LEASE = ".lease"  # who is writing the folder now (runs/lease.py); absent when nobody is
 EVAL_DIR = "eval"  # <run>/eval/<name>/: evaluation records written by `evaluate`
 EVAL_KIND = "evaluate"  # summary["kind"] of an evaluation record
 
@@ -35,7 +36,15 @@ FINISHED = ("completed", "early_stopped")
 # analysis never splits cells by them, and Hydra's override_dirname.exclude_keys (conf/config.yaml) is
 # this list plus FOLDER_ONLY_KEYS (tests/test_contract.py proves the YAML agrees). A key covers its
 # children: "monitors" also covers monitors.hardware.interval_s.
-VOLATILE_KEYS = ("trainer.resume", "trainer.progress", "trainer.log_every_n_steps", "monitors", "study", "plan")
+VOLATILE_KEYS = (
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.log_every_n_steps",
+    "monitors",
+    "study",
+    "plan",
+    "lease",
+)
 # Left out of job folder names only: a preset's name restates its values (which the fingerprint sees),
 # and the number of parallel jobs is the launcher's business.
 FOLDER_ONLY_KEYS = ("experiment", "hydra.launcher.n_jobs")

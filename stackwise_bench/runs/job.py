@@ -28,10 +28,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import FINISHED, read_summary
+from stackwise_bench.runs.launch import Launch, current, exit_code, watch
+from stackwise_bench.runs.lease import RunBusy
 from stackwise_bench.runs.provenance import fingerprint
 from stackwise_bench.runs.record import atomic_write_text
-from stackwise_bench.runs.study import STUDY_DIR, current_path, outcome_path
+from stackwise_bench.runs.study import LAUNCH_FILE, STUDY_DIR, current_path, launches_dir, outcome_path
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +74,34 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
         sweep_dir=Path(hc.sweep.dir) if sweeping else None,
     )
     if not sweeping:
+        stopping.clear()
         try:
-            return _top1(task(cfg, job))
-        except ConfigError as exc:
+            summary = task(cfg, job)
+        except ConfigError as exc:  # RunBusy included: another process is writing hydra.run.dir
             log.error("%s", exc)
             sys.exit(2)
         finally:
             release_memory()
+        if summary.get("status") == "interrupted":  # saved, but not finished: `train && analyze` must not go on
+            stopped_by = (summary.get("run") or {}).get("stopped_by")
+            log.error(
+                "stopped (%s) with checkpoints/last.pt saved; continue with hydra.run.dir=%s trainer.resume=true",
+                stopped_by,
+                job.run_dir,
+            )
+            sys.exit(exit_code(stopped_by))
+        return _top1(summary)
+    launch = launch_of(job.sweep_dir)
+    watchdog = watch(launch)
+    stopping.clear()  # joblib reuses this process: an earlier job's stop request is not this job's
+    if launch.stopped_by() is not None:
+        record_outcome(launch.dir, job.name, "stopped", "the study was stopped before this job started")
+        return None
+    watchdog.busy = True
     status, reason, summary, before = "failed", "", {}, {}
     try:
         before = read_summary(job.run_dir) or {}  # what the folder held before this job: done, or to resume
-        refused = check_launch_record(job.sweep_dir, job.name, fingerprint(cfg))
+        refused = check_launch_record(launch.dir, job.name, fingerprint(cfg))
         if refused:
             raise ConfigError(refused)
         n_jobs = hc.launcher.get("n_jobs") or 1
@@ -89,8 +109,13 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
         with gpu_slot(job.sweep_dir) as device:
             summary = task(cfg, dataclasses.replace(job, threads=threads, device=device))
         status = summary["status"]
+        if status == "interrupted":
+            reason = (summary.get("run") or {}).get("stopped_by") or ""
         if before and before.get("run", {}).get("started_at") == summary.get("run", {}).get("started_at"):
             status = "skipped"  # the folder already held this run, finished
+    except RunBusy as exc:  # another launch is training this job: not a failure, and not ours to report on
+        log.warning("job %s: %s", job.name, exc)
+        status, reason = "busy", str(exc)
     except ConfigError as exc:  # UnreadableSummary and NewerRecord included
         log.error("%s", exc)
         status, reason = "refused" if before.get("status") in FINISHED else "failed", str(exc)
@@ -102,16 +127,29 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
             log.exception("job %s failed", job.name)
     finally:
         release_memory()
-    record_outcome(job.sweep_dir, job.name, status, reason)
+    record_outcome(launch.dir, job.name, status, reason)
+    watchdog.busy = False
+    if watchdog.orphaned:  # its launcher is gone: the job saved and recorded itself; nobody will send another
+        log.warning("the launcher of this study is gone: this worker ends")
+        os._exit(1)
     return _top1(summary)
 
 
-def check_launch_record(sweep_dir: Path, job_name: str, fp: str) -> str | None:
-    """Why this job must not run (its config changed since launch), or None."""
-    current = current_path(sweep_dir)
-    if not current.exists():
+def launch_of(sweep_dir: Path) -> Launch:
+    """The launch this job belongs to: announced by its launcher, else the study's latest (another launcher)."""
+    launch = current()
+    if launch is not None:
+        return launch
+    latest = json.loads(current_path(sweep_dir).read_text())["launch"] if current_path(sweep_dir).exists() else "_"
+    return Launch(launches_dir(sweep_dir) / latest, host="", pid=0, local=False)
+
+
+def check_launch_record(launch_dir: Path, job_name: str, fp: str) -> str | None:
+    """Why this job must not run (its config changed since its launch), or None."""
+    path = Path(launch_dir) / LAUNCH_FILE
+    if not path.exists():
         return None
-    planned = json.loads(current.read_text())["jobs"].get(job_name)
+    planned = json.loads(path.read_text())["jobs"].get(job_name)
     if planned is None or planned["fingerprint"] == fp:
         return None
     return (
@@ -120,9 +158,9 @@ def check_launch_record(sweep_dir: Path, job_name: str, fp: str) -> str | None:
     )
 
 
-def record_outcome(sweep_dir: Path, job_name: str, status: str, reason: str = "") -> None:
-    """How the job ended, for the end-of-sweep table (``StudyCallback.on_multirun_end``)."""
-    path = outcome_path(sweep_dir, job_name)
+def record_outcome(launch_dir: Path, job_name: str, status: str, reason: str = "") -> None:
+    """How the job ended, for its launch's end-of-sweep table (``StudyCallback.on_multirun_end``)."""
+    path = outcome_path(launch_dir, job_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"status": status, "reason": reason}) + "\n")
 

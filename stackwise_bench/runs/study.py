@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
+from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
 from stackwise_bench.runs.provenance import fingerprint, git_sha
 from stackwise_bench.runs.record import atomic_write_text, same_run
 
 log = logging.getLogger(__name__)
 STUDY_DIR = ".study"
+LAUNCH_FILE = "launch.json"  # in each launch's folder: argv, grid, git commit and every job's config fingerprint
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:
@@ -131,45 +133,70 @@ class StudyCallback(Callback):
             "argv": sys.argv,
             "grid": sweep_grid(config),
             "git_sha": git_sha(),
+            "launcher": {"host": socket.gethostname(), "pid": os.getpid()},
             "jobs": planned,
         }
-        launch_dir = sweep_dir / STUDY_DIR / "launches" / stamp
-        launch_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(launch_dir / "launch.json", json.dumps(record, indent=2) + "\n")
+        launch_dir = launches_dir(sweep_dir) / stamp
+        try:
+            launch_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"hydra.sweep.dir={sweep_dir} cannot be written ({exc.strerror}); point hydra.sweep.dir "
+                "(or study) at a writable folder."
+            ) from exc
+        atomic_write_text(launch_dir / LAUNCH_FILE, json.dumps(record, indent=2) + "\n")
         (launch_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=False))
         atomic_write_text(current_path(sweep_dir), json.dumps({"launch": stamp, "jobs": planned}, indent=2))
-        outcomes = sweep_dir / STUDY_DIR / "outcomes"
-        shutil.rmtree(outcomes, ignore_errors=True)
-        outcomes.mkdir(parents=True)
+        # Jobs on this machine (joblib, submitit_local) stop with their launcher; Slurm's belong to the cluster.
+        local = "SlurmLauncher" not in str(config.hydra.launcher.get("_target_", ""))
+        self.launch = announce(launch_dir, local=local)
+        handle_stop_signals(self.launch)
         todo = sum(p["state"] != "done" for p in planned.values())
         log.info("study %s: %d jobs, %d already done, %d to run", sweep_dir, len(planned), len(planned) - todo, todo)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not current_path(sweep_dir).is_file():  # a launch that on_multirun_start stopped
+        launch = getattr(self, "launch", None)
+        if launch is None:  # a launch that on_multirun_start stopped
             return
-        jobs = json.loads(current_path(sweep_dir).read_text())["jobs"]
-        failed = []
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = json.loads((launch.dir / LAUNCH_FILE).read_text())["jobs"]
+        stopped_by = launch.stopped_by()
+        listed = []
         for name in jobs:
-            path = outcome_path(sweep_dir, name)
+            path = outcome_path(launch.dir, name)
             outcome = (
                 json.loads(path.read_text())
                 if path.exists()
                 else {"status": "failed", "reason": "no outcome recorded (the job died)"}
             )
             if outcome["status"] not in (*FINISHED, "skipped"):
-                failed.append((name, outcome))
-        if not failed:
+                listed.append((name, outcome))
+        failed = [name for name, o in listed if o["status"] != "busy"]
+        if not listed:
             log.info("study %s: all %d jobs finished", sweep_dir, len(jobs))
             return
-        width = max(len(name) for name, _ in failed)
-        lines = [
-            f"{len(failed)} of {len(jobs)} jobs did not complete in {sweep_dir}:",
-            f"  {'job'.ljust(width)}  status       reason",
-        ]
-        lines += [f"  {name.ljust(width)}  {o['status']:<11}  {o.get('reason', '')}" for name, o in failed]
+        width = max(len(name) for name, _ in listed)
+        head = (
+            f"the study was stopped ({stopped_by}); {len(listed)} of {len(jobs)} jobs did not complete in {sweep_dir}"
+            if stopped_by
+            else f"{len(listed)} of {len(jobs)} jobs did not complete in {sweep_dir}"
+        )
+        lines = [head + ":", f"  {'job'.ljust(width)}  status       reason"]
+        lines += [f"  {name.ljust(width)}  {o['status']:<11}  {o.get('reason', '')}" for name, o in listed]
+        if len(failed) < len(listed):
+            lines.append(
+                "  busy: another launch is training that job; it was left to it (lease.on_busy=wait waits for it)."
+            )
         print("\n".join(lines), file=sys.stderr)
-        sys.exit(1)
+        if stopped_by:
+            sys.exit(exit_code(stopped_by))
+        if failed:
+            sys.exit(1)
+
+
+def launches_dir(sweep_dir: Path) -> Path:
+    """Every launch of the study keeps its record, its jobs' outcomes and its stop request in a folder of its own."""
+    return Path(sweep_dir) / STUDY_DIR / "launches"
 
 
 def current_path(sweep_dir: Path) -> Path:
@@ -177,9 +204,9 @@ def current_path(sweep_dir: Path) -> Path:
     return Path(sweep_dir) / STUDY_DIR / "current.json"
 
 
-def outcome_path(sweep_dir: Path, job_name: str) -> Path:
-    """Where a job reports how it ended (:func:`stackwise_bench.runs.job.record_outcome`)."""
-    return Path(sweep_dir) / STUDY_DIR / "outcomes" / f"{job_name.replace(os.sep, '%2F') or '_'}.json"
+def outcome_path(launch_dir: Path, job_name: str) -> Path:
+    """Where a job reports to its launch how it ended (:func:`stackwise_bench.runs.job.record_outcome`)."""
+    return Path(launch_dir) / "outcomes" / f"{job_name.replace(os.sep, '%2F') or '_'}.json"
 
 
 def _stop(message: str) -> None:

@@ -17,8 +17,10 @@ from stackwise_bench.training.precision import synchronize
 
 
 @torch.inference_mode()
-def evaluate(model, loader, num_classes: int, autocast_ctx, device: torch.device, full: bool = False) -> dict:
-    """Loss and accuracies (in percent) over ``loader``.
+def evaluate(
+    model, loader, num_classes: int, autocast_ctx, device: torch.device, full: bool = False, stop=None
+) -> dict | None:
+    """Loss and accuracies (in percent) over ``loader``; None when ``stop.requested`` cut the pass short.
 
     Always ``loss``, ``top1``, ``num_samples`` and ``infer_img_s`` (images per second of
     the whole pass, measured under inference_mode: no autograd bookkeeping at all).
@@ -43,6 +45,9 @@ def evaluate(model, loader, num_classes: int, autocast_ctx, device: torch.device
             kept_logits.append(logits)
             kept_targets.append(y)
         seen += y.numel()
+        if stop is not None and stop.requested:
+            model.train(was_training)
+            return None
     synchronize(device)
     elapsed = time.perf_counter() - t0
     model.train(was_training)

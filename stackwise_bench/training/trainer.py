@@ -87,8 +87,15 @@ class Trainer:
         self._compile_pending = runtime.compile  # the first compiled step of this process includes compilation
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model, loaders, optimizer, scheduler, sink, monitors=()) -> FitResult:
-        """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``."""
+    def fit(self, model, loaders, optimizer, scheduler, sink, monitors=(), stop: StopSignal | None = None) -> FitResult:
+        """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``.
+
+        ``stop`` (held by ``train.run`` for the whole run) asks to stop at the next step, in validation or in
+        the test phase: the result is then ``interrupted`` with ``last.pt`` saved where training stood.
+        """
+        if stop is None:
+            with StopSignal() as own:
+                return self.fit(model, loaders, optimizer, scheduler, sink, monitors, stop=own)
         self.num_classes = loaders.num_classes
         scaler = self.runtime.scaler()
         if self.runtime.wants_channels_last(model):
@@ -97,43 +104,50 @@ class Trainer:
         progress = (
             restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()
         )
-        status = "completed"
+
+        def save_last() -> None:
+            sink.save_checkpoint("last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device))
+
+        status = "early_stopped" if self._patience_spent(progress) else "completed"  # a resume after the last epoch
         for monitor in monitors:
             monitor.start(sink)
         try:
-            with StopSignal() as stop:
-                while progress.epoch < self.max_epochs:
-                    row = self._train_epoch(forward, loaders.train, optimizer, scheduler, scaler, progress, stop)
-                    if row is None:  # a signal arrived: save where we are and leave
-                        sink.save_checkpoint(
-                            "last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device)
-                        )
-                        status = "interrupted"
-                        break
-                    improved = self._validate(forward, loaders.val, progress, row)
-                    progress.history.append(row)
-                    sink.log_epoch(row)
-                    state = checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device)
-                    sink.save_checkpoint("last", state)
-                    if improved:
-                        sink.save_checkpoint("best", state)
-                    log_epoch(row, self.max_epochs)
-                    if self.patience and progress.bad_evals >= self.patience:
-                        status = "early_stopped"
-                        log.info(
-                            "early stopping: val_top1 (ties broken by val_loss) has not improved for %d evaluations",
-                            progress.bad_evals,
-                        )
-                        break
+            while progress.epoch < self.max_epochs and status == "completed":
+                row = self._train_epoch(forward, loaders.train, optimizer, scheduler, scaler, progress, stop, save_last)
+                if row is None:  # a signal arrived: last.pt holds this step
+                    status = "interrupted"
+                    break
+                improved = self._validate(forward, loaders.val, progress, row)
+                progress.history.append(row)
+                sink.log_epoch(row)
+                save_last()
+                if improved:
+                    sink.save_checkpoint(
+                        "best", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device)
+                    )
+                log_epoch(row, self.max_epochs)
+                if stop.requested:  # arrived during validation: the epoch is saved whole, stop here
+                    status = "interrupted"
+                elif self._patience_spent(progress):
+                    status = "early_stopped"
+                    log.info(
+                        "early stopping: val_top1 (ties broken by val_loss) has not improved for %d evaluations",
+                        progress.bad_evals,
+                    )
         finally:
             resources = {}
             for monitor in monitors:
                 resources.update(monitor.stop())
-        test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink)
+        test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink, stop)
+        if test is None:  # stopped during the test phase: training is saved whole; a resume runs the test
+            status, test = "interrupted", {}
         return FitResult(status, train_summary(progress, status), test, resources)
 
+    def _patience_spent(self, progress: Progress) -> bool:
+        return bool(self.patience) and progress.bad_evals >= self.patience
+
     # -------------------------------------------------------------- epochs
-    def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop) -> dict | None:
+    def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop, save_last) -> dict | None:
         model.train()
         # Running sums of this epoch; an interrupted epoch's come back from its checkpoint. compile_*: the
         # first compiled step of a process, which includes compilation (timed apart, out of train_img_s).
@@ -176,7 +190,7 @@ class Trainer:
                 self._compile_pending = False
             if bar is not None and progress.step % self.log_every_n_steps == 0:
                 update_bar(bar, progress.step, loss_sum, correct, seen, sums["time_s"] + time.perf_counter() - t0)
-            if stop.requested:
+            if stop.requested or stop.save_now:  # save this step: to stop, or because a scheduler may kill us
                 synchronize(self.device)
                 progress.partial = {
                     **sums,
@@ -185,7 +199,10 @@ class Trainer:
                     "seen": seen,
                     "time_s": sums["time_s"] + time.perf_counter() - t0,
                 }
-                return None
+                save_last()
+                progress.partial, stop.save_now = {}, False
+                if stop.requested:
+                    return None
         synchronize(self.device)
         train_time = sums["time_s"] + time.perf_counter() - t0
         if bar is not None:
@@ -235,11 +252,13 @@ class Trainer:
         progress.bad_evals += 1
         return False
 
-    def _test(self, model, forward, loader, sink) -> dict:
-        """Full metrics on the test split with the best checkpoint's weights."""
+    def _test(self, model, forward, loader, sink, stop) -> dict | None:
+        """Full metrics on the test split with the best checkpoint's weights; None when ``stop`` cut it short."""
         best = sink.load_checkpoint("best", map_location=self.device)
         model.load_state_dict(best["model"])
-        test = evaluate(forward, loader, self.num_classes, self.amp, self.device, full=True)
+        test = evaluate(forward, loader, self.num_classes, self.amp, self.device, full=True, stop=stop)
+        if test is None:
+            return None
         test["checkpoint_epoch"] = best["progress"]["epoch"]
         log.info(
             "test: top1 %.2f%%  top5 %.2f%%  f1_macro %.2f  (best epoch %d)",
