@@ -3,16 +3,21 @@
 Layout (:mod:`stackwise_bench.runs.contract`): ``summary.json`` (atomic, carries the
 status from start to end), ``metrics.jsonl``, ``hardware.jsonl``, ``split.json`` and
 ``checkpoints/{last,best}.pt``. Every whole-file write goes through a temporary file
-and ``os.replace``, so a crash never leaves a half-written summary or checkpoint behind.
+and ``os.replace``, so a crash never leaves a half-written summary or checkpoint behind;
+a write that fails (a full disk, a quota, a read-only mount) removes its temporary file,
+leaves the previous file as it was and raises :class:`RecordWriteError` (``reason = "io"``).
+A failed append is cut back, so the logs never end in half a line.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -38,14 +43,80 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
+class RecordWriteError(OSError):
+    """A file of the run record could not be written; the previous version of the file is left as it was.
+
+    ``reason`` is the run record's ``error.reason``; ``path`` is the file that could not be written.
+    It is an OSError, so code that already handles OSError keeps doing so.
+    """
+
+    reason = "io"
+
+    def __init__(self, message: str, path: str | os.PathLike, code: int | None = None):
+        super().__init__(code, message)
+        self.message, self.path = message, Path(path)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # joblib/loky hand a sweep job's exception back by pickle
+        return type(self), (self.message, str(self.path), self.errno)
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> RecordWriteError:
+    """The :class:`RecordWriteError` (one sentence: the file, the OS error, what to do) for ``exc`` writing ``path``."""
+    if isinstance(exc, RecordWriteError):
+        return exc
+    what = exc.strerror or str(exc) or type(exc).__name__
+    name = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+    cause = f"{what}, {name}" if name else what
+    if exc.errno in _NO_SPACE:
+        fix = "free space on that disk (or raise its quota)"
+    elif exc.errno in _NO_PERMISSION:
+        fix = "make that folder writable"
+    else:
+        fix = "check that disk"
+    message = (
+        f"{path} could not be written ({cause}); {fix}, or point hydra.run.dir (or hydra.sweep.dir) at another disk."
+    )
+    return RecordWriteError(message, path, exc.errno)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # the write already failed: say so rather than hide it behind this
+        log.warning("could not remove the temporary file %s (%s)", path, exc)
+
+
+def _atomic_write(path: Path, write: Any, mode: str) -> None:
+    """Write ``path`` through a temporary file and ``os.replace``: the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from exc
+    except BaseException:  # Ctrl-C mid-write: the old file stays, and so must no half-written temporary file
+        _remove(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    Raises:
+        RecordWriteError: the write failed (a full disk, ...); ``path`` is as it was and no temporary file is left.
+    """
+    _atomic_write(Path(path), lambda f: f.write(text), "w")
 
 
 def same_run(summary: dict, config: dict, fingerprint: str) -> bool:
@@ -80,12 +151,18 @@ def claim_new_dir(base: str | Path, sep: str = "_") -> Path:
 class RunRecord:
     """Writes one run directory; monitors and the trainer write only through it."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, key: str = "hydra.run.dir"):
+        """Open (creating it as needed) the run folder ``run_dir``.
+
+        Raises:
+            ConfigError: the folder cannot be created or written; ``key`` is the setting named in the message.
+        """
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(self.dir, key)
         self.ckpt_dir = self.dir / CHECKPOINTS
         self.summary: dict[str, Any] = read_summary(self.dir) or {}
         self._lock = threading.Lock()
+        self._hardware_failed = False
 
     # ---- the folder policy: never overwrite --------------------------------
     def prepare(self, config: dict, fingerprint: str, may_resume: bool) -> dict | None:
@@ -124,6 +201,8 @@ class RunRecord:
             )
         attempt = {k: old.get(k) for k in ("status", "error")}
         attempt["ended_at"] = old.get("run", {}).get("ended_at")
+        attempt["stopped_by"] = old.get("run", {}).get("stopped_by")
+        attempt["steps"] = (old.get("train") or {}).get("steps")  # where it stopped: mid-epoch when not a multiple
         old.setdefault("previous_attempts", []).append(attempt)
         return None
 
@@ -159,19 +238,48 @@ class RunRecord:
         self.update(**sections)
 
     def fail(self, exc: BaseException, reason: str | None = None) -> None:
-        """Record a failure with its traceback; ``reason`` is a short tag such as ``diverged``."""
+        """Record a failure with its traceback; ``reason`` is a short tag such as ``diverged``.
+
+        Called while ``exc`` propagates, so it never raises a write error of its own over it: where
+        summary.json cannot be written either (the disk that failed the run is full), it logs one line.
+        """
         self.summary["error"] = {
             "type": type(exc).__name__,
             "message": str(exc),
             "reason": reason or type(exc).__name__,
             "traceback": "".join(traceback.format_exception(exc)),
         }
-        self.finish("failed")
+        if isinstance(exc, RecordWriteError):  # the file that could not be written
+            self.summary["error"]["path"] = str(exc.path)
+        try:
+            self.finish("failed")
+        except OSError as write_exc:
+            log.error("the failure of %s could not be recorded in its summary.json: %s", self.dir, write_exc)
 
     # ---- append-only logs ---------------------------------------------
     def _append(self, name: str, row: dict) -> None:
-        with self._lock, open(self.dir / name, "a") as f:
-            f.write(json.dumps(row, default=_jsonable) + "\n")
+        """Append one JSON line; a failed append is cut back to where the file ended, never half a line."""
+        path = self.dir / name
+        data = (json.dumps(row, default=_jsonable) + "\n").encode()
+        with self._lock:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise write_error(path, exc) from exc
+            try:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError as exc:
+                    try:
+                        os.ftruncate(fd, end)
+                    except OSError:
+                        pass  # the write error below is the news
+                    raise write_error(path, exc) from exc
+            finally:
+                os.close(fd)
 
     def log_epoch(self, row: dict) -> None:
         """Append the epoch's metrics, and beat the summary's heartbeat so a stale `running` run can be told apart."""
@@ -181,13 +289,49 @@ class RunRecord:
         self.write_summary()
 
     def log_hardware(self, row: dict) -> None:
-        self._append(HARDWARE, row)
+        """Append a monitor sample, stamped with the wall-clock ``time`` (unix seconds) unless it has one.
+
+        Runs on the monitor's thread: a sample that cannot be written is dropped with one warning per run
+        (a full disk fails the run at its next checkpoint or metrics row anyway).
+        """
+        if "time" not in row:
+            row = {**row, "time": time.time()}
+        try:
+            self._append(HARDWARE, row)
+        except RecordWriteError as exc:
+            if not self._hardware_failed:
+                self._hardware_failed = True
+                log.warning("hardware samples are no longer recorded: %s", exc)
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         """On resume: the metrics file becomes exactly the checkpoint's history."""
         text = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
         with self._lock:
             atomic_write_text(self.dir / METRICS, text)
+
+    def trim_to_checkpoint(self, state: dict) -> None:
+        """On resume: cut the logs back to the checkpoint ``state`` the run continues from, so no row repeats.
+
+        ``metrics.jsonl`` becomes exactly the checkpoint's history; ``hardware.jsonl`` keeps the samples
+        stamped at or before its ``saved_at`` (and those without a ``time``), and drops an unreadable (half-
+        written) line. A checkpoint without ``saved_at`` (written before it was stamped) leaves the samples alone.
+        """
+        self.rewrite_metrics(state["progress"]["history"])
+        saved_at = state.get("saved_at")
+        path = self.dir / HARDWARE
+        if saved_at is None or not path.is_file():
+            return
+        with self._lock:
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                stamp = row.get("time") if isinstance(row, dict) else None
+                if not isinstance(stamp, (int, float)) or stamp <= saved_at:
+                    kept.append(line + "\n")
+            atomic_write_text(path, "".join(kept))
 
     def write_split(self, split: dict) -> None:
         atomic_write_text(self.dir / SPLIT, json.dumps(split, default=_jsonable) + "\n")
@@ -197,18 +341,43 @@ class RunRecord:
         return self.ckpt_dir / f"{name}.pt"
 
     def save_checkpoint(self, name: str, state: dict) -> None:
+        """Write ``checkpoints/<name>.pt`` atomically, stamped with ``saved_at`` (unix seconds) for resume trimming.
+
+        Raises:
+            RecordWriteError: the write failed; the previous ``<name>.pt`` is as it was.
+        """
         import torch
 
-        self.ckpt_dir.mkdir(exist_ok=True)
-        path = self.checkpoint_path(name)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            self.ckpt_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.ckpt_dir, exc) from exc
+        state = {**state, "saved_at": time.time()}  # the samples after this moment belong to no checkpoint
+        _atomic_write(self.checkpoint_path(name), lambda f: torch.save(state, f), "wb")
 
     def load_checkpoint(self, name: str, map_location: Any = "cpu") -> dict:
         import torch
 
         return torch.load(self.checkpoint_path(name), map_location=map_location, weights_only=True)
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """Create ``folder`` as needed and prove it writable with a probe file (``os.access`` lies on NFS and for root)."""
+    probe = folder / f".write-probe.{os.getpid()}.{threading.get_ident()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        for place in (folder, *folder.parents):  # a file where a folder of the path should be
+            if place.exists():
+                if not place.is_dir():
+                    why = f"{place} is a file, not a folder"
+                break
+        raise ConfigError(
+            f"{key}={folder} cannot be written ({why}); point {key} (or hydra.sweep.dir) at a writable folder."
+        ) from exc
 
 
 def _jsonable(obj: Any) -> Any:

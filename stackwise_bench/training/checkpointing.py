@@ -69,6 +69,6 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if "cuda" in state["rng"] and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-    sink.rewrite_metrics(progress.history)
+    sink.trim_to_checkpoint(state)  # metrics and hardware samples written after this checkpoint would repeat
     log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step)
     return progress

@@ -75,5 +75,5 @@ class StopSignal:
         signum = signal.Signals[self.signal]
         handler = self._old.get(signum)
         if signum != signal.SIGTERM and _is_chained(handler):
-            log.info("handing %s to the scheduler's handler (requeue)", self.signal)
+            log.info("handing %s on to the handler installed before this run (a scheduler requeues here)", self.signal)
             handler(signum, None)
