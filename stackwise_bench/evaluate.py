@@ -26,6 +26,7 @@ from stackwise_bench.cli import parse_key_values
 from stackwise_bench.configs import CONF_DIR
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.evaluation import evaluate_checkpoint, evaluate_study
+from stackwise_bench.knobs import check_evaluate_config, check_evaluate_study_config
 from stackwise_bench.runs.job import run_job  # also registers the ${sb.n_jobs:} resolver the launcher config uses
 
 CONF = Path(CONF_DIR) / "evaluate.yaml"
@@ -44,9 +45,7 @@ def parse_args(argv: list[str]) -> dict:
     args = {**defaults, **given, "dataset": {**defaults["dataset"], **given.get("dataset", {})}}
     if not args["checkpoint"]:
         raise ConfigError(f"checkpoint= is missing: name a run folder or a .pt file inside one; {USAGE}")
-    for key in ("keep_head", "activations"):
-        if not isinstance(args[key], bool):
-            raise ConfigError(f"{key}={args[key]} must be true or false.")
+    check_evaluate_config(args)  # every value's type and range, before any run is read
     return args
 
 
@@ -54,6 +53,7 @@ def study_job(cfg, job) -> dict:
     """One job of an evaluation study, for :func:`~stackwise_bench.runs.job.run_job`."""
     from omegaconf import OmegaConf
 
+    check_evaluate_study_config(cfg)  # every knob's type and range, before any run is read
     return evaluate_study(
         **OmegaConf.to_container(cfg.evaluate, resolve=True),
         out_dir=job.run_dir,

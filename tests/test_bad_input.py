@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from dataclasses import dataclass
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.train import run
 
-from conftest import read_summary
+from conftest import CONF, compose, read_summary
 
 
 @dataclass
@@ -125,3 +128,250 @@ def test_negative_grad_clip(tmp_path, cfg_factory):
     r = refuse(cfg_factory(["trainer.grad_clip=-1"]), tmp_path / "r")
     assert re.search(r"^trainer\.grad_clip=-1 must be a non-negative number", r.message), r.message
     assert not r.problems, r.problems
+
+
+# --- every knob's type and range (stackwise_bench/knobs.py), refused before anything is built ----------------------
+
+# One case (or more) per checked knob: the overrides (the last one sets the knob) -> what the sentence must say.
+# Composed with the TINY overrides (tests/conftest.py) and checked with check_config directly: no torch work.
+BAD_KNOBS = [
+    ("seed=-1", r"non-negative integer"),
+    ("seed=1.5", r"non-negative integer"),
+    ("plan=maybe", r"true or false"),
+    ("study=a/b", r"plain folder name"),
+    ("study=''", r"plain folder name"),
+    ("lease.on_busy=never", r"skip or wait"),
+    ("lease.timeout_s=0", r"positive number"),
+    ("model.name=''", r"model name"),
+    ("model.pretrained=yes", r"true or false"),
+    ("model.checkpoint_path=/nonexistent/weights.pt", r"existing file, or null"),
+    ("model.img_size=0", r"positive integer"),
+    ("model.img_size=32.5", r"positive integer"),
+    ("model.drop_path_rate=1.0", r"number in \[0, 1\)"),
+    ("model=vit_micro_p4 model.patch_size=0", r"positive integer"),
+    ("model=vit_micro_p4 model.embed_dim=-64", r"positive integer"),
+    ("model=vit_micro_p4 model.depth=0", r"positive integer"),
+    ("model=vit_micro_p4 model.num_heads=0", r"positive integer"),
+    ("model=vit_micro_p4 model.mlp_ratio=0", r"positive number"),
+    ("model=vit_micro_p4 model.global_pool=mean", r"one of .*avg.*token"),
+    ("model=vit_micro_p4 model.class_token=1", r"true or false"),
+    ("model=vit_micro_p4 model.weight_init=xavier", r"one of .*jax"),
+    ("augmentation.crop_padding=-1", r"non-negative integer \(0 = no crop\)"),
+    ("augmentation.crop_padding=2.5", r"non-negative integer"),
+    ("augmentation.flip=0", r"true or false"),
+    ("augmentation.color_jitter=1.0", r"number in \[0, 1\)"),
+    ("augmentation.rotation_deg=270", r"number in \[0, 180\]"),
+    ("augmentation.erasing_p=1.5", r"probability in \[0, 1\]"),
+    ("augmentation.erasing_scale=[0.5,0.1]", r"0 < lo <= hi <= 1"),
+    ("augmentation.erasing_scale=[0.1]", r"two area fractions"),
+    ("dataset=cifar10 dataset.name=svhn", r"cifar10 or cifar100"),
+    ("dataset=cifar10 dataset.root=5", r"folder path"),
+    ("dataset=cifar10 dataset.download=maybe", r"true or false"),
+    ("dataset=cifar10 dataset.check_integrity=null", r"true or false"),
+    ("dataset.val_fraction=0", r"number in \(0, 1\) \(best\.pt and early stopping"),
+    ("dataset.val_fraction=1.0", r"number in \(0, 1\)"),
+    ("dataset.split_seed=-1", r"non-negative integer"),
+    ("dataset.img_size=0", r"positive integer"),
+    ("dataset=digits dataset.test_fraction=1", r"number in \(0, 1\)"),
+    ("dataset.num_train=0", r"positive integer"),
+    ("dataset.num_test=0", r"positive integer"),
+    ("dataset.num_classes=1", r"integer >= 2"),
+    ("dataset.seed=-3", r"non-negative integer"),
+    ("precision.name=fp64", r"one of fp32, fp16, bf16, fp8"),
+    ("optimizer.name=lion", r"adamw or sgd"),
+    ("optimizer.lr=0", r"positive number"),
+    ("optimizer.lr=nan", r"positive number"),
+    ("optimizer.lr=1e-3x", r"positive number"),
+    ("optimizer.weight_decay=-0.01", r"non-negative number"),
+    ("optimizer.betas=[0.9,1.0]", r"two numbers in \[0, 1\)"),
+    ("optimizer.eps=0", r"positive number"),
+    ("optimizer=sgd optimizer.momentum=-0.5", r"number in \[0, 1\)"),
+    ("optimizer=sgd optimizer.nesterov=null", r"true or false"),
+    ("optimizer.implementation=cuda", r"one of auto, fused, foreach, loop"),
+    ("scheduler.name=linear", r"cosine or constant"),
+    ("scheduler.warmup_epochs=-1", r"non-negative number \(fractions"),
+    ("scheduler.min_lr_ratio=1.5", r"number in \[0, 1\]"),
+    ("lora.rank=true", r"non-negative integer \(0 = full fine-tuning\)"),
+    ("lora.alpha=0", r"positive number, or null \(null = 2 \* rank\)"),
+    ("lora.dropout=1.0", r"number in \[0, 1\)"),
+    ("lora.target_modules=[]", r"module name or a non-empty list"),
+    ("lora.head=''", r"module name, or null \(null freezes the head\)"),
+    ("trainer.max_epochs=0", r"positive integer"),
+    ("trainer.max_epochs=2.5", r"positive integer"),
+    ("trainer.batch_size=0", r"positive integer"),
+    ("trainer.eval_batch_size=0", r"positive integer, or null"),
+    ("trainer.grad_clip=-1", r"non-negative number, or null \(0 and null disable clipping\)"),
+    ("trainer.grad_clip=inf", r"non-negative number, or null"),
+    ("trainer.early_stopping_patience=-1", r"non-negative integer, or null \(0 and null disable"),
+    ("trainer.eval_every=0", r"positive integer"),
+    ("trainer.label_smoothing=1.0", r"number in \[0, 1\)"),
+    ("trainer.device=gpu", r"auto, cpu, cuda or cuda:N"),
+    ("trainer.deterministic=null", r"true or false"),
+    ("trainer.resume=maybe", r"true or false"),
+    ("trainer.channels_last=2", r"true or false"),
+    ("trainer.data_on_device=yes", r"true or false"),
+    ("trainer.compile=on", r"true or false"),
+    ("trainer.threads=0", r"positive integer, or null \(null keeps torch's default\)"),
+    ("trainer.progress=quiet", r"one of auto, bar, log"),
+    ("trainer.log_every_n_steps=0", r"positive integer"),
+    ("monitors.hardware.interval_s=0", r"positive number"),
+    ("monitors.hardware.gpu=sometimes", r"true or false"),
+]
+
+# Relations between keys, a group deleted, a value never set: each message names the key and what to do.
+BAD_COMBINATIONS = [
+    ("~model", r"^model leaves the run without its model config; pick an option, e\.g\. model=resnet8\.$"),
+    ("~lora", r"^lora leaves the run without its lora config; use lora=default"),
+    ("monitors.hardware=null", r"^monitors\.hardware=null must be a monitor config with a _target_; remove it"),
+    ("dataset=digits dataset.img_size=4", r"^dataset\.img_size=4 must be an integer >= 8 for dataset=digits"),
+    ("dataset.num_train=2", r"^dataset\.num_train=2 must be at least dataset\.num_classes=4"),
+    (
+        "model=vit_micro_p4 model.num_heads=3",
+        r"^model\.num_heads=3 must divide model\.embed_dim=64 .*; use e\.g\. model\.num_heads=2\.$",
+    ),
+    (
+        "model=vit_micro_p4 model.global_pool=token model.class_token=false",
+        r"^model\.global_pool=token pools the class token, and model\.class_token=false removes it",
+    ),
+    ("scheduler.warmup_epochs=3", r"^scheduler\.warmup_epochs=3 must not exceed trainer\.max_epochs=2"),
+    ("model.name=???", r"^model\.name=\?\?\? must be set; use e\.g\. model\.name=resnet8\.$"),
+    ("optimizer.lr=${nope}", r"^optimizer\.lr could not be read \(Interpolation key 'nope' not found\)"),
+]
+
+
+def _knob_message(cfg) -> str:
+    from stackwise_bench.knobs import check_config
+
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("."), f"not one sentence: {message!r}"
+    return message
+
+
+@functools.lru_cache
+def _composed(context: tuple[str, ...]):
+    return compose(list(context))
+
+
+def _compose_fast(context: list[str], setting: str):
+    """``compose([*context, setting])``, with the context composed once (a Hydra compose costs ~0.2 s) and the
+    ``key=value`` setting applied as Hydra applies it (its override parser, then ``OmegaConf.update``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = copy.deepcopy(_composed(tuple(context)))
+    override = OverridesParser.create().parse_override(setting)
+    assert not (override.is_delete() or override.is_add() or override.is_force_add()), setting
+    OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    return cfg
+
+
+@pytest.mark.parametrize("overrides", ["trainer.grad_clip=-1", "model=vit_micro_p4 model.global_pool=mean"])
+def test_fast_composition_is_composition(overrides):
+    *context, setting = overrides.split()
+    fast, slow = _compose_fast(context, setting), compose([*context, setting])
+    assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
+
+
+@pytest.mark.parametrize("overrides,says", BAD_KNOBS, ids=[c[0] for c in BAD_KNOBS])
+def test_bad_knob(overrides, says):
+    """The sentence: ``key=value must be <what>[, or null] [(meaning)]; use e.g. key=<example>.``, and the example
+    it offers is itself valid."""
+    from stackwise_bench.knobs import check_config
+
+    *context, setting = overrides.split()
+    key = setting.partition("=")[0]
+    message = _knob_message(_compose_fast(context, setting))
+    assert re.search(rf"^{re.escape(key)}=\S* must be .*{says}.*; use e\.g\. {re.escape(key)}=\S+\.$", message), message
+    example = re.search(r"; use e\.g\. (\S+)\.$", message).group(1)
+    check_config(_compose_fast(context, example))  # what the sentence suggests is accepted
+
+
+@pytest.mark.parametrize("overrides,says", BAD_COMBINATIONS, ids=[c[0] for c in BAD_COMBINATIONS])
+def test_bad_combination(overrides, says, cfg_factory):
+    message = _knob_message(cfg_factory(overrides.split()))
+    assert re.search(says, message), message
+
+
+def test_every_checked_knob_has_a_bad_case():
+    from stackwise_bench.knobs import EVALUATE_KNOBS, EVALUATE_STUDY_KNOBS, KNOBS
+
+    def keys(cases):
+        return {c[0].split()[-1].partition("=")[0] for c in cases}
+
+    assert sorted(set(KNOBS) - keys(BAD_KNOBS)) == []
+    assert sorted(set(EVALUATE_KNOBS) - keys(BAD_EVALUATE)) == []
+    assert sorted(set(EVALUATE_STUDY_KNOBS) - keys(BAD_EVALUATE_STUDY)) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,says",
+    [
+        ("trainer.max_epochs=0", r"^trainer\.max_epochs=0 must be a positive integer; use e\.g\. trainer\.max_epochs="),
+        ("optimizer.lr=-1", r"^optimizer\.lr=-1 must be a positive number"),
+        ("augmentation.erasing_p=1.5", r"^augmentation\.erasing_p=1\.5 must be a probability in \[0, 1\]"),
+        ("dataset.val_fraction=0", r"^dataset\.val_fraction=0 must be a number in \(0, 1\)"),
+        ("~scheduler", r"^scheduler leaves the run without its scheduler config; use scheduler=constant"),
+    ],
+)
+def test_bad_knob_through_run(overrides, says, tmp_path, cfg_factory):
+    """The wiring: train.run checks every knob first; the run is recorded failed / config and nothing trains."""
+    r = refuse(cfg_factory(overrides.split()), tmp_path / "r")
+    assert re.search(says, r.message), r.message
+    assert not r.problems, r.problems
+
+
+# --- the evaluate command line (conf/evaluate.yaml) and evaluation studies (conf/evaluate_study.yaml) ---------------
+
+BAD_EVALUATE = [
+    ("checkpoint=5", r"^checkpoint=5 must be a run folder or a \.pt file inside one; use e\.g\."),
+    ("quantize=int8", r"^quantize=int8 must be fp8_e4m3 or fp8_e5m2, or null \(null = the weights as trained\)"),
+    ("keep_head=2", r"^keep_head=2 must be true or false; use e\.g\. keep_head=true\.$"),
+    ("activations=1", r"^activations=1 must be true or false"),
+    ("name=a/b", r"^name=a/b must be a plain folder name, or null"),
+    ("device=gpu", r"^device=gpu must be auto, cpu, cuda or cuda:N, or null"),
+    ("dataset.root=[a]", r"^dataset\.root=\[a\] must be a folder path, or null"),
+    ("dataset.download=maybe", r"^dataset\.download=maybe must be true or false, or null"),
+    ("activations=true", r"^activations=true only applies to a quantized model; add quantize=fp8_e4m3"),
+    ("keep_head=false", r"^keep_head=false only applies to a quantized model"),
+]
+
+
+@pytest.mark.parametrize("argument,says", BAD_EVALUATE, ids=[c[0] for c in BAD_EVALUATE])
+def test_bad_evaluate_argument(argument, says):
+    """``python -m stackwise_bench.evaluate checkpoint=... <argument>``: refused before any run is read."""
+    from stackwise_bench.evaluate import parse_args
+
+    argv = ["checkpoint=multirun/AugmFP16/seed=42", argument] if not argument.startswith("checkpoint=") else [argument]
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(".") and re.search(says, message), message
+
+
+BAD_EVALUATE_STUDY = [
+    ("study=a/b", r"^study=a/b must be a plain folder name"),
+    ("plan=2", r"^plan=2 must be true or false"),
+    ("evaluate.runs=null", r"^evaluate\.runs=null must be the folder of the study whose runs are evaluated"),
+    ("evaluate.checkpoint=first", r"^evaluate\.checkpoint=first must be best or last"),
+    ("evaluate.quantize=int8", r"^evaluate\.quantize=int8 must be fp8_e4m3 or fp8_e5m2, or null"),
+    ("evaluate.keep_head=2", r"^evaluate\.keep_head=2 must be true or false"),
+    ("evaluate.activations=maybe", r"^evaluate\.activations=maybe must be true or false"),
+    ("evaluate.quantize=null evaluate.activations=true", r"^evaluate\.activations=true only applies to a quantized"),
+]
+
+
+@pytest.mark.parametrize("overrides,says", BAD_EVALUATE_STUDY, ids=[c[0] for c in BAD_EVALUATE_STUDY])
+def test_bad_evaluation_study_knob(overrides, says):
+    """``python -m stackwise_bench.evaluate --multirun experiment=FP8Test <overrides>``: each job refuses in one
+    sentence before it reads any run (the sweep's failure table records it)."""
+    from hydra import compose, initialize_config_dir
+
+    from stackwise_bench.evaluate import study_job
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate_study", overrides=["experiment=FP8Test", *overrides.split()])
+    with pytest.raises(ConfigError) as info:
+        study_job(cfg, job=None)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(".") and re.search(says, message), message

@@ -229,3 +229,101 @@ def test_pinned_loss(precision, tmp_path, cfg_factory):
         rtol=max(TOLERANCE[precision], across or 0.0),
         atol=1e-6,
     )
+
+
+def signal_at_step(monkeypatch, signum: int, at: int) -> None:
+    """Send ``signum`` to this process right after optimizer step ``at`` (counted over the whole run)."""
+    calls = {"n": 0}
+    original_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step_then_signal(self, *args, **kwargs):
+        original_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1 + at:  # LambdaLR calls step() once when it is built
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_signal)
+
+
+def test_preemption_saves_mid_epoch_then_hands_over_to_submitit(baseline_run, tmp_path, monkeypatch):
+    """SIGUSR2 under a scheduler's handler: last.pt at this step and the record first, then its handler (requeue)."""
+    cfg, full_dir, full_summary = baseline_run
+    seen = {}
+
+    def submitit_like(signum, frame):  # submitit's checkpoint_and_try_requeue: requeue, then sys.exit
+        seen["status"] = read_summary(tmp_path / "pre")["status"]
+        raise SystemExit(144)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        signal_at_step(monkeypatch, signal.SIGUSR2, at=7 + 3)  # 7 steps per epoch: step 3 of epoch 2
+        with pytest.raises(SystemExit):
+            run(cfg, tmp_path / "pre")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == {"status": "interrupted"}  # recorded before the scheduler's handler ran
+    state = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (1, 3)
+    monkeypatch.undo()
+    resumed = run(cfg, tmp_path / "pre", auto_resume=True)  # the requeued job: a sweep job resumes by itself
+    assert resumed["previous_attempts"][-1]["stopped_by"] == "SIGUSR2"
+    assert numbers(read_metrics(tmp_path / "pre")) == numbers(read_metrics(full_dir))
+    assert resumed["test"]["confusion_matrix"] == full_summary["test"]["confusion_matrix"]
+
+
+@pytest.mark.parametrize("phase", ["validation", "test"])
+def test_sigterm_in_validation_or_the_test_phase_is_saved_and_resumes(phase, baseline_run, tmp_path, monkeypatch):
+    import stackwise_bench.training.trainer as trainer_module
+
+    cfg, full_dir, full_summary = baseline_run
+    real = trainer_module.evaluate
+    hit = {"done": False}
+
+    def evaluate_then_sigterm(*args, **kwargs):
+        if not hit["done"] and kwargs.get("full", False) == (phase == "test"):
+            hit["done"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_sigterm)
+    summary = run(cfg, tmp_path / phase)
+    assert summary["status"] == "interrupted" and summary["run"]["stopped_by"] == "SIGTERM"
+    assert summary["test"] == {}
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / phase)]
+    assert epochs == ([1] if phase == "validation" else [1, 2, 3])
+    monkeypatch.undo()
+    resumed = run(compose_resume(), tmp_path / phase)
+    assert resumed["status"] == "completed"
+    assert numbers(read_metrics(tmp_path / phase)) == numbers(read_metrics(full_dir))
+    assert resumed["test"]["top1"] == full_summary["test"]["top1"]
+
+
+def compose_resume(extra: list[str] | None = None):
+    from conftest import compose
+
+    return compose(["trainer.max_epochs=3", "trainer.resume=true", *(extra or [])])
+
+
+def test_a_resume_keeps_the_thread_count_it_started_with(tmp_path, monkeypatch, caplog):
+    """Interrupted as a 1-thread sweep job, resumed as a 2-thread one: it continues on 1 thread, bit for bit."""
+    from conftest import compose
+
+    cfg = compose(["trainer.max_epochs=3"])
+    full = run(cfg, tmp_path / "full", threads=1)
+    signal_at_step(monkeypatch, signal.SIGINT, at=7 + 3)
+    assert run(cfg, tmp_path / "cut", threads=1)["status"] == "interrupted"
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger="stackwise_bench.train"):
+        resumed = run(cfg, tmp_path / "cut", auto_resume=True, threads=2)
+    assert "resuming with the 1 threads this run started with (this job's share is 2)" in caplog.text
+    assert resumed["env"]["threads"] == 1
+    assert numbers(read_metrics(tmp_path / "cut")) == numbers(read_metrics(tmp_path / "full"))
+    assert resumed["test"]["confusion_matrix"] == full["test"]["confusion_matrix"]
+    caplog.clear()
+    signal_at_step(monkeypatch, signal.SIGINT, at=7 + 3)
+    run(cfg, tmp_path / "told", threads=1)
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="stackwise_bench.train"):
+        told = run(compose_resume(["trainer.threads=2"]), tmp_path / "told")
+    assert "trainer.threads=2 differs from the 1 threads this run started with" in caplog.text
+    assert told["env"]["threads"] == 2

@@ -40,6 +40,7 @@ VOLATILE_KEYS = (
     "trainer.resume",
     "trainer.progress",
     "trainer.log_every_n_steps",
+    "trainer.threads",  # placement, like the sweep's share of cores; a resume keeps the count it started with
     "monitors",
     "study",
     "plan",

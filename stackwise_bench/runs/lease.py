@@ -155,6 +155,10 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
     """
     if on_busy not in ON_BUSY:
         raise ConfigError(f"{key}.on_busy={on_busy} is not known; use {key}.on_busy=skip or {key}.on_busy=wait.")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ConfigError(
+            f"{key}.timeout_s={timeout_s} must be a positive number of seconds; use e.g. {key}.timeout_s=120."
+        )
     path = Path(run_dir) / LEASE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +196,7 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
             continue
         if on_busy == "skip":
             raise RunBusy(
-                f"{path.parent} is being written by {describe(holder)}; it was skipped: let that process "
+                f"{path.parent} is being written by {describe(holder)}; let that process "
                 f"finish, or set {key}.on_busy=wait to wait for it."
             )
         if not waited:

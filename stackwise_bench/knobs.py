@@ -1,0 +1,527 @@
+"""Every config knob's type and range, checked before anything is built.
+
+Three tables map a dotted key to a :class:`Spec` (a type, a range or a set of choices, whether null is allowed,
+and a valid example for the refusal): :data:`KNOBS` for the training config (``conf/config.yaml`` and every group
+under ``conf/``), :data:`EVALUATE_KNOBS` for ``python -m stackwise_bench.evaluate key=value`` (``conf/evaluate.yaml``)
+and :data:`EVALUATE_STUDY_KNOBS` for evaluation studies (``conf/evaluate_study.yaml``). A key is checked only where
+the composed config has it, so one table serves every option of a group (``model.patch_size`` exists for
+``model=vit_micro_p4`` only). Knobs whose valid values are open-ended are in :data:`EXEMPT`, each with its reason;
+``tests/test_knobs.py`` asserts that every leaf key of every option of every group is in one of the two.
+
+Relations between keys (digits' 8x8 minimum, heads that divide the width, warmup within the epochs) are
+:data:`RULES`: small functions that run once every key has passed its own check (the evaluation configs have one:
+``activations``/``keep_head`` only apply with ``quantize``).
+
+Each refusal is one :class:`~stackwise_bench.errors.ConfigError` sentence naming the key and its value, what was
+wrong and a valid example. Torch-free on purpose (this module sits in the lowest layer with ``configs`` and ``cli``):
+what needs torch, the data or the device (a CIFAR root without the files, a timm name that does not exist, a
+precision this GPU cannot run, a LoRA target the model lacks) is refused by the module that builds it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stackwise_bench.errors import ConfigError
+
+ABSENT = object()  # a key this config (this option of its group) does not have
+
+
+def show(value) -> str:
+    """A value as one would type it in a Hydra override: ``null``, ``true``, ``[0.9,0.999]``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.isprintable() else repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    return str(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # math.isfinite overflows on a huge int
+
+
+# ----------------------------------------------------------------------------------------------- specs
+
+
+class Spec:
+    """A knob's valid values; :meth:`problem` is the refusal for a value outside them, or None.
+
+    Args:
+        example: A valid value as typed on the command line, for the refusal's "use e.g. key=example".
+        null: Whether null is valid too.
+        note: What the knob's special values mean, shown in parentheses (``0 = off``).
+    """
+
+    what = "a valid value"
+
+    def __init__(self, example: str, *, null: bool = False, note: str = "", what: str | None = None):
+        self.example, self.null, self.note = example, null, note
+        if what is not None:
+            self.what = what
+
+    def accepts(self, value) -> bool:
+        raise NotImplementedError
+
+    def problem(self, key: str, value) -> str | None:
+        if (value is None and self.null) or (value is not None and self.accepts(value)):
+            return None
+        what = self.what + (", or null" if self.null else "")
+        note = f" ({self.note})" if self.note else ""
+        return f"{key}={show(value)} must be {what}{note}; use e.g. {key}={self.example}."
+
+
+def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+class Int(Spec):
+    """An integer (not a bool, not 4.0) in ``[min, max]``."""
+
+    def __init__(self, example: str, *, min: int | None = None, max: int | None = None, **kw):
+        self.min, self.max = min, max
+        if min is None and max is None:
+            what = "an integer"
+        elif max is not None:
+            what = f"an integer in {_bounds(min, max, False, False)}"
+        else:
+            what = {0: "a non-negative integer", 1: "a positive integer"}.get(min, f"an integer >= {min}")
+        super().__init__(example, what=kw.pop("what", what), **kw)
+
+    def accepts(self, value) -> bool:
+        return _is_int(value) and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class Number(Spec):
+    """A finite int or float in an interval; ``lo_open``/``hi_open`` exclude the ends."""
+
+    def __init__(self, example: str, *, lo=None, hi=None, lo_open=False, hi_open=False, **kw):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        if lo is not None and hi is not None:
+            what = f"a number in {_bounds(lo, hi, lo_open, hi_open)}"
+        elif lo == 0:
+            what = "a positive number" if lo_open else "a non-negative number"
+        elif lo is not None:
+            what = f"a number {'>' if lo_open else '>='} {lo}"
+        else:
+            what = "a finite number"
+        super().__init__(example, what=kw.pop("what", what), **kw)
+
+    def accepts(self, value) -> bool:
+        if not _is_number(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+
+class Bool(Spec):
+    what = "true or false"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, bool)
+
+
+class Choice(Spec):
+    """One of a fixed set of strings."""
+
+    def __init__(self, options: Sequence[str], example: str, **kw):
+        self.options = tuple(options)
+        words = [o if o else "'' (empty)" for o in self.options]
+        what = "one of " + ", ".join(words) if len(words) > 2 else " or ".join(words)
+        super().__init__(example, what=kw.pop("what", what), **kw)
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and value in self.options
+
+
+class Pattern(Spec):
+    """A string that matches a regular expression in full."""
+
+    def __init__(self, regex: str, example: str, **kw):
+        self.regex = re.compile(regex)
+        super().__init__(example, **kw)
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and self.regex.fullmatch(value) is not None
+
+
+class Text(Spec):
+    """A non-empty string: a path or a name whose valid values are checked where they are used."""
+
+    what = "a non-empty string"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and value.strip() != ""
+
+
+class FolderName(Spec):
+    """A plain folder name (no path separators); Hydra reads ``study=2024`` as an integer, which is fine."""
+
+    what = "a plain folder name"
+
+    def accepts(self, value) -> bool:
+        if _is_int(value):
+            return True
+        return isinstance(value, str) and value.strip() not in ("", ".", "..") and not re.search(r"[/\\]", value)
+
+
+class File(Text):
+    """A path to an existing file (cheap to check here, before the run builds anything)."""
+
+    what = "the path of an existing file"
+
+    def accepts(self, value) -> bool:
+        return super().accepts(value) and os.path.isfile(os.path.expanduser(value))
+
+
+class Pair(Spec):
+    """Two numbers in an interval, ``[lo, hi]`` with ``lo <= hi`` when ``ordered``."""
+
+    def __init__(self, example: str, item: Number, *, ordered: bool = False, **kw):
+        self.item, self.ordered = item, ordered
+        super().__init__(example, **kw)
+
+    def accepts(self, value) -> bool:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(self.item.accepts(v) for v in value)
+            and (not self.ordered or value[0] <= value[1])
+        )
+
+
+class Names(Spec):
+    """A module name or a non-empty list of them (whether the model has them is checked when it is built)."""
+
+    what = "a module name or a non-empty list of module names"
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, str):
+            return value.strip() != ""
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(Text.accepts(self, v) for v in value)
+
+
+# ------------------------------------------------------------------------------------ training config
+
+SEED = Int("42", min=0, max=2**64 - 1, what="a non-negative integer below 2**64")
+FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
+
+KNOBS: dict[str, Spec] = {
+    # conf/config.yaml
+    "seed": SEED,
+    "plan": Bool("true"),
+    "study": FolderName("peft_baseline", note="a sweep writes into multirun/<study>"),
+    "lease.on_busy": Choice(("skip", "wait"), "wait"),
+    "lease.timeout_s": Number("120", lo=0, lo_open=True, note="a stale lease is taken over after it"),
+    # conf/model/*.yaml
+    "model.name": Text("resnet8", what="a model name (resnet8, resnet14, an alias or any timm name)"),
+    "model.pretrained": Bool("false"),
+    "model.checkpoint_path": File("null", null=True, note="a local weights file to start from"),
+    "model.img_size": Int("32", min=1),
+    "model.drop_path_rate": Number("0.1", lo=0, hi=1, hi_open=True, note="0 = off"),
+    "model.patch_size": Int("4", min=1),  # the timm ViT keys of model=vit_micro_p4
+    "model.embed_dim": Int("64", min=1),
+    "model.depth": Int("2", min=1),
+    "model.num_heads": Int("2", min=1),
+    "model.mlp_ratio": Number("2.0", lo=0, lo_open=True),
+    # timm's VisionTransformer options (1.0.x; an older timm refuses the ones it lacks when it builds)
+    "model.global_pool": Choice(("", "avg", "avgmax", "max", "token", "map", "prr"), "avg"),
+    "model.class_token": Bool("false"),
+    "model.weight_init": Choice(("", "skip", "reset", "jax", "jax_nlhb", "moco"), "jax"),
+    # conf/augmentation/*.yaml
+    "augmentation.crop_padding": Int("4", min=0, note="0 = no crop"),
+    "augmentation.flip": Bool("true"),
+    "augmentation.color_jitter": Number("0.4", lo=0, hi=1, hi_open=True, note="0 = off"),
+    "augmentation.rotation_deg": Number("15", lo=0, hi=180, note="0 = off"),
+    "augmentation.erasing_p": Number("0.25", lo=0, hi=1, what="a probability in [0, 1]", note="0 = off"),
+    "augmentation.erasing_scale": Pair(
+        "[0.02,0.33]",
+        Number("", lo=0, hi=1, lo_open=True),
+        ordered=True,
+        what="two area fractions [lo, hi] with 0 < lo <= hi <= 1",
+    ),
+    # conf/dataset/*.yaml
+    "dataset.name": Choice(("cifar10", "cifar100"), "cifar10"),
+    "dataset.root": Text("data", what="a folder path"),
+    "dataset.download": Bool("false"),
+    "dataset.check_integrity": Bool("true"),
+    "dataset.val_fraction": Number(
+        "0.1", lo=0, hi=1, lo_open=True, hi_open=True, note="best.pt and early stopping are chosen on it"
+    ),
+    "dataset.split_seed": Int("0", min=0),
+    "dataset.img_size": Int("32", min=1),
+    "dataset.test_fraction": Number("0.2", lo=0, hi=1, lo_open=True, hi_open=True),
+    "dataset.num_train": Int("512", min=1),
+    "dataset.num_test": Int("128", min=1),
+    "dataset.num_classes": Int("4", min=2),
+    "dataset.seed": Int("0", min=0),
+    # conf/precision/*.yaml
+    "precision.name": Choice(("fp32", "fp16", "bf16", "fp8"), "bf16"),
+    # conf/optimizer/*.yaml
+    "optimizer.name": Choice(("adamw", "sgd"), "adamw"),
+    "optimizer.lr": Number("1e-3", lo=0, lo_open=True),
+    "optimizer.weight_decay": Number("0.05", lo=0, note="0 = off"),
+    "optimizer.betas": Pair(
+        "[0.9,0.999]", Number("", lo=0, hi=1, hi_open=True), what="two numbers in [0, 1) (AdamW's beta1, beta2)"
+    ),
+    "optimizer.eps": Number("1e-8", lo=0, lo_open=True),
+    "optimizer.momentum": Number("0.9", lo=0, hi=1, hi_open=True, note="0 = plain SGD"),
+    "optimizer.nesterov": Bool("true"),
+    "optimizer.implementation": Choice(("auto", "fused", "foreach", "loop"), "auto"),
+    # conf/scheduler/*.yaml
+    "scheduler.name": Choice(("cosine", "constant"), "cosine"),
+    "scheduler.warmup_epochs": Number("1", lo=0, note="fractions of an epoch are fine, 0 = no warmup"),
+    "scheduler.min_lr_ratio": Number("0.0", lo=0, hi=1, note="the last step's learning rate over optimizer.lr"),
+    # conf/lora/*.yaml
+    "lora.rank": Int("8", min=0, note="0 = full fine-tuning"),
+    "lora.alpha": Number("16", lo=0, lo_open=True, null=True, note="null = 2 * rank"),
+    "lora.dropout": Number("0.1", lo=0, hi=1, hi_open=True),
+    "lora.target_modules": Names("[qkv]"),
+    "lora.head": Text("head", null=True, what="a module name", note="null freezes the head"),
+    # conf/trainer/*.yaml
+    "trainer.max_epochs": Int("20", min=1),
+    "trainer.batch_size": Int("64", min=1),
+    "trainer.eval_batch_size": Int("256", min=1, null=True, note="null = 512 on a GPU, the training batch on a CPU"),
+    "trainer.grad_clip": Number("1.0", lo=0, null=True, note="0 and null disable clipping"),
+    "trainer.early_stopping_patience": Int("5", min=0, null=True, note="0 and null disable early stopping"),
+    "trainer.eval_every": Int("1", min=1),
+    "trainer.label_smoothing": Number("0.1", lo=0, hi=1, hi_open=True, note="0 = off"),
+    "trainer.device": Pattern(r"auto|cpu|cuda(:\d+)?", "cpu", what="auto, cpu, cuda or cuda:N"),
+    "trainer.deterministic": Bool("true"),
+    "trainer.resume": Bool("true"),
+    "trainer.channels_last": Bool("true"),
+    "trainer.data_on_device": Bool("true"),
+    "trainer.compile": Bool("false"),
+    "trainer.threads": Int("1", min=1, null=True, note="null keeps torch's default"),
+    "trainer.progress": Choice(("auto", "bar", "log"), "log"),
+    "trainer.log_every_n_steps": Int("20", min=1),
+    # conf/monitors/*.yaml
+    "monitors.hardware.interval_s": Number("1.0", lo=0, lo_open=True),
+    "monitors.hardware.gpu": Bool("true"),
+}
+
+# Leaf keys left unchecked here, and why; every other leaf of every option of every group must be in KNOBS.
+EXEMPT: dict[str, str] = {
+    f"{path}._target_": "an import path Hydra instantiates (open-ended); Hydra refuses one that does not import"
+    for path in ("model", "dataset", "augmentation", "optimizer", "scheduler", "trainer", "monitors.hardware")
+}
+
+# Config groups every training run builds from: deleting one (~model, model=null) is refused by name.
+GROUPS: dict[str, str] = {
+    "model": "pick an option, e.g. model=resnet8",
+    "dataset": "pick an option, e.g. dataset=digits",
+    "augmentation": "use augmentation=none for no augmentation",
+    "precision": "pick an option, e.g. precision=fp32",
+    "optimizer": "pick an option, e.g. optimizer=adamw",
+    "scheduler": "use scheduler=constant for a constant learning rate",
+    "lora": "use lora=default (lora.rank=0 is full fine-tuning)",
+    "trainer": "pick an option, e.g. trainer=default",
+    "monitors": "use monitors=none for no monitors",
+}
+
+
+Get = Callable[..., object]  # get(dotted key, plain=True) -> its value (plain dicts/lists), or ABSENT
+Rule = Callable[[Get], "str | None"]
+
+
+def _groups_present(get: Get) -> str | None:
+    for group, advice in GROUPS.items():
+        value = get(group, plain=False)  # the node's own type: its values are the keys' to check
+        if not isinstance(value, Mapping):
+            how = "" if value is ABSENT else f"={show(value)}"
+            return f"{group}{how} leaves the run without its {group} config; {advice}."
+    return None
+
+
+def _monitors_are_configs(get: Get) -> str | None:
+    for name, node in get("monitors").items():
+        if not (isinstance(node, Mapping) and node.get("_target_")):
+            return (
+                f"monitors.{name}={show(node)} must be a monitor config with a _target_; remove it with "
+                f"~monitors.{name}, or use monitors=none for no monitors."
+            )
+    return None
+
+
+def _digits_size(get: Get) -> str | None:
+    size = get("dataset.img_size")
+    if get("dataset._target_") == "stackwise_bench.data.load_digits" and size is not ABSENT and size < 8:
+        return (
+            f"dataset.img_size={size} must be an integer >= 8 for dataset=digits (its images are 8x8); "
+            "use e.g. dataset.img_size=32."
+        )
+    return None
+
+
+def _synthetic_counts(get: Get) -> str | None:
+    n, k = get("dataset.num_train"), get("dataset.num_classes")
+    if n is not ABSENT and k is not ABSENT and n < k:
+        return (
+            f"dataset.num_train={n} must be at least dataset.num_classes={k} (one image per class); "
+            "use e.g. dataset.num_train=512."
+        )
+    return None
+
+
+def _heads_divide_width(get: Get) -> str | None:
+    heads, width = get("model.num_heads"), get("model.embed_dim")
+    if heads is not ABSENT and width is not ABSENT and width % heads:
+        return (
+            f"model.num_heads={heads} must divide model.embed_dim={width} (each head gets embed_dim / num_heads "
+            f"channels); use e.g. model.num_heads={max(d for d in range(1, min(heads, width) + 1) if width % d == 0)}."
+        )
+    return None
+
+
+def _token_pool_needs_class_token(get: Get) -> str | None:
+    if get("model.global_pool") == "token" and get("model.class_token") is False:
+        return (
+            "model.global_pool=token pools the class token, and model.class_token=false removes it; "
+            "use model.global_pool=avg or model.class_token=true."
+        )
+    return None
+
+
+def _warmup_within_training(get: Get) -> str | None:
+    warmup, epochs = get("scheduler.warmup_epochs"), get("trainer.max_epochs")
+    if warmup is not ABSENT and epochs is not ABSENT and warmup > epochs:
+        return (
+            f"scheduler.warmup_epochs={show(warmup)} must not exceed trainer.max_epochs={epochs} (the learning rate "
+            "would never reach optimizer.lr); use e.g. scheduler.warmup_epochs=1."
+        )
+    return None
+
+
+RULES: list[Rule] = [
+    _monitors_are_configs,
+    _digits_size,
+    _synthetic_counts,
+    _heads_divide_width,
+    _token_pool_needs_class_token,
+    _warmup_within_training,
+]
+
+
+# ---------------------------------------------------------------------------------- evaluation configs
+
+# conf/evaluate.yaml: `python -m stackwise_bench.evaluate key=value ...`
+EVALUATE_KNOBS: dict[str, Spec] = {
+    "checkpoint": Text("multirun/AugmFP16/seed=42", what="a run folder or a .pt file inside one"),
+    "quantize": Choice(FP8_FORMATS, "fp8_e4m3", null=True, note="null = the weights as trained"),
+    "keep_head": Bool("true"),
+    "activations": Bool("false"),
+    "name": FolderName("fp8_test", null=True, note="the folder under <run>/eval/"),
+    "device": Pattern(r"auto|cpu|cuda(:\d+)?", "cpu", null=True, what="auto, cpu, cuda or cuda:N"),
+    "dataset.root": Text("data", null=True, what="a folder path", note="null keeps the run's own"),
+    "dataset.download": Bool("false", null=True, note="null keeps the run's own"),
+}
+
+# conf/evaluate_study.yaml: `python -m stackwise_bench.evaluate --multirun experiment=FP8Test`
+EVALUATE_STUDY_KNOBS: dict[str, Spec] = {
+    "study": KNOBS["study"],
+    "plan": KNOBS["plan"],
+    "evaluate.runs": Text("multirun/AugmFP16", what="the folder of the study whose runs are evaluated"),
+    "evaluate.checkpoint": Choice(("best", "last"), "best", note="each run's checkpoints/<checkpoint>.pt"),
+    "evaluate.quantize": Choice(FP8_FORMATS, "fp8_e4m3", null=True, note="null = the weights as trained"),
+    "evaluate.keep_head": Bool("true"),
+    "evaluate.activations": Bool("false"),
+}
+
+
+def _quantized_only(prefix: str) -> Rule:
+    def rule(get: Get) -> str | None:
+        if get(f"{prefix}quantize") is not None:
+            return None
+        for key, default in (("activations", False), ("keep_head", True)):
+            value = get(f"{prefix}{key}")
+            if value is not ABSENT and value != default:
+                return (
+                    f"{prefix}{key}={show(value)} only applies to a quantized model; add "
+                    f"{prefix}quantize=fp8_e4m3 (or fp8_e5m2), or drop {prefix}{key}."
+                )
+        return None
+
+    return rule
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_config(cfg: DictConfig | Mapping) -> None:
+    """Raise ConfigError with one sentence for the first training knob out of its type or range.
+
+    Checks that the :data:`GROUPS` are there, every key of :data:`KNOBS` the config has, then the
+    :data:`RULES` between keys. ``hydra.*`` is not looked at (Hydra's own), nor an evaluation preset's
+    ``evaluate`` node (``train`` refuses those by name).
+    """
+    _check(cfg, KNOBS, before=[_groups_present], after=RULES)
+
+
+def check_evaluate_config(args: DictConfig | Mapping) -> None:
+    """The ``evaluate`` command line's arguments over ``conf/evaluate.yaml``: one sentence for the first bad one."""
+    _check(args, EVALUATE_KNOBS, after=[_quantized_only("")])
+
+
+def check_evaluate_study_config(cfg: DictConfig | Mapping) -> None:
+    """An evaluation study's config (``conf/evaluate_study.yaml`` + a preset): one sentence for the first bad knob."""
+    _check(cfg, EVALUATE_STUDY_KNOBS, after=[_quantized_only("evaluate.")])
+
+
+def _check(
+    cfg: DictConfig | Mapping, table: Mapping[str, Spec], before: Sequence[Rule] = (), after: Sequence[Rule] = ()
+) -> None:
+    """``before`` rules (the config's shape), then every key of ``table`` the config has, then ``after`` rules."""
+
+    def get(key: str, plain: bool = True):
+        return lookup(cfg, key, table[key].example if key in table else "<value>", plain=plain)
+
+    for rule in before:
+        if problem := rule(get):
+            raise ConfigError(problem)
+    for key, spec in table.items():
+        value = get(key)
+        if value is not ABSENT and (problem := spec.problem(key, value)):
+            raise ConfigError(problem)
+    for rule in after:  # every key they read has passed its own check
+        if problem := rule(get):
+            raise ConfigError(problem)
+
+
+def lookup(cfg: DictConfig | Mapping, key: str, example: str = "<value>", plain: bool = True):
+    """The value at dotted ``key`` (interpolations resolved; ``plain``: nodes as dicts/lists), or :data:`ABSENT`.
+
+    Raises:
+        ConfigError: the value is ``???`` (never set), or an interpolation in it cannot be resolved.
+    """
+    try:
+        node = cfg
+        for part in key.split("."):
+            if isinstance(node, DictConfig) and OmegaConf.is_missing(node, part):
+                raise ConfigError(f"{key}=??? must be set; use e.g. {key}={example}.")
+            if not isinstance(node, (DictConfig, Mapping)) or part not in node:
+                return ABSENT
+            node = node[part]  # resolves an interpolation
+        if plain and isinstance(node, (DictConfig, ListConfig)):
+            node = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise ConfigError(f"{key} could not be read ({reason}); set it to a value, e.g. {key}={example}.") from exc
+    return node
