@@ -52,82 +52,81 @@ def run(
     fp = fingerprint(config)
     may_resume = bool(cfg.trainer.resume) or auto_resume
     knobs = cfg.get("lease") or {}
-    with (
-        StopSignal() as stop,
-        lease.acquire(run_dir, knobs.get("timeout_s", 120), knobs.get("on_busy", "skip")) as held,
-    ):
-        summary = _run_held(cfg, run_dir, config, fp, may_resume, held, stop, overrides, choices, threads, device)
-    stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
-    return summary
+    # The stop handler covers the whole run (a signal in the test phase or while recording still saves and
+    # records); the lease makes this process the folder's one writer until the record is final.
+    with StopSignal() as stop:
+        with lease.acquire(run_dir, knobs.get("timeout_s", 120), knobs.get("on_busy", "skip")) as held:
+            record = RunRecord(run_dir)
+            attempts = len(record.summary.get("previous_attempts", []))
+            finished = record.prepare(config, fp, may_resume=may_resume)
+            if finished is not None:
+                return finished
+            if held.took_over is not None:
+                note_takeover(
+                    record, held.took_over, new_attempt=len(record.summary.get("previous_attempts", [])) > attempts
+                )
+            resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
+            if resume:
+                threads = resume_threads(record.summary, cfg.trainer.get("threads"), threads)
+            record.start(
+                run={
+                    "seed": cfg.seed,
+                    "study": cfg.get("study"),
+                    "overrides": list(overrides or []),
+                    "choices": dict(choices or {}),
+                    "fingerprint": fp,
+                    "git_sha": git_sha(),
+                    "name": Path(run_dir).name,
+                    "dir": str(Path(run_dir).resolve()),
+                    "host": held.content["host"],
+                    "pid": held.content["pid"],
+                    "started_at": now_iso(),
+                    "resumed": resume,
+                    "stopped_by": None,
+                },
+                config=config,
+            )
+            from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
 
-
-def _run_held(cfg, run_dir, config, fp, may_resume, held, stop, overrides, choices, threads, device) -> dict:
-    """:func:`run` once the run folder's lease is ours."""
-    record = RunRecord(run_dir)
-    attempts = len(record.summary.get("previous_attempts", []))
-    finished = record.prepare(config, fp, may_resume=may_resume)
-    if finished is not None:
-        return finished
-    if held.took_over is not None:
-        note_takeover(record, held.took_over, new_attempt=len(record.summary.get("previous_attempts", [])) > attempts)
-    resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
-    if resume:
-        threads = resume_threads(record.summary, cfg.trainer.get("threads"), threads)
-    record.start(
-        run={
-            "seed": cfg.seed,
-            "study": cfg.get("study"),
-            "overrides": list(overrides or []),
-            "choices": dict(choices or {}),
-            "fingerprint": fp,
-            "git_sha": git_sha(),
-            "name": Path(run_dir).name,
-            "dir": str(Path(run_dir).resolve()),
-            "host": held.content["host"],
-            "pid": held.content["pid"],
-            "started_at": now_iso(),
-            "resumed": resume,
-            "stopped_by": None,
-        },
-        config=config,
-    )
-    from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
-
-    try:
-        check_config(cfg)  # every knob's type and range, before anything is built
-        built = build_run(cfg, resume=resume, threads=threads, device=device)
-        record.update(env=env_info(built.runtime.device))
-        record.write_split(built.data.split)
-        if built.fp8_layers is not None:
-            record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
-        record.update(params=count_parameters(built.model) | built.model_shape)
-        log.info(
-            "training %s on %s (%s, %s) in %s",
-            cfg.model.name,
-            built.data.name,
-            cfg.precision.name,
-            built.runtime.device,
-            record.dir,
-        )
-        result = built.trainer.fit(
-            built.model,
-            built.loaders,
-            built.optimizer,
-            built.scheduler,
-            sink=record,
-            monitors=built.monitors,
-            stop=stop,
-        )
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
-            record.summary["run"]["stopped_by"] = stop.requested or type(exc).__name__
-            record.finish("interrupted")
-        else:
-            record.fail(exc, reason=getattr(exc, "reason", None))
-        raise
-    if result.status == "interrupted":
-        record.summary["run"]["stopped_by"] = stop.requested
-    record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
+            try:
+                check_config(cfg)  # every knob's type and range, before anything is built
+                built = build_run(cfg, resume=resume, threads=threads, device=device)
+                record.update(env=env_info(built.runtime.device))
+                record.write_split(built.data.split)
+                if built.fp8_layers is not None:
+                    record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
+                record.update(params=count_parameters(built.model) | built.model_shape)
+                log.info(
+                    "training %s on %s (%s, %s) in %s",
+                    cfg.model.name,
+                    built.data.name,
+                    cfg.precision.name,
+                    built.runtime.device,
+                    record.dir,
+                )
+                result = built.trainer.fit(
+                    built.model,
+                    built.loaders,
+                    built.optimizer,
+                    built.scheduler,
+                    sink=record,
+                    monitors=built.monitors,
+                    stop=stop,
+                )
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
+                    record.summary["run"]["stopped_by"] = stop.requested or type(exc).__name__
+                    try:
+                        record.finish("interrupted")
+                    except OSError as io:  # a full disk must not hide the interrupt
+                        log.error("the interruption of %s could not be recorded: %s", record.dir, io)
+                else:
+                    record.fail(exc)
+                raise
+            if result.status == "interrupted":
+                record.summary["run"]["stopped_by"] = stop.requested
+            record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
+        stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
     return record.summary
 
 

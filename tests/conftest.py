@@ -59,6 +59,16 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    # A run given `threads` sets torch's process-wide thread count; the next in-process test must not inherit it.
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")

@@ -122,3 +122,13 @@ def test_an_unwritable_place_is_refused_before_a_lease_is_taken(tmp_path):
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(leases.ConfigError, match=r"hydra\.run\.dir=.*cannot be written .*writable folder\.$"):
         leases.acquire(tmp_path / "file" / "run")
+
+
+def test_plan_shows_a_folder_another_process_writes_as_busy(tmp_path):
+    from stackwise_bench.runs.study import job_state
+
+    assert job_state(tmp_path / "run", {}, "fp") == "pending"
+    plant(tmp_path / "run")
+    assert job_state(tmp_path / "run", {}, "fp").startswith(f"busy (pid {os.getpid()} on host ")
+    plant(tmp_path / "run", pid=dead_pid())
+    assert job_state(tmp_path / "run", {}, "fp") == "pending"  # a dead writer's lease will be taken over

@@ -202,7 +202,13 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
         if not waited:
             log.warning("%s is being written by %s: waiting for it to finish", path.parent, describe(holder))
             waited = True
-        time.sleep(min(5.0, max(0.05, float(holder.get("timeout_s") or timeout_s) / 6)))
+        time.sleep(min(1.0, max(0.05, float(holder.get("timeout_s") or timeout_s) / 6)))
+
+
+def live_holder(run_dir: str | os.PathLike) -> dict | None:
+    """Who is writing ``run_dir`` now: its lease when a live process holds one, else None (free, or stale)."""
+    holder = _read(Path(run_dir) / LEASE)
+    return holder if holder is not None and why_stale(holder) is None else None
 
 
 def _take(path: Path, content: dict) -> bool:

@@ -240,13 +240,15 @@ class RunRecord:
     def fail(self, exc: BaseException, reason: str | None = None) -> None:
         """Record a failure with its traceback; ``reason`` is a short tag such as ``diverged``.
 
+        Without ``reason``, the exception's own ``reason`` tag (``config``, ``io``, ``diverged``) or its type.
+
         Called while ``exc`` propagates, so it never raises a write error of its own over it: where
         summary.json cannot be written either (the disk that failed the run is full), it logs one line.
         """
         self.summary["error"] = {
             "type": type(exc).__name__,
             "message": str(exc),
-            "reason": reason or type(exc).__name__,
+            "reason": reason or getattr(exc, "reason", None) or type(exc).__name__,
             "traceback": "".join(traceback.format_exception(exc)),
         }
         if isinstance(exc, RecordWriteError):  # the file that could not be written

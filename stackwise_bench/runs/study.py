@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
 from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
+from stackwise_bench.runs.lease import describe, live_holder
 from stackwise_bench.runs.provenance import fingerprint, git_sha
 from stackwise_bench.runs.record import atomic_write_text, same_run
 
@@ -85,7 +86,10 @@ def compose_job(overrides: list[str], config_name: str) -> DictConfig:
 
 
 def job_state(run_dir: Path, config: dict, fp: str) -> str:
-    """What a launch will do with one job's folder: done, pending, interrupted, failed, or refused."""
+    """What a launch will do with one job's folder: done, pending, interrupted, failed, busy, or refused."""
+    holder = live_holder(run_dir)
+    if holder is not None:
+        return f"busy ({describe(holder)})"
     try:
         summary = read_summary(run_dir)
     except UnreadableSummary:
