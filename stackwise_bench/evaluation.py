@@ -20,9 +20,10 @@ from pathlib import Path
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, read_summary
+from stackwise_bench.runs.files import atomic_write_text, claim_new_dir
 from stackwise_bench.runs.folders import find_evaluation, find_run_dirs, recorded_config, resolve_checkpoint
 from stackwise_bench.runs.provenance import file_sha256
-from stackwise_bench.runs.record import RunRecord, atomic_write_text, claim_new_dir, now_iso
+from stackwise_bench.runs.record import RunRecord, now_iso
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def test_output_folder_is_never_overwritten(peft_study, tmp_path):
 
 def test_one_never_overwrite_helper_numbers_both_kinds_of_folder(tmp_path):
     """evaluate's <run>/eval/<name>-2 and the report's analysis_2 come from the same helper."""
-    from stackwise_bench.runs.record import claim_new_dir
+    from stackwise_bench.runs.files import claim_new_dir
 
     names = [claim_new_dir(tmp_path / "run" / "eval" / "best", sep="-").name for _ in range(3)]
     assert names == ["best", "best-2", "best-3"]

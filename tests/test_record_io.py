@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs import record as record_module
-from stackwise_bench.runs.record import RecordWriteError, RunRecord
+from stackwise_bench.runs import files as files_module
+from stackwise_bench.runs.files import RecordWriteError
+from stackwise_bench.runs.record import RunRecord
 from stackwise_bench.train import run
 
 from conftest import read_metrics, read_summary
@@ -94,7 +95,7 @@ def test_full_disk_at_summary_json_keeps_the_old_one_and_the_original_error(cfg_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(record_module, "open", open_until_full, raising=False)  # the record's writes only
+    monkeypatch.setattr(files_module, "open", open_until_full, raising=False)  # the record's whole-file writes only
     with caplog.at_level(logging.ERROR, logger="stackwise_bench.runs.record"):
         with pytest.raises(RecordWriteError) as info:
             run(cfg_factory(), run_dir)
@@ -142,7 +143,7 @@ def test_fail_does_not_raise_when_summary_cannot_be_written(tmp_path, monkeypatc
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(record_module, "open", no_space, raising=False)
+    monkeypatch.setattr(files_module, "open", no_space, raising=False)
     original = RecordWriteError("x could not be written.", tmp_path / "checkpoints" / "last.pt", errno.ENOSPC)
     with caplog.at_level(logging.ERROR, logger="stackwise_bench.runs.record"):
         record.fail(original, reason=original.reason)

@@ -29,7 +29,7 @@ from stackwise_bench.analysis.report_sections import (
 from stackwise_bench.analysis.study import StudyAnalysis
 from stackwise_bench.analysis.tables import booktabs_table, headline_table, markdown_table
 from stackwise_bench.runs.contract import SUMMARY
-from stackwise_bench.runs.record import claim_new_dir
+from stackwise_bench.runs.files import claim_new_dir
 
 
 def default_output_base(paths: list[Path]) -> Path:

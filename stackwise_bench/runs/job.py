@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import FINISHED, read_summary
+from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.launch import Launch, current, exit_code, watch
 from stackwise_bench.runs.lease import RunBusy
 from stackwise_bench.runs.provenance import fingerprint
-from stackwise_bench.runs.record import atomic_write_text
 from stackwise_bench.runs.study import LAUNCH_FILE, STUDY_DIR, current_path, launches_dir, outcome_path
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from pathlib import Path
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import LEASE
+from stackwise_bench.runs.files import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +161,7 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
             f"{key}.timeout_s={timeout_s} must be a positive number of seconds; use e.g. {key}.timeout_s=120."
         )
     path = Path(run_dir) / LEASE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path.with_name(f"{path.name}.probe.{os.getpid()}"), {})
-        path.with_name(f"{path.name}.probe.{os.getpid()}").unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"hydra.run.dir={path.parent} cannot be written ({exc.strerror or exc}); point hydra.run.dir (or "
-            "hydra.sweep.dir) at a writable folder."
-        ) from exc
+    check_writable(path.parent, "hydra.run.dir")
     content = {
         "host": socket.gethostname(),
         "pid": os.getpid(),

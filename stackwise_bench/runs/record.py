@@ -12,10 +12,8 @@ A failed append is cut back, so the logs never end in half a line.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import logging
-import os
 import threading
 import time
 import traceback
@@ -34,6 +32,14 @@ from stackwise_bench.runs.contract import (
     SUMMARY,
     read_summary,
 )
+from stackwise_bench.runs.files import (
+    RecordWriteError,
+    append_bytes,
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    write_error,
+)
 from stackwise_bench.runs.provenance import config_diff
 
 log = logging.getLogger(__name__)
@@ -41,82 +47,6 @@ log = logging.getLogger(__name__)
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class RecordWriteError(OSError):
-    """A file of the run record could not be written; the previous version of the file is left as it was.
-
-    ``reason`` is the run record's ``error.reason``; ``path`` is the file that could not be written.
-    It is an OSError, so code that already handles OSError keeps doing so.
-    """
-
-    reason = "io"
-
-    def __init__(self, message: str, path: str | os.PathLike, code: int | None = None):
-        super().__init__(code, message)
-        self.message, self.path = message, Path(path)
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self):  # joblib/loky hand a sweep job's exception back by pickle
-        return type(self), (self.message, str(self.path), self.errno)
-
-
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def write_error(path: str | os.PathLike, exc: OSError) -> RecordWriteError:
-    """The :class:`RecordWriteError` (one sentence: the file, the OS error, what to do) for ``exc`` writing ``path``."""
-    if isinstance(exc, RecordWriteError):
-        return exc
-    what = exc.strerror or str(exc) or type(exc).__name__
-    name = errno.errorcode.get(exc.errno) if exc.errno is not None else None
-    cause = f"{what}, {name}" if name else what
-    if exc.errno in _NO_SPACE:
-        fix = "free space on that disk (or raise its quota)"
-    elif exc.errno in _NO_PERMISSION:
-        fix = "make that folder writable"
-    else:
-        fix = "check that disk"
-    message = (
-        f"{path} could not be written ({cause}); {fix}, or point hydra.run.dir (or hydra.sweep.dir) at another disk."
-    )
-    return RecordWriteError(message, path, exc.errno)
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:  # the write already failed: say so rather than hide it behind this
-        log.warning("could not remove the temporary file %s (%s)", path, exc)
-
-
-def _atomic_write(path: Path, write: Any, mode: str) -> None:
-    """Write ``path`` through a temporary file and ``os.replace``: the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise write_error(path, exc) from exc
-    except BaseException:  # Ctrl-C mid-write: the old file stays, and so must no half-written temporary file
-        _remove(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix.
-
-    Raises:
-        RecordWriteError: the write failed (a full disk, ...); ``path`` is as it was and no temporary file is left.
-    """
-    _atomic_write(Path(path), lambda f: f.write(text), "w")
 
 
 def same_run(summary: dict, config: dict, fingerprint: str) -> bool:
@@ -130,24 +60,6 @@ def same_run(summary: dict, config: dict, fingerprint: str) -> bool:
     return isinstance(summary.get("config"), dict) and not config_diff(summary["config"], config)
 
 
-def claim_new_dir(base: str | Path, sep: str = "_") -> Path:
-    """Create and return the folder ``base``, or the first free ``base<sep>2``, ``base<sep>3``, ...
-
-    Never returns a folder that existed: ``mkdir`` without ``exist_ok`` is the lock, so two processes
-    claiming the same name at once get different folders. The parent is created as needed.
-    """
-    base = Path(base)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        candidate = base if n == 1 else base.with_name(f"{base.name}{sep}{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-
-
 class RunRecord:
     """Writes one run directory; monitors and the trainer write only through it."""
 
@@ -158,7 +70,7 @@ class RunRecord:
             ConfigError: the folder cannot be created or written; ``key`` is the setting named in the message.
         """
         self.dir = Path(run_dir)
-        _check_writable(self.dir, key)
+        check_writable(self.dir, key)
         self.ckpt_dir = self.dir / CHECKPOINTS
         self.summary: dict[str, Any] = read_summary(self.dir) or {}
         self._lock = threading.Lock()
@@ -261,27 +173,8 @@ class RunRecord:
     # ---- append-only logs ---------------------------------------------
     def _append(self, name: str, row: dict) -> None:
         """Append one JSON line; a failed append is cut back to where the file ended, never half a line."""
-        path = self.dir / name
-        data = (json.dumps(row, default=_jsonable) + "\n").encode()
         with self._lock:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            except OSError as exc:
-                raise write_error(path, exc) from exc
-            try:
-                end = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                except OSError as exc:
-                    try:
-                        os.ftruncate(fd, end)
-                    except OSError:
-                        pass  # the write error below is the news
-                    raise write_error(path, exc) from exc
-            finally:
-                os.close(fd)
+            append_bytes(self.dir / name, (json.dumps(row, default=_jsonable) + "\n").encode())
 
     def log_epoch(self, row: dict) -> None:
         """Append the epoch's metrics, and beat the summary's heartbeat so a stale `running` run can be told apart."""
@@ -355,31 +248,12 @@ class RunRecord:
         except OSError as exc:
             raise write_error(self.ckpt_dir, exc) from exc
         state = {**state, "saved_at": time.time()}  # the samples after this moment belong to no checkpoint
-        _atomic_write(self.checkpoint_path(name), lambda f: torch.save(state, f), "wb")
+        atomic_write(self.checkpoint_path(name), lambda f: torch.save(state, f), "wb")
 
     def load_checkpoint(self, name: str, map_location: Any = "cpu") -> dict:
         import torch
 
         return torch.load(self.checkpoint_path(name), map_location=map_location, weights_only=True)
-
-
-def _check_writable(folder: Path, key: str) -> None:
-    """Create ``folder`` as needed and prove it writable with a probe file (``os.access`` lies on NFS and for root)."""
-    probe = folder / f".write-probe.{os.getpid()}.{threading.get_ident()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        for place in (folder, *folder.parents):  # a file where a folder of the path should be
-            if place.exists():
-                if not place.is_dir():
-                    why = f"{place} is a file, not a folder"
-                break
-        raise ConfigError(
-            f"{key}={folder} cannot be written ({why}); point {key} (or hydra.sweep.dir) at a writable folder."
-        ) from exc
 
 
 def _jsonable(obj: Any) -> Any:

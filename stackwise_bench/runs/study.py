@@ -29,10 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
+from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
 from stackwise_bench.runs.lease import describe, live_holder
 from stackwise_bench.runs.provenance import fingerprint, git_sha
-from stackwise_bench.runs.record import atomic_write_text, same_run
+from stackwise_bench.runs.record import same_run
 
 log = logging.getLogger(__name__)
 STUDY_DIR = ".study"
