@@ -130,7 +130,7 @@ def test_negative_grad_clip(tmp_path, cfg_factory):
     assert not r.problems, r.problems
 
 
-# --- every knob's type and range (stackwise_bench/knobs.py), refused before anything is built ----------------------
+# --- every knob's type and range (stackwise_bench/knobs/), refused before anything is built -----------------------
 
 # One case (or more) per checked knob: the overrides (the last one sets the knob) -> what the sentence must say.
 # Composed with the TINY overrides (tests/conftest.py) and checked with check_config directly: no torch work.

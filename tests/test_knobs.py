@@ -1,7 +1,7 @@
 """stackwise_bench.knobs covers the config: every leaf key of every option of every group is checked or exempted.
 
 Torch-free and in-process: each option is composed once with ``hydra.compose`` (module fixture) and its leaves
-walked. A knob added to a YAML without a spec in ``stackwise_bench/knobs.py`` fails :func:`test_every_knob_has_a_spec`;
+walked. A knob added to a YAML without a spec in ``stackwise_bench/knobs/`` fails :func:`test_every_knob_has_a_spec`;
 a spec whose key no config has any more fails :func:`test_no_stale_specs`. The bad values of each knob are refused in
 ``tests/test_bad_input.py``.
 """
@@ -93,7 +93,7 @@ def composed():
 def test_every_knob_has_a_spec(composed):
     missing = unspecified(composed)
     assert not missing, (
-        "these config keys have no spec in stackwise_bench/knobs.py (add one to KNOBS, or to EXEMPT with the reason "
+        "these config keys have no spec in stackwise_bench/knobs/ (add one to KNOBS, or to EXEMPT with the reason "
         f"they cannot be checked): {missing}"
     )
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "evaluate.yaml"))

@@ -13,211 +13,34 @@ Relations between keys (digits' 8x8 minimum, heads that divide the width, warmup
 ``activations``/``keep_head`` only apply with ``quantize``).
 
 Each refusal is one :class:`~stackwise_bench.errors.ConfigError` sentence naming the key and its value, what was
-wrong and a valid example. Torch-free on purpose (this module sits in the lowest layer with ``configs`` and ``cli``):
+wrong and a valid example. Torch-free on purpose (this package sits in the lowest layer with ``configs`` and ``cli``):
 what needs torch, the data or the device (a CIFAR root without the files, a timm name that does not exist, a
 precision this GPU cannot run, a LoRA target the model lacks) is refused by the module that builds it.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stackwise_bench.errors import ConfigError
-
-ABSENT = object()  # a key this config (this option of its group) does not have
-
-
-def show(value) -> str:
-    """A value as one would type it in a Hydra override: ``null``, ``true``, ``[0.9,0.999]``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value if value and value.isprintable() else repr(value)
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}:{show(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(show(v) for v in value) + "]"
-    return str(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, int) or math.isfinite(value)  # math.isfinite overflows on a huge int
-
-
-# ----------------------------------------------------------------------------------------------- specs
-
-
-class Spec:
-    """A knob's valid values; :meth:`problem` is the refusal for a value outside them, or None.
-
-    Args:
-        example: A valid value as typed on the command line, for the refusal's "use e.g. key=example".
-        null: Whether null is valid too.
-        note: What the knob's special values mean, shown in parentheses (``0 = off``).
-    """
-
-    what = "a valid value"
-
-    def __init__(self, example: str, *, null: bool = False, note: str = "", what: str | None = None):
-        self.example, self.null, self.note = example, null, note
-        if what is not None:
-            self.what = what
-
-    def accepts(self, value) -> bool:
-        raise NotImplementedError
-
-    def problem(self, key: str, value) -> str | None:
-        if (value is None and self.null) or (value is not None and self.accepts(value)):
-            return None
-        what = self.what + (", or null" if self.null else "")
-        note = f" ({self.note})" if self.note else ""
-        return f"{key}={show(value)} must be {what}{note}; use e.g. {key}={self.example}."
-
-
-def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
-    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
-class Int(Spec):
-    """An integer (not a bool, not 4.0) in ``[min, max]``."""
-
-    def __init__(self, example: str, *, min: int | None = None, max: int | None = None, **kw):
-        self.min, self.max = min, max
-        if min is None and max is None:
-            what = "an integer"
-        elif max is not None:
-            what = f"an integer in {_bounds(min, max, False, False)}"
-        else:
-            what = {0: "a non-negative integer", 1: "a positive integer"}.get(min, f"an integer >= {min}")
-        super().__init__(example, what=kw.pop("what", what), **kw)
-
-    def accepts(self, value) -> bool:
-        return _is_int(value) and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-
-
-class Number(Spec):
-    """A finite int or float in an interval; ``lo_open``/``hi_open`` exclude the ends."""
-
-    def __init__(self, example: str, *, lo=None, hi=None, lo_open=False, hi_open=False, **kw):
-        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
-        if lo is not None and hi is not None:
-            what = f"a number in {_bounds(lo, hi, lo_open, hi_open)}"
-        elif lo == 0:
-            what = "a positive number" if lo_open else "a non-negative number"
-        elif lo is not None:
-            what = f"a number {'>' if lo_open else '>='} {lo}"
-        else:
-            what = "a finite number"
-        super().__init__(example, what=kw.pop("what", what), **kw)
-
-    def accepts(self, value) -> bool:
-        if not _is_number(value):
-            return False
-        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
-            return False
-        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
-
-
-class Bool(Spec):
-    what = "true or false"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, bool)
-
-
-class Choice(Spec):
-    """One of a fixed set of strings."""
-
-    def __init__(self, options: Sequence[str], example: str, **kw):
-        self.options = tuple(options)
-        words = [o if o else "'' (empty)" for o in self.options]
-        what = "one of " + ", ".join(words) if len(words) > 2 else " or ".join(words)
-        super().__init__(example, what=kw.pop("what", what), **kw)
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) and value in self.options
-
-
-class Pattern(Spec):
-    """A string that matches a regular expression in full."""
-
-    def __init__(self, regex: str, example: str, **kw):
-        self.regex = re.compile(regex)
-        super().__init__(example, **kw)
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) and self.regex.fullmatch(value) is not None
-
-
-class Text(Spec):
-    """A non-empty string: a path or a name whose valid values are checked where they are used."""
-
-    what = "a non-empty string"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) and value.strip() != ""
-
-
-class FolderName(Spec):
-    """A plain folder name (no path separators); Hydra reads ``study=2024`` as an integer, which is fine."""
-
-    what = "a plain folder name"
-
-    def accepts(self, value) -> bool:
-        if _is_int(value):
-            return True
-        return isinstance(value, str) and value.strip() not in ("", ".", "..") and not re.search(r"[/\\]", value)
-
-
-class File(Text):
-    """A path to an existing file (cheap to check here, before the run builds anything)."""
-
-    what = "the path of an existing file"
-
-    def accepts(self, value) -> bool:
-        return super().accepts(value) and os.path.isfile(os.path.expanduser(value))
-
-
-class Pair(Spec):
-    """Two numbers in an interval, ``[lo, hi]`` with ``lo <= hi`` when ``ordered``."""
-
-    def __init__(self, example: str, item: Number, *, ordered: bool = False, **kw):
-        self.item, self.ordered = item, ordered
-        super().__init__(example, **kw)
-
-    def accepts(self, value) -> bool:
-        return (
-            isinstance(value, (list, tuple))
-            and len(value) == 2
-            and all(self.item.accepts(v) for v in value)
-            and (not self.ordered or value[0] <= value[1])
-        )
-
-
-class Names(Spec):
-    """A module name or a non-empty list of them (whether the model has them is checked when it is built)."""
-
-    what = "a module name or a non-empty list of module names"
-
-    def accepts(self, value) -> bool:
-        if isinstance(value, str):
-            return value.strip() != ""
-        return isinstance(value, (list, tuple)) and len(value) > 0 and all(Text.accepts(self, v) for v in value)
-
+from stackwise_bench.knobs.rules import ABSENT, RULES, Get, Rule, _quantized_only
+from stackwise_bench.knobs.specs import (
+    Bool,
+    Choice,
+    File,
+    FolderName,
+    Int,
+    Names,
+    Number,
+    Pair,
+    Pattern,
+    Spec,
+    Text,
+    show,
+)
 
 # ------------------------------------------------------------------------------------ training config
 
@@ -338,10 +161,6 @@ GROUPS: dict[str, str] = {
 }
 
 
-Get = Callable[..., object]  # get(dotted key, plain=True) -> its value (plain dicts/lists), or ABSENT
-Rule = Callable[[Get], "str | None"]
-
-
 def _groups_present(get: Get) -> str | None:
     for group, advice in GROUPS.items():
         value = get(group, plain=False)  # the node's own type: its values are the keys' to check
@@ -349,75 +168,6 @@ def _groups_present(get: Get) -> str | None:
             how = "" if value is ABSENT else f"={show(value)}"
             return f"{group}{how} leaves the run without its {group} config; {advice}."
     return None
-
-
-def _monitors_are_configs(get: Get) -> str | None:
-    for name, node in get("monitors").items():
-        if not (isinstance(node, Mapping) and node.get("_target_")):
-            return (
-                f"monitors.{name}={show(node)} must be a monitor config with a _target_; remove it with "
-                f"~monitors.{name}, or use monitors=none for no monitors."
-            )
-    return None
-
-
-def _digits_size(get: Get) -> str | None:
-    size = get("dataset.img_size")
-    if get("dataset._target_") == "stackwise_bench.data.load_digits" and size is not ABSENT and size < 8:
-        return (
-            f"dataset.img_size={size} must be an integer >= 8 for dataset=digits (its images are 8x8); "
-            "use e.g. dataset.img_size=32."
-        )
-    return None
-
-
-def _synthetic_counts(get: Get) -> str | None:
-    n, k = get("dataset.num_train"), get("dataset.num_classes")
-    if n is not ABSENT and k is not ABSENT and n < k:
-        return (
-            f"dataset.num_train={n} must be at least dataset.num_classes={k} (one image per class); "
-            "use e.g. dataset.num_train=512."
-        )
-    return None
-
-
-def _heads_divide_width(get: Get) -> str | None:
-    heads, width = get("model.num_heads"), get("model.embed_dim")
-    if heads is not ABSENT and width is not ABSENT and width % heads:
-        return (
-            f"model.num_heads={heads} must divide model.embed_dim={width} (each head gets embed_dim / num_heads "
-            f"channels); use e.g. model.num_heads={max(d for d in range(1, min(heads, width) + 1) if width % d == 0)}."
-        )
-    return None
-
-
-def _token_pool_needs_class_token(get: Get) -> str | None:
-    if get("model.global_pool") == "token" and get("model.class_token") is False:
-        return (
-            "model.global_pool=token pools the class token, and model.class_token=false removes it; "
-            "use model.global_pool=avg or model.class_token=true."
-        )
-    return None
-
-
-def _warmup_within_training(get: Get) -> str | None:
-    warmup, epochs = get("scheduler.warmup_epochs"), get("trainer.max_epochs")
-    if warmup is not ABSENT and epochs is not ABSENT and warmup > epochs:
-        return (
-            f"scheduler.warmup_epochs={show(warmup)} must not exceed trainer.max_epochs={epochs} (the learning rate "
-            "would never reach optimizer.lr); use e.g. scheduler.warmup_epochs=1."
-        )
-    return None
-
-
-RULES: list[Rule] = [
-    _monitors_are_configs,
-    _digits_size,
-    _synthetic_counts,
-    _heads_divide_width,
-    _token_pool_needs_class_token,
-    _warmup_within_training,
-]
 
 
 # ---------------------------------------------------------------------------------- evaluation configs
@@ -444,22 +194,6 @@ EVALUATE_STUDY_KNOBS: dict[str, Spec] = {
     "evaluate.keep_head": Bool("true"),
     "evaluate.activations": Bool("false"),
 }
-
-
-def _quantized_only(prefix: str) -> Rule:
-    def rule(get: Get) -> str | None:
-        if get(f"{prefix}quantize") is not None:
-            return None
-        for key, default in (("activations", False), ("keep_head", True)):
-            value = get(f"{prefix}{key}")
-            if value is not ABSENT and value != default:
-                return (
-                    f"{prefix}{key}={show(value)} only applies to a quantized model; add "
-                    f"{prefix}quantize=fp8_e4m3 (or fp8_e5m2), or drop {prefix}{key}."
-                )
-        return None
-
-    return rule
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -1,0 +1,101 @@
+"""Relations between keys, checked once every key has passed its own check: :data:`RULES` for the training config.
+
+A rule takes ``get`` (a dotted key to its value, or :data:`ABSENT` where this config does not have it) and returns
+its refusal, one sentence, or None. :func:`_quantized_only` makes the evaluation configs' one rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from stackwise_bench.knobs.specs import show
+
+ABSENT = object()  # a key this config (this option of its group) does not have
+
+Get = Callable[..., object]  # get(dotted key, plain=True) -> its value (plain dicts/lists), or ABSENT
+Rule = Callable[[Get], "str | None"]
+
+
+def _monitors_are_configs(get: Get) -> str | None:
+    for name, node in get("monitors").items():
+        if not (isinstance(node, Mapping) and node.get("_target_")):
+            return (
+                f"monitors.{name}={show(node)} must be a monitor config with a _target_; remove it with "
+                f"~monitors.{name}, or use monitors=none for no monitors."
+            )
+    return None
+
+
+def _digits_size(get: Get) -> str | None:
+    size = get("dataset.img_size")
+    if get("dataset._target_") == "stackwise_bench.data.load_digits" and size is not ABSENT and size < 8:
+        return (
+            f"dataset.img_size={size} must be an integer >= 8 for dataset=digits (its images are 8x8); "
+            "use e.g. dataset.img_size=32."
+        )
+    return None
+
+
+def _synthetic_counts(get: Get) -> str | None:
+    n, k = get("dataset.num_train"), get("dataset.num_classes")
+    if n is not ABSENT and k is not ABSENT and n < k:
+        return (
+            f"dataset.num_train={n} must be at least dataset.num_classes={k} (one image per class); "
+            "use e.g. dataset.num_train=512."
+        )
+    return None
+
+
+def _heads_divide_width(get: Get) -> str | None:
+    heads, width = get("model.num_heads"), get("model.embed_dim")
+    if heads is not ABSENT and width is not ABSENT and width % heads:
+        return (
+            f"model.num_heads={heads} must divide model.embed_dim={width} (each head gets embed_dim / num_heads "
+            f"channels); use e.g. model.num_heads={max(d for d in range(1, min(heads, width) + 1) if width % d == 0)}."
+        )
+    return None
+
+
+def _token_pool_needs_class_token(get: Get) -> str | None:
+    if get("model.global_pool") == "token" and get("model.class_token") is False:
+        return (
+            "model.global_pool=token pools the class token, and model.class_token=false removes it; "
+            "use model.global_pool=avg or model.class_token=true."
+        )
+    return None
+
+
+def _warmup_within_training(get: Get) -> str | None:
+    warmup, epochs = get("scheduler.warmup_epochs"), get("trainer.max_epochs")
+    if warmup is not ABSENT and epochs is not ABSENT and warmup > epochs:
+        return (
+            f"scheduler.warmup_epochs={show(warmup)} must not exceed trainer.max_epochs={epochs} (the learning rate "
+            "would never reach optimizer.lr); use e.g. scheduler.warmup_epochs=1."
+        )
+    return None
+
+
+RULES: list[Rule] = [
+    _monitors_are_configs,
+    _digits_size,
+    _synthetic_counts,
+    _heads_divide_width,
+    _token_pool_needs_class_token,
+    _warmup_within_training,
+]
+
+
+def _quantized_only(prefix: str) -> Rule:
+    def rule(get: Get) -> str | None:
+        if get(f"{prefix}quantize") is not None:
+            return None
+        for key, default in (("activations", False), ("keep_head", True)):
+            value = get(f"{prefix}{key}")
+            if value is not ABSENT and value != default:
+                return (
+                    f"{prefix}{key}={show(value)} only applies to a quantized model; add "
+                    f"{prefix}quantize=fp8_e4m3 (or fp8_e5m2), or drop {prefix}{key}."
+                )
+        return None
+
+    return rule
