@@ -112,7 +112,8 @@ def test_a_stopped_or_killed_launcher_leaves_no_worker_and_a_relaunch_finishes(s
 
 
 def test_two_launches_of_one_study_train_each_run_once(tmp_path):
-    args = ["seed=1,2,3", *JOB, "study=twice", "hydra.launcher.n_jobs=1"]
+    # One thread each: two launches of two threads on a 2-core machine would thrash (the suite runs on 2 cores).
+    args = ["seed=1,2,3", *JOB, "study=twice", "hydra.launcher.n_jobs=1", "trainer.threads=1"]
     study = tmp_path / "multirun" / "twice"
     first, second = launch(args, tmp_path), launch(args, tmp_path)
     (_, err1), (_, err2) = first.communicate(timeout=600), second.communicate(timeout=600)
