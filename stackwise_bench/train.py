@@ -68,24 +68,7 @@ def run(
             resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
             if resume:
                 threads = resume_threads(record.summary, cfg.trainer.get("threads"), threads)
-            record.start(
-                run={
-                    "seed": cfg.seed,
-                    "study": cfg.get("study"),
-                    "overrides": list(overrides or []),
-                    "choices": dict(choices or {}),
-                    "fingerprint": fp,
-                    "git_sha": git_sha(),
-                    "name": Path(run_dir).name,
-                    "dir": str(Path(run_dir).resolve()),
-                    "host": held.content["host"],
-                    "pid": held.content["pid"],
-                    "started_at": now_iso(),
-                    "resumed": resume,
-                    "stopped_by": None,
-                },
-                config=config,
-            )
+            record.start(run=run_section(cfg, run_dir, fp, overrides, choices, held.content, resume), config=config)
             from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
 
             try:
@@ -128,6 +111,25 @@ def run(
             record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
         stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
     return record.summary
+
+
+def run_section(cfg, run_dir, fp: str, overrides, choices, lease_content: dict, resume: bool) -> dict:
+    """``summary.json``'s ``run`` section as a run starts: who it is, where, by which process, from which commit."""
+    return {
+        "seed": cfg.seed,
+        "study": cfg.get("study"),
+        "overrides": list(overrides or []),
+        "choices": dict(choices or {}),
+        "fingerprint": fp,
+        "git_sha": git_sha(),
+        "name": Path(run_dir).name,
+        "dir": str(Path(run_dir).resolve()),
+        "host": lease_content["host"],
+        "pid": lease_content["pid"],
+        "started_at": now_iso(),
+        "resumed": resume,
+        "stopped_by": None,  # a signal's name, or why a stop was requested, when the run ends interrupted
+    }
 
 
 def note_takeover(record: RunRecord, holder: dict, new_attempt: bool) -> None:
