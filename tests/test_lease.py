@@ -132,3 +132,17 @@ def test_plan_shows_a_folder_another_process_writes_as_busy(tmp_path):
     assert job_state(tmp_path / "run", {}, "fp").startswith(f"busy (pid {os.getpid()} on host ")
     plant(tmp_path / "run", pid=dead_pid())
     assert job_state(tmp_path / "run", {}, "fp") == "pending"  # a dead writer's lease will be taken over
+
+
+def test_gpu_slots_of_a_dead_job_are_taken_over(tmp_path, monkeypatch):
+    """GPU slots use the same liveness test as leases: a slot whose process is gone is free again."""
+    from stackwise_bench.runs.job import gpu_slot
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    slots = tmp_path / ".study" / "gpu_slots"
+    slots.mkdir(parents=True)
+    (slots / "cuda0").write_text(str(os.getpid()))  # held by a live job
+    (slots / "cuda1").write_text(str(dead_pid()))  # left by a job that died
+    with gpu_slot(tmp_path) as device:
+        assert device == "cuda:1"
+    assert not (slots / "cuda1").exists() and (slots / "cuda0").exists()

@@ -32,7 +32,7 @@ from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import FINISHED, read_summary
 from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.launch import Launch, current, exit_code, watch
-from stackwise_bench.runs.lease import RunBusy
+from stackwise_bench.runs.lease import RunBusy, pid_alive
 from stackwise_bench.runs.provenance import fingerprint
 from stackwise_bench.runs.study import LAUNCH_FILE, STUDY_DIR, current_path, launches_dir, outcome_path
 
@@ -210,7 +210,7 @@ def gpu_slot(sweep_dir: Path) -> Iterator[str | None]:
     for attempt in range(2):
         for i in range(gpus):
             path = slots / f"cuda{i}"
-            if attempt and not _pid_alive(path):
+            if attempt and not _slot_holder_alive(path):
                 path.unlink(missing_ok=True)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -229,12 +229,11 @@ def gpu_slot(sweep_dir: Path) -> Iterator[str | None]:
     )
 
 
-def _pid_alive(path: Path) -> bool:
+def _slot_holder_alive(path: Path) -> bool:
     try:
-        os.kill(int(path.read_text() or 0), 0)
+        return pid_alive(int(path.read_text()))
     except (OSError, ValueError):
         return False
-    return True
 
 
 def release_memory() -> None:

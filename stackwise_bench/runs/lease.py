@@ -37,7 +37,7 @@ from pathlib import Path
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import LEASE
-from stackwise_bench.runs.files import check_writable
+from stackwise_bench.runs.files import atomic_write_text, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Lease:
                 return
             self.content["heartbeat"] = time.time()
             try:
-                _write_replace(self.path, self.content)
+                atomic_write_text(self.path, json.dumps(self.content))
             except OSError as exc:  # a full disk: the lease goes stale, the run itself decides about its files
                 log.warning("could not refresh %s (%s)", self.path, exc)
 
@@ -271,9 +271,3 @@ def _write(path: Path, content: dict) -> None:
         f.write(json.dumps(content))
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_replace(path: Path, content: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{content['token']}.beat")
-    _write(tmp, content)
-    os.replace(tmp, path)
