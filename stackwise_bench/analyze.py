@@ -95,7 +95,7 @@ def print_summary(a, out_dir, seconds: float) -> None:
         f"{len(a.runs)} runs ({finished} finished) | cells by {', '.join(a.group_by) or '(all runs)'} "
         f"| metric {a.metric} | baseline {base}\n"
     )
-    print(screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline)))
+    print(screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs)))
     for view in a.views:
         if view.highlights:
             print(f"\n{view.title}:")

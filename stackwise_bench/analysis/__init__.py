@@ -9,13 +9,15 @@ Reads files only and never imports torch. Names are imported on first use, so
     write_report(a)   # -> multirun/peft_baseline/analysis/report.md, ...
 
 Evaluation records next to the runs (``<run>/eval/<name>/``, from ``stackwise_bench.evaluate``)
-are not runs; their quantized ones become ``a.quantization`` (per cell and format).
+are not runs; their quantized ones become ``a.quantization`` (per cell and format). Per-layer
+diagnostics (``diagnostics.jsonl``) become ``a.diagnostics`` (:func:`collect_diagnostics`, long format).
 """
 
 from importlib import import_module
 
 _EXPORTS = {
     "collect": ("collect_runs", "collect_epochs", "collect_hardware", "override_keys", "finished", "FINISHED"),
+    "diagnostics": ("collect_diagnostics",),
     "stackwise_bench.runs.folders": ("find_run_dirs", "find_eval_dirs", "is_eval_record"),
     "stackwise_bench.runs.contract": ("read_summary",),
     "grouping": ("default_group_by", "varying_keys", "parse_selector"),

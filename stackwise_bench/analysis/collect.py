@@ -133,7 +133,7 @@ def collect_epochs(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:
     """
 
     def rows_of(run_dir: str) -> list[dict]:
-        by_epoch = {r["epoch"]: r for r in _read_jsonl(Path(run_dir) / METRICS) if "epoch" in r}
+        by_epoch = {r["epoch"]: r for r in read_jsonl(Path(run_dir) / METRICS) if "epoch" in r}
         return [by_epoch[e] for e in sorted(by_epoch)]
 
     return _long_table(runs, rows_of, "epoch")
@@ -141,7 +141,7 @@ def collect_epochs(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:
 
 def collect_hardware(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:
     """Long table of hardware.jsonl samples (t, cpu_percent, rss_mb, ...) with override columns."""
-    return _long_table(runs, lambda d: [r for r in _read_jsonl(Path(d) / HARDWARE) if "t" in r], "t")
+    return _long_table(runs, lambda d: [r for r in read_jsonl(Path(d) / HARDWARE) if "t" in r], "t")
 
 
 def _long_table(runs: PathsLike | pd.DataFrame, rows_of, first: str) -> pd.DataFrame:
@@ -170,7 +170,8 @@ def _tidy_key_column(col: pd.Series) -> pd.Series:
     return col
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line; a missing file is empty, an unreadable line skipped."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()

@@ -1,4 +1,5 @@
-"""Curves over time of a study, as PNG files: learning curves, the LR schedule, throughput, hardware use.
+"""Curves over time of a study, as PNG files: learning curves, the LR schedule, throughput, hardware use
+(CPU, memory, GPU, power, temperature).
 
 Built like every figure here (:mod:`stackwise_bench.analysis.drawing`: Agg canvas, never pyplot);
 each function returns the path it wrote, or ``None`` when the runs lack the data.
@@ -6,6 +7,7 @@ each function returns the path it wrote, or ``None`` when the runs lack the data
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,16 @@ from stackwise_bench.analysis import drawing
 from stackwise_bench.analysis.grouping import with_group_labels
 
 HARDWARE_BINS = 60  # samples of different runs never share a timestamp: average them in time bins
+# hardware.jsonl columns drawn over time, in panel order (null where the machine has no such reader).
+HARDWARE_PANELS = (
+    ("cpu_percent", "CPU use (%)"),
+    ("rss_mb", "Resident memory (MB)"),
+    ("gpu_util", "GPU utilisation (%)"),
+    ("gpu_mem_mb", "GPU memory (MB)"),
+    ("gpu_power_w", "GPU power (W)"),
+    ("gpu_temp_c", "GPU temperature (°C)"),
+    ("cpu_temp_c", "CPU temperature (°C)"),
+)
 
 
 def learning_curves(epochs: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
@@ -106,31 +118,54 @@ def throughput(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list[str], 
 
 
 def hardware_use(hardware: pd.DataFrame, group_by: list[str], path: Path) -> Path | None:
-    """CPU %, resident memory and GPU memory (where sampled) over time per group."""
-    if hardware.empty:
+    """CPU %, memory, GPU use, power and temperature over time per group (the panels some run sampled)."""
+    fig = hardware_figure(hardware, group_by)
+    if fig is None:
         return None
-    panels = [
-        (c, label)
-        for c, label in (
-            ("cpu_percent", "CPU use (%)"),
-            ("rss_mb", "Resident memory (MB)"),
-            ("gpu_mem_mb", "GPU memory (MB)"),
-        )
-        if c in hardware and pd.to_numeric(hardware[c], errors="coerce").notna().any()
-    ]
+    per = ", ".join(hardware_keys(group_by)) or "all runs"
+    return drawing.save(fig, path, f"Hardware use over time per {per} (mean over runs, band = ±1 std)")
+
+
+def hardware_figure(hardware: pd.DataFrame, group_by: list[str]):
+    """One panel per quantity of :data:`HARDWARE_PANELS` that some run sampled, or None without samples."""
+    panels = hardware_panels(hardware)
     if not panels:
         return None
-    # Hardware use follows the precision (and model) far more than the other keys: fewer, readable lines.
-    keys = [k for k in ("model", "precision") if k in group_by] or group_by
-    data = with_group_labels(hardware, keys)
-    edges = np.linspace(0, float(data["t"].max()) or 1.0, HARDWARE_BINS + 1)
-    data["t_bin"] = edges[np.clip(np.searchsorted(edges, data["t"], side="right") - 1, 0, HARDWARE_BINS - 1)]
-    for col, _ in panels:
-        data[col] = pd.to_numeric(data[col], errors="coerce")
-    fig, axes = drawing.figure(1, len(panels), width=5.2)
+    data = hardware_series(hardware, group_by)
+    cols = len(panels) if len(panels) <= 3 else math.ceil(len(panels) / 2)
+    fig, axes = drawing.figure(math.ceil(len(panels) / cols), cols, width=5.2)
     for ax, (col, label) in zip(axes, panels):
         drawing.line(ax, data, "t_bin", col, band=True)
         ax.set(xlabel="Time since start (s)", ylabel=label, title=label.split(" (")[0])
+    for ax in axes[len(panels) :]:
+        ax.remove()
     drawing.legend(fig, axes, data)
-    per = ", ".join(keys) if keys else "all runs"
-    return drawing.save(fig, path, f"Hardware use over time per {per} (mean over runs, band = ±1 std)")
+    return fig
+
+
+def hardware_panels(hardware: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (column, label) panels with at least one reading: a machine without a GPU power counter
+    writes null, and a null-only series is left out rather than drawn as zeros."""
+    if hardware.empty:
+        return []
+    return [
+        (col, label)
+        for col, label in HARDWARE_PANELS
+        if col in hardware and pd.to_numeric(hardware[col], errors="coerce").notna().any()
+    ]
+
+
+def hardware_keys(group_by: list[str]) -> list[str]:
+    """Hardware use follows the precision (and model) far more than the other keys: fewer, readable lines."""
+    return [k for k in ("model", "precision") if k in group_by] or list(group_by)
+
+
+def hardware_series(hardware: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
+    """The samples the figure averages: numeric readings (null stays NaN, never 0), a ``group`` label and
+    the time bin ``t_bin`` (samples of different runs never share a timestamp)."""
+    data = with_group_labels(hardware, hardware_keys(group_by))
+    edges = np.linspace(0, float(data["t"].max()) or 1.0, HARDWARE_BINS + 1)
+    data["t_bin"] = edges[np.clip(np.searchsorted(edges, data["t"], side="right") - 1, 0, HARDWARE_BINS - 1)]
+    for col, _ in hardware_panels(hardware):
+        data[col] = pd.to_numeric(data[col], errors="coerce")
+    return data

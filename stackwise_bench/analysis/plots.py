@@ -16,6 +16,7 @@ import pandas as pd
 from stackwise_bench.analysis import drawing
 from stackwise_bench.analysis.curves import hardware_use, learning_curves, lr_schedule, throughput
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
+from stackwise_bench.analysis.layer_plots import grad_norm_heatmap
 from stackwise_bench.analysis.quantization import settings_label
 from stackwise_bench.runs.contract import FINISHED, read_summary
 
@@ -31,11 +32,13 @@ def make_plots(
     metric: str,
     group_by: list[str],
     quantized: pd.DataFrame | None = None,
+    diagnostics: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Every figure the data allows, into ``out_dir``; returns ``{title: path}``.
 
     ``quantized``: the quantized evaluation records
-    (:func:`stackwise_bench.analysis.quantization.quantized_evaluations`).
+    (:func:`stackwise_bench.analysis.quantization.quantized_evaluations`); ``diagnostics``: the per-layer
+    diagnostics (:func:`stackwise_bench.analysis.diagnostics.collect_diagnostics`).
     """
     import seaborn as sns  # ~1 s import: only when plotting
 
@@ -53,6 +56,9 @@ def make_plots(
             done(dynamics), done(runs), group_by, out_dir / "throughput.png"
         ),
         "Hardware use over time": lambda: hardware_use(done(hardware), group_by, out_dir / "hardware.png"),
+        "Per-layer gradient norms": lambda: grad_norm_heatmap(
+            done(diagnostics) if diagnostics is not None else None, group_by, out_dir / "grad_norms.png"
+        ),
         "Confusion matrix of the best run": lambda: confusion_matrix(
             done(runs), metric, group_by, out_dir / "confusion_matrix.png"
         ),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stackwise_bench.analysis.energy import ENERGY_COLUMNS, ENERGY_NOTE, THROTTLE_COLUMN, energy_note
 from stackwise_bench.analysis.grouping import format_value
 from stackwise_bench.analysis.report_sections import (
     comparisons_md,
@@ -53,7 +54,7 @@ def write_report(
     a.comparisons.to_csv(out_dir / "stats.csv", index=False)
     a.dynamics.to_csv(out_dir / "dynamics.csv", index=False)
     a.epochs.to_csv(out_dir / "epochs.csv", index=False)
-    headline = headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline)
+    headline = headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs)
     (out_dir / "table.tex").write_text(booktabs_table(headline, _caption(a)))
     if len(a.quantization):
         a.quantization.to_csv(out_dir / "quantization.csv", index=False)
@@ -74,6 +75,7 @@ def write_report(
             metric=a.metric,
             group_by=a.group_by,
             quantized=a.quantized,
+            diagnostics=a.diagnostics,
         )
     (out_dir / "report.md").write_text(render_markdown(a, headline, figures, out_dir, command))
     return out_dir
@@ -88,7 +90,8 @@ def render_markdown(
         f"## {a.metric} per cell\n\n"
         + markdown_table(headline)
         + f"\nmean ± std and 95% t-interval over seeds; Δ is cell − baseline [95% interval]; "
-        f"p is the raw p-value (Holm–Bonferroni adjusted across all {len(a.comparisons)} comparisons).\n",
+        f"p is the raw p-value (Holm–Bonferroni adjusted across all {len(a.comparisons)} comparisons).\n"
+        + _energy_md(a, headline),
         comparisons_md(a),
         unfinished_md(a),
         dynamics_md(a),
@@ -116,6 +119,14 @@ def _header(a: StudyAnalysis, command: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _energy_md(a: StudyAnalysis, headline: pd.DataFrame) -> str:
+    """What the energy columns mean, or one sentence saying the runs had no energy readings."""
+    if any(c in headline for c in (*ENERGY_COLUMNS, THROTTLE_COLUMN)):
+        return f"\n{ENERGY_NOTE}\n"
+    note = energy_note(a.runs)
+    return f"\n{note}\n" if note else ""
 
 
 def _warnings_md(a: StudyAnalysis) -> str:

@@ -13,6 +13,8 @@ from stackwise_bench.runs.contract import UnreadableSummary, read_summary
 # any other dict section the trainer adds later is flattened after them.
 SECTIONS = ("train", "test", "params", "resources", "env")
 # Lists (per-class accuracy, confusion matrix) stay in summary.json: read them with read_summary.
+# Lists of names worth a column are the exception: one cell of the names joined ("sw_power_cap, hw_slowdown").
+JOINED_LISTS = ("resources.throttle_reasons",)
 # Config values worth a column even when no run overrides them: they define the studies.
 STUDY_KEYS = ("lora.rank", "optimizer.lr", "trainer.max_epochs", "trainer.batch_size")
 # The value of a key (or config group) a run deleted with ``~key``: a treatment of its own, not a missing value.
@@ -51,6 +53,10 @@ def run_row(run_dir: Path) -> tuple[dict, dict, dict, dict, set]:
         if section not in ("run", "config", "error", "status") and isinstance(summary.get(section), dict):
             _flatten(summary[section], section, row)
     _flatten({k: v for k, v in run.items() if k not in ("seed", "overrides", "choices")}, "run", row)
+    for key in JOINED_LISTS:
+        names = lookup(summary, key)
+        if isinstance(names, list):
+            row[key] = ", ".join(str(n) for n in names)
     row["overrides"] = " ".join(str(o) for o in overrides or [])
     if isinstance(summary.get("error"), dict):
         err = summary["error"]

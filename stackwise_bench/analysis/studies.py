@@ -13,9 +13,12 @@ import numpy as np
 import pandas as pd
 
 from stackwise_bench.analysis.compare import compare_to_baseline
+from stackwise_bench.analysis.energy import ENERGY, ENERGY_PER_IMG, energy_highlight
 from stackwise_bench.analysis.grouping import group_label, iter_groups, matching_cells, same_value
 from stackwise_bench.analysis.stats import describe
 from stackwise_bench.runs.contract import FINISHED
+
+ENERGY_SHOWN = ("energy_j", "energy_j_per_img", "energy_vs_fp32")  # precision-table columns of energy readings
 
 
 @dataclass
@@ -29,7 +32,11 @@ class StudyView:
 def precision_study(
     runs: pd.DataFrame, dynamics: pd.DataFrame, epochs: pd.DataFrame, group_by: list[str], metric: str
 ) -> StudyView | None:
-    """Accuracy, generalisation, time and resource use per precision cell, with speed-ups over fp32."""
+    """Accuracy, generalisation, time, resource and energy use per precision cell, with speed-ups over fp32.
+
+    The highlights name the most energy-efficient cell (lowest mean J per training image) where at
+    least two cells have energy readings.
+    """
     if "precision" not in group_by:
         return None
     cols = {
@@ -46,6 +53,8 @@ def precision_study(
         "resources.rss_mb_mean": "rss_mb_mean",
         "resources.peak_rss_mb": "peak_rss_mb",
         "resources.peak_gpu_mem_mb": "peak_gpu_mem_mb",
+        ENERGY: "energy_j",
+        ENERGY_PER_IMG: "energy_j_per_img",
     }
     done_dyn = dynamics[dynamics["status"].isin(FINISHED)]
     done_ep = epochs[epochs["status"].isin(FINISHED)] if len(epochs) else epochs
@@ -68,6 +77,7 @@ def precision_study(
     if table.empty:
         return None
     table["speedup_vs_fp32"] = _ratio_to_reference(table, group_by, "precision", "fp32", "time_s", invert=True)
+    table["energy_vs_fp32"] = _ratio_to_reference(table, group_by, "precision", "fp32", "energy_j_per_img")
     order = [
         *group_by,
         "n",
@@ -87,9 +97,15 @@ def precision_study(
         "rss_mb_mean",
         "peak_rss_mb",
         "peak_gpu_mem_mb",
+        "energy_j",
+        "energy_j_per_img",
+        "energy_vs_fp32",
     ]
     table = table[[*dict.fromkeys(order), "group"]]
-    return StudyView("Precision study", table, _precision_highlights(table, metric))
+    # Energy only where some run could read it: a CPU-only study's table gains no empty columns.
+    table = table.drop(columns=[c for c in ENERGY_SHOWN if table[c].isna().all()])
+    highlights = _precision_highlights(table, metric) + [h for h in [energy_highlight(table)] if h]
+    return StudyView("Precision study", table, highlights)
 
 
 def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:

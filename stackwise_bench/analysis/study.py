@@ -10,6 +10,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.collect import collect_epochs, collect_hardware, collect_runs, override_keys
 from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, resolve_baseline
+from stackwise_bench.analysis.diagnostics import collect_diagnostics
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
 from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
 from stackwise_bench.analysis.grouping import check_group_by, format_value
@@ -58,6 +59,8 @@ class StudyAnalysis:
     evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
     quantized: pd.DataFrame = field(default_factory=pd.DataFrame)
     quantization: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Per-layer diagnostics (diagnostics.jsonl), long: one row per run, step, layer and statistic.
+    diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def unfinished(self) -> pd.DataFrame:
@@ -121,6 +124,7 @@ def analyze_runs(
         )
         if v is not None
     ]
+    analysis.diagnostics = collect_diagnostics(runs)
     analysis.evaluations = collect_evaluations(runs)
     analysis.quantized = quantized_evaluations(analysis.evaluations, runs, group_by)
     analysis.quantization = quantization_table(analysis.quantized, runs, group_by)

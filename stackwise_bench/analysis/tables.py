@@ -11,17 +11,29 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from stackwise_bench.analysis.energy import energy_columns
 from stackwise_bench.analysis.grouping import format_value, same_value
 
 # From this magnitude on, digits after the point are noise (parameter counts, images/s, MB of memory);
 # below it a column keeps two decimals (accuracies in %, seconds, losses). Decided per column, never per value.
 LARGE = 1_000
+SMALL = 0.1  # a column entirely below this keeps two significant digits instead
+MAX_DIGITS = 6
 
 
 def headline_table(
-    summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, group_by: list[str], baseline: dict
+    summary: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    metric: str,
+    group_by: list[str],
+    baseline: dict,
+    runs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One display row per cell for ``metric``: n, mean ± std, 95% CI, Δ vs baseline, p, d, flags."""
+    """One display row per cell for ``metric``: n, mean ± std, 95% CI, Δ vs baseline, p, d, flags.
+
+    Given ``runs``, the cells' energy per run and per image and their thermal throttling are added before
+    the flags, where some run has those readings (:func:`~stackwise_bench.analysis.energy.energy_columns`).
+    """
     s = summary[summary["metric"] == metric] if len(summary) else summary
     comp = (
         comparisons[comparisons["metric"] == metric].set_index("group")
@@ -29,6 +41,8 @@ def headline_table(
         else pd.DataFrame()
     )
     digits = column_digits(s["mean"]) if len(s) else 2
+    energy = energy_columns(runs, group_by) if runs is not None else {}
+    energy_names = list(dict.fromkeys(name for cells in energy.values() for name in cells))
     rows = []
     for _, r in s.iterrows():
         row = {k: format_value(r[k]) for k in group_by}
@@ -38,6 +52,7 @@ def headline_table(
         row["95% CI"] = ci if r["n"] > 1 else "–"
         if baseline:
             row.update(_delta_cells(r, comp, group_by, baseline, digits))
+        row.update({name: energy.get(r["group"], {}).get(name, "n/a") for name in energy_names})
         flags = []
         if r["incomplete"]:
             flags.append("incomplete" + (f" (missing seeds {r['missing_seeds']})" if r["missing_seeds"] else ""))
@@ -138,10 +153,16 @@ def column_digits(values: Iterable, digits: int = 2, counts: bool = False) -> in
         counts: the column counts things (parameters): no decimals at any size.
 
     Returns:
-        0 for counts and for a column whose largest magnitude reaches :data:`LARGE`, else ``digits``.
+        0 for counts and for a column whose largest magnitude reaches :data:`LARGE`; for a column whose
+        every value is below :data:`SMALL` (J per image, learning rates) two significant digits of its
+        largest, so it does not read 0.00; else ``digits``.
     """
     finite = [abs(float(v)) for v in values if not _nan(v)]
-    return 0 if counts or (finite and max(finite) >= LARGE) else digits
+    if counts or (finite and max(finite) >= LARGE):
+        return 0
+    if finite and 0 < max(finite) < SMALL:
+        return min(MAX_DIGITS, max(digits, 1 - math.floor(math.log10(max(finite)))))
+    return digits
 
 
 def metric_digits(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> dict[str, int]:

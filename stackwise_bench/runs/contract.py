@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 SUMMARY = "summary.json"  # atomic; the single source of truth
 METRICS = "metrics.jsonl"  # one line per epoch
 HARDWARE = "hardware.jsonl"  # monitor samples
+DIAGNOSTICS = "diagnostics.jsonl"  # per-layer gradient/weight/activation statistics on logging steps
 SPLIT = "split.json"  # the exact train/val indices
 CHECKPOINTS = "checkpoints"  # last.pt, best.pt
 LEASE = ".lease"  # who is writing the folder now (runs/lease.py); absent when nobody is
@@ -42,6 +43,8 @@ VOLATILE_KEYS = (
     "trainer.log_every_n_steps",
     "trainer.threads",  # placement, like the sweep's share of cores; a resume keeps the count it started with
     "monitors",
+    "diagnostics",  # reads gradients, weights and activations; never changes them (tests/test_diagnostics.py)
+    "logger",  # trackers are sinks of the record's dicts
     "study",
     "plan",
     "lease",
