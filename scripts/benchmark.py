@@ -18,6 +18,8 @@ Figures (goals from issue 5 for a 2-core CPU machine):
   startup    launch -> first optimizer step of the default run ÷ `python -c "import torch"`   <= 1.8
   sweep      4 tiny jobs: wall time with hydra.launcher.n_jobs=1 ÷ with n_jobs=2         >= 1.7
              (also 4 default-sized jobs, and the ceiling a 2-thread job leaves them)
+  diagnostics  training img/s (mean step, so the logging steps count) with diagnostics=basic and full
+             ÷ diagnostics=none, at their default every_n_steps=50                       basic >= 0.98
   knobs      what channels_last, torch.compile, foreach/fused AdamW, the larger eval batch,
              inference_mode and (GPU) host-resident data with non-blocking copies buy
   gpu        (CUDA only) deit_tiny at 224 and resnet8 at 32: img/s and MFU
@@ -48,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from stackwise_bench.training.precision import synchronize  # noqa: E402
 
-FIGURES = ("overhead", "pipeline", "startup", "sweep", "knobs", "gpu")
+FIGURES = ("overhead", "diagnostics", "pipeline", "startup", "sweep", "knobs", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,15 +157,20 @@ class StepClock:
     def __exit__(self, *exc):
         self.handle.remove()
 
-    def img_s(self, batch: int, warmup: int) -> float:
-        """``batch`` / the median step interval after ``warmup`` steps: robust to bursts of load on a shared machine."""
+    def img_s(self, batch: int, warmup: int, mean: bool = False) -> float:
+        """``batch`` / the median step interval after ``warmup`` steps: robust to bursts of load on a shared machine.
+
+        ``mean``: the mean interval instead, for costs paid on some steps only (a diagnostics logging step
+        every 50), which the median would hide.
+        """
         pairs = list(zip(self.marks, self.marks[1:]))[warmup:]
         if not pairs:
             raise RuntimeError(f"only {len(self.marks)} optimizer steps: raise the budget's steps above warm-up + 1")
+        average = statistics.fmean if mean else statistics.median
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return batch / statistics.median(a.elapsed_time(b) / 1e3 for a, b in pairs)
-        return batch / statistics.median(b - a for a, b in pairs)
+            return batch / average([a.elapsed_time(b) / 1e3 for a, b in pairs])
+        return batch / average([b - a for a, b in pairs])
 
 
 def compose(overrides: list[str]):
@@ -195,7 +202,9 @@ def train_overrides(model: str, precision: str, b: Budget, *extra: str) -> list[
     ]
 
 
-def framework_img_s(overrides: list[str], run_dir: Path, b: Budget, rows: list | None = None) -> float:
+def framework_img_s(
+    overrides: list[str], run_dir: Path, b: Budget, rows: list | None = None, mean: bool = False
+) -> float:
     """``stackwise_bench.train.run`` on the composed config, as ``python -m stackwise_bench.train`` runs it."""
     from stackwise_bench.train import run
     from stackwise_bench.training.precision import resolve_device
@@ -205,7 +214,7 @@ def framework_img_s(overrides: list[str], run_dir: Path, b: Budget, rows: list |
         run(cfg, run_dir)
     if rows is not None:
         rows += [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return clock.img_s(cfg.trainer.batch_size, b.warmup_steps)
+    return clock.img_s(cfg.trainer.batch_size, b.warmup_steps, mean=mean)
 
 
 def bare_img_s(overrides: list[str], b: Budget) -> float:
@@ -280,6 +289,35 @@ def fig_overhead(b: Budget, work: Path) -> list[dict]:
                 }
             )
     return out
+
+
+def fig_diagnostics(b: Budget, work: Path) -> list[dict]:
+    """diagnostics=basic and full against none, each an epoch of >= 100 steps (two logging steps at every 50)."""
+    out = []
+    for model, batch in (("resnet8", 64), ("vit_micro_p4", 64)):
+        steps = max(100, 2 * b.steps.get(model, 0))
+        g = dataclasses.replace(b, steps={**b.steps, model: steps}, batch={**b.batch, model: batch})
+        ovs = {d: train_overrides(model, "fp32", g, f"diagnostics={d}", "monitors=none") for d in DIAGNOSTICS}
+        reps = max(3, b.reps // 2)  # 3 arms of >= 100 steps each: the full budget's 11 would take ~10 minutes
+        s = interleaved(
+            reps,
+            {d: (lambda r, d=d: framework_img_s(ovs[d], work / f"diag-{model}-{d}-{r}", g, mean=True)) for d in ovs},
+            warmup=True,
+        )
+        for level in ("basic", "full"):
+            out.append(
+                {
+                    "figure": "diagnostics",
+                    "setting": f"train img/s, diagnostics={level} / none: {model} fp32 batch {batch}, {steps} steps",
+                    "unit": "img/s",
+                    "goal": ">= 0.98" if level == "basic" else "",
+                    **compare(s, level, "none"),
+                }
+            )
+    return out
+
+
+DIAGNOSTICS = ("none", "basic", "full")
 
 
 class PILSet(torch.utils.data.Dataset):

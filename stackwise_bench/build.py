@@ -48,6 +48,8 @@ class Assembly(NamedTuple):
     optimizer: Any
     scheduler: Any
     monitors: list
+    diagnostics: Any  # None for diagnostics=none
+    loggers: list
 
 
 def instantiate(node, *args, **kwargs):
@@ -89,7 +91,20 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
         cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(loaders.train), max_epochs=trainer.max_epochs
     )
     monitors = [instantiate(node) for node in cfg.monitors.values()]
-    return Assembly(runtime, trainer, data, model, shape, fp8_layers, loaders, optimizer, scheduler, monitors)
+    diagnostics = instantiate(cfg.diagnostics) if cfg.get("diagnostics") else None
+    loggers = build_loggers(cfg)
+    return Assembly(
+        runtime, trainer, data, model, shape, fp8_layers, loaders, optimizer, scheduler, monitors, diagnostics, loggers
+    )
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The trackers of ``logger=[...]``; a missing package is refused here, before any step, naming the extra."""
+    from stackwise_bench.training.loggers import check_available
+
+    nodes = dict(cfg.get("logger") or {})
+    check_available(list(nodes))
+    return [instantiate(node) for node in nodes.values()]
 
 
 def build_runtime(cfg: DictConfig, threads: int | None = None, device: str | None = None):

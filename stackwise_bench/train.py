@@ -79,6 +79,7 @@ def run(
                 if built.fp8_layers is not None:
                     record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
                 record.update(params=count_parameters(built.model) | built.model_shape)
+                record.attach(built.loggers)
                 log.info(
                     "training %s on %s (%s, %s) in %s",
                     cfg.model.name,
@@ -95,6 +96,7 @@ def run(
                     sink=record,
                     monitors=built.monitors,
                     stop=stop,
+                    diagnostics=built.diagnostics,
                 )
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
@@ -108,7 +110,8 @@ def run(
                 raise
             if result.status == "interrupted":
                 record.summary["run"]["stopped_by"] = stop.requested
-            record.finish(result.status, train=result.train, test=result.test, resources=result.resources)
+            resources = with_total_energy(result.resources, record.summary.get("previous_attempts", []))
+            record.finish(result.status, train=result.train, test=result.test, resources=resources)
         stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
     return record.summary
 
@@ -166,6 +169,15 @@ def resume_threads(summary: dict, configured: int | None, share: int | None) -> 
     if share is not None and share != recorded:
         log.info("resuming with the %d threads this run started with (this job's share is %d)", recorded, share)
     return recorded
+
+
+def with_total_energy(resources: dict, attempts: list[dict]) -> dict:
+    """The run's ``energy_j``: this attempt's plus what earlier ones recorded (``energy_j_attempt``: this one's)."""
+    mine = resources.get("energy_j")
+    earlier = [a["energy_j"] for a in attempts if isinstance(a.get("energy_j"), (int, float))]
+    if mine is None or not earlier:
+        return resources
+    return {**resources, "energy_j": mine + sum(earlier), "energy_j_attempt": mine}
 
 
 def train_job(cfg: DictConfig, job: Job) -> dict:

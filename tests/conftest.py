@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def _torch_threads():
 
 def pytest_configure(config):
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    # trackio fixes its folder when it is imported: a scratch one, so no test writes to a user's trackio projects
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="trackio-tests-")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")
 
 

@@ -94,3 +94,32 @@ def test_evaluate_reproduces_test_top1_on_the_gpu(tmp_path):
     assert evaluation["run"]["device"].startswith("cuda")
     assert evaluation["test"]["top1"] == summary["test"]["top1"] and evaluation["test"]["matches_recorded"] is True
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["test"] == summary["test"]
+
+
+def test_power_energy_and_diagnostics_on_the_gpu(tmp_path):
+    """NVML readings on a real GPU: power in watts, energy from the counter (or integrated), per-image energy."""
+    overrides = [
+        "trainer.device=cuda",
+        "trainer.max_epochs=2",
+        "monitors.hardware.interval_s=0.1",
+        "diagnostics=full",
+        "diagnostics.every_n_steps=2",
+    ]
+    summary = run(compose(overrides), tmp_path / "power")
+    assert summary["status"] == "completed", summary.get("error")
+    resources = summary["resources"]
+    print(
+        "gpu resources:",
+        json.dumps(
+            {k: v for k, v in resources.items() if "energy" in k or "power" in k or "temp" in k or "throttl" in k}
+        ),
+    )
+    rows = [json.loads(line) for line in (tmp_path / "power" / "hardware.jsonl").read_text().splitlines()]
+    powers = [r["gpu_power_w"] for r in rows if r["gpu_power_w"] is not None]
+    assert powers and all(10 < p < 2000 for p in powers)  # watts, not milliwatts
+    assert resources["energy_j"] is not None and resources["energy_j"] > 0
+    assert resources["energy_source"]["gpu"] in ("nvml_total_energy", "nvml_power_integrated")
+    assert resources["energy_j_per_img"] == pytest.approx(resources["energy_j"] / resources["images"])
+    assert resources["gpu_temp_max_c"] is not None and resources["thermal_throttled"] in (True, False)
+    diag = [json.loads(line) for line in (tmp_path / "power" / "diagnostics.jsonl").read_text().splitlines()]
+    assert diag[-1]["kind"] == "weights" and any(r.get("activations") for r in diag)

@@ -216,10 +216,13 @@ def pinned_for(version: str) -> tuple[dict, float | None]:
     return PINNED[nearest], ACROSS_RELEASES
 
 
+@pytest.mark.parametrize("diagnostics", ["none", "full"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_pinned_loss(precision, tmp_path, cfg_factory):
+def test_pinned_loss(precision, diagnostics, tmp_path, cfg_factory):
     # Two threads, as pinned: CPU kernels sum in a thread-dependent order (val_loss moves ~2e-4 from 2 to 1 thread).
-    cfg = cfg_factory([f"precision={precision}", "trainer.max_epochs=1", "monitors=none", "trainer.threads=2"])
+    # Diagnostics on every second step (hooks, snapshots, per-layer norms) observe and change nothing.
+    watch = [f"diagnostics={diagnostics}"] + (["diagnostics.every_n_steps=2"] if diagnostics != "none" else [])
+    cfg = cfg_factory([f"precision={precision}", "trainer.max_epochs=1", "monitors=none", "trainer.threads=2", *watch])
     run(cfg, tmp_path / precision)
     row = read_metrics(tmp_path / precision)[0]
     pinned, across = pinned_for(torch.__version__)

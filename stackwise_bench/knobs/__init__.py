@@ -139,13 +139,42 @@ KNOBS: dict[str, Spec] = {
     # conf/monitors/*.yaml
     "monitors.hardware.interval_s": Number("1.0", lo=0, lo_open=True),
     "monitors.hardware.gpu": Bool("true"),
+    "monitors.hardware.power": Bool("true"),
+    "monitors.hardware.thermal": Bool("true"),
+    # conf/diagnostics/*.yaml
+    "diagnostics.every_n_steps": Int("50", min=1, note="a logging step every N optimizer steps"),
+    "diagnostics.layer_grads": Bool("true"),
+    "diagnostics.weights": Bool("false"),
+    "diagnostics.activations": Bool("false"),
+    # conf/logger/*.yaml (logger=[tensorboard,mlflow,trackio,wandb])
+    "logger.tensorboard.subdir": FolderName("tensorboard", note="the event files' folder inside the run folder"),
+    "logger.tensorboard.flush_secs": Number("30", lo=0, lo_open=True),
+    "logger.mlflow.tracking_uri": Text(
+        "sqlite:///mlflow.db", null=True, what="an MLflow tracking URI", note="null = the study's own SQLite store"
+    ),
+    "logger.trackio.flush_secs": Number("5", lo=0, lo_open=True),
+    "logger.wandb.mode": Choice(("offline", "online", "disabled"), "offline"),
+    "logger.wandb.project": Text("my-study", null=True, what="a wandb project name", note="null = the study's name"),
 }
 
 # Leaf keys left unchecked here, and why; every other leaf of every option of every group must be in KNOBS.
 EXEMPT: dict[str, str] = {
     f"{path}._target_": "an import path Hydra instantiates (open-ended); Hydra refuses one that does not import"
-    for path in ("model", "dataset", "augmentation", "optimizer", "scheduler", "trainer", "monitors.hardware")
+    for path in (
+        "model",
+        "dataset",
+        "augmentation",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "monitors.hardware",
+        "diagnostics",
+    )
 }
+
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
+EXEMPT.update({f"logger.{name}._target_": EXEMPT["model._target_"] for name in TRACKERS})
+EXEMPT.update({f"logger.{name}.name": "the tracker's key in summary.json['loggers']: any text" for name in TRACKERS})
 
 # Config groups every training run builds from: deleting one (~model, model=null) is refused by name.
 GROUPS: dict[str, str] = {

@@ -23,6 +23,7 @@ from typing import Any
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import (
     CHECKPOINTS,
+    DIAGNOSTICS,
     FINISHED,
     HARDWARE,
     METRICS,
@@ -41,6 +42,7 @@ from stackwise_bench.runs.files import (
     write_error,
 )
 from stackwise_bench.runs.provenance import config_diff
+from stackwise_bench.runs.tracking import Tracker, TrackerRun, Trackers, flatten
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,37 @@ class RunRecord:
         self.summary: dict[str, Any] = read_summary(self.dir) or {}
         self._lock = threading.Lock()
         self._hardware_failed = False
+        self._hardware_seq = _next_seq(self.dir / HARDWARE)  # before a resume trims it: seqs never repeat
+        self.resume_step: int | None = None  # the global step a resumed run continues from (trim_to_checkpoint)
+        self.trackers = Trackers([], self._tracker_run, self._report_trackers)
+
+    # ---- trackers: sinks of the same dicts ----------------------------------
+    def attach(self, trackers: list[Tracker]) -> None:
+        """Hand every dict this record writes to ``trackers`` too (:mod:`stackwise_bench.runs.tracking`)."""
+        self.trackers = Trackers(trackers, self._tracker_run, self._report_trackers)
+
+    @property
+    def wants_steps(self) -> bool:
+        """Whether anyone takes the per-step training rows (:meth:`log_step`): a tracker is attached."""
+        return bool(self.trackers)
+
+    def _tracker_run(self) -> TrackerRun:
+        run = self.summary.get("run") or {}
+        config = self.summary.get("config") or {}
+        return TrackerRun(
+            run_dir=self.dir.resolve(),
+            name=self.dir.name,
+            study=run.get("study") or "default",
+            study_dir=self.dir.resolve().parent,
+            config=config,
+            params=flatten(config, sep="."),
+            state={k: (v or {}).get("state") or {} for k, v in (self.summary.get("loggers") or {}).items()},
+            resume_step=self.resume_step,
+        )
+
+    def _report_trackers(self, status: dict) -> None:
+        self.summary["loggers"] = {name: dict(entry) for name, entry in status.items()}
+        self.write_summary()
 
     # ---- the folder policy: never overwrite --------------------------------
     def prepare(self, config: dict, fingerprint: str, may_resume: bool) -> dict | None:
@@ -115,6 +148,8 @@ class RunRecord:
         attempt["ended_at"] = old.get("run", {}).get("ended_at")
         attempt["stopped_by"] = old.get("run", {}).get("stopped_by")
         attempt["steps"] = (old.get("train") or {}).get("steps")  # where it stopped: mid-epoch when not a multiple
+        used = old.get("resources") or {}  # its own energy (energy_j is the run's total so far where it resumed too)
+        attempt["energy_j"] = used.get("energy_j_attempt", used.get("energy_j"))
         old.setdefault("previous_attempts", []).append(attempt)
         return None
 
@@ -148,6 +183,17 @@ class RunRecord:
         self.summary.setdefault("run", {})["ended_at"] = now_iso()
         self.summary["status"] = status
         self.update(**sections)
+        self._finish_trackers(status, sections.get("test"))
+
+    def _finish_trackers(self, status: str, test: dict | None) -> None:
+        """The test metrics and the summary's numbers to the trackers, then close them (failures stay theirs)."""
+        if not self.trackers:
+            return
+        if test:
+            self.trackers.log("test", test, (self.summary.get("train") or {}).get("steps") or 0)
+        if status != "failed":
+            self.trackers.summary(self.summary)
+        self.trackers.close(status)
 
     def fail(self, exc: BaseException, reason: str | None = None) -> None:
         """Record a failure with its traceback; ``reason`` is a short tag such as ``diverged``.
@@ -182,6 +228,21 @@ class RunRecord:
         self.summary.setdefault("run", {})["updated_at"] = now_iso()
         self.summary["progress"] = {"epoch": row.get("epoch"), "step": row.get("step")}
         self.write_summary()
+        self.trackers.log("epoch", row, row.get("step") or 0)
+
+    def log_step(self, row: dict) -> None:
+        """A training step's loss, learning rate and grad norm: for the trackers only (metrics.jsonl is per epoch)."""
+        self.trackers.log("train", row, row["step"])
+
+    def log_diagnostics(self, row: dict) -> None:
+        """Append a diagnostics row (:mod:`stackwise_bench.training.diagnostics`) and hand it to the trackers.
+
+        Trackers get it regrouped by statistic, ``diagnostics/grad_norm/<layer>``, so a tracker shows one
+        chart per statistic with a line per layer.
+        """
+        self._append(DIAGNOSTICS, row)
+        if self.trackers:
+            self.trackers.log("diagnostics", by_statistic(row), row.get("step") or 0)
 
     def log_hardware(self, row: dict) -> None:
         """Append a monitor sample, stamped with the wall-clock ``time`` (unix seconds) unless it has one.
@@ -189,14 +250,17 @@ class RunRecord:
         Runs on the monitor's thread: a sample that cannot be written is dropped with one warning per run
         (a full disk fails the run at its next checkpoint or metrics row anyway).
         """
+        row = {**row, "seq": self._hardware_seq}
+        self._hardware_seq += 1
         if "time" not in row:
-            row = {**row, "time": time.time()}
+            row["time"] = time.time()
         try:
             self._append(HARDWARE, row)
         except RecordWriteError as exc:
             if not self._hardware_failed:
                 self._hardware_failed = True
                 log.warning("hardware samples are no longer recorded: %s", exc)
+        self.trackers.log("hardware", row, row["seq"])
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         """On resume: the metrics file becomes exactly the checkpoint's history."""
@@ -212,6 +276,8 @@ class RunRecord:
         written) line. A checkpoint without ``saved_at`` (written before it was stamped) leaves the samples alone.
         """
         self.rewrite_metrics(state["progress"]["history"])
+        self.resume_step = int(state["progress"]["global_step"])
+        self._trim_diagnostics(self.resume_step)
         saved_at = state.get("saved_at")
         path = self.dir / HARDWARE
         if saved_at is None or not path.is_file():
@@ -225,6 +291,22 @@ class RunRecord:
                     continue
                 stamp = row.get("time") if isinstance(row, dict) else None
                 if not isinstance(stamp, (int, float)) or stamp <= saved_at:
+                    kept.append(line + "\n")
+            atomic_write_text(path, "".join(kept))
+
+    def _trim_diagnostics(self, step: int) -> None:
+        """``diagnostics.jsonl`` keeps the step rows at or before ``step`` (the end-of-run weights row goes too)."""
+        path = self.dir / DIAGNOSTICS
+        if not path.is_file():
+            return
+        with self._lock:
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("kind", "step") == "step" and (row.get("step") or 0) <= step:
                     kept.append(line + "\n")
             atomic_write_text(path, "".join(kept))
 
@@ -254,6 +336,33 @@ class RunRecord:
         import torch
 
         return torch.load(self.checkpoint_path(name), map_location=map_location, weights_only=True)
+
+
+def by_statistic(row: dict) -> dict:
+    """A diagnostics row keyed for trackers by statistic, then layer: ``grad_norm/stage1.0``, ``act_rms/head``."""
+    out = {k: v for k, v in row.items() if k not in ("layers", "activations", "kind", "epoch")}
+    prefix = "weights_" if row.get("kind") == "weights" else ""
+    for section, tag in (("layers", prefix), ("activations", "act_")):
+        for layer, stats in (row.get(section) or {}).items():
+            for stat, value in stats.items():
+                out[f"{tag}{stat}/{layer}"] = value
+    return out
+
+
+def _next_seq(path: Path) -> int:
+    """The next hardware sample's ``seq``: one past the highest in the file (its line count for older files)."""
+    if not path.is_file():
+        return 0
+    highest, lines = -1, 0
+    for line in path.read_text().splitlines():
+        lines += 1
+        try:
+            seq = json.loads(line).get("seq")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(seq, int):
+            highest = max(highest, seq)
+    return max(highest + 1, lines)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -29,6 +29,7 @@ class Progress:
     bad_evals: int = 0  # evaluations since the best one, for early stopping
     history: list = dataclasses.field(default_factory=list)
     partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
+    diagnostics: list | None = None  # the diagnostics' grad-norm interval so far (Diagnostics.state)
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, device: torch.device) -> dict:

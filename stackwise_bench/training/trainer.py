@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
+from stackwise_bench.training.diagnostics import Diagnostics
 from stackwise_bench.training.metrics import evaluate
 from stackwise_bench.training.precision import synchronize
 from stackwise_bench.training.reporting import log_epoch, progress_bar, train_summary, update_bar
@@ -40,6 +41,12 @@ class FitResult:
     train: dict
     test: dict
     resources: dict
+
+
+def per_image(resources: dict, images: int) -> dict:
+    """``energy_j_per_img``: this attempt's energy over the images it trained on (None where no energy was read)."""
+    energy = resources.get("energy_j")
+    return {"energy_j_per_img": energy / images if energy is not None and images else None, "images": images}
 
 
 class Trainer:
@@ -87,16 +94,34 @@ class Trainer:
         self._compile_pending = runtime.compile  # the first compiled step of this process includes compilation
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model, loaders, optimizer, scheduler, sink, monitors=(), stop: StopSignal | None = None) -> FitResult:
+    def fit(
+        self,
+        model,
+        loaders,
+        optimizer,
+        scheduler,
+        sink,
+        monitors=(),
+        stop: StopSignal | None = None,
+        diagnostics: Diagnostics | None = None,
+    ) -> FitResult:
         """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``.
 
         ``stop`` (held by ``train.run`` for the whole run) asks to stop at the next step, in validation or in
         the test phase: the result is then ``interrupted`` with ``last.pt`` saved where training stood.
+        ``diagnostics`` (None: none) measures gradients, weights and activations on its logging steps; its rows
+        go to ``sink.log_diagnostics``. Where the sink ``wants_steps`` (a tracker is attached), every
+        ``log_every_n_steps``-th step's loss, learning rate and grad norm go to ``sink.log_step``.
         """
         if stop is None:
             with StopSignal() as own:
-                return self.fit(model, loaders, optimizer, scheduler, sink, monitors, stop=own)
+                return self.fit(model, loaders, optimizer, scheduler, sink, monitors, stop=own, diagnostics=diagnostics)
         self.num_classes = loaders.num_classes
+        self.diagnostics, self.images = diagnostics, 0
+        if diagnostics is not None:
+            diagnostics.attach(model)
+            if self.runtime.compile and diagnostics.activations:  # else dynamo skips hooks added after compiling
+                torch._dynamo.config.skip_nnmodule_hook_guards = False
         scaler = self.runtime.scaler()
         if self.runtime.wants_channels_last(model):
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
@@ -105,7 +130,12 @@ class Trainer:
             restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()
         )
 
+        if diagnostics is not None:
+            diagnostics.restore(progress.diagnostics)
+
         def save_last() -> None:
+            if diagnostics is not None:
+                progress.diagnostics = diagnostics.state()
             sink.save_checkpoint("last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device))
 
         status = "early_stopped" if self._patience_spent(progress) else "completed"  # a resume after the last epoch
@@ -113,7 +143,9 @@ class Trainer:
             monitor.start(sink)
         try:
             while progress.epoch < self.max_epochs and status == "completed":
-                row = self._train_epoch(forward, loaders.train, optimizer, scheduler, scaler, progress, stop, save_last)
+                row = self._train_epoch(
+                    forward, loaders.train, optimizer, scheduler, scaler, progress, stop, save_last, sink
+                )
                 if row is None:  # a signal arrived: last.pt holds this step
                     status = "interrupted"
                     break
@@ -138,6 +170,9 @@ class Trainer:
             resources = {}
             for monitor in monitors:
                 resources.update(monitor.stop())
+        resources.update(per_image(resources, self.images))
+        if diagnostics is not None and status != "interrupted":  # the trained weights, layer by layer
+            sink.log_diagnostics({**diagnostics.final_weights(model), "step": progress.global_step})
         test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink, stop)
         if test is None:  # stopped during the test phase: training is saved whole; a resume runs the test
             status, test = "interrupted", {}
@@ -147,7 +182,7 @@ class Trainer:
         return bool(self.patience) and progress.bad_evals >= self.patience
 
     # -------------------------------------------------------------- epochs
-    def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop, save_last) -> dict | None:
+    def _train_epoch(self, model, loader, optimizer, scheduler, scaler, progress, stop, save_last, sink) -> dict | None:
         model.train()
         # Running sums of this epoch; an interrupted epoch's come back from its checkpoint. compile_*: the
         # first compiled step of a process, which includes compilation (timed apart, out of train_img_s).
@@ -164,23 +199,41 @@ class Trainer:
         correct = torch.tensor(sums["correct"], device=self.device)
         seen = sums["seen"]
         bar = progress_bar(len(loader), progress, self.max_epochs) if self.show_bar else None
+        diag, steps_wanted = self.diagnostics, getattr(sink, "wants_steps", False)
         synchronize(self.device)
         t0 = time.perf_counter()
         for x, y in loader.epoch(progress.epoch, start_step=progress.step):
+            step = progress.global_step + 1  # the number of the step about to run
+            probing = diag is not None and diag.due(step)
+            if probing:
+                diag.before_forward()
             with self.amp():
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if self.grad_clip or probing:
+                scaler.unscale_(optimizer)  # true gradients (scaler.step would unscale them anyway)
+            if probing:  # per-layer and global norms of the gradients as backward left them: before clipping
+                diag.after_backward(step)
+            norm = None  # the global grad norm before clipping: free where clipping computes it
             if self.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            if diag is not None and not probing:
+                diag.after_backward(step, grad_norm=norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it next)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if probing:
+                sink.log_diagnostics(diag.after_step(step, progress.epoch))
+            if steps_wanted and step % self.log_every_n_steps == 0:
+                grad = None if norm is None else float(norm)
+                sink.log_step({"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad})
             loss_sum += loss.detach().double() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
+            self.images += y.numel()
             progress.step += 1
             progress.global_step += 1
             if self._compile_pending:

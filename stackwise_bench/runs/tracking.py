@@ -1,0 +1,206 @@
+"""Trackers (TensorBoard, MLflow, trackio, wandb) as sinks of the run record's dicts.
+
+The run record stays the one writer of the run folder and the one source of truth; it hands each dict it
+writes to :class:`Trackers` as well, which forwards it to every configured tracker. Trackers never decide
+anything, and one that raises (a locked database, a full disk, a package missing at run time) warns once,
+is recorded in ``summary.json["loggers"][name]["error"]`` and is not called again: the run goes on.
+
+A tracker is any object with the methods of :class:`Tracker`; the backends are in
+:mod:`stackwise_bench.training.loggers` (this module imports none of their packages, so the run record
+stays torch- and tracker-free).
+
+Streams and their steps (the x-axis every tracker gets):
+
+========== ===================================== ==============================================
+stream      keys                                  step
+========== ===================================== ==============================================
+train       ``train/loss``, ``train/lr``,          the global optimizer step, every
+            ``train/grad_norm``                    ``trainer.log_every_n_steps``
+epoch       ``epoch/<metrics.jsonl key>``          the global step at the end of the epoch
+diagnostics ``diagnostics/<kind>/<layer>``         the global step (logging steps of ``diagnostics``)
+hardware    ``hardware/<hardware.jsonl key>``      the sample's ``seq``: 0, 1, 2, ... over the run's life
+test        ``test/<key>``                         the global step the run ended at
+========== ===================================== ==============================================
+
+A resumed run continues from its checkpoint's global step ``S``; the attempt before it may have logged steps
+after ``S``. :attr:`TrackerRun.resume_step` tells the tracker so: it must end up with one value per
+(key, step), never two (TensorBoard purges the later steps, the others skip steps they already hold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("train", "epoch", "diagnostics", "hardware", "test")
+# Which keys of a hardware sample are not measurements (they are the sample's place in time).
+NOT_METRICS = {"hardware": ("t", "time", "seq"), "epoch": (), "train": ("step",), "diagnostics": ("step", "time")}
+
+
+@dataclasses.dataclass
+class TrackerRun:
+    """What a tracker needs to open (or continue) the run it logs to.
+
+    Attributes:
+        run_dir: The run folder (TensorBoard's and wandb's files go under it).
+        name: The run folder's name: the tracker run's name (a sweep job's override string).
+        study: The study's name (``cfg.study``): MLflow's experiment, trackio's project, wandb's group.
+        study_dir: The folder the study's jobs share (``multirun/<study>``): shared stores live under it.
+        config: The resolved config, for a tracker's own records (``params`` is its flat form).
+        params: The flattened config (``a.b.c`` keys), logged once as the tracker run's parameters.
+        state: What this tracker returned from :meth:`Tracker.open` in an earlier attempt of this run (its run
+            id), or ``{}`` for a new run or where that attempt died before recording it.
+        resume_step: The global step the run continues from (a resume), or None for a run from scratch.
+    """
+
+    run_dir: Path
+    name: str
+    study: str
+    study_dir: Path
+    config: dict
+    params: dict
+    state: dict
+    resume_step: int | None
+
+
+class Tracker(Protocol):
+    """The interface of a tracker backend; ``name`` keys its entry in ``summary.json["loggers"]``."""
+
+    name: str
+
+    def open(self, run: TrackerRun) -> dict:
+        """Open (or continue) the tracker run; return what a resume needs to find it again (a run id)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int, stream: str) -> None:
+        """Log finite numbers under flat keys at ``step``."""
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """The final summary's numbers (flat keys), once at the end."""
+
+    def close(self, status: str) -> None:
+        """Flush and close; ``status`` is the run's final status."""
+
+
+def flatten(node: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Nested dicts as one level of ``prefix<sep>key<sep>subkey`` keys (lists and scalars are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name, sep))
+        else:
+            flat[name] = value
+    return flat
+
+
+def numbers(flat: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a flat dict (None, text, lists, NaN and booleans are no tracker's metric)."""
+    out = {}
+    for key, value in flat.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class Trackers:
+    """Forwards the record's dicts to each tracker; a tracker that raises is dropped, warned about and recorded.
+
+    Opened lazily, at the first dict, with the :class:`TrackerRun` that ``run_info`` returns then: a resumed run
+    knows its ``resume_step`` only once the trainer has read its checkpoint. ``report`` is called with
+    ``{name: {"state": ..., "error": ...}}`` when that changes, for ``summary.json["loggers"]``.
+    Thread-safe: hardware samples arrive from the monitor's thread.
+    """
+
+    def __init__(
+        self,
+        trackers: list[Tracker],
+        run_info: Callable[[], TrackerRun],
+        report: Callable[[dict], None],
+    ):
+        self._trackers = list(trackers)
+        self._run_info = run_info
+        self._report = report
+        self._lock = threading.RLock()
+        self._opened = False
+        self._closed = False
+        self.status: dict[str, dict] = {t.name: {"state": {}, "error": None} for t in self._trackers}
+
+    def __bool__(self) -> bool:
+        return bool(self._trackers)
+
+    # ---- forwarding ---------------------------------------------------------------------------
+    def log(self, stream: str, row: Mapping[str, Any], step: int) -> None:
+        """Log a record row of ``stream`` at ``step``: its numbers, flattened under ``<stream>/``."""
+        if not self._trackers:
+            return
+        skip = NOT_METRICS.get(stream, ())
+        metrics = numbers(flatten({k: v for k, v in row.items() if k not in skip}, prefix=stream))
+        if metrics:
+            self._each(lambda t: t.log_metrics(metrics, int(step), stream))
+
+    def summary(self, summary: Mapping[str, Any]) -> None:
+        """The final summary's numbers (``train.*``, ``test.*``, ``resources.*``, ``params.*``)."""
+        keep = {k: summary.get(k) for k in ("train", "test", "resources", "params") if isinstance(summary.get(k), dict)}
+        flat = numbers(flatten(keep, sep="."))
+        self._each(lambda t: t.log_summary(flat))
+
+    def close(self, status: str) -> None:
+        """Close every tracker (once); a tracker never opened is not opened for this."""
+        with self._lock:
+            if self._closed or not self._opened:
+                self._closed = True
+                return
+            self._closed = True
+            self._each(lambda t: t.close(status), opening=False)
+
+    # ---- isolation ----------------------------------------------------------------------------
+    def _open(self) -> None:
+        self._opened = True
+        run = self._run_info()
+        for tracker in list(self._trackers):
+            entry = self.status[tracker.name]
+            run_of_this = dataclasses.replace(run, state=dict(run.state.get(tracker.name) or {}))
+            try:
+                entry["state"] = dict(tracker.open(run_of_this) or {})
+            except Exception as exc:  # noqa: BLE001 - any failure of a tracker is the tracker's, not the run's
+                self._drop(tracker, exc)
+        self._report(self.status)
+
+    def _each(self, call: Callable[[Tracker], None], opening: bool = True) -> None:
+        with self._lock:
+            if self._closed and opening:
+                return
+            if opening and not self._opened:
+                self._open()
+            dropped = False
+            for tracker in list(self._trackers):
+                try:
+                    call(tracker)
+                except Exception as exc:  # noqa: BLE001
+                    self._drop(tracker, exc)
+                    dropped = True
+            if dropped:
+                self._report(self.status)
+
+    def _drop(self, tracker: Tracker, exc: BaseException) -> None:
+        self._trackers.remove(tracker)
+        message = f"{type(exc).__name__}: {exc}".strip()
+        self.status[tracker.name]["error"] = message
+        log.warning(
+            "logger %s failed and is off for the rest of this run (training goes on): %s",
+            tracker.name,
+            message,
+        )
+        try:
+            tracker.close("failed")
+        except Exception:  # noqa: BLE001 - it has already failed once; its close may too
+            pass
