@@ -23,7 +23,7 @@ from stackwise_bench.knobs import check_config
 from stackwise_bench.runs import lease
 from stackwise_bench.runs.job import Job, run_job
 from stackwise_bench.runs.provenance import env_info, fingerprint, git_sha
-from stackwise_bench.runs.record import RunRecord, now_iso
+from stackwise_bench.runs.record import ADDITIVE, RunRecord, now_iso
 from stackwise_bench.training.stop import StopSignal
 
 log = logging.getLogger("stackwise_bench.train")
@@ -68,6 +68,8 @@ def run(
             resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
             if resume:
                 threads = resume_threads(record.summary, cfg.trainer.get("threads"), threads)
+            else:
+                record.restart_logs()
             record.start(run=run_section(cfg, run_dir, fp, overrides, choices, held.content, resume), config=config)
             from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
 
@@ -110,7 +112,7 @@ def run(
                 raise
             if result.status == "interrupted":
                 record.summary["run"]["stopped_by"] = stop.requested
-            resources = with_total_energy(result.resources, record.summary.get("previous_attempts", []))
+            resources = run_resources(result.resources, record.summary.get("previous_attempts", []))
             record.finish(result.status, train=result.train, test=result.test, resources=resources)
         stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
     return record.summary
@@ -171,13 +173,22 @@ def resume_threads(summary: dict, configured: int | None, share: int | None) -> 
     return recorded
 
 
-def with_total_energy(resources: dict, attempts: list[dict]) -> dict:
-    """The run's ``energy_j``: this attempt's plus what earlier ones recorded (``energy_j_attempt``: this one's)."""
-    mine = resources.get("energy_j")
-    earlier = [a["energy_j"] for a in attempts if isinstance(a.get("energy_j"), (int, float))]
-    if mine is None or not earlier:
+def run_resources(resources: dict, attempts: list[dict]) -> dict:
+    """The run's resources over all its attempts: energy and images summed, energy per image from the sums.
+
+    ``attempt`` keeps this attempt's own share. An attempt killed before it recorded anything (SIGKILL, OOM)
+    has no numbers: its energy is not counted.
+    """
+    earlier = [a.get("resources") or {} for a in attempts]
+    if not any(any(isinstance(e.get(k), (int, float)) for k in ADDITIVE) for e in earlier):
         return resources
-    return {**resources, "energy_j": mine + sum(earlier), "energy_j_attempt": mine}
+    total = dict(resources, attempt={k: resources.get(k) for k in ADDITIVE})
+    for key in ADDITIVE:
+        values = [v for v in [resources.get(key), *(e.get(key) for e in earlier)] if isinstance(v, (int, float))]
+        total[key] = sum(values) if values and resources.get(key) is not None else resources.get(key)
+    energy, images = total.get("energy_j"), total.get("images")
+    total["energy_j_per_img"] = energy / images if energy is not None and images else None
+    return total
 
 
 def train_job(cfg: DictConfig, job: Job) -> dict:

@@ -216,6 +216,18 @@ BAD_KNOBS = [
     ("trainer.log_every_n_steps=0", r"positive integer"),
     ("monitors.hardware.interval_s=0", r"positive number"),
     ("monitors.hardware.gpu=sometimes", r"true or false"),
+    ("monitors.hardware.power=2", r"true or false"),
+    ("monitors.hardware.thermal=hot", r"true or false"),
+    ("diagnostics.every_n_steps=0", r"positive integer \(a logging step every N optimizer steps\)"),
+    ("diagnostics.layer_grads=some", r"true or false"),
+    ("diagnostics=full diagnostics.weights=1", r"true or false"),
+    ("diagnostics=full diagnostics.activations=maybe", r"true or false"),
+    ("logger=tensorboard logger.tensorboard.subdir=a/b", r"folder name"),
+    ("logger=tensorboard logger.tensorboard.flush_secs=0", r"positive number"),
+    ("logger=mlflow logger.mlflow.tracking_uri=[1,2]", r"MLflow tracking URI"),
+    ("logger=trackio logger.trackio.flush_secs=-1", r"positive number"),
+    ("logger=wandb logger.wandb.mode=cloud", r"one of offline, online, disabled"),
+    ("logger=wandb logger.wandb.project=[x]", r"wandb project name"),
 ]
 
 # Relations between keys, a group deleted, a value never set: each message names the key and what to do.

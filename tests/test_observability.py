@@ -284,3 +284,69 @@ def test_parallel_jobs_write_one_mlflow_store_and_one_trackio_project_without_lo
         assert db.is_file()
         with sqlite3.connect(db) as con:
             assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_energy_adds_up_over_a_resumed_runs_attempts_each_counted_once(tmp_path):
+    """Interrupted (10 J), crashed without resources, interrupted again (5 J), completed (2 J): 17 J, per image too."""
+    from stackwise_bench.runs.record import RunRecord
+    from stackwise_bench.train import run_resources
+
+    config = {"seed": 1}
+
+    def attempt(ending, energy=None, images=0):
+        record = RunRecord(tmp_path)
+        record.prepare(config, "fp", may_resume=True)
+        record.start(run={}, config=config)
+        if ending == "crash":
+            record.fail(RuntimeError("killed before it recorded its resources"))
+            return record.summary
+        mine = {"energy_j": energy, "gpu_energy_j": energy, "cpu_energy_j": None, "images": images}
+        record.finish(ending, resources=run_resources(mine, record.summary.get("previous_attempts", [])))
+        return record.summary
+
+    attempt("interrupted", 10.0, 100)
+    attempt("crash")
+    assert "resources" not in read_summary_of(tmp_path)  # the crashed attempt does not carry the first one's on
+    attempt("interrupted", 5.0, 50)
+    final = attempt("completed", 2.0, 50)["resources"]
+    assert final["energy_j"] == final["gpu_energy_j"] == 17.0 and final["images"] == 200
+    assert final["energy_j_per_img"] == pytest.approx(17.0 / 200) and final["cpu_energy_j"] is None
+    assert final["attempt"] == {"energy_j": 2.0, "gpu_energy_j": 2.0, "cpu_energy_j": None, "images": 50}
+
+
+def read_summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_tracker_that_hangs_is_left_behind_at_close(tmp_path):
+    """A tracker stuck on a lock delays nothing in training (a writer thread) and close() gives up on it in time."""
+    import threading
+
+    from stackwise_bench.runs.tracking import TrackerRun, Trackers
+
+    release = threading.Event()
+
+    class Stuck:
+        name = "stuck"
+
+        def open(self, run):
+            return {"id": 1}
+
+        def log_metrics(self, metrics, step, stream):
+            release.wait(30)
+
+        def log_summary(self, summary):
+            pass
+
+        def close(self, status):
+            pass
+
+    reports = []
+    info = TrackerRun(tmp_path, "r", "s", tmp_path, {}, {}, {}, None)
+    trackers = Trackers([Stuck()], lambda: info, reports.append, timeout_s=0.2)
+    for step in range(100):  # returns at once: the writer thread holds the stuck call
+        trackers.log("train", {"loss": 1.0}, step)
+    trackers.close("completed")
+    release.set()
+    assert reports[-1]["stuck"]["state"] == {"id": 1}
+    assert reports[-1]["stuck"]["error"].startswith("TimeoutError: still writing after 0 s")

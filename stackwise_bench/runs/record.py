@@ -79,6 +79,7 @@ class RunRecord:
         self._hardware_failed = False
         self._hardware_seq = _next_seq(self.dir / HARDWARE)  # before a resume trims it: seqs never repeat
         self.resume_step: int | None = None  # the global step a resumed run continues from (trim_to_checkpoint)
+        self._final_weights: dict | None = None  # the diagnostics' end-of-run row, for the trackers at finish
         self.trackers = Trackers([], self._tracker_run, self._report_trackers)
 
     # ---- trackers: sinks of the same dicts ----------------------------------
@@ -106,7 +107,8 @@ class RunRecord:
         )
 
     def _report_trackers(self, status: dict) -> None:
-        self.summary["loggers"] = {name: dict(entry) for name, entry in status.items()}
+        """The trackers' final state and errors into ``summary.json["loggers"]`` (called by ``Trackers.close``)."""
+        self.summary["loggers"] = status
         self.write_summary()
 
     # ---- the folder policy: never overwrite --------------------------------
@@ -148,8 +150,9 @@ class RunRecord:
         attempt["ended_at"] = old.get("run", {}).get("ended_at")
         attempt["stopped_by"] = old.get("run", {}).get("stopped_by")
         attempt["steps"] = (old.get("train") or {}).get("steps")  # where it stopped: mid-epoch when not a multiple
-        used = old.get("resources") or {}  # its own energy (energy_j is the run's total so far where it resumed too)
-        attempt["energy_j"] = used.get("energy_j_attempt", used.get("energy_j"))
+        # What that attempt used (its own share: a resumed attempt's energy_j is the run's total so far), then out of
+        # the summary, so an attempt that ends without resources (a crash) is never counted twice.
+        attempt["resources"] = attempt_resources(old.pop("resources", None) or {})
         old.setdefault("previous_attempts", []).append(attempt)
         return None
 
@@ -159,6 +162,9 @@ class RunRecord:
 
     # ---- summary.json -------------------------------------------------
     def write_summary(self) -> None:
+        """Write summary.json (the trackers' run ids and errors so far included, so a resume finds their runs)."""
+        if self.trackers:
+            self.summary["loggers"] = self.trackers.status()
         with self._lock:
             atomic_write_text(self.dir / SUMMARY, json.dumps(self.summary, indent=2, default=_jsonable) + "\n")
 
@@ -182,16 +188,25 @@ class RunRecord:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         self.summary.setdefault("run", {})["ended_at"] = now_iso()
         self.summary["status"] = status
-        self.update(**sections)
-        self._finish_trackers(status, sections.get("test"))
+        try:
+            self.update(**sections)
+        finally:  # a summary that cannot be written (a full disk) still closes the trackers
+            self._finish_trackers(status, sections.get("test"))
 
     def _finish_trackers(self, status: str, test: dict | None) -> None:
-        """The test metrics and the summary's numbers to the trackers, then close them (failures stay theirs)."""
-        if not self.trackers:
+        """A finished run's test metrics and summary numbers to the trackers, then close them (and record how).
+
+        An interrupted or failed run only closes them: its resume sends the test and summary once, at the end.
+        """
+        if not self.trackers.started:  # nothing was ever logged: no tracker run to open just to close it
             return
-        if test:
-            self.trackers.log("test", test, (self.summary.get("train") or {}).get("steps") or 0)
-        if status != "failed":
+        if status in FINISHED:
+            if self._final_weights is not None:
+                self.trackers.log(
+                    "diagnostics", by_statistic(self._final_weights), self._final_weights.get("step") or 0
+                )
+            if test:
+                self.trackers.log("test", test, (self.summary.get("train") or {}).get("steps") or 0)
             self.trackers.summary(self.summary)
         self.trackers.close(status)
 
@@ -241,7 +256,9 @@ class RunRecord:
         chart per statistic with a line per layer.
         """
         self._append(DIAGNOSTICS, row)
-        if self.trackers:
+        if row.get("kind") == "weights":  # the trained weights: to the trackers once, when the run has finished
+            self._final_weights = row
+        elif self.trackers:
             self.trackers.log("diagnostics", by_statistic(row), row.get("step") or 0)
 
     def log_hardware(self, row: dict) -> None:
@@ -276,8 +293,9 @@ class RunRecord:
         written) line. A checkpoint without ``saved_at`` (written before it was stamped) leaves the samples alone.
         """
         self.rewrite_metrics(state["progress"]["history"])
-        self.resume_step = int(state["progress"]["global_step"])
-        self._trim_diagnostics(self.resume_step)
+        self.resume_step = state["progress"].get("global_step")
+        if self.resume_step is not None:
+            self._trim_diagnostics(self.resume_step)
         saved_at = state.get("saved_at")
         path = self.dir / HARDWARE
         if saved_at is None or not path.is_file():
@@ -310,6 +328,14 @@ class RunRecord:
                     kept.append(line + "\n")
             atomic_write_text(path, "".join(kept))
 
+    def restart_logs(self) -> None:
+        """A run that starts over in its folder (no ``last.pt`` to resume): earlier diagnostics rows go.
+
+        ``metrics.jsonl`` needs nothing: its rows are written with the ``last.pt`` of their epoch.
+        """
+        with self._lock:
+            (self.dir / DIAGNOSTICS).unlink(missing_ok=True)
+
     def write_split(self, split: dict) -> None:
         atomic_write_text(self.dir / SPLIT, json.dumps(split, default=_jsonable) + "\n")
 
@@ -336,6 +362,16 @@ class RunRecord:
         import torch
 
         return torch.load(self.checkpoint_path(name), map_location=map_location, weights_only=True)
+
+
+# Resources that add up over a resumed run's attempts (stackwise_bench.train.run_resources sums them).
+ADDITIVE = ("energy_j", "gpu_energy_j", "cpu_energy_j", "images")
+
+
+def attempt_resources(resources: dict) -> dict:
+    """One attempt's own additive resources, from the ``resources`` it recorded (``attempt`` holds its share)."""
+    own = resources.get("attempt") or resources
+    return {key: own.get(key) for key in ADDITIVE}
 
 
 def by_statistic(row: dict) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import queue
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -112,12 +113,15 @@ def numbers(flat: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Trackers:
-    """Forwards the record's dicts to each tracker; a tracker that raises is dropped, warned about and recorded.
+    """Forwards the record's dicts to each tracker on a writer thread; a tracker that raises is dropped and recorded.
 
-    Opened lazily, at the first dict, with the :class:`TrackerRun` that ``run_info`` returns then: a resumed run
-    knows its ``resume_step`` only once the trainer has read its checkpoint. ``report`` is called with
-    ``{name: {"state": ..., "error": ...}}`` when that changes, for ``summary.json["loggers"]``.
-    Thread-safe: hardware samples arrive from the monitor's thread.
+    The training loop and the monitor thread only flatten a dict and queue it: a tracker's I/O (an MLflow batch, a
+    trackio lock, wandb's start-up) never stalls a step or a hardware sample, and never skews ``train_img_s``.
+    The writer thread opens the trackers at the first dict, with the :class:`TrackerRun` that ``run_info``
+    returns when it is queued (a resumed run knows its ``resume_step`` only once the trainer has read its
+    checkpoint). :meth:`close` waits for the queue to drain (at most ``timeout_s``), closes every tracker and
+    calls ``report`` with ``{name: {"state": ..., "error": ...}}`` for ``summary.json["loggers"]``, on the
+    caller's thread; :meth:`status` gives the same while the run goes on.
     """
 
     def __init__(
@@ -125,82 +129,106 @@ class Trackers:
         trackers: list[Tracker],
         run_info: Callable[[], TrackerRun],
         report: Callable[[dict], None],
+        timeout_s: float = 120.0,
     ):
         self._trackers = list(trackers)
         self._run_info = run_info
         self._report = report
-        self._lock = threading.RLock()
-        self._opened = False
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # guards _status and the writer's start
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._closed = False
-        self.status: dict[str, dict] = {t.name: {"state": {}, "error": None} for t in self._trackers}
+        self._status: dict[str, dict] = {t.name: {"state": {}, "error": None} for t in self._trackers}
 
     def __bool__(self) -> bool:
-        return bool(self._trackers)
+        return bool(self._status)
 
-    # ---- forwarding ---------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """Whether any dict reached the trackers (they are open, or opening)."""
+        return self._thread is not None
+
+    def status(self) -> dict[str, dict]:
+        """A copy of every tracker's ``state`` and ``error`` so far."""
+        with self._lock:
+            return {name: dict(entry) for name, entry in self._status.items()}
+
+    # ---- forwarding (any thread) ------------------------------------------------------------------
     def log(self, stream: str, row: Mapping[str, Any], step: int) -> None:
         """Log a record row of ``stream`` at ``step``: its numbers, flattened under ``<stream>/``."""
-        if not self._trackers:
+        if not self._trackers or self._closed:
             return
         skip = NOT_METRICS.get(stream, ())
         metrics = numbers(flatten({k: v for k, v in row.items() if k not in skip}, prefix=stream))
         if metrics:
-            self._each(lambda t: t.log_metrics(metrics, int(step), stream))
+            self._put(("log", metrics, int(step), stream))
 
     def summary(self, summary: Mapping[str, Any]) -> None:
         """The final summary's numbers (``train.*``, ``test.*``, ``resources.*``, ``params.*``)."""
+        if not self._trackers or self._closed:
+            return
         keep = {k: summary.get(k) for k in ("train", "test", "resources", "params") if isinstance(summary.get(k), dict)}
-        flat = numbers(flatten(keep, sep="."))
-        self._each(lambda t: t.log_summary(flat))
+        self._put(("summary", numbers(flatten(keep, sep="."))))
 
     def close(self, status: str) -> None:
-        """Close every tracker (once); a tracker never opened is not opened for this."""
+        """Drain the queue, close every tracker (once) and report; trackers never opened are not opened for this."""
         with self._lock:
-            if self._closed or not self._opened:
-                self._closed = True
+            if self._closed:
                 return
             self._closed = True
-            self._each(lambda t: t.close(status), opening=False)
+            thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(("close", status))
+        thread.join(self.timeout_s)
+        if thread.is_alive():  # a tracker hangs (a lock held elsewhere): the run's record does not wait for it
+            with self._lock:
+                for entry in self._status.values():
+                    if entry["error"] is None:
+                        entry["error"] = f"TimeoutError: still writing after {self.timeout_s:.0f} s; left behind"
+            log.warning("trackers still writing after %.0f s: left behind (the run record is complete)", self.timeout_s)
+        self._report(self.status())
 
-    # ---- isolation ----------------------------------------------------------------------------
-    def _open(self) -> None:
-        self._opened = True
-        run = self._run_info()
-        for tracker in list(self._trackers):
-            entry = self.status[tracker.name]
-            run_of_this = dataclasses.replace(run, state=dict(run.state.get(tracker.name) or {}))
-            try:
-                entry["state"] = dict(tracker.open(run_of_this) or {})
-            except Exception as exc:  # noqa: BLE001 - any failure of a tracker is the tracker's, not the run's
-                self._drop(tracker, exc)
-        self._report(self.status)
-
-    def _each(self, call: Callable[[Tracker], None], opening: bool = True) -> None:
+    def _put(self, item: tuple) -> None:
         with self._lock:
-            if self._closed and opening:
-                return
-            if opening and not self._opened:
-                self._open()
-            dropped = False
-            for tracker in list(self._trackers):
-                try:
-                    call(tracker)
-                except Exception as exc:  # noqa: BLE001
-                    self._drop(tracker, exc)
-                    dropped = True
-            if dropped:
-                self._report(self.status)
+            if self._thread is None:
+                run = self._run_info()  # here, on the caller's thread: the record's state as the first dict leaves
+                self._thread = threading.Thread(target=self._write, args=(run,), name="trackers", daemon=True)
+                self._thread.start()
+        self._queue.put(item)
 
-    def _drop(self, tracker: Tracker, exc: BaseException) -> None:
-        self._trackers.remove(tracker)
-        message = f"{type(exc).__name__}: {exc}".strip()
-        self.status[tracker.name]["error"] = message
-        log.warning(
-            "logger %s failed and is off for the rest of this run (training goes on): %s",
-            tracker.name,
-            message,
-        )
+    # ---- the writer thread ------------------------------------------------------------------------
+    def _write(self, run: TrackerRun) -> None:
+        for tracker in list(self._trackers):
+            state = self._guarded(
+                tracker, "open", dataclasses.replace(run, state=dict(run.state.get(tracker.name) or {}))
+            )
+            with self._lock:
+                self._status[tracker.name]["state"] = dict(state or {})
+        while True:
+            kind, *args = self._queue.get()
+            method = {"log": "log_metrics", "summary": "log_summary", "close": "close"}[kind]
+            for tracker in list(self._trackers):
+                self._guarded(tracker, method, *args)
+            if kind == "close":
+                return
+
+    def _guarded(self, tracker: Tracker, method: str, *args: Any) -> Any:
+        """``tracker.<method>(*args)``; a failure drops the tracker (warned once, recorded), never reaches the run."""
         try:
-            tracker.close("failed")
-        except Exception:  # noqa: BLE001 - it has already failed once; its close may too
-            pass
+            return getattr(tracker, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure of a tracker is the tracker's, not the run's
+            self._trackers.remove(tracker)
+            message = f"{type(exc).__name__}: {exc}".strip()
+            with self._lock:
+                self._status[tracker.name]["error"] = message
+            log.warning(
+                "logger %s failed and is off for the rest of this run (training goes on): %s", tracker.name, message
+            )
+            if method != "close":
+                try:
+                    tracker.close("failed")
+                except Exception:  # noqa: BLE001 - it has already failed once; its close may too
+                    pass
+            return None

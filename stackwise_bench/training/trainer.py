@@ -118,9 +118,11 @@ class Trainer:
                 return self.fit(model, loaders, optimizer, scheduler, sink, monitors, stop=own, diagnostics=diagnostics)
         self.num_classes = loaders.num_classes
         self.diagnostics, self.images = diagnostics, 0
+        hook_guards = None  # dynamo's setting while activation hooks need it (a joblib worker runs the next job)
         if diagnostics is not None:
             diagnostics.attach(model)
             if self.runtime.compile and diagnostics.activations:  # else dynamo skips hooks added after compiling
+                hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
                 torch._dynamo.config.skip_nnmodule_hook_guards = False
         scaler = self.runtime.scaler()
         if self.runtime.wants_channels_last(model):
@@ -167,6 +169,8 @@ class Trainer:
                         progress.bad_evals,
                     )
         finally:
+            if hook_guards is not None:
+                torch._dynamo.config.skip_nnmodule_hook_guards = hook_guards
             resources = {}
             for monitor in monitors:
                 resources.update(monitor.stop())

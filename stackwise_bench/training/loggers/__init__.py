@@ -70,8 +70,9 @@ class HeldSteps:
 
     A resumed run recomputes the steps after its checkpoint's global step ``floor`` and logs them again; the attempt
     before it may have logged some of them already. ``fresh`` drops those pairs, so the tracker ends up with one value
-    per (key, step). Steps at or before ``floor`` are never logged again (the run continues after it), so only later
-    steps are looked up; a run restarted from scratch has ``floor=-1`` (every step may be held).
+    per (key, step). Steps before ``floor`` are never logged again (the run continues after it), so only ``floor`` and
+    later steps are looked up (``floor`` itself: the end-of-run rows of an attempt stopped in its test phase); a run
+    restarted from scratch has ``floor=-1`` (every step may be held).
 
     Args:
         floor: The global step the run continues from (-1: from scratch).
@@ -85,7 +86,7 @@ class HeldSteps:
         self._held: dict[str, set[int]] = {} if callable(held) else {k: self._above(v) for k, v in held.items()}
 
     def _above(self, steps: Iterable[int]) -> set[int]:
-        return {int(s) for s in steps if int(s) > self.floor}
+        return {int(s) for s in steps if int(s) >= self.floor}
 
     def _steps(self, key: str) -> set[int]:
         if key not in self._held:
@@ -94,6 +95,6 @@ class HeldSteps:
 
     def fresh(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
         """The part of ``metrics`` at ``step`` the tracker run does not hold yet."""
-        if step <= self.floor:
+        if step < self.floor:
             return dict(metrics)
         return {k: v for k, v in metrics.items() if step not in self._steps(k)}
