@@ -292,10 +292,17 @@ def fig_overhead(b: Budget, work: Path) -> list[dict]:
 
 
 def fig_diagnostics(b: Budget, work: Path) -> list[dict]:
-    """diagnostics=basic and full against none, each an epoch of >= 100 steps (two logging steps at every 50)."""
+    """diagnostics=basic and full against none: whole runs side by side, and the diagnostics' own work per step.
+
+    The whole-run rows time epochs long enough for several logging steps (at the default every 50) by their mean
+    step, so the logging steps count. On a shared 2-core machine one arm swings by several percent between
+    repetitions, more than the cost being measured; the isolated rows time just what diagnostics add (the
+    per-step running norm, and a logging step's hooks, norms and host transfer) against a training step of the
+    same model, median of many, in the same process.
+    """
     out = []
     for model, batch in (("resnet8", 64), ("vit_micro_p4", 64)):
-        steps = max(100, 2 * b.steps.get(model, 0))
+        steps = {"resnet8": 200, "vit_micro_p4": 600}[model] if b.reps > 3 else 100
         g = dataclasses.replace(b, steps={**b.steps, model: steps}, batch={**b.batch, model: batch})
         ovs = {d: train_overrides(model, "fp32", g, f"diagnostics={d}", "monitors=none") for d in DIAGNOSTICS}
         reps = max(3, b.reps // 2)  # 3 arms of >= 100 steps each: the full budget's 11 would take ~10 minutes
@@ -314,7 +321,87 @@ def fig_diagnostics(b: Budget, work: Path) -> list[dict]:
                     **compare(s, level, "none"),
                 }
             )
+        out += _diagnostics_isolated(model, batch)
     return out
+
+
+def _diagnostics_isolated(model_name: str, batch: int, every: int = 50) -> list[dict]:
+    """Step time ÷ (step time + what diagnostics add per step at ``every``), from medians of many timings."""
+    from stackwise_bench.training.diagnostics import Diagnostics
+
+    cfg = compose([f"model={model_name}", "model.pretrained=false"])
+    model = instantiate_model(cfg)
+    size = cfg.model.img_size
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    opt = torch.optim.AdamW(model.parameters())
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return norm
+
+    def median_ms(fn, n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    def paired_extra_ms(fn, base, n):
+        """Median over ``n`` back-to-back pairs of (time of ``fn`` - time of ``base``): drift cancels in each pair."""
+        extra = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            base()
+            t1 = time.perf_counter()
+            fn()
+            extra.append((time.perf_counter() - t1) - (t1 - t0))
+        return max(statistics.median(extra) * 1e3, 0.0)
+
+    norm = step()
+    step_ms = median_ms(step, 60)
+    rows = []
+    for level, knobs in (("basic", {}), ("full", {"weights": True, "activations": True})):
+        quiet, logging = Diagnostics(every_n_steps=every, **knobs), Diagnostics(every_n_steps=1, **knobs)
+        quiet.attach(model)
+        logging.attach(model)
+
+        def logging_step(diag=logging):
+            diag.before_forward()
+            model(x)
+            diag.after_backward(1)
+            diag.after_step(1, 0)
+
+        per_step = median_ms(lambda diag=quiet: diag.after_backward(1, grad_norm=norm), 2000)  # not a logging step
+        quiet.after_step(every, 0)  # empties its interval
+        per_log = paired_extra_ms(logging_step, lambda: model(x), 60)
+        added = per_step + per_log / every
+        rows.append(
+            {
+                "figure": "diagnostics",
+                "setting": f"isolated: step ÷ (step + diagnostics={level} per step at every {every}): {model_name}",
+                "unit": "ms",
+                "goal": ">= 0.98" if level == "basic" else "",
+                "a_median": step_ms,
+                "b_median": step_ms + added,
+                "ratio": step_ms / (step_ms + added),
+                "ratio_min": step_ms / (step_ms + added),
+                "ratio_max": step_ms / (step_ms + added),
+                "logging_step_ms": per_log,
+                "per_step_ms": per_step,
+            }
+        )
+    return rows
+
+
+def instantiate_model(cfg):
+    from stackwise_bench.build import instantiate
+
+    return instantiate(cfg.model, num_classes=10)
 
 
 DIAGNOSTICS = ("none", "basic", "full")

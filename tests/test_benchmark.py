@@ -110,3 +110,9 @@ def test_main_writes_json_and_table(tmp_path, monkeypatch, capsys):
         assert rows[1]["skipped"] and "no CUDA device" in printed
     with pytest.raises(SystemExit):
         bench.main(["--only", "nonsense"])
+
+
+def test_diagnostics_isolated_cost_rows():
+    rows = bench._diagnostics_isolated("resnet8", 8, every=50)
+    assert [r["setting"].split(":")[0] for r in rows] == ["isolated"] * 2
+    assert all(0 < r["ratio"] <= 1 and r["logging_step_ms"] >= 0 and r["per_step_ms"] > 0 for r in rows)

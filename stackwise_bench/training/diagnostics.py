@@ -154,7 +154,8 @@ class Diagnostics:
         self.layer_names: list[str] = []
         self._params: list[nn.Parameter] | None = None
         self._hooks: list = []
-        self._acc: torch.Tensor | None = None  # [sum, max, finite count, non-finite count] since the last row
+        self._acc: torch.Tensor | None = None  # a restored interval: [sum, max, finite count, non-finite count]
+        self._norms: list = []  # the global norm of each step since the last row (tensors stay on the device)
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._warned = False
         self._reset_step()
@@ -189,7 +190,7 @@ class Diagnostics:
             self._param_layer.append(index[layer])
         self.layer_names = list(index)
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        self._index_cache, self._acc = {}, None
+        self._index_cache, self._acc, self._norms = {}, None, []
         self._reset_step()
 
     def due(self, step: int) -> bool:
@@ -237,10 +238,12 @@ class Diagnostics:
             inv_scale: 1/loss-scale when the gradients are still scaled (a GradScaler without ``unscale_``);
                 multiplies every norm measured from them, ``grad_norm`` included. None when they are true.
         """
-        self._require_attached()
-        logging = self.due(step)
-        if grad_norm is None and not logging:
+        logging = step % self.every_n_steps == 0
+        if not logging:  # the hot path: keep clipping's norm tensor for the row; no device work, no sync
+            if grad_norm is not None:
+                self._norms.append(grad_norm if inv_scale is None else grad_norm * inv_scale)
             return
+        self._require_attached()
         with torch.no_grad():
             if logging and (self.layer_grads or grad_norm is None):
                 present = [i for i, p in enumerate(self._params) if p.grad is not None]
@@ -277,25 +280,43 @@ class Diagnostics:
         return squares.index_add_(0, self._index_cache[key], _norms(tensors, self._device).square())
 
     def _accumulate(self, norm: torch.Tensor) -> None:
-        """Add one step's global norm to the interval's running sum/max/counts, on its device (no sync)."""
-        if self._acc is not None:
-            norm = norm.to(self._acc.device)
-        finite = torch.isfinite(norm)
-        step = torch.stack(
-            [
-                torch.where(finite, norm, 0.0),
-                torch.where(finite, norm, -math.inf),
-                finite.float(),
-                (~finite).float(),
-            ]
-        )
-        if self._acc is None:
-            self._acc = step
-        else:
-            acc = self._acc
-            self._acc = torch.stack(
-                [acc[0] + step[0], torch.maximum(acc[1], step[1]), acc[2] + step[2], acc[3] + step[3]]
+        """Keep one step's global norm for the interval's sum/max/counts (reduced on the device at the row)."""
+        self._norms.append(norm)
+
+    def _interval(self) -> torch.Tensor:
+        """[sum, max, finite count, non-finite count] of the global norms since the last row, on the device.
+
+        One stack and a few reductions per row, instead of device ops on every step; a restored checkpoint's
+        interval (:meth:`restore`) is folded in.
+        """
+        acc = self._acc
+        if self._norms:
+            norms = torch.stack(
+                [
+                    n.detach().reshape(()).float().to(self._device)
+                    if torch.is_tensor(n)
+                    else torch.tensor(float(n), device=self._device)
+                    for n in self._norms
+                ]
             )
+            finite = torch.isfinite(norms)
+            new = torch.stack(
+                [
+                    torch.where(finite, norms, 0.0).sum(),
+                    torch.where(finite, norms, -math.inf).max(),
+                    finite.sum().float(),
+                    (~finite).sum().float(),
+                ]
+            )
+            acc = (
+                new
+                if acc is None
+                else torch.stack([acc[0] + new[0], acc[1].maximum(new[1]), acc[2] + new[2], acc[3] + new[3]])
+            )
+        if acc is None:  # no norm this interval; filled on the device (a host tensor would be a copy and a sync)
+            acc = torch.zeros(4, device=self._device)
+            acc[1] = -math.inf
+        return acc
 
     def state(self) -> list[float] | None:
         """The interval's running [sum, max, finite count, non-finite count], for a checkpoint (one host transfer).
@@ -303,11 +324,14 @@ class Diagnostics:
         A resumed run restores it (:meth:`restore`), so the first row after a resume covers the same steps,
         with the same numbers, as in an uninterrupted run.
         """
-        return None if self._acc is None else self._acc.tolist()
+        if self._acc is None and not self._norms:
+            return None
+        return self._interval().tolist()
 
     def restore(self, state: list[float] | None) -> None:
         """Continue the interval a checkpoint's :meth:`state` recorded (call after :meth:`attach`)."""
         self._acc = None if state is None else torch.tensor(state, dtype=torch.float32, device=self._device)
+        self._norms = []
 
     def after_step(self, step: int, epoch: int) -> dict | None:
         """The diagnostics row on logging steps (after ``optimizer.step``), None otherwise; removes the hooks.
@@ -328,18 +352,14 @@ class Diagnostics:
         for key, t in pieces.items():
             numbers[key], start = values[start : start + t.numel()], start + t.numel()
         row = self._row(step, epoch, numbers)
-        self._acc = None
+        self._acc, self._norms = None, []
         self._reset_step()
         return row
 
     def _row_tensors(self) -> dict[str, torch.Tensor]:
         """The device tensors of this row, by name, to be moved to the host together."""
         nan = torch.full((1,), math.nan, device=self._device)
-        acc = self._acc
-        if acc is None:  # no norm this interval; filled on the device (a host tensor would be a copy and a sync)
-            acc = torch.zeros(4, device=self._device)
-            acc[1] = -math.inf
-        pieces = {"step_norm": nan if self._step_norm is None else self._step_norm, "acc": acc}
+        pieces = {"step_norm": nan if self._step_norm is None else self._step_norm, "acc": self._interval()}
         if self.layer_grads and self._layer_grads is not None:
             pieces["layer_grads"] = self._layer_grads
         if self.weights:
