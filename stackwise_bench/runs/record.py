@@ -297,24 +297,24 @@ class RunRecord:
         if self.resume_step is not None:
             self._trim_diagnostics(self.resume_step)
         saved_at = state.get("saved_at")
-        path = self.dir / HARDWARE
-        if saved_at is None or not path.is_file():
-            return
-        with self._lock:
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
+        if saved_at is not None:
+
+            def before_checkpoint(row) -> bool:
                 stamp = row.get("time") if isinstance(row, dict) else None
-                if not isinstance(stamp, (int, float)) or stamp <= saved_at:
-                    kept.append(line + "\n")
-            atomic_write_text(path, "".join(kept))
+                return not isinstance(stamp, (int, float)) or stamp <= saved_at
+
+            self._keep_rows(HARDWARE, before_checkpoint)
 
     def _trim_diagnostics(self, step: int) -> None:
         """``diagnostics.jsonl`` keeps the step rows at or before ``step`` (the end-of-run weights row goes too)."""
-        path = self.dir / DIAGNOSTICS
+        self._keep_rows(
+            DIAGNOSTICS,
+            lambda row: isinstance(row, dict) and row.get("kind", "step") == "step" and (row.get("step") or 0) <= step,
+        )
+
+    def _keep_rows(self, name: str, keep) -> None:
+        """Rewrite the log ``name`` with the rows ``keep`` accepts; an unreadable (half-written) line goes."""
+        path = self.dir / name
         if not path.is_file():
             return
         with self._lock:
@@ -324,7 +324,7 @@ class RunRecord:
                     row = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(row, dict) and row.get("kind", "step") == "step" and (row.get("step") or 0) <= step:
+                if keep(row):
                     kept.append(line + "\n")
             atomic_write_text(path, "".join(kept))
 
