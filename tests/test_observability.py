@@ -350,3 +350,16 @@ def test_a_tracker_that_hangs_is_left_behind_at_close(tmp_path):
     release.set()
     assert reports[-1]["stuck"]["state"] == {"id": 1}
     assert reports[-1]["stuck"]["error"].startswith("TimeoutError: still writing after 0 s")
+
+
+def test_trackers_get_the_grad_norm_without_clipping_too(tmp_path):
+    """trainer.grad_clip=null: the reported steps measure the norm themselves; it equals the diagnostics' one."""
+    import numpy as np
+
+    overrides = ["logger=tensorboard", "trainer.grad_clip=null", "trainer.log_every_n_steps=2", *FULL, "study=noclip"]
+    summary = run(compose(overrides), tmp_path / "noclip")
+    board = tensorboard_series(tmp_path / "noclip")
+    diag = {r["step"]: r["grad_norm"] for r in read_jsonl(tmp_path / "noclip" / DIAGNOSTICS) if r["kind"] == "step"}
+    assert [s for s, _ in board["train/grad_norm"]] == list(range(2, summary["train"]["steps"] + 1, 2))
+    for step, value in board["train/grad_norm"]:
+        assert value == pytest.approx(float(np.float32(diag[step])), rel=1e-5)

@@ -43,6 +43,14 @@ class FitResult:
     resources: dict
 
 
+def global_norm(model) -> torch.Tensor:
+    """The L2 norm of all gradients together (what clip_grad_norm_ returns), for steps that do not clip."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
 def per_image(resources: dict, images: int) -> dict:
     """``energy_j_per_img``: this attempt's energy over the images it trained on (None where no energy was read)."""
     energy = resources.get("energy_j")
@@ -216,13 +224,16 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if self.grad_clip or probing:
+            reporting = steps_wanted and step % self.log_every_n_steps == 0  # a tracker wants this step's row
+            if self.grad_clip or probing or reporting:
                 scaler.unscale_(optimizer)  # true gradients (scaler.step would unscale them anyway)
             if probing:  # per-layer and global norms of the gradients as backward left them: before clipping
                 diag.after_backward(step)
             norm = None  # the global grad norm before clipping: free where clipping computes it
             if self.grad_clip:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            elif reporting:
+                norm = global_norm(model)
             if diag is not None and not probing:
                 diag.after_backward(step, grad_norm=norm)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it next)
@@ -231,7 +242,7 @@ class Trainer:
             scheduler.step()
             if probing:
                 sink.log_diagnostics(diag.after_step(step, progress.epoch))
-            if steps_wanted and step % self.log_every_n_steps == 0:
+            if reporting:
                 grad = None if norm is None else float(norm)
                 sink.log_step({"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad})
             loss_sum += loss.detach().double() * y.numel()
