@@ -2,12 +2,13 @@
 
 Optimizer studies (SGD vs AdamW on the CIFAR ResNets, LoRA on ViTs) want per-layer gradient norms,
 update-to-weight ratios and activation statistics. Measuring them every step would cost a host
-transfer per tensor; here the only per-step work is a few device-side ops on the global gradient
-norm (no host sync). Everything else happens on *logging steps* (``step % every_n_steps == 0``) and
+transfer per tensor; here the only per-step work is keeping the global gradient norm's tensor that
+clipping returned (no device op, no host sync). Everything else happens on *logging steps* (``step % every_n_steps == 0``) and
 leaves the device in ONE transfer per row. Nothing here draws random numbers or writes to a gradient
 or weight, so training is bit-identical with or without diagnostics (tests/test_diagnostics.py).
 
-A *layer* is a named group of parameters at stage/block/head granularity (:func:`layer_name`). The
+A *layer* is a named group of parameters at stage/block/head granularity (:func:`layer_name`, in
+:mod:`stackwise_bench.training.layer_stats` with the statistics themselves). The
 rows are plain dicts of Python floats (None where not finite); the trainer hands them to the run
 record, which writes ``diagnostics.jsonl``. Nothing here writes files or talks to loggers.
 """
@@ -15,21 +16,23 @@ record, which writes ``diagnostics.jsonl``. Nothing here writes files or talks t
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections import defaultdict
 
 import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.training.layer_stats import (  # noqa: F401  (re-exported: the diagnostics' vocabulary)
+    ACTIVATION_STATS,
+    WRAPPER_PREFIXES,
+    activation_stats,
+    channel_dim,
+    layer_name,
+    norms,
+    strip_wrappers,
+    to_float,
+)
 
-# Wrappers whose prefix says nothing about the architecture: peft (PeftModel), torch.compile, DDP.
-WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
-# Containers whose numeric children are blocks: timm ViT/DeiT/EfficientNet ``blocks``, Swin ``layers``,
-# ConvNeXt ``stages``, torchvision/timm ResNet ``layer1``, our CIFAR ResNet ``stage1``, HF ``encoder.layer``.
-_BLOCK_CONTAINER = re.compile(r"(blocks?|layers?|stages?|levels?)\d*")
-ACTIVATION_STATS = ("mean", "std", "rms", "zero_frac", "ch_rms_max")
 WEIGHT_STATS = ("norm", "mean", "std", "max_abs", "near_zero_frac")
 _HOOKS_SILENT = (
     "diagnostics: the activation hooks did not fire in this logging step's forward, so activation statistics are "
@@ -38,85 +41,6 @@ _HOOKS_SILENT = (
     "or set diagnostics.activations=false."
 )
 NEAR_ZERO = 1e-3  # |w| < NEAR_ZERO * max|w| of the layer counts as near zero (pruning-style, scale-free)
-
-
-def strip_wrappers(name: str) -> tuple[str, str]:
-    """Split ``name`` into (wrapper prefix, architecture name): ``base_model.model.blocks.0.x`` -> ``blocks.0.x``."""
-    prefix = ""
-    while True:
-        wrapper = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
-        if wrapper is None:
-            return prefix, name
-        prefix, name = prefix + wrapper, name[len(wrapper) :]
-
-
-def layer_name(param_name: str) -> str:
-    """The layer a parameter belongs to, at stage/block/head granularity.
-
-    After stripping wrapper prefixes (:data:`WRAPPER_PREFIXES`), the name is cut at its first purely
-    numeric component: when the component before it is a block container (``blocks``, ``layers``,
-    ``stages``, ``stageN``, ``layerN``, ...) the layer runs up to and including the index; otherwise the
-    numbers index something inside one layer (``stem.0``, ``downsample.1``) and the layer is the first
-    component. Names without numbers give their first component.
-
-    ``blocks.3.attn.qkv.weight`` -> ``blocks.3``; ``stage2.0.conv1.weight`` -> ``stage2.0``;
-    ``stages.1.blocks.2.x`` -> ``stages.1``; ``stem.0.weight`` -> ``stem``; ``patch_embed.proj.weight`` ->
-    ``patch_embed``; ``cls_token`` -> ``cls_token``; ``base_model.model.head.modules_to_save.default.weight``
-    -> ``head``.
-    """
-    parts = strip_wrappers(param_name)[1].split(".")
-    for i, part in enumerate(parts[:-1]):  # the last component is the parameter itself
-        if part.isdigit():
-            if i > 0 and _BLOCK_CONTAINER.fullmatch(parts[i - 1]):
-                return ".".join(parts[: i + 1])
-            break
-    return parts[0]
-
-
-def channel_dim(x: torch.Tensor) -> int | None:
-    """The channel dimension of an activation by its rank: 1 for NCHW (4-D and up), the last for (B, N, C) and (B, C).
-
-    Decided by shape, never by strides, so a channels_last NCHW tensor still has its channels at dim 1.
-    timm's own feature hooks assume NCHW for every output, which for a ViT's (B, N, C) tokens would take
-    the token axis for channels; this is why the rank decides here. Models that emit NHWC 4-D tensors
-    (timm's Swin stages) would have their width axis reported as channels.
-    """
-    if x.ndim >= 4:
-        return 1
-    return x.ndim - 1 if x.ndim >= 2 else None
-
-
-def activation_stats(x: torch.Tensor) -> torch.Tensor:
-    """[mean, std, rms, zero_frac, ch_rms_max] of one activation, float32, on its device (no host sync).
-
-    std is the population std; zero_frac counts exact zeros (dead ReLUs); ch_rms_max is the largest
-    per-channel RMS (:func:`channel_dim`), which shows outlier channels that the overall RMS averages away.
-    fp16/bf16 activations are accumulated in float32.
-    """
-    with torch.no_grad():
-        x = x.detach().float()
-        std, mean = torch.std_mean(x, correction=0)
-        sq = x.square()
-        rms = sq.mean().sqrt()
-        dim = channel_dim(x)
-        ch_rms_max = rms if dim is None else sq.mean([d for d in range(x.ndim) if d != dim]).sqrt().max()
-        return torch.stack([mean, std, rms, (x == 0).float().mean(), ch_rms_max])
-
-
-def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float32 L2 norms of ``tensors``, stacked on ``device``: one ``_foreach_norm`` per device/dtype group."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    for idx in groups.values():
-        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)):
-            out[i] = norm.to(device)
-    return torch.stack(out) if out else torch.zeros(0, device=device)
-
-
-def _to_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 class Diagnostics:
@@ -277,7 +201,7 @@ class Diagnostics:
                 [self._param_layer[i] for i in which], dtype=torch.long, device=self._device
             )
         squares = torch.zeros(len(self.layer_names), device=self._device)
-        return squares.index_add_(0, self._index_cache[key], _norms(tensors, self._device).square())
+        return squares.index_add_(0, self._index_cache[key], norms(tensors, self._device).square())
 
     def _accumulate(self, norm: torch.Tensor) -> None:
         """Keep one step's global norm for the interval's sum/max/counts (reduced on the device at the row)."""
@@ -379,9 +303,9 @@ class Diagnostics:
             "kind": "step",
             "step": int(step),
             "epoch": int(epoch),
-            "grad_norm": _to_float(numbers["step_norm"][0]),
+            "grad_norm": to_float(numbers["step_norm"][0]),
             "grad_norm_mean": total / count if count else None,
-            "grad_norm_max": _to_float(peak) if count else None,
+            "grad_norm_max": to_float(peak) if count else None,
             "grad_norm_steps": int(count),
             "nonfinite_steps": int(nonfinite),
         }
@@ -390,15 +314,15 @@ class Diagnostics:
             for i, name in enumerate(self.layer_names):
                 if self.layer_grads:
                     has = "layer_grads" in numbers and self._has_grad[i]
-                    layers[name]["grad_norm"] = _to_float(numbers["layer_grads"][i]) if has else None
+                    layers[name]["grad_norm"] = to_float(numbers["layer_grads"][i]) if has else None
                 if self.weights:
-                    layers[name]["weight_norm"] = _to_float(numbers["weight_norm"][i])
+                    layers[name]["weight_norm"] = to_float(numbers["weight_norm"][i])
                     ratio = numbers["update_ratio"][i] if "update_ratio" in numbers else math.nan
-                    layers[name]["update_ratio"] = _to_float(ratio)
+                    layers[name]["update_ratio"] = to_float(ratio)
             row["layers"] = layers
         if self.activations:
             row["activations"] = {
-                layer: {k: _to_float(v) for k, v in zip(ACTIVATION_STATS, numbers[f"act:{layer}"])}
+                layer: {k: to_float(v) for k, v in zip(ACTIVATION_STATS, numbers[f"act:{layer}"])}
                 for layer in self._modules
             }
         return row
@@ -433,7 +357,7 @@ class Diagnostics:
             "kind": "weights",
             "layers": {
                 layer: {"trainable": any(p.requires_grad for p in params)}
-                | {k: _to_float(v) for k, v in zip(WEIGHT_STATS, row)}
+                | {k: to_float(v) for k, v in zip(WEIGHT_STATS, row)}
                 for (layer, params), row in zip(groups.items(), values)
             },
         }
