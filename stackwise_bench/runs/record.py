@@ -42,7 +42,7 @@ from stackwise_bench.runs.files import (
     write_error,
 )
 from stackwise_bench.runs.provenance import config_diff
-from stackwise_bench.runs.tracking import Tracker, TrackerRun, Trackers, flatten
+from stackwise_bench.runs.tracking import Tracker, TrackerRun, Trackers, by_statistic, run_of
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,7 @@ class RunRecord:
         return bool(self.trackers)
 
     def _tracker_run(self) -> TrackerRun:
-        run = self.summary.get("run") or {}
-        config = self.summary.get("config") or {}
-        return TrackerRun(
-            run_dir=self.dir.resolve(),
-            name=self.dir.name,
-            study=run.get("study") or "default",
-            study_dir=self.dir.resolve().parent,
-            config=config,
-            params=flatten(config, sep="."),
-            state={k: (v or {}).get("state") or {} for k, v in (self.summary.get("loggers") or {}).items()},
-            resume_step=self.resume_step,
-        )
+        return run_of(self.dir, self.summary, self.resume_step)
 
     def _report_trackers(self, status: dict) -> None:
         """The trackers' final state and errors into ``summary.json["loggers"]`` (called by ``Trackers.close``)."""
@@ -252,8 +241,7 @@ class RunRecord:
     def log_diagnostics(self, row: dict) -> None:
         """Append a diagnostics row (:mod:`stackwise_bench.training.diagnostics`) and hand it to the trackers.
 
-        Trackers get it regrouped by statistic, ``diagnostics/grad_norm/<layer>``, so a tracker shows one
-        chart per statistic with a line per layer.
+        Trackers get it regrouped by statistic (:func:`~stackwise_bench.runs.tracking.by_statistic`).
         """
         self._append(DIAGNOSTICS, row)
         if row.get("kind") == "weights":  # the trained weights: to the trackers once, when the run has finished
@@ -372,17 +360,6 @@ def attempt_resources(resources: dict) -> dict:
     """One attempt's own additive resources, from the ``resources`` it recorded (``attempt`` holds its share)."""
     own = resources.get("attempt") or resources
     return {key: own.get(key) for key in ADDITIVE}
-
-
-def by_statistic(row: dict) -> dict:
-    """A diagnostics row keyed for trackers by statistic, then layer: ``grad_norm/stage1.0``, ``act_rms/head``."""
-    out = {k: v for k, v in row.items() if k not in ("layers", "activations", "kind", "epoch")}
-    prefix = "weights_" if row.get("kind") == "weights" else ""
-    for section, tag in (("layers", prefix), ("activations", "act_")):
-        for layer, stats in (row.get(section) or {}).items():
-            for stat, value in stats.items():
-                out[f"{tag}{stat}/{layer}"] = value
-    return out
 
 
 def _next_seq(path: Path) -> int:

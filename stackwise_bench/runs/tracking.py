@@ -89,6 +89,36 @@ class Tracker(Protocol):
         """Flush and close; ``status`` is the run's final status."""
 
 
+def run_of(run_dir: Path, summary: dict, resume_step: int | None) -> TrackerRun:
+    """The :class:`TrackerRun` of the run recorded in ``run_dir`` with ``summary`` (its trackers' states included)."""
+    run = summary.get("run") or {}
+    config = summary.get("config") or {}
+    return TrackerRun(
+        run_dir=run_dir.resolve(),
+        name=run_dir.name,
+        study=run.get("study") or "default",
+        study_dir=run_dir.resolve().parent,
+        config=config,
+        params=flatten(config, sep="."),
+        state={k: (v or {}).get("state") or {} for k, v in (summary.get("loggers") or {}).items()},
+        resume_step=resume_step,
+    )
+
+
+def by_statistic(row: Mapping[str, Any]) -> dict:
+    """A diagnostics row keyed for trackers by statistic, then layer: ``grad_norm/stage1.0``, ``act_rms/head``.
+
+    A tracker then shows one chart per statistic with a line per layer.
+    """
+    out = {k: v for k, v in row.items() if k not in ("layers", "activations", "kind", "epoch")}
+    prefix = "weights_" if row.get("kind") == "weights" else ""
+    for section, tag in (("layers", prefix), ("activations", "act_")):
+        for layer, stats in (row.get(section) or {}).items():
+            for stat, value in stats.items():
+                out[f"{tag}{stat}/{layer}"] = value
+    return out
+
+
 def flatten(node: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """Nested dicts as one level of ``prefix<sep>key<sep>subkey`` keys (lists and scalars are leaves)."""
     flat: dict[str, Any] = {}

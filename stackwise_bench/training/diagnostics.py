@@ -3,9 +3,10 @@
 Optimizer studies (SGD vs AdamW on the CIFAR ResNets, LoRA on ViTs) want per-layer gradient norms,
 update-to-weight ratios and activation statistics. Measuring them every step would cost a host
 transfer per tensor; here the only per-step work is keeping the global gradient norm's tensor that
-clipping returned (no device op, no host sync). Everything else happens on *logging steps* (``step % every_n_steps == 0``) and
-leaves the device in ONE transfer per row. Nothing here draws random numbers or writes to a gradient
-or weight, so training is bit-identical with or without diagnostics (tests/test_diagnostics.py).
+clipping returned (no device op, no host sync). Everything else happens on *logging steps*
+(``step % every_n_steps == 0``) and leaves the device in ONE transfer per row. Nothing here draws random
+numbers or writes to a gradient or weight, so training is bit-identical with or without diagnostics
+(tests/test_diagnostics.py).
 
 A *layer* is a named group of parameters at stage/block/head granularity (:func:`layer_name`, in
 :mod:`stackwise_bench.training.layer_stats` with the statistics themselves). The

@@ -11,6 +11,8 @@ Two writers, because TensorBoard has one step axis per run folder and a restart 
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ class TensorBoardLogger:
         continued = _has_events(self._dir)
         # A resume drops the steps after its checkpoint (they are logged again); a restart from scratch drops all.
         purge = None if not continued else (0 if run.resume_step is None else run.resume_step + 1)
+        after_existing(self._dir)
         self._writer = writer_cls(str(self._dir), purge_step=purge, flush_secs=self.flush_secs)
         self._params = dict(run.params)
         self._last_step = run.resume_step or 0
@@ -72,6 +75,7 @@ class TensorBoardLogger:
             folder = self._dir / "hardware"
             # seqs never repeat, so this purges nothing, unless a sample was recorded twice (then the new one wins).
             purge = first_seq if _has_events(folder) else None
+            after_existing(folder)
             self._hardware = writer_cls(str(folder), purge_step=purge, flush_secs=self.flush_secs)
         return self._hardware
 
@@ -100,3 +104,18 @@ class TensorBoardLogger:
             if writer is not None:
                 writer.close()
         self._writer = self._hardware = None
+
+
+def after_existing(folder: Path) -> None:
+    """Wait (at most a second) until a new event file's name sorts after the folder's existing ones.
+
+    TensorBoard reads a folder's event files in name order, ``events.out.tfevents.<unix second>.<host>.<pid>.<n>``,
+    and a resume's purge only works when its file comes last. Within the second of an earlier file of the same
+    process, the counter ``<n>`` decides, and it sorts as text (``10`` before ``9``).
+    """
+    stamps = [int(m.group(1)) for p in folder.glob("events.out.tfevents.*") if (m := _STAMP.match(p.name))]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
+_STAMP = re.compile(r"events\.out\.tfevents\.(\d+)\.")
