@@ -9,11 +9,14 @@ so every statistic the tests check can be recomputed independently from those nu
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import yaml
 
 from stackwise_bench.runs.contract import read_summary
+from stackwise_bench.runs.provenance import fingerprint
 from stackwise_bench.runs.record import RunRecord
 
 CHOICES = {
@@ -152,7 +155,10 @@ def write_run(
             "seed": seed,
             "overrides": overrides,
             "choices": choices,
-            "fingerprint": f"fp{job}{seed}",
+            # like the real one, a hash of what is trained (volatile keys left out; two studies' same runs share it)
+            "fingerprint": hashlib.sha256(
+                json.dumps([fingerprint(config), choices], sort_keys=True).encode()
+            ).hexdigest(),
             "git_sha": "abc123",
             "name": job,
             "dir": str(run_dir),

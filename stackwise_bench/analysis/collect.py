@@ -191,3 +191,38 @@ def read_jsonl(path: Path) -> list[dict]:
 def _ordered_choices(keys: set) -> list[str]:
     known = [k for k in CHOICE_ORDER if k in keys]
     return known + sorted(k for k in keys if k not in CHOICE_ORDER)
+
+
+def drop_duplicate_runs(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[dict]]:
+    """Finished runs of the same config (fingerprint) and seed count once: the first by folder is kept.
+
+    Two studies that share runs, analysed together (``runs=[a,b]``), or a folder holding a reproducibility
+    rerun would otherwise count one seed twice: an n too large, an interval too narrow, a std of 0.
+
+    Returns:
+        The runs without the duplicates, and one entry per duplicated (fingerprint, seed): the kept folder,
+        the dropped ones, and the largest difference of ``metric`` between them (0.0: they agree).
+    """
+    key = "run.fingerprint"
+    if key not in runs or "seed" not in runs:
+        return runs, []
+    done = runs["status"].isin(FINISHED) & runs[key].notna() & runs["seed"].notna()
+    candidates = runs[done].sort_values("run_dir")
+    groups = candidates.groupby([candidates[key].astype(str), candidates["seed"].astype(str)], sort=False)
+    dropped, found = [], []
+    for _, group in groups:
+        if len(group) < 2:
+            continue
+        values = pd.to_numeric(group[metric], errors="coerce") if metric in group else pd.Series(dtype=float)
+        spread = float(values.max() - values.min()) if values.notna().any() else float("nan")
+        found.append(
+            {
+                "kept": group["run_dir"].iloc[0],
+                "dropped": list(group["run_dir"].iloc[1:]),
+                "seed": group["seed"].iloc[0],
+                "metric": metric,
+                "spread": spread,
+            }
+        )
+        dropped += list(group.index[1:])
+    return runs.drop(index=dropped), found

@@ -63,6 +63,21 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
+SUMMARY_COLUMNS = (
+    "n",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "n_runs",
+    "n_unfinished",
+    "ci95_low",
+    "ci95_high",
+    "incomplete",
+    "missing_seeds",
+)
+
+
 def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[str]) -> pd.DataFrame:
     """Per cell and metric: n, mean, std, 95% t-interval, min, max over finished runs.
 
@@ -75,6 +90,8 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
         A long table: group keys, ``group`` label, ``metric``, the statistics.
     """
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:  # e.g. runs without metrics.jsonl have no dynamics to summarise
+        return pd.DataFrame(columns=[*group_by, "group", "metric", *SUMMARY_COLUMNS])
     keys = list(group_by) or ["_all"]
     runs = runs.assign(_all="all runs", _done=runs["status"].isin(FINISHED))
     cells = _grouped(runs, keys)

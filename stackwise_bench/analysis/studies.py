@@ -14,7 +14,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.compare import compare_to_baseline
 from stackwise_bench.analysis.energy import ENERGY, ENERGY_PER_IMG, energy_highlight
-from stackwise_bench.analysis.grouping import group_label, iter_groups, matching_cells, same_value
+from stackwise_bench.analysis.grouping import group_label, iter_groups, same_value
 from stackwise_bench.analysis.stats import describe
 from stackwise_bench.runs.contract import FINISHED
 
@@ -163,6 +163,8 @@ def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, grou
     values = [v for v in runs["optimizer"].dropna().unique()]
     ref = "sgd" if any(same_value(v, "sgd") for v in values) else sorted(map(str, values))[0]
     comparisons = compare_to_baseline(runs, metric, {"optimizer": ref}, group_by)
+    ref_value = next(v for v in values if same_value(v, ref))
+    comparisons, unmatched = same_but(comparisons, group_by, "optimizer", ref_value)
     highlights = []
     for _, row in comparisons.iterrows():
         if pd.notna(row.get("diff")):
@@ -172,7 +174,26 @@ def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, grou
                 if pd.notna(p)
                 else f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} points (no test)"
             )
+    highlights += [
+        f"{group}: no optimizer={ref} cell with the same other settings to compare with" for group in unmatched
+    ]
     return StudyView(f"Optimizer study (reference: optimizer={ref})", table, highlights, comparisons)
+
+
+def same_but(comparisons: pd.DataFrame, group_by: list[str], key: str, ref) -> tuple[pd.DataFrame, list[str]]:
+    """The comparisons whose baseline differs from the cell in ``key`` alone, and the cells left without one.
+
+    ``compare_to_baseline`` lets a key the baseline never takes pass as a label (experiment=BaseFP16 has no fp32
+    twin); a study of ``key`` must not: bf16 + extended augmentation + adamw against fp32 + basic + sgd is not
+    an optimizer effect. ``ref`` is the reference value as the runs hold it (so both labels format alike).
+    """
+    if comparisons.empty:
+        return comparisons, []
+    twins = comparisons.apply(lambda row: group_label({**{k: row[k] for k in group_by}, key: ref}, group_by), axis=1)
+    matched = comparisons["baseline"].fillna("") == twins
+    kept = comparisons[matched].reset_index(drop=True)
+    unmatched = [g for g in dict.fromkeys(comparisons.loc[~matched, "group"]) if g not in set(kept["group"])]
+    return kept, unmatched
 
 
 def _precision_highlights(table: pd.DataFrame, metric: str) -> list[str]:
@@ -202,8 +223,8 @@ def _ratio_to_reference(
     others = [k for k in group_by if k != key]
     ref_values = [r for _, r in refs.iterrows()]
     out = []
-    for _, row in table.iterrows():
-        idx = matching_cells(row, ref_values, others)
+    for _, row in table.iterrows():  # the reference with every other key equal: a label key is no excuse here
+        idx = [i for i, r in enumerate(ref_values) if all(same_value(row[k], r[k]) for k in others)]
         if not idx:
             out.append(np.nan)
             continue

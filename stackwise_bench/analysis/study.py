@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from stackwise_bench.analysis.collect import collect_epochs, collect_hardware, collect_runs, override_keys
+from stackwise_bench.analysis.collect import (
+    collect_epochs,
+    collect_hardware,
+    collect_runs,
+    drop_duplicate_runs,
+    override_keys,
+)
 from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, resolve_baseline
 from stackwise_bench.analysis.diagnostics import collect_diagnostics
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
@@ -61,6 +67,8 @@ class StudyAnalysis:
     quantization: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Per-layer diagnostics (diagnostics.jsonl), long: one row per run, step, layer and statistic.
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Runs of one config and seed found more than once (collect.drop_duplicate_runs): counted once.
+    duplicates: list[dict] = field(default_factory=list)
 
     @property
     def unfinished(self) -> pd.DataFrame:
@@ -92,6 +100,7 @@ def analyze_runs(
     expectations = load_expectations(expect) if expect else None
     runs = collect_runs(paths)
     metric = choose_metric(runs, metric)
+    runs, duplicates = drop_duplicate_runs(runs, metric)
     group_by = check_group_by(runs, group_by)
     base = resolve_baseline(runs, baseline, group_by)
     group_by += [k for k in base if k not in group_by]
@@ -114,6 +123,7 @@ def analyze_runs(
         comparisons=comparisons,
         dynamics=dynamics,
         dynamics_summary=seed_stats(dynamics, dyn_cols, group_by),
+        duplicates=duplicates,
     )
     analysis.views = [
         v
@@ -156,7 +166,7 @@ def choose_metric(runs: pd.DataFrame, metric: str | None) -> str:
 
 
 def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
-    out = []
+    out = _duplicate_warnings(a.duplicates)
     if len(a.unfinished):
         counts = a.unfinished["status"].value_counts()
         what = ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -199,6 +209,27 @@ def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
         if few.any():
             out.append(f"{int(few.sum())} comparison(s) have too few seeds to mean anything (see the notes).")
     return out + _evaluation_warnings(a)
+
+
+def _duplicate_warnings(duplicates: list[dict]) -> list[str]:
+    """One line for the runs counted once, and one per duplicate whose copies disagree on the metric."""
+    if not duplicates:
+        return []
+    n = sum(len(d["dropped"]) for d in duplicates)
+    out = [
+        f"{n} duplicate run(s) (the same config fingerprint and seed as another run) counted once, not as "
+        f"extra seeds: {len(duplicates)} config/seed pair(s) ran more than once."
+    ]
+    for d in duplicates:
+        if not (d["spread"] == 0.0):  # NaN (no metric) or a real difference
+            what = (
+                "cannot be compared" if d["spread"] != d["spread"] else f"differ by {d['spread']:.4g} in {d['metric']}"
+            )
+            out.append(
+                f"the runs of seed {d['seed']} in {d['kept']} and {', '.join(map(str, d['dropped']))} {what}: "
+                "the same config and seed should reproduce; the first is used."
+            )
+    return out
 
 
 def _evaluation_warnings(a: StudyAnalysis) -> list[str]:
