@@ -4,7 +4,9 @@ Keys: ``runs`` (a folder or ``[f1,f2]``; quote a folder whose name has commas
 inside a list: ``runs=["multirun/x/lora.rank=8,seed=1",multirun/y]``), ``metric`` (default test.top1),
 ``baseline`` (``baseline=precision=fp32``), ``group_by`` (``[k1,k2]``), ``out``
 (default ``<first runs folder>/analysis``, numbered when it exists),
-``expect`` (expectations YAML), ``plots`` (true/false).
+``expect`` (expectations YAML), ``plots`` (true/false), ``plan_seeds`` (true/false: treat the runs as a
+pilot and print, per comparison, the observed effect and the seeds a full study needs for 80% power,
+then exit 0 without writing the report or checking expectations).
 
 Not a Hydra app on purpose: Hydra's override grammar rejects
 ``baseline=precision=fp32``; ``OmegaConf.from_dotlist`` splits at the first ``=``.
@@ -23,7 +25,8 @@ from stackwise_bench.errors import ConfigError
 
 USAGE = (
     "usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
-    "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true]"
+    "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true] "
+    "[plan_seeds=false]"
 )
 DEFAULTS = {
     "runs": None,
@@ -33,6 +36,7 @@ DEFAULTS = {
     "out": None,
     "expect": None,
     "plots": True,
+    "plan_seeds": False,
 }
 
 
@@ -52,6 +56,8 @@ def parse_args(argv: list[str]) -> dict:
         args["out"] = os.path.expanduser(str(args["out"]))
     if not isinstance(args["plots"], bool):
         raise ConfigError(f"plots={args['plots']} must be true or false.")
+    if not isinstance(args["plan_seeds"], bool):
+        raise ConfigError(f"plan_seeds={args['plan_seeds']} must be true or false.")
     return args
 
 
@@ -74,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             group_by=args["group_by"],
             expect=args["expect"],
         )
+        if args["plan_seeds"]:
+            print_seed_plan(a)
+            return 0
         command = "python -m stackwise_bench.analyze " + " ".join(shlex.quote(x) for x in argv)
         out_dir = write_report(a, args["out"], plots=args["plots"], command=command)
     except ConfigError as exc:
@@ -84,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head`: the report is written, the reader left early
         sys.stdout = open(os.devnull, "w")
     return 1 if a.validation and a.validation["failed"] else 0
+
+
+def print_seed_plan(a) -> None:
+    """Per comparison of the pilot: group vs baseline, observed effect, seeds needed for 80% power."""
+    from stackwise_bench.analysis.power import seed_plan_lines
+
+    base = ", ".join(f"{k}={v}" for k, v in a.baseline.items()) or "none"
+    print(f"Seed plan from {len(a.runs)} pilot runs | metric {a.metric} | baseline {base}")
+    lines = seed_plan_lines(a.comparisons)
+    print("".join(f"  - {line}\n" for line in lines) if lines else "  (no comparisons: no baseline to compare to)\n")
+    print("No report written (plan_seeds=true).")
 
 
 def print_summary(a, out_dir, seconds: float) -> None:

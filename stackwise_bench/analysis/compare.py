@@ -1,10 +1,12 @@
-"""Each cell against its baseline cell: mean difference, paired or Welch test, Holm, Cohen's d.
+"""Each cell against its baseline cell: mean difference, paired or Welch test, Holm, Cohen's d, power.
 
 Seeds pair when at least ``PAIRED_FRACTION`` of the smaller cell's seeds also
 ran in the other cell (the same seed gives the same data split and
 initialisation, so the paired test removes that shared noise); the test then
 uses the matched seeds only, and the note says how many were left out.
 Otherwise Welch's t-test compares the cells as independent samples.
+Each row also carries the power figures of :mod:`~stackwise_bench.analysis.power` for the test
+used: ``effect_size``, ``power``, ``mde_sigma``, ``mde_points`` and ``seeds_needed``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from stackwise_bench.analysis.grouping import (
     parse_selector,
     same_value,
 )
+from stackwise_bench.analysis.power import independent_power, paired_power
 from stackwise_bench.analysis.stats import CONFIDENCE, cohens_d, holm
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED
@@ -55,6 +58,11 @@ COLUMNS = (
     "cohens_d",
     "p_holm",
     "significant",
+    "effect_size",  # paired: mean / std of the differences; independent: Cohen's d
+    "power",  # achieved power of the test used at the observed |effect_size| (alpha 0.05, two-sided)
+    "mde_sigma",  # smallest effect detectable with 80% power at this n, in standard deviations
+    "mde_points",  # the same in the metric's units (x std of the differences, or x pooled std)
+    "seeds_needed",  # smallest n (pairs, or seeds per equal cell) with >= 80% power at the observed effect
     "note",
 )
 PAIRED_FRACTION = 0.75  # below this, pairing would throw away too much of the data: Welch instead
@@ -123,11 +131,12 @@ def compare_to_baseline(
             table["p_value"] = np.nan
         table["p_holm"] = holm(table["p_value"])
         table["significant"] = table["p_holm"] < ALPHA
+        table["seeds_needed"] = pd.to_numeric(table["seeds_needed"], errors="coerce").astype("Int64")
     return table
 
 
 def compare_cells(cell: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict:
-    """Mean difference (cell − base) with its 95% interval, the test, p, Cohen's d and a note."""
+    """Mean difference (cell − base) with its 95% interval, the test, p, Cohen's d, power figures and a note."""
     a = _per_seed(cell, metric)
     b = _per_seed(base, metric)
     a_all = pd.to_numeric(cell[metric], errors="coerce").dropna().to_numpy()
@@ -143,12 +152,14 @@ def compare_cells(cell: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict:
     }
     if paired:
         out.update(_paired(a[common].to_numpy(), b[common].to_numpy()))
+        out.update(paired_power(a[common].to_numpy() - b[common].to_numpy()))
         left_out = len(a) + len(b) - 2 * len(common)
         if left_out:
             note = f"paired on the {len(common)} shared seeds; {left_out} unpaired run(s) not in the test"
             out["note"] = "; ".join(x for x in (out.get("note", ""), note) if x)
     else:
         out.update(_welch(a_all, b_all))
+        out.update(independent_power(a_all, b_all))
     out["note"] = _seed_note(out["n"], out["n_baseline"], out.get("note", ""))
     return out
 

@@ -6,6 +6,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.compare import ALPHA, MIN_WILCOXON_PAIRS, PAIRED_FRACTION
 from stackwise_bench.analysis.dynamics import CONVERGENCE_TOLERANCE
+from stackwise_bench.analysis.power import TARGET_POWER, fmt_seeds, fmt_sig, is_underpowered, underpowered_sentence
 from stackwise_bench.analysis.quantization import baseline_mismatches, quantization_display
 from stackwise_bench.analysis.study import StudyAnalysis
 from stackwise_bench.analysis.tables import fmt_p, markdown_table, mean_std, metric_digits
@@ -38,12 +39,24 @@ def comparisons_md(a: StudyAnalysis) -> str:
         "p_holm",
         "cohens_d",
         "significant",
+        "effect_size",
+        "power",
+        "mde_points",
+        "mde_sigma",
+        "seeds_needed",
         "note",
     ]
     c = a.comparisons[[x for x in cols if x in a.comparisons]].copy()
     for col in ("p_value", "wilcoxon_p", "p_holm"):
         if col in c:
             c[col] = c[col].map(fmt_p)
+    for col in ("effect_size", "power", "mde_sigma"):
+        if col in c:
+            c[col] = c[col].map(lambda x: "–" if pd.isna(x) else f"{x:.2f}")
+    if "mde_points" in c:
+        c["mde_points"] = c["mde_points"].map(fmt_sig)
+    if "seeds_needed" in c:
+        c["seeds_needed"] = c["seeds_needed"].map(fmt_seeds)
     return (
         "## Comparisons against the baseline\n\n"
         + markdown_table(c)
@@ -51,8 +64,26 @@ def comparisons_md(a: StudyAnalysis) -> str:
         f"seeds have a partner, Welch's t-test otherwise; Wilcoxon signed-rank is added from "
         f"{MIN_WILCOXON_PAIRS} pairs "
         f"(with fewer it cannot reach p < {ALPHA}). `significant` uses the Holm-adjusted p < {ALPHA}. "
-        "Cohen's d is the mean difference over the pooled standard deviation.\n"
+        "Cohen's d is the mean difference over the pooled standard deviation.\n" + _power_md(a.comparisons)
     )
+
+
+def _power_md(comparisons: pd.DataFrame) -> str:
+    """The power columns explained, and one sentence per comparison with power below the target."""
+    text = (
+        f"\nPower (statsmodels, two-sided, alpha {ALPHA}) is for the test used: a one-sample t-test on the paired "
+        "differences, or a two-sample t-test. `effect_size` is the mean difference over the standard deviation "
+        "of the differences (paired) or Cohen's d (unpaired); `power` is the chance the test detects an effect "
+        f"that large; `mde_points` / `mde_sigma` is the smallest difference detectable with {TARGET_POWER:.0%} "
+        "power at these seeds, in the metric's units and in standard deviations; `seeds_needed` is the smallest "
+        f"number of seeds (pairs, or per cell) that gives {TARGET_POWER:.0%} power for the observed effect.\n"
+    )
+    weak = [row for _, row in comparisons.iterrows() if is_underpowered(row)]
+    if weak:
+        text += f"\nUnderpowered comparisons (power < {TARGET_POWER:.0%}):\n\n" + "".join(
+            f"- {row['group']} vs {row['baseline']} ({row['metric']}): {underpowered_sentence(row)}\n" for row in weak
+        )
+    return text
 
 
 def unfinished_md(a: StudyAnalysis) -> str:
