@@ -176,13 +176,15 @@ def resume_threads(summary: dict, configured: int | None, share: int | None) -> 
 def run_resources(resources: dict, attempts: list[dict]) -> dict:
     """The run's resources over all its attempts: energy and images summed, energy per image from the sums.
 
+    The one place ``energy_j_per_img`` is computed (a run of one attempt too).
+
     ``attempt`` keeps this attempt's own share. An attempt killed before it recorded anything (SIGKILL, OOM)
     has no numbers: its energy is not counted.
     """
     earlier = [a.get("resources") or {} for a in attempts]
-    if not any(any(isinstance(e.get(k), (int, float)) for k in ADDITIVE) for e in earlier):
-        return resources
-    total = dict(resources, attempt={k: resources.get(k) for k in ADDITIVE})
+    total = dict(resources)
+    if any(any(isinstance(e.get(k), (int, float)) for k in ADDITIVE) for e in earlier):
+        total["attempt"] = {k: resources.get(k) for k in ADDITIVE}
     for key in ADDITIVE:
         values = [v for v in [resources.get(key), *(e.get(key) for e in earlier)] if isinstance(v, (int, float))]
         total[key] = sum(values) if values and resources.get(key) is not None else resources.get(key)

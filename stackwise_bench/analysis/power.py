@@ -48,20 +48,22 @@ def _power(design: str, effect: float, n: float, ratio: float = 1.0) -> float:
         return float(solver.power(effect_size=effect, nobs1=n, ratio=ratio, alpha=ALPHA, alternative="two-sided"))
 
 
-def _mde(design: str, n: int, ratio: float = 1.0) -> float:
-    """The smallest effect (σ units) the test detects with ``TARGET_POWER`` at this size; NaN if unsolvable."""
-    kwargs = {"nobs": n} if design == "paired" else {"nobs1": n, "ratio": ratio}
-    solver = _solver(design)
+def _solve(design: str, **unknowns) -> float:
+    """statsmodels' ``solve_power`` for the one argument given as None; NaN where its root finder gives up."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            value = solver.solve_power(
-                effect_size=None, alpha=ALPHA, power=TARGET_POWER, alternative="two-sided", **kwargs
-            )
+            value = _solver(design).solve_power(alpha=ALPHA, alternative="two-sided", **unknowns)
         value = float(np.asarray(value).item())
-    except Exception:  # statsmodels' root finder gives up on degenerate sizes
+    except Exception:  # degenerate sizes and effects
         return float("nan")
     return value if math.isfinite(value) and value > 0 else float("nan")
+
+
+def _mde(design: str, n: int, ratio: float = 1.0) -> float:
+    """The smallest effect (σ units) the test detects with ``TARGET_POWER`` at this size; NaN if unsolvable."""
+    size = {"nobs": n} if design == "paired" else {"nobs1": n, "ratio": ratio}
+    return _solve(design, effect_size=None, power=TARGET_POWER, **size)
 
 
 def seeds_needed(effect: float, design: str = "paired") -> int | None:
@@ -77,20 +79,9 @@ def seeds_needed(effect: float, design: str = "paired") -> int | None:
     def enough(n: int) -> bool:
         return _power(design, effect, n) >= TARGET_POWER
 
-    n = None
-    solver = _solver(design)
-    kwargs = {"nobs": None} if design == "paired" else {"nobs1": None, "ratio": 1.0}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = solver.solve_power(
-                effect_size=effect, alpha=ALPHA, power=TARGET_POWER, alternative="two-sided", **kwargs
-            )
-        raw = float(np.asarray(raw).item())
-        if math.isfinite(raw) and raw < _SEARCH_MAX:
-            n = max(2, math.ceil(raw))
-    except Exception:
-        n = None
+    size = {"nobs": None} if design == "paired" else {"nobs1": None, "ratio": 1.0}
+    raw = _solve(design, effect_size=effect, power=TARGET_POWER, **size)
+    n = max(2, math.ceil(raw)) if math.isfinite(raw) and raw < _SEARCH_MAX else None
     if n is None:  # the solver failed: bisect on the power function instead
         low, high = 2, 2
         while not enough(high):

@@ -51,12 +51,6 @@ def global_norm(model) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
-def per_image(resources: dict, images: int) -> dict:
-    """``energy_j_per_img``: this attempt's energy over the images it trained on (None where no energy was read)."""
-    energy = resources.get("energy_j")
-    return {"energy_j_per_img": energy / images if energy is not None and images else None, "images": images}
-
-
 class Trainer:
     """Trains one model; the loop's knobs come from ``conf/trainer/*.yaml``, the rest from ``runtime``."""
 
@@ -182,7 +176,7 @@ class Trainer:
             resources = {}
             for monitor in monitors:
                 resources.update(monitor.stop())
-        resources.update(per_image(resources, self.images))
+        resources["images"] = self.images  # this attempt's; train.run_resources makes energy per image of the run
         if diagnostics is not None and status != "interrupted":  # the trained weights, layer by layer
             sink.log_diagnostics({**diagnostics.final_weights(model), "step": progress.global_step})
         test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink, stop)
@@ -236,7 +230,7 @@ class Trainer:
                 norm = global_norm(model)
             if diag is not None and not probing:
                 diag.after_backward(step, grad_norm=norm)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it next)
+            lr = optimizer.param_groups[0]["lr"] if reporting else None  # this step's rate (the scheduler moves it)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
