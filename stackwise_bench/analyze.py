@@ -6,7 +6,10 @@ inside a list: ``runs=["multirun/x/lora.rank=8,seed=1",multirun/y]``), ``metric`
 (default ``<first runs folder>/analysis``, numbered when it exists),
 ``expect`` (expectations YAML), ``plots`` (true/false), ``plan_seeds`` (true/false: treat the runs as a
 pilot and print, per comparison, the observed effect and the seeds a full study needs for 80% power,
-then exit 0 without writing the report or checking expectations).
+then exit 0 without writing the report or checking expectations), ``scaling`` (a numeric axis such as
+``lora.rank`` or ``params.trainable``: fit error = E + A·x^(−α) with bootstrap intervals, scaling.csv and a
+log-log plot), ``aggregate`` (mean, the default, or iqm: adds the interquartile mean with stratified-bootstrap
+intervals), ``bootstrap`` (resamples for the bootstrap intervals, default 1000).
 
 Not a Hydra app on purpose: Hydra's override grammar rejects
 ``baseline=precision=fp32``; ``OmegaConf.from_dotlist`` splits at the first ``=``.
@@ -26,7 +29,7 @@ from stackwise_bench.errors import ConfigError
 USAGE = (
     "usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
     "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true] "
-    "[plan_seeds=false]"
+    "[plan_seeds=false] [scaling=<axis>] [aggregate=mean|iqm] [bootstrap=1000]"
 )
 DEFAULTS = {
     "runs": None,
@@ -37,6 +40,9 @@ DEFAULTS = {
     "expect": None,
     "plots": True,
     "plan_seeds": False,
+    "scaling": None,
+    "aggregate": "mean",
+    "bootstrap": 1000,
 }
 
 
@@ -58,6 +64,13 @@ def parse_args(argv: list[str]) -> dict:
         raise ConfigError(f"plots={args['plots']} must be true or false.")
     if not isinstance(args["plan_seeds"], bool):
         raise ConfigError(f"plan_seeds={args['plan_seeds']} must be true or false.")
+    if args["aggregate"] not in ("mean", "iqm"):
+        raise ConfigError(f"aggregate={args['aggregate']} is not mean or iqm; use aggregate=iqm (or leave it out).")
+    boot = args["bootstrap"]
+    if isinstance(boot, bool) or not isinstance(boot, int) or boot < 100:
+        raise ConfigError(f"bootstrap={boot} must be a whole number of resamples of at least 100 (default 1000).")
+    if args["scaling"] is not None:
+        args["scaling"] = str(args["scaling"])
     return args
 
 
@@ -79,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             baseline=args["baseline"],
             group_by=args["group_by"],
             expect=args["expect"],
+            aggregate=args["aggregate"],
+            scaling=args["scaling"],
+            n_boot=args["bootstrap"],
         )
         if args["plan_seeds"]:
             print_seed_plan(a)
@@ -115,7 +131,11 @@ def print_summary(a, out_dir, seconds: float) -> None:
         f"{len(a.runs)} runs ({finished} finished) | cells by {', '.join(a.group_by) or '(all runs)'} "
         f"| metric {a.metric} | baseline {base}\n"
     )
-    print(screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs)))
+    print(
+        screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs, iqm=a.iqm))
+    )
+    if a.scaling is not None:
+        print_scaling(a.scaling)
     for view in a.views:
         if view.highlights:
             print(f"\n{view.title}:")
@@ -137,6 +157,19 @@ def print_summary(a, out_dir, seconds: float) -> None:
         print("\nWarnings:")
         print("".join(f"  - {w}\n" for w in a.warnings), end="")
     print(f"\nReport: {out_dir / 'report.md'}  ({seconds:.1f} s)")
+
+
+def print_scaling(s) -> None:
+    """α, E and A with their intervals per stratum, or the sentence saying why there is no fit."""
+    from stackwise_bench.analysis.scaling import estimate_text
+
+    print(f"\nScaling of {s.error} along {s.axis}: E + A·x^(−α), 95% bootstrap intervals")
+    for st in s.strata:
+        if st.fit is None:
+            print(f"  - {st.label}: {st.note}")
+            continue
+        parts = [f"{k} {estimate_text(st.fit, k)}" for k in ("alpha", "E", "A")]
+        print(f"  - {st.label}: " + ", ".join(parts) + f" ({len(st.x)} runs)")
 
 
 def _as_list(value, split_commas: bool = True) -> list:

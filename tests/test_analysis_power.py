@@ -116,14 +116,14 @@ def test_report_sentence_only_for_underpowered_comparisons():
     weak = _comparison_table([90.4, 90.1, 89.5])  # 3 seeds, a small noisy difference
     row = weak.iloc[0]
     assert row["power"] < 0.8
-    text = comparisons_md(SimpleNamespace(comparisons=weak))
+    text = comparisons_md(SimpleNamespace(comparisons=weak, aggregate="mean"))
     sentence = f"n = 3: differences smaller than {fmt_sig(row['mde_points'])} points cannot be told from seed noise."
     assert sentence in text and "precision=bf16 vs precision=fp32" in text
     assert "| effect_size | power | mde_points | mde_sigma | seeds_needed |" in text
 
     strong = _comparison_table([85.0, 86.2, 84.1, 85.6, 84.4, 85.3, 84.7, 85.9])  # 8 seeds, a 5-point drop
     assert strong.iloc[0]["power"] >= 0.8
-    text = comparisons_md(SimpleNamespace(comparisons=strong))
+    text = comparisons_md(SimpleNamespace(comparisons=strong, aggregate="mean"))
     assert "cannot be told from seed noise" not in text and "Comparisons against the baseline" in text
 
 

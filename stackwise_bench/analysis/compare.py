@@ -28,6 +28,7 @@ from stackwise_bench.analysis.grouping import (
     same_value,
 )
 from stackwise_bench.analysis.power import independent_power, paired_power
+from stackwise_bench.analysis.robust import probability_of_improvement, task_labels
 from stackwise_bench.analysis.stats import CONFIDENCE, cohens_d, holm
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED
@@ -63,6 +64,9 @@ COLUMNS = (
     "mde_sigma",  # smallest effect detectable with 80% power at this n, in standard deviations
     "mde_points",  # the same in the metric's units (x std of the differences, or x pooled std)
     "seeds_needed",  # smallest n (pairs, or seeds per equal cell) with >= 80% power at the observed effect
+    "p_improve",  # P(cell run > baseline run) on the same task, ties half (robust.probability_of_improvement)
+    "p_improve_ci95_low",  # its stratified-bootstrap 95% interval
+    "p_improve_ci95_high",
     "note",
 )
 PAIRED_FRACTION = 0.75  # below this, pairing would throw away too much of the data: Welch instead
@@ -95,7 +99,11 @@ def resolve_baseline(runs: pd.DataFrame, baseline: str | Mapping | None, group_b
 
 
 def compare_to_baseline(
-    runs: pd.DataFrame, metric: str | Sequence[str], baseline: Mapping[str, Any], group_by: list[str]
+    runs: pd.DataFrame,
+    metric: str | Sequence[str],
+    baseline: Mapping[str, Any],
+    group_by: list[str],
+    task_keys: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per (cell, metric) that is not the baseline, with tests and Holm-adjusted p.
 
@@ -104,6 +112,7 @@ def compare_to_baseline(
         metric: one metric column or several; Holm runs over every row returned.
         baseline: ``{key: value}``, e.g. ``{"precision": "fp32"}``.
         group_by: the cell keys; baseline keys are added when missing.
+        task_keys: varying keys the cells pool over (tasks): P(X > Y) compares runs within a task.
     """
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if not baseline:
@@ -124,7 +133,7 @@ def compare_to_baseline(
                     rows.append({**row, "baseline": "", "note": "no baseline cell matches this cell"})
                     continue
                 row["baseline"] = group_label(base_values, group_by)
-                rows.append({**row, **compare_cells(cell, base_cell, m)})
+                rows.append({**row, **compare_cells(cell, base_cell, m, task_keys)})
     table = pd.DataFrame(rows, columns=[*group_by, *COLUMNS])
     if not table.empty:
         if "p_value" not in table:
@@ -135,8 +144,9 @@ def compare_to_baseline(
     return table
 
 
-def compare_cells(cell: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict:
-    """Mean difference (cell − base) with its 95% interval, the test, p, Cohen's d, power figures and a note."""
+def compare_cells(cell: pd.DataFrame, base: pd.DataFrame, metric: str, task_keys: Sequence[str] = ()) -> dict:
+    """Mean difference (cell − base) with its 95% interval, the test, p, Cohen's d, power figures, P(X > Y)
+    and a note."""
     a = _per_seed(cell, metric)
     b = _per_seed(base, metric)
     a_all = pd.to_numeric(cell[metric], errors="coerce").dropna().to_numpy()
@@ -161,6 +171,10 @@ def compare_cells(cell: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict:
         out.update(_welch(a_all, b_all))
         out.update(independent_power(a_all, b_all))
     out["note"] = _seed_note(out["n"], out["n_baseline"], out.get("note", ""))
+    tasks = list(task_keys)
+    x, y = (pd.to_numeric(c[metric], errors="coerce").to_numpy() for c in (cell, base))
+    p = probability_of_improvement(x, y, task_labels(cell, tasks), task_labels(base, tasks))
+    out["p_improve"], out["p_improve_ci95_low"], out["p_improve_ci95_high"] = p
     return out
 
 

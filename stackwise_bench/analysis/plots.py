@@ -18,6 +18,7 @@ from stackwise_bench.analysis.curves import hardware_use, learning_curves, lr_sc
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.layer_plots import grad_norm_heatmap
 from stackwise_bench.analysis.quantization import settings_label
+from stackwise_bench.analysis.scaling_plot import scaling_figure
 from stackwise_bench.runs.contract import FINISHED, read_summary
 
 
@@ -33,12 +34,14 @@ def make_plots(
     group_by: list[str],
     quantized: pd.DataFrame | None = None,
     diagnostics: pd.DataFrame | None = None,
+    scaling=None,
 ) -> dict[str, Path]:
     """Every figure the data allows, into ``out_dir``; returns ``{title: path}``.
 
     ``quantized``: the quantized evaluation records
     (:func:`stackwise_bench.analysis.quantization.quantized_evaluations`); ``diagnostics``: the per-layer
-    diagnostics (:func:`stackwise_bench.analysis.diagnostics.collect_diagnostics`).
+    diagnostics (:func:`stackwise_bench.analysis.diagnostics.collect_diagnostics`); ``scaling``: the fits of
+    ``analyze scaling=<axis>`` (:class:`stackwise_bench.analysis.scaling.ScalingAnalysis`).
     """
     import seaborn as sns  # ~1 s import: only when plotting
 
@@ -49,6 +52,7 @@ def make_plots(
         "Learning curves": lambda: learning_curves(done(epochs), group_by, out_dir / "learning_curves.png"),
         "Learning-rate schedule": lambda: lr_schedule(done(epochs), group_by, out_dir / "lr_schedule.png"),
         "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(summary, metric, group_by, out_dir / "accuracy_vs_rank.png"),
+        "Scaling fit": lambda: scaling_figure(scaling, out_dir / "scaling.png"),
         "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
             summary, done(runs), metric, group_by, out_dir / "accuracy_vs_params.png"
         ),

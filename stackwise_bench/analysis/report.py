@@ -27,10 +27,16 @@ from stackwise_bench.analysis.report_sections import (
     validation_md,
     view_md,
 )
+from stackwise_bench.analysis.scaling import scaling_md
 from stackwise_bench.analysis.study import StudyAnalysis
 from stackwise_bench.analysis.tables import booktabs_table, headline_table, markdown_table
 from stackwise_bench.runs.contract import SUMMARY
 from stackwise_bench.runs.files import claim_new_dir
+
+IQM_NOTE = (
+    "\nIQM: interquartile mean (the mean of the middle 50% of the runs), with a 95% percentile interval from "
+    "resampling runs within each task (the varying keys outside the cells).\n"
+)
 
 
 def default_output_base(paths: list[Path]) -> Path:
@@ -54,11 +60,15 @@ def write_report(
     a.comparisons.to_csv(out_dir / "stats.csv", index=False)
     a.dynamics.to_csv(out_dir / "dynamics.csv", index=False)
     a.epochs.to_csv(out_dir / "epochs.csv", index=False)
-    headline = headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs)
+    headline = headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs, iqm=a.iqm)
     (out_dir / "table.tex").write_text(booktabs_table(headline, _caption(a)))
     if len(a.quantization):
         a.quantization.to_csv(out_dir / "quantization.csv", index=False)
         a.quantized.to_csv(out_dir / "evaluations.csv", index=False)
+    if len(a.iqm):
+        a.iqm.to_csv(out_dir / "iqm.csv", index=False)
+    if a.scaling is not None:
+        a.scaling.table.to_csv(out_dir / "scaling.csv", index=False)
     if a.validation is not None:
         (out_dir / "validation.json").write_text(json.dumps(a.validation, indent=2, default=_jsonable) + "\n")
     figures = {}
@@ -76,6 +86,7 @@ def write_report(
             group_by=a.group_by,
             quantized=a.quantized,
             diagnostics=a.diagnostics,
+            scaling=a.scaling,
         )
     (out_dir / "report.md").write_text(render_markdown(a, headline, figures, out_dir, command))
     return out_dir
@@ -91,7 +102,9 @@ def render_markdown(
         + markdown_table(headline)
         + f"\nmean ± std and 95% t-interval over seeds; Δ is cell − baseline [95% interval]; "
         f"p is the raw p-value (Holm–Bonferroni adjusted across all {len(a.comparisons)} comparisons).\n"
+        + (IQM_NOTE if len(a.iqm) else "")
         + _energy_md(a, headline),
+        scaling_md(a.scaling) if a.scaling is not None else "",
         comparisons_md(a),
         unfinished_md(a),
         dynamics_md(a),
@@ -152,6 +165,10 @@ def _files_md(a: StudyAnalysis) -> str:
         "epochs.csv (per-epoch curves)",
         "table.tex (booktabs)",
     ] + (["validation.json"] if a.validation is not None else [])
+    if len(a.iqm):
+        files.append("iqm.csv (interquartile mean per cell with its stratified-bootstrap interval)")
+    if a.scaling is not None:
+        files.append(f"scaling.csv (E + A·x^(−α) along {a.scaling.axis} per stratum, with 95% intervals)")
     if len(a.quantization):
         files += [
             "quantization.csv (post-training quantization per cell and settings)",

@@ -57,6 +57,9 @@ def comparisons_md(a: StudyAnalysis) -> str:
         c["mde_points"] = c["mde_points"].map(fmt_sig)
     if "seeds_needed" in c:
         c["seeds_needed"] = c["seeds_needed"].map(fmt_seeds)
+    robust = a.aggregate == "iqm" and "p_improve" in a.comparisons
+    if robust:
+        c.insert(len(c.columns) - 1, "P(X>Y) [95%]", [_p_improve(r) for _, r in a.comparisons.iterrows()])
     return (
         "## Comparisons against the baseline\n\n"
         + markdown_table(c)
@@ -64,8 +67,24 @@ def comparisons_md(a: StudyAnalysis) -> str:
         f"seeds have a partner, Welch's t-test otherwise; Wilcoxon signed-rank is added from "
         f"{MIN_WILCOXON_PAIRS} pairs "
         f"(with fewer it cannot reach p < {ALPHA}). `significant` uses the Holm-adjusted p < {ALPHA}. "
-        "Cohen's d is the mean difference over the pooled standard deviation.\n" + _power_md(a.comparisons)
+        "Cohen's d is the mean difference over the pooled standard deviation.\n"
+        + (_P_IMPROVE_NOTE if robust else "")
+        + _power_md(a.comparisons)
     )
+
+
+_P_IMPROVE_NOTE = (
+    "\nP(X>Y) is the probability that a run of the cell beats a run of the baseline on the same task (ties count "
+    "half; averaged over tasks), with a 95% interval from resampling runs within each task; 0.5 means no "
+    "difference.\n"
+)
+
+
+def _p_improve(row) -> str:
+    p, low, high = (row.get(k) for k in ("p_improve", "p_improve_ci95_low", "p_improve_ci95_high"))
+    if pd.isna(p):
+        return "–"
+    return f"{p:.2f}" if pd.isna(low) else f"{p:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _power_md(comparisons: pd.DataFrame) -> str:

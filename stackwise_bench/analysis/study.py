@@ -19,8 +19,11 @@ from stackwise_bench.analysis.compare import MIN_SEEDS, compare_to_baseline, res
 from stackwise_bench.analysis.diagnostics import collect_diagnostics
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
 from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
-from stackwise_bench.analysis.grouping import check_group_by, format_value
+from stackwise_bench.analysis.grouping import check_group_by, default_group_by, format_value
+from stackwise_bench.analysis.power_law import N_BOOT
 from stackwise_bench.analysis.quantization import collect_evaluations, quantization_table, quantized_evaluations
+from stackwise_bench.analysis.robust import iqm_table
+from stackwise_bench.analysis.scaling import ScalingAnalysis, analyze_scaling
 from stackwise_bench.analysis.stats import seed_stats
 from stackwise_bench.analysis.studies import StudyView, optimizer_study, peft_study, precision_study
 from stackwise_bench.errors import ConfigError
@@ -40,6 +43,7 @@ DEFAULT_METRICS = (
 )
 MAX_LISTED = 6  # more incomplete cells than this: one summary line instead of one line each
 METRIC_FALLBACKS = ("test.top1", "train.best_val_top1", "train.final_val_top1")
+AGGREGATES = ("mean", "iqm")
 
 
 @dataclass
@@ -69,6 +73,11 @@ class StudyAnalysis:
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Runs of one config and seed found more than once (collect.drop_duplicate_runs): counted once.
     duplicates: list[dict] = field(default_factory=list)
+    # aggregate="iqm": per cell the interquartile mean of the metric and its stratified-bootstrap interval.
+    aggregate: str = "mean"
+    iqm: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # scaling=<axis>: the fits of error = E + A·x^(−α) along the axis, one per stratum.
+    scaling: ScalingAnalysis | None = None
 
     @property
     def unfinished(self) -> pd.DataFrame:
@@ -83,6 +92,9 @@ def analyze_runs(
     baseline=None,
     group_by: list[str] | None = None,
     expect: str | Path | None = None,
+    aggregate: str = "mean",
+    scaling: str | None = None,
+    n_boot: int = N_BOOT,
 ) -> StudyAnalysis:
     """Collect the runs below ``paths`` and compute statistics, comparisons, dynamics and views.
 
@@ -93,10 +105,17 @@ def analyze_runs(
             ``precision=fp32`` or ``optimizer=sgd`` when that key is a grouping key.
         group_by: cell keys (default: every varying override key except the seed).
         expect: an expectations YAML file, checked into ``validation``.
+        aggregate: ``"mean"`` (mean ± std, t-intervals) or ``"iqm"`` (adds the interquartile mean with
+            stratified-bootstrap intervals; tasks are the varying keys outside ``group_by``).
+        scaling: a numeric axis (``lora.rank``, ``params.trainable``) to fit error = E + A·x^(−α) along.
+        n_boot: bootstrap resamples for the IQM, P(X > Y) and scaling intervals.
 
     Raises:
-        ConfigError: no runs, an unknown metric / group_by / baseline key, a bad expectations file.
+        ConfigError: no runs, an unknown metric / group_by / baseline key / scaling axis, a bad aggregate,
+            a bad expectations file.
     """
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"aggregate={aggregate} is not one of {', '.join(AGGREGATES)}; use aggregate=iqm or mean.")
     expectations = load_expectations(expect) if expect else None
     runs = collect_runs(paths)
     metric = choose_metric(runs, metric)
@@ -104,10 +123,12 @@ def analyze_runs(
     group_by = check_group_by(runs, group_by)
     base = resolve_baseline(runs, baseline, group_by)
     group_by += [k for k in base if k not in group_by]
+    scaled = analyze_scaling(runs, scaling, metric, group_by, n_boot=n_boot) if scaling else None
     epochs, hardware = collect_epochs(runs), collect_hardware(runs)
     metrics = [metric] + [m for m in DEFAULT_METRICS if m != metric and m in runs]
     summary = seed_stats(runs, metrics, group_by)
-    comparisons = compare_to_baseline(runs, metric, base, group_by)
+    tasks = [k for k in default_group_by(runs) if k not in group_by]
+    comparisons = compare_to_baseline(runs, metric, base, group_by, task_keys=tasks)
     dynamics = run_dynamics(runs, epochs)
     dyn_cols = [c for c in DYNAMICS if dynamics[c].notna().any()]
     analysis = StudyAnalysis(
@@ -124,7 +145,11 @@ def analyze_runs(
         dynamics=dynamics,
         dynamics_summary=seed_stats(dynamics, dyn_cols, group_by),
         duplicates=duplicates,
+        aggregate=aggregate,
+        scaling=scaled,
     )
+    if aggregate == "iqm":
+        analysis.iqm = iqm_table(runs, metric, group_by, tasks, n_boot=n_boot)
     analysis.views = [
         v
         for v in (

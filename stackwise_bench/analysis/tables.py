@@ -28,8 +28,12 @@ def headline_table(
     group_by: list[str],
     baseline: dict,
     runs: pd.DataFrame | None = None,
+    iqm: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One display row per cell for ``metric``: n, mean ± std, 95% CI, Δ vs baseline, p, d, flags.
+
+    Given ``iqm`` (:func:`~stackwise_bench.analysis.robust.iqm_table`), an "IQM [95% CI]" column follows the
+    t-interval.
 
     Given ``runs``, the cells' energy per run and per image and their thermal throttling are added before
     the flags, where some run has those readings (:func:`~stackwise_bench.analysis.energy.energy_columns`).
@@ -50,6 +54,8 @@ def headline_table(
         row["mean ± std"] = mean_std(r["mean"], r["std"], digits) if r["n"] > 1 else fmt(r["mean"], digits)
         ci = f"[{fmt(r['ci95_low'], digits)}, {fmt(r['ci95_high'], digits)}]"
         row["95% CI"] = ci if r["n"] > 1 else "–"
+        if iqm is not None and len(iqm):
+            row["IQM [95% CI]"] = _iqm_cell(iqm, r["group"], digits)
         if baseline:
             row.update(_delta_cells(r, comp, group_by, baseline, digits))
         row.update({name: energy.get(r["group"], {}).get(name, "n/a") for name in energy_names})
@@ -61,6 +67,16 @@ def headline_table(
         row["flags"] = "; ".join(flags)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _iqm_cell(iqm: pd.DataFrame, group: str, digits: int) -> str:
+    match = iqm[iqm["group"] == group]
+    if match.empty or _nan(match["iqm"].iloc[0]):
+        return "–"
+    r = match.iloc[0]
+    if _nan(r["iqm_ci95_low"]):
+        return fmt(r["iqm"], digits)
+    return f"{fmt(r['iqm'], digits)} [{fmt(r['iqm_ci95_low'], digits)}, {fmt(r['iqm_ci95_high'], digits)}]"
 
 
 def _delta_cells(r: pd.Series, comp: pd.DataFrame, group_by: list[str], baseline: dict, digits: int) -> dict:
