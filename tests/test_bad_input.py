@@ -173,6 +173,7 @@ BAD_KNOBS = [
     ("dataset.split_seed=-1", r"non-negative integer"),
     ("dataset.img_size=0", r"positive integer"),
     ("dataset=digits dataset.test_fraction=1", r"number in \(0, 1\)"),
+    ("dataset.train_size=0", r"positive integer, or null \(null = every training image\)"),
     ("dataset.num_train=0", r"positive integer"),
     ("dataset.num_test=0", r"positive integer"),
     ("dataset.num_classes=1", r"integer >= 2"),

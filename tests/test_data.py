@@ -174,6 +174,33 @@ def test_split_is_stratified_sorted_and_validated():
         split_train_val(labels, 0, 0)
 
 
+def test_train_size_keeps_class_shares_and_nests(digits):
+    """dataset.train_size: a seeded subset of the training split, the class shares kept, each smaller subset
+    inside every larger one (a data-scaling study adds images), validation and test untouched."""
+    sizes = (20, 100, 250, 1000)
+    subsets = {n: load_digits(train_size=n) for n in sizes}
+    full = torch.bincount(digits.train_y, minlength=10).double() / len(digits.train_y)
+    for n, d in subsets.items():
+        assert len(d.train_y) == len(d.train_x) == n and d.split["num_train"] == n and d.split["train_size"] == n
+        assert set(d.split["train_idx"]) <= set(digits.split["train_idx"])
+        assert d.split["val_idx"] == digits.split["val_idx"] and torch.equal(d.test_x, digits.test_x)
+        counts = torch.bincount(d.train_y, minlength=10)
+        assert (counts - full * n).abs().max() <= 1.0  # proportional to the split's own class shares
+        ref = d.train_x.double() / 255  # statistics from the images trained on
+        assert d.mean[0] == pytest.approx(ref.mean().item())
+    for small, large in zip(sizes, sizes[1:]):
+        assert set(subsets[small].split["train_idx"]) < set(subsets[large].split["train_idx"])
+    assert load_digits(train_size=100).split == subsets[100].split  # seeded: the same images every time
+    assert load_digits(train_size=100, split_seed=1).split["train_idx"] != subsets[100].split["train_idx"]
+    assert digits.split["train_size"] is None
+
+
+@pytest.mark.parametrize("size", [5, 1294, 2.5])
+def test_train_size_out_of_range_is_refused(size):
+    with pytest.raises(ConfigError, match=rf"^dataset\.train_size={size} must be a whole number between 10 .* 1293 "):
+        load_digits(train_size=size)
+
+
 # --- synthetic ------------------------------------------------------------------------------------
 
 

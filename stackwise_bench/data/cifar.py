@@ -65,6 +65,7 @@ def load_cifar(
     check_integrity: bool = True,
     val_fraction: float = 0.1,
     split_seed: int = 0,
+    train_size: int | None = None,
 ) -> ImageData:
     """CIFAR-10/100 through torchvision, from ``root/cifar-10(0)-batches-py``.
 
@@ -103,5 +104,5 @@ def load_cifar(
 
     (pool_x, pool_y), (test_x, test_y) = to_tensors(train), to_tensors(test)
     return build_image_data(
-        name, pool_x, pool_y, test_x, test_y, [str(c) for c in train.classes], val_fraction, split_seed
+        name, pool_x, pool_y, test_x, test_y, [str(c) for c in train.classes], val_fraction, split_seed, train_size
     )

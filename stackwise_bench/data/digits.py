@@ -16,7 +16,11 @@ DIGITS_TEST_SEED = 0  # fixed: the digits test split never depends on the run se
 
 
 def load_digits(
-    val_fraction: float = 0.1, split_seed: int = 0, img_size: int = 32, test_fraction: float = 0.2
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    img_size: int = 32,
+    test_fraction: float = 0.2,
+    train_size: int | None = None,
 ) -> ImageData:
     """scikit-learn's bundled 8x8 digits, upsampled (bilinear) to ``img_size`` and replicated to RGB.
 
@@ -45,6 +49,7 @@ def load_digits(
         [str(i) for i in range(10)],
         val_fraction,
         split_seed,
+        train_size,
     )
 
 

@@ -87,14 +87,48 @@ def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...
     return tuple((mean / 255).tolist()), tuple((std / 255).clamp_min(1e-6).tolist())
 
 
-def build_image_data(name, pool_x, pool_y, test_x, test_y, classes, val_fraction, split_seed) -> ImageData:
-    """Carve validation out of the training pool and compute train-only statistics."""
+def subset_train(
+    train_idx: torch.Tensor, labels: torch.Tensor, train_size: int, split_seed: int, name: str
+) -> torch.Tensor:
+    """The first ``train_size`` of ``train_idx`` in a seeded, class-interleaved order, sorted.
+
+    Each class is permuted (a generator seeded with ``split_seed`` + 1, so the choice never depends on the
+    run seed), and its i-th image gets the key (i + ½) / class size: sorting by key deals the classes out in
+    proportion, so every subset keeps the class shares, and a smaller subset is part of every larger one
+    (a data-scaling study adds images, it never swaps them).
+    """
+    labels = torch.as_tensor(labels).reshape(-1).cpu()[train_idx]
+    n_classes = len(torch.unique(labels))
+    if int(train_size) != train_size or not n_classes <= train_size <= len(train_idx):
+        raise ConfigError(
+            f"dataset.train_size={train_size} must be a whole number between {n_classes} (one image per class) "
+            f"and the {len(train_idx)} training images {name} has after validation is carved out; "
+            f"use e.g. dataset.train_size={max(n_classes, len(train_idx) // 2)}, or null for all of them."
+        )
+    gen = torch.Generator().manual_seed(int(split_seed) + 1)
+    keys = torch.empty(len(labels), dtype=torch.float64)
+    for cls in torch.unique(labels, sorted=True):
+        where = torch.nonzero(labels == cls).flatten()
+        order = torch.randperm(len(where), generator=gen)
+        keys[where[order]] = (torch.arange(len(where), dtype=torch.float64) + 0.5) / len(where)
+    chosen = torch.sort(keys, stable=True).indices[: int(train_size)]
+    return torch.sort(train_idx[chosen]).values
+
+
+def build_image_data(
+    name, pool_x, pool_y, test_x, test_y, classes, val_fraction, split_seed, train_size: int | None = None
+) -> ImageData:
+    """Carve validation out of the training pool (then keep ``train_size`` images of the rest, when given) and
+    compute train-only statistics."""
     train_idx, val_idx = split_train_val(pool_y, val_fraction, split_seed)
+    if train_size is not None:
+        train_idx = subset_train(train_idx, pool_y, train_size, split_seed, name)
     lists = {"train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
     digest = hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest()
     split = {
         "val_fraction": float(val_fraction),
         "split_seed": int(split_seed),
+        "train_size": None if train_size is None else int(train_size),
         "num_train": len(train_idx),
         "num_val": len(val_idx),
         **lists,

@@ -17,6 +17,7 @@ def make_synthetic(
     seed: int = 0,
     val_fraction: float = 0.1,
     split_seed: int = 0,
+    train_size: int | None = None,
 ) -> ImageData:
     """A small learnable set for tests: one smooth random colour pattern per class plus noise.
 
@@ -42,5 +43,13 @@ def make_synthetic(
     pool_x, pool_y = draw(num_train)
     test_x, test_y = draw(num_test)
     return build_image_data(
-        "synthetic", pool_x, pool_y, test_x, test_y, [str(i) for i in range(num_classes)], val_fraction, split_seed
+        "synthetic",
+        pool_x,
+        pool_y,
+        test_x,
+        test_y,
+        [str(i) for i in range(num_classes)],
+        val_fraction,
+        split_seed,
+        train_size,
     )

@@ -92,6 +92,7 @@ KNOBS: dict[str, Spec] = {
     "dataset.split_seed": Int("0", min=0),
     "dataset.img_size": Int("32", min=1),
     "dataset.test_fraction": Number("0.2", lo=0, hi=1, lo_open=True, hi_open=True),
+    "dataset.train_size": Int("500", min=1, null=True, note="null = every training image"),
     "dataset.num_train": Int("512", min=1),
     "dataset.num_test": Int("128", min=1),
     "dataset.num_classes": Int("4", min=2),
