@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from stackwise_bench.training.flops import PEAK_TFLOPS, peak_flops  # noqa: E402, F401  (PEAK_TFLOPS: re-exported)
+from stackwise_bench.training.flops import train_flops_per_image as model_train_flops_per_image  # noqa: E402
 from stackwise_bench.training.precision import synchronize  # noqa: E402
 
 FIGURES = ("overhead", "diagnostics", "pipeline", "startup", "sweep", "knobs", "gpu")
@@ -814,41 +816,12 @@ def _inference_knobs(b: Budget, device: torch.device) -> list[dict]:
     return rows
 
 
-# Dense (no sparsity) peak TFLOP/s from vendor datasheets: bf16/fp16 tensor cores, and plain FP32 (no TF32).
-# First match of the substring in torch.cuda.get_device_name() wins, so specific names come first.
-PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
-    ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
-    ("H100", {"bf16": 989.4, "fp32": 66.9}),
-    ("H200", {"bf16": 989.4, "fp32": 66.9}),
-    ("GH200", {"bf16": 989.4, "fp32": 66.9}),
-    ("B200", {"bf16": 2250.0, "fp32": 80.0}),
-    ("A100", {"bf16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.1, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp32": 30.3}),
-    ("A10G", {"bf16": 70.0, "fp32": 31.2}),
-    ("A10", {"bf16": 125.0, "fp32": 31.2}),
-    ("RTX 4090", {"bf16": 165.2, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71.0, "fp32": 35.6}),
-]
-
-
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((p[precision] * 1e12 for key, p in PEAK_TFLOPS if key in name), None)
-
-
 def train_flops_per_image(model_name: str, img_size: int, device: torch.device) -> float:
-    """Forward + backward FLOPs of one image, counted by torch.utils.flop_counter (matmuls, convs, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Forward + backward FLOPs of one image (stackwise_bench.training.flops: matmuls, convs, attention)."""
     from stackwise_bench.nn.models import create_model
 
     model = create_model(model_name, 10, img_size=img_size).to(device)
-    x = torch.randn(4, 3, img_size, img_size, device=device)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long, device=device)).backward()
-    return counter.get_total_flops() / 4
+    return model_train_flops_per_image(model, (3, img_size, img_size), num_classes=10, batch=4)
 
 
 def fig_gpu(b: Budget, work: Path) -> list[dict]:
@@ -868,7 +841,7 @@ def fig_gpu(b: Budget, work: Path) -> list[dict]:
         batch={**b.batch, "deit_tiny": 256, "resnet8": 512},
         steps={**b.steps, "deit_tiny": max(b.steps["deit_tiny"], 20), "resnet8": 30},
     )
-    peak = peak_flops(device, "bf16")
+    peak = peak_flops(torch.cuda.get_device_name(device), "bf16")
     reps = min(b.reps, 3)  # scripts/gpu_check.sh has 8 minutes for the tests and every GPU row
     out = []
     for model, size in (("deit_tiny", 224), ("resnet8", 32)):

@@ -1,0 +1,281 @@
+"""Depth growth ("depth as time"): grow a model's block stacks in place and say where each new weight came from.
+
+Supported models: timm ``VisionTransformer``s (ViT, DeiT), whose one growing container is ``model.blocks``, and
+:class:`~stackwise_bench.nn.resnet.CifarResNet`, whose containers are ``stage1..stage3``. A ResNet's depth is its
+blocks per stage; every stage grows alike, and block 0 of a stage (the one that may change shape) is never
+copied, moved or duplicated: the layouts below apply to the stride-1 blocks after it.
+
+Layouts, for k old blocks ``B0..Bk-1`` (A, B, C, ... below) grown by m = n_new - n_old new ones (primed):
+
+- ``append``: new blocks go on top, next to the head, copying the last m blocks of the old stack repeated as
+  often as needed (Gong et al. 2019 stacking): k -> 2k gives ``A B C A' B' C'``; m < k copies the last m in
+  order (3 -> 5: ``A B C B' C'``); m > k cycles (2 -> 6: ``A B A' B' A' B'``; 3 -> 7: ``A B C C' A' B' C'``).
+- ``prepend``: new blocks go below the old ones, next to the input (in a ResNet stage: right after block 0),
+  copying the first m blocks of the repeated stack: 3 -> 5 gives ``A' B' A B C``; 2 -> 6 ``A' B' A' B' A B``.
+- ``interleave``: each new block sits right after its source. Every old block gets m // k copies; the
+  m % k = r left over go to the blocks at the evenly spaced, centred indices ``(2j+1)*k // (2r)``, j < r:
+  2 -> 4 gives ``A A' B B'``; 3 -> 5 ``A A' B C C'`` (blocks 0 and 2); 2 -> 3 ``A B B'``; 4 -> 5 duplicates
+  block 2; 2 -> 6 ``A A' A' B B' B'``.
+
+Inits of a new block:
+
+- ``copy``: a deep copy of its source, weights and buffers (BatchNorm running statistics) alike.
+- ``identity``: the source's structure with fresh weights (as ``random``), then the last layer of each residual
+  branch zeroed, so the network computes the same function at the growth step: a ViT block's ``attn.proj`` and
+  ``mlp.fc2`` (weight and bias; a layer scale keeps its init value), a ``BasicBlock``'s ``bn2`` weight and bias
+  (its output is then ``relu(x + 0) = x``, as ``x >= 0`` after the previous ReLU).
+- ``random``: fresh weights the way the family initialises them: a ViT through timm's own init function for
+  the model's ``weight_init_mode`` (plus the ``fix_init`` rescale by the new block's index when set); a ResNet
+  block with kaiming-normal (fan_out) convs and BatchNorm at weight 1, bias 0, fresh running statistics.
+
+Fresh weights are drawn on the CPU in float32 from a seed taken from ``generator`` (the global RNG when None;
+with a generator the global RNG is left untouched), then copied onto the source's device, dtype and memory
+format: the same generator seed gives the same weights on any device. In a ResNet stage holding only block 0
+there is nothing to copy (``copy`` is refused); identity/random blocks are then built as fresh stride-1
+``BasicBlock``s after block 0, with block 0's drop-path rate.
+
+Every new block keeps its source's drop-path rate (ViT ``drop_path1``/``drop_path2``, ``BasicBlock.drop_path``),
+so a linearly increasing stochastic-depth schedule is no longer monotonic after growth. New blocks carry no
+module hooks and no gradients; they are in their source's train/eval mode and ``requires_grad`` state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn.resnet import BasicBlock, CifarResNet
+
+MODES = ("append", "prepend", "interleave")
+INITS = ("copy", "identity", "random")
+
+
+@dataclass(frozen=True)
+class Growth:
+    """What :func:`grow` did, in ``model.named_parameters()`` names.
+
+    Attributes:
+        copied: ``{new parameter: source parameter}``, both names after growth, for every parameter of a block
+            made with ``init=copy`` (its optimizer state can be copied from the source's); empty otherwise.
+        renamed: ``{name before growth: name after growth}`` for every parameter that existed before growth,
+            unchanged names included (a total map: remap the optimizer state / any name-keyed table through it).
+        new: names of the new blocks' parameters, in model order (the ones to add to the optimizer).
+    """
+
+    copied: dict[str, str] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+
+
+def _family(model: nn.Module) -> str:
+    if isinstance(model, CifarResNet):
+        return "resnet"
+    is_vit = any(c.__name__ == "VisionTransformer" and c.__module__.startswith("timm.") for c in type(model).__mro__)
+    if is_vit and isinstance(getattr(model, "blocks", None), nn.Sequential):
+        return "vit"
+    raise ConfigError(
+        f"model: depth growth supports timm VisionTransformer/DeiT models and CifarResNet, not "
+        f"{type(model).__name__}; use e.g. model=vit_micro_p4 or model=resnet14 (the raw model, before any wrapper)."
+    )
+
+
+def block_lists(model: nn.Module) -> list[nn.Sequential]:
+    """The containers that grow: ``[model.blocks]`` for a timm ViT, ``[stage1, stage2, stage3]`` for CifarResNet."""
+    if _family(model) == "vit":
+        return [model.blocks]
+    return [model.stage1, model.stage2, model.stage3]
+
+
+def depth_of(model: nn.Module) -> int:
+    """``len(model.blocks)`` for a ViT; blocks per stage for a CifarResNet."""
+    return len(block_lists(model)[0])
+
+
+def _fixed(model: nn.Module) -> int:
+    """Blocks at the bottom of each container that never move or serve as sources (a ResNet stage's block 0)."""
+    return 1 if _family(model) == "resnet" else 0
+
+
+def _check_depth(model: nn.Module, depth) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"regime.stacks: depth {depth!r} is not a positive integer; use e.g. regime.stacks=[2,4].")
+
+
+def truncate(model: nn.Module, depth: int) -> None:
+    """Keep the first ``depth`` blocks of each container (the starting stack), in place."""
+    _check_depth(model, depth)
+    n = depth_of(model)
+    if depth > n:
+        raise ConfigError(
+            f"regime.stacks: cannot start {type(model).__name__} at depth {depth}, it has only {n}; "
+            f"start at most at {n} (raise the model's depth instead)."
+        )
+    for container in block_lists(model):
+        _replace(container, list(container)[:depth])
+    _sync_feature_info(model)
+
+
+def growth_sources(n_old: int, n_new: int, mode: str) -> list[tuple[int, bool]]:
+    """The grown stack as ``(source_index, is_new)`` per block, bottom to top (layouts: module docstring).
+
+    An old block appears once as ``(i, False)``; a new block as ``(i, True)`` where ``i`` is the old block it
+    is made from. ``n_old >= 1``; ``n_new >= n_old``.
+    """
+    _check_choice(mode, MODES, "regime.building_mode")
+    if n_old < 1 or n_new < n_old:
+        raise ConfigError(
+            f"regime.stacks: cannot grow {n_old} blocks to {n_new}; start from 1 block or more and do not shrink."
+        )
+    k, m = n_old, n_new - n_old
+    old = [(i, False) for i in range(k)]
+    if mode == "append":
+        return old + [((k - m + j) % k, True) for j in range(m)]
+    if mode == "prepend":
+        return [(j % k, True) for j in range(m)] + old
+    q, r = divmod(m, k)
+    extra = {(2 * j + 1) * k // (2 * r) for j in range(r)}
+    return [e for i in range(k) for e in [(i, False)] + [(i, True)] * (q + (i in extra))]
+
+
+def grow(model: nn.Module, depth: int, mode: str, init: str, generator: torch.Generator | None = None) -> Growth:
+    """Grow every container of ``model`` in place to ``depth`` blocks.
+
+    Args:
+        model: A timm ViT/DeiT or a CifarResNet (unwrapped: not compiled, not DDP, not a peft model).
+        depth: The new depth (>= the current one; equal is a no-op).
+        mode: ``append``, ``prepend`` or ``interleave``: where the new blocks go.
+        init: ``copy``, ``identity`` or ``random``: how they are initialised.
+        generator: Draws identity/random weights reproducibly; None uses the global RNG.
+
+    Returns:
+        A :class:`Growth`: which new parameters were copied from which, the old -> new names, the new names.
+
+    Raises:
+        ConfigError: Unsupported model, unknown mode/init, a smaller depth, or nothing to copy. The model is
+            unchanged when it raises.
+    """
+    family, containers = _family(model), block_lists(model)
+    _check_choice(mode, MODES, "regime.building_mode")
+    _check_choice(init, INITS, "regime.init")
+    _check_depth(model, depth)
+    n, fixed, name = depth_of(model), _fixed(model), type(model).__name__
+    if depth < n:
+        raise ConfigError(
+            f"regime.stacks: cannot grow {name} to depth {depth}, it already has {n}; list depths in increasing order."
+        )
+    if init == "copy" and depth > n and n <= fixed:
+        raise ConfigError(
+            f"regime.init=copy: {name} has only block 0 per stage, which is never copied; "
+            "use regime.init=identity or random, or start from depth 2."
+        )
+    if family == "vit" and init == "identity" and not all(_branch_ends(b) for b in model.blocks):
+        raise ConfigError(
+            f"regime.init=identity: the blocks of {name} lack attn.proj or mlp.fc2 to zero; use regime.init=copy."
+        )
+    before = {id(p): k for k, p in model.named_parameters()}
+    sources: list[tuple[nn.Module, nn.Module]] = []
+    for container in containers:
+        head, body = list(container)[:fixed], list(container)[fixed:]
+        layout = growth_sources(len(body), depth - fixed, mode) if body else [(None, True)] * (depth - n)
+        grown = list(head)
+        for src, is_new in layout:
+            if not is_new:
+                grown.append(body[src])
+                continue
+            block = _clone(body[src]) if src is not None else _plain_block(head[0])
+            if init == "copy":
+                sources.append((block, body[src]))
+            else:
+                _reinit(model, family, block, init, len(grown), generator)
+            grown.append(block)
+        _replace(container, grown)
+    _sync_feature_info(model)
+    after = {id(p): k for k, p in model.named_parameters()}
+    copied = {
+        after[id(p)]: after[id(s)] for block, src in sources for p, s in zip(block.parameters(), src.parameters())
+    }
+    return Growth(copied, {k: after[i] for i, k in before.items()}, [k for i, k in after.items() if i not in before])
+
+
+def _check_choice(value, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value} is not one of {', '.join(choices)}; use e.g. {key}={choices[0]}.")
+
+
+def _replace(container: nn.Sequential, blocks: list[nn.Module]) -> None:
+    """Refill ``container`` (the same object, so references to it stay valid) with ``blocks``, named 0, 1, ..."""
+    container._modules.clear()
+    for i, block in enumerate(blocks):
+        container.add_module(str(i), block)
+
+
+def _sync_feature_info(model: nn.Module) -> None:
+    """timm lists one ``feature_info`` entry per ViT block (``blocks.{i}``); keep it in step with the depth."""
+    info = getattr(model, "feature_info", None)
+    if _family(model) == "vit" and isinstance(info, list) and info and info[0].get("module") == "blocks.0":
+        model.feature_info = [dict(info[0], module=f"blocks.{i}") for i in range(len(model.blocks))]
+
+
+def _branch_ends(block: nn.Module) -> bool:
+    return isinstance(getattr(getattr(block, "attn", None), "proj", None), nn.Linear) and isinstance(
+        getattr(getattr(block, "mlp", None), "fc2", None), nn.Linear
+    )
+
+
+def _clone(block: nn.Module) -> nn.Module:
+    """A deep copy of ``block`` without its module hooks (they belong to the source) and without gradients."""
+    memo = {
+        id(v): OrderedDict()
+        for m in block.modules()
+        for k, v in vars(m).items()
+        if "hooks" in k and isinstance(v, dict)
+    }
+    new = copy.deepcopy(block, memo)
+    for p in new.parameters():
+        p.grad = None
+    return new
+
+
+def _plain_block(first: BasicBlock) -> BasicBlock:
+    """A stride-1 BasicBlock to follow ``first`` (a stage's block 0), on its device, dtype and memory format."""
+    weight = first.conv2.weight
+    block = BasicBlock(weight.shape[0], weight.shape[0], 1, first.drop_path).to(weight.device, weight.dtype)
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        block = block.to(memory_format=torch.channels_last)
+    return block.train(first.training)
+
+
+def _reinit(model: nn.Module, family: str, block: nn.Module, init: str, index: int, generator) -> None:
+    """Give ``block`` (the new block at ``index`` of its container) fresh weights; zero its branches for identity."""
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
+    work = copy.deepcopy(block).float().cpu()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays as it was
+        if family == "vit":
+            from timm.models import named_apply  # lazy: timm costs seconds to import (see nn/models.py)
+            from timm.models.vision_transformer import get_init_weights_vit
+
+            named_apply(get_init_weights_vit(getattr(model, "weight_init_mode", "")), work, name=f"blocks.{index}")
+            if getattr(model, "fix_init", False):  # timm's rescale of each block's branch outputs by its index
+                for layer in (work.attn.proj, work.mlp.fc2):
+                    layer.weight.div_(math.sqrt(2.0 * (index + 1)))
+        else:
+            for m in work.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    m.reset_parameters()
+        if init == "identity":
+            last = (work.attn.proj, work.mlp.fc2) if family == "vit" else (work.bn2,)
+            for layer in last:
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        p.zero_()
+        block.load_state_dict(work.state_dict())  # copies into block's own tensors: its device, dtype, format
