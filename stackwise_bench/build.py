@@ -87,8 +87,13 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
     optimizer = instantiate(cfg.optimizer, model=model)
+    total_steps = trainer.plan(model, loaders.train)  # epochs x steps, or the steps trainer.max_flops buys
     scheduler = instantiate(
-        cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(loaders.train), max_epochs=trainer.max_epochs
+        cfg.scheduler,
+        optimizer=optimizer,
+        steps_per_epoch=len(loaders.train),
+        max_epochs=trainer.max_epochs,
+        total_steps=total_steps,
     )
     monitors = [instantiate(node) for node in cfg.monitors.values()]
     diagnostics = instantiate(cfg.diagnostics) if cfg.get("diagnostics") else None

@@ -199,6 +199,7 @@ BAD_KNOBS = [
     ("lora.head=''", r"module name, or null \(null freezes the head\)"),
     ("trainer.max_epochs=0", r"positive integer"),
     ("trainer.max_epochs=2.5", r"positive integer"),
+    ("trainer.max_flops=0", r"positive number, or null \(null = train by trainer.max_epochs\)"),
     ("trainer.batch_size=0", r"positive integer"),
     ("trainer.eval_batch_size=0", r"positive integer, or null"),
     ("trainer.grad_clip=-1", r"non-negative number, or null \(0 and null disable clipping\)"),

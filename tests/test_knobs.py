@@ -119,10 +119,10 @@ def test_a_new_knob_without_a_spec_fails_the_coverage(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     with (conf / "trainer" / "default.yaml").open("a") as f:
-        f.write("max_flops: null  # a new knob, no spec yet\n")
+        f.write("max_wall_hours: null  # a new knob, no spec yet\n")
     assert unspecified(compose_options(conf, groups={"trainer"})) == [
-        "conf/config.yaml: trainer.max_flops",
-        "trainer=default: trainer.max_flops",
+        "conf/config.yaml: trainer.max_wall_hours",
+        "trainer=default: trainer.max_wall_hours",
     ]
 
 

@@ -89,6 +89,12 @@ class BatchLoader:
         self.augment, self.channels_last = augment, channels_last
         self._matrices = None  # CPU resize weights, built on first use
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the batches this loader yields (after its resize)."""
+        c, h, w = self.x.shape[1:]
+        return (int(c), self.out_size or int(h), self.out_size or int(w))
+
     def __len__(self) -> int:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)

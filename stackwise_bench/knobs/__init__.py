@@ -123,6 +123,7 @@ KNOBS: dict[str, Spec] = {
     # conf/trainer/*.yaml
     "trainer.max_epochs": Int("20", min=1),
     "trainer.batch_size": Int("64", min=1),
+    "trainer.max_flops": Number("1e12", lo=0, lo_open=True, null=True, note="null = train by trainer.max_epochs"),
     "trainer.eval_batch_size": Int("256", min=1, null=True, note="null = 512 on a GPU, the training batch on a CPU"),
     "trainer.grad_clip": Number("1.0", lo=0, null=True, note="0 and null disable clipping"),
     "trainer.early_stopping_patience": Int("5", min=0, null=True, note="0 and null disable early stopping"),

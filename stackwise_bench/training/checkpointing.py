@@ -30,6 +30,7 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
     partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
     diagnostics: list | None = None  # the diagnostics' grad-norm interval so far (Diagnostics.state)
+    compute: dict | None = None  # training FLOPs so far (Compute.state)
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, device: torch.device) -> dict:

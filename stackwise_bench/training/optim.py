@@ -77,9 +77,14 @@ def build_scheduler(
     max_epochs: int,
     warmup_epochs: float = 0.0,
     min_lr_ratio: float = 0.0,
+    total_steps: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step schedule: linear warmup, then cosine decay to ``min_lr_ratio`` or constant."""
-    total = max(1, steps_per_epoch * max_epochs)
+    """A per-step schedule: linear warmup, then cosine decay to ``min_lr_ratio`` or constant.
+
+    ``total_steps`` (the trainer's plan, e.g. what ``trainer.max_flops`` buys) replaces
+    ``steps_per_epoch * max_epochs`` as the length the cosine reaches its floor at.
+    """
+    total = max(1, total_steps if total_steps is not None else steps_per_epoch * max_epochs)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if name not in ("cosine", "constant"):
         raise ConfigError(f"scheduler.name={name} is not known; use scheduler=cosine or scheduler=constant.")

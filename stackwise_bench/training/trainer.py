@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
+from stackwise_bench.training.compute import Compute, current_depth
 from stackwise_bench.training.diagnostics import Diagnostics
 from stackwise_bench.training.metrics import evaluate
 from stackwise_bench.training.precision import synchronize
@@ -67,6 +68,7 @@ class Trainer:
         resume: bool = False,
         progress: str = "auto",
         log_every_n_steps: int = 20,
+        max_flops: float | None = None,
     ):
         for key, value in (
             ("max_epochs", max_epochs),
@@ -83,6 +85,13 @@ class Trainer:
                 f"trainer.grad_clip={grad_clip} must be a non-negative number, or null (0 and null "
                 "disable clipping); use e.g. trainer.grad_clip=1.0."
             )
+        if max_flops is not None and (
+            isinstance(max_flops, bool) or not isinstance(max_flops, (int, float)) or not 0 < max_flops < math.inf
+        ):
+            raise ConfigError(
+                f"trainer.max_flops={max_flops} must be a positive number of training FLOPs, or null (train by "
+                "trainer.max_epochs); use e.g. trainer.max_flops=1e12."
+            )
         if progress not in ("auto", "bar", "log"):
             raise ConfigError(f"trainer.progress={progress} is not known; use auto, bar or log.")
         self.runtime, self.device = runtime, runtime.device
@@ -94,6 +103,30 @@ class Trainer:
         self.show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self.amp = runtime.autocast
         self._compile_pending = runtime.compile  # the first compiled step of this process includes compilation
+        self.max_flops, self.max_steps = max_flops, None  # max_steps: set by plan() from the FLOP budget
+        self.compute = Compute(runtime.device, runtime.precision)
+
+    def plan(self, model, loader) -> int:
+        """The steps this run will take (the schedule's length): epochs x steps, or what ``max_flops`` buys.
+
+        With a FLOP budget, ``max_epochs`` becomes the epochs the budget spans (the last one partial) and
+        training stops at the budget's step.
+        """
+        self.image_shape = loader.image_shape
+        if self.max_flops is None:
+            return self.max_epochs * len(loader)
+        self.max_steps = self.compute.budget_steps(self.max_flops, model, self.image_shape, self.batch_size)
+        epochs = math.ceil(self.max_steps / len(loader))
+        log.info(
+            "trainer.max_flops=%.3g: %d steps of %d images (%.2f epochs); trainer.max_epochs=%d is not used",
+            self.max_flops,
+            self.max_steps,
+            self.batch_size,
+            self.max_steps / len(loader),
+            self.max_epochs,
+        )
+        self.max_epochs = epochs
+        return self.max_steps
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -136,13 +169,17 @@ class Trainer:
 
         if diagnostics is not None:
             diagnostics.restore(progress.diagnostics)
+        self.compute.restore(progress.compute)
+        self.image_shape = loaders.train.image_shape
 
         def save_last() -> None:
             if diagnostics is not None:
                 progress.diagnostics = diagnostics.state()
+            progress.compute = self.compute.state()
             sink.save_checkpoint("last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device))
 
         status = "early_stopped" if self._patience_spent(progress) else "completed"  # a resume after the last epoch
+        self.raw_model = model
         for monitor in monitors:
             monitor.start(sink)
         try:
@@ -182,7 +219,11 @@ class Trainer:
         test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink, stop)
         if test is None:  # stopped during the test phase: training is saved whole; a resume runs the test
             status, test = "interrupted", {}
-        return FitResult(status, train_summary(progress, status), test, resources)
+        train = train_summary(progress, status)
+        train.update(
+            self.compute.summary(sum(r["epoch_time_s"] - r.get("compile_time_s", 0.0) for r in progress.history))
+        )
+        return FitResult(status, train, test, resources)
 
     def _patience_spent(self, progress: Progress) -> bool:
         return bool(self.patience) and progress.bad_evals >= self.patience
@@ -243,6 +284,7 @@ class Trainer:
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             self.images += y.numel()
+            self.compute.step(y.numel())
             progress.step += 1
             progress.global_step += 1
             if self._compile_pending:
@@ -265,6 +307,8 @@ class Trainer:
                 progress.partial, stop.save_now = {}, False
                 if stop.requested:
                     return None
+            if self.max_steps is not None and progress.global_step >= self.max_steps:
+                break  # the FLOP budget is spent: this (last) epoch ends here
         synchronize(self.device)
         train_time = sums["time_s"] + time.perf_counter() - t0
         if bar is not None:
@@ -277,9 +321,12 @@ class Trainer:
         progress.epoch += 1
         progress.step, progress.partial = 0, {}
         timed_s = max(train_time - sums["compile_s"], 1e-9)
+        flops = self.compute.flush(self.raw_model, self.image_shape)  # measured after the timed steps
         return {
             "epoch": progress.epoch,
             "step": progress.global_step,
+            "flops": flops,  # cumulative training FLOPs (forward + backward) at the end of this epoch
+            "depth": current_depth(self.raw_model),
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
             "train_top1": 100.0 * int(correct) / max(1, seen),

@@ -1,0 +1,116 @@
+"""A run's training compute: FLOPs per image measured once per architecture, summed over the images trained.
+
+``train.flops`` counts the forward and backward passes of training steps only (not validation or test), the
+convention of compute-budget papers. The count per image comes from :class:`~.flops.FlopMeter`
+(``FlopCounterMode`` on a throwaway copy), so it is measured when first needed and again only when the
+architecture changes (a depth-as-time growth, a frozen stack). Images are counted per step; they are turned into
+FLOPs at the rate of the architecture they were trained on (:meth:`Compute.flush` before the model changes).
+
+``trainer.max_flops`` turns a FLOP budget into a number of steps before training starts (:meth:`budget_steps`),
+so the learning-rate schedule spans the budget: a classical run at 59% of the compute gets its whole warmup and
+cosine over that 59%, not a full-length schedule cut short (Kaddour et al., 2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.training.flops import FlopMeter, mfu, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+class Compute:
+    """Training FLOPs of one run; ``state()``/``restore()`` carry the total across a resume."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, precision
+        self.meter = FlopMeter()
+        self.total = 0.0  # FLOPs of the images already priced
+        self.images = 0  # every image trained (priced or pending)
+        self.pending = 0  # images trained since the last flush, at the current architecture's rate
+        self.failed = ""  # why FLOPs could not be counted (then the run records none)
+
+    def per_image(self, model, input_shape) -> float | None:
+        """Training FLOPs of one image on ``model`` as it is now; None (warned once) when counting fails."""
+        if self.failed:
+            return None
+        try:
+            return self.meter.per_image(_unwrap(model), tuple(input_shape))
+        except Exception as exc:  # an op FlopCounterMode cannot trace must not cost the run
+            self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+            log.warning("training FLOPs are not counted for this model (%s)", self.failed)
+            return None
+
+    def step(self, images: int) -> None:
+        self.pending += images
+        self.images += images
+
+    def flush(self, model, input_shape) -> float | None:
+        """Price the pending images at ``model``'s rate; call before the architecture changes and to read totals."""
+        if self.pending:
+            rate = self.per_image(model, input_shape)
+            self.total = math.nan if rate is None else self.total + self.pending * rate
+            self.pending = 0
+        return None if self.failed else self.total
+
+    def budget_steps(self, max_flops: float, model, input_shape, batch_size: int) -> int:
+        """Steps of ``batch_size`` images that fit in ``max_flops`` at ``model``'s rate (one architecture)."""
+        rate = self.per_image(model, input_shape)
+        if rate is None:
+            raise ConfigError(
+                f"trainer.max_flops={max_flops:g} needs the model's FLOPs, which could not be counted "
+                f"({self.failed}); set trainer.max_flops=null and train by trainer.max_epochs."
+            )
+        steps = int(max_flops // (rate * batch_size))
+        if steps < 1:
+            raise ConfigError(
+                f"trainer.max_flops={max_flops:g} is less than one step ({rate * batch_size:.3g} FLOPs at "
+                f"batch {batch_size}); raise trainer.max_flops."
+            )
+        return steps
+
+    def summary(self, train_seconds: float) -> dict:
+        """``train.flops``, ``train.flops_per_img`` and ``train.mfu`` (where the device's peak is known)."""
+        if self.failed or not self.images:
+            return {"flops": None, "flops_per_img": None, "mfu": None}
+        peak = None
+        if self.device.type == "cuda":
+            peak = peak_flops(torch.cuda.get_device_name(self.device), _peak_precision(self.precision))
+        return {
+            "flops": self.total,
+            "flops_per_img": self.total / self.images,
+            "mfu": mfu(self.total, train_seconds, peak),
+        }
+
+    def state(self) -> dict:
+        return {"total": self.total, "images": self.images, "pending": self.pending, "failed": self.failed}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.total, self.images = float(state["total"]), int(state["images"])
+            self.pending, self.failed = int(state["pending"]), str(state.get("failed", ""))
+
+
+def _peak_precision(precision: str) -> str:
+    """The peak a run is measured against: its own tensor-core format; fp8 against bf16 (no fp8 row yet)."""
+    return {"fp16": "fp16", "bf16": "bf16", "fp8": "bf16"}.get(precision, "fp32")
+
+
+def _unwrap(model):
+    """The module FLOPs are counted on: a compiled model's original."""
+    return getattr(model, "_orig_mod", model)
+
+
+def current_depth(model) -> int | None:
+    """Blocks of a timm ViT, blocks per stage of a CIFAR ResNet; None for other models (e.g. a peft wrapper)."""
+    from stackwise_bench.nn.growth import depth_of
+
+    try:
+        return depth_of(_unwrap(model))
+    except ConfigError:
+        return None
