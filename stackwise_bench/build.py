@@ -50,6 +50,7 @@ class Assembly(NamedTuple):
     monitors: list
     diagnostics: Any  # None for diagnostics=none
     loggers: list
+    regime: Any  # training.regime.Classical or DepthTime
 
 
 def instantiate(node, *args, **kwargs):
@@ -84,10 +85,13 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
             f"({len(data.train_y)} images); use trainer.batch_size<={len(data.train_y)}."
         )
     model, shape, fp8_layers = build_model(cfg, data.num_classes)
+    regime = instantiate(cfg.regime)  # classical, or depth_time: which starts the model at its first stack
+    regime.setup(model)
     model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
     optimizer = instantiate(cfg.optimizer, model=model)
-    total_steps = trainer.plan(model, loaders.train)  # epochs x steps, or the steps trainer.max_flops buys
+    total_steps = trainer.plan(model, loaders.train, regime)  # epochs x steps, or what trainer.max_flops buys
+    regime.plan(total_steps)  # the steps at which depth_time grows the model
     scheduler = instantiate(
         cfg.scheduler,
         optimizer=optimizer,
@@ -99,7 +103,19 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     diagnostics = instantiate(cfg.diagnostics) if cfg.get("diagnostics") else None
     loggers = build_loggers(cfg)
     return Assembly(
-        runtime, trainer, data, model, shape, fp8_layers, loaders, optimizer, scheduler, monitors, diagnostics, loggers
+        runtime,
+        trainer,
+        data,
+        model,
+        shape,
+        fp8_layers,
+        loaders,
+        optimizer,
+        scheduler,
+        monitors,
+        diagnostics,
+        loggers,
+        regime,
     )
 
 
@@ -217,6 +233,7 @@ def rebuild(config: dict, ckpt: Path, datasets: dict | None = None) -> Rebuilt:
     import torch
 
     from stackwise_bench.data import BatchLoader
+    from stackwise_bench.nn.growth import match_depth
     from stackwise_bench.nn.state_dict import load_weights, read_checkpoint
 
     cfg = OmegaConf.create(with_current_targets(config))
@@ -233,6 +250,7 @@ def rebuild(config: dict, ckpt: Path, datasets: dict | None = None) -> Rebuilt:
     model = model.to(runtime.device)
     if runtime.wants_channels_last(model):  # as Trainer.fit does before training
         model = model.to(memory_format=torch.channels_last)
+    match_depth(model, state)  # a depth-as-time checkpoint saved before a growth holds fewer blocks
     load_weights(model, state, ckpt, cfg.model.name + (f" with LoRA rank {cfg.lora.rank}" if cfg.lora.rank else ""))
     batch = runtime.eval_batch_size(cfg.trainer.get("eval_batch_size"), cfg.trainer.batch_size)
     loader = BatchLoader(data.test_x, data.test_y, batch, **loader_options(data, runtime, cfg.model.img_size, model))

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stackwise_bench.build import build_run
+from stackwise_bench.build import build_run, model_shape
 from stackwise_bench.configs import CONF_DIR
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.knobs import check_config
@@ -99,6 +99,7 @@ def run(
                     monitors=built.monitors,
                     stop=stop,
                     diagnostics=built.diagnostics,
+                    regime=built.regime,
                 )
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
@@ -112,6 +113,8 @@ def run(
                 raise
             if result.status == "interrupted":
                 record.summary["run"]["stopped_by"] = stop.requested
+            if built.regime.name != "classical":  # the model grew: record what it ended as
+                record.update(params=count_parameters(built.model) | model_shape(built.model, cfg.lora.head))
             resources = run_resources(result.resources, record.summary.get("previous_attempts", []))
             record.finish(result.status, train=result.train, test=result.test, resources=resources)
         stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt

@@ -33,6 +33,7 @@ from stackwise_bench.knobs.specs import (
     File,
     FolderName,
     Int,
+    ListOf,
     Names,
     Number,
     Pair,
@@ -97,6 +98,16 @@ KNOBS: dict[str, Spec] = {
     "dataset.num_test": Int("128", min=1),
     "dataset.num_classes": Int("4", min=2),
     "dataset.seed": Int("0", min=0),
+    # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
+    "regime.stacks": ListOf("[1,2]", Int("1", min=1), increasing=True),
+    "regime.boundaries": ListOf("[0.5]", Number("0.5", lo=0, hi=1, lo_open=True, hi_open=True), increasing=True),
+    "regime.building_mode": Choice(("append", "prepend", "interleave"), "append"),
+    "regime.init": Choice(("copy", "identity", "random"), "copy"),
+    "regime.scope": Choice(("rackwise", "stackwise"), "stackwise"),
+    "regime.old_lr_factor": Number("0.1", lo=0, hi=1, note="0 freezes the older blocks"),
+    "regime.optimizer_state": Choice(("copy", "reset"), "copy"),
+    "regime.lr_rewarm_steps": Int("100", min=0),
+    "regime.seed": Int("0"),
     # conf/precision/*.yaml
     "precision.name": Choice(("fp32", "fp16", "bf16", "fp8"), "bf16"),
     # conf/optimizer/*.yaml
@@ -171,6 +182,7 @@ EXEMPT: dict[str, str] = {
         "trainer",
         "monitors.hardware",
         "diagnostics",
+        "regime",
     )
 }
 

@@ -75,6 +75,29 @@ def _warmup_within_training(get: Get) -> str | None:
     return None
 
 
+def _depth_time_grows_a_plain_model(get: Get) -> str | None:
+    """Growth copies and inserts plain blocks: not peft adapters, a compiled graph or torchao float8 layers."""
+    if not str(get("regime._target_")).endswith(".DepthTime"):
+        return None
+    rank = get("lora.rank")
+    if rank is not ABSENT and rank:
+        return (
+            f"regime=depth_time grows the model's blocks during training, and lora.rank={rank} freezes them behind "
+            "adapters that new blocks would not have; use lora.rank=0 (full training) or regime=classical."
+        )
+    if get("trainer.compile") is True:
+        return (
+            "regime=depth_time changes the model's depth during training, which a compiled graph does not follow; "
+            "use trainer.compile=false or regime=classical."
+        )
+    if get("precision.name") == "fp8":
+        return (
+            "regime=depth_time adds blocks that the float8 training conversion has not seen; use precision=bf16 "
+            "or regime=classical."
+        )
+    return None
+
+
 RULES: list[Rule] = [
     _monitors_are_configs,
     _digits_size,
@@ -82,6 +105,7 @@ RULES: list[Rule] = [
     _heads_divide_width,
     _token_pool_needs_class_token,
     _warmup_within_training,
+    _depth_time_grows_a_plain_model,
 ]
 
 

@@ -190,6 +190,23 @@ class Pair(Spec):
         )
 
 
+class ListOf(Spec):
+    """A list of values that ``item`` accepts, strictly increasing when ``increasing``, empty when ``empty``."""
+
+    def __init__(self, example: str, item: Spec, *, increasing: bool = False, empty: bool = False, **kw):
+        self.item, self.increasing, self.empty = item, increasing, empty
+        order = ", strictly increasing" if increasing else ""
+        super().__init__(example, what=kw.pop("what", f"a list of values ({item.what} each{order})"), **kw)
+
+    def accepts(self, value) -> bool:
+        return (
+            isinstance(value, (list, tuple))
+            and (self.empty or len(value) > 0)
+            and all(self.item.accepts(v) for v in value)
+            and (not self.increasing or all(a < b for a, b in zip(value, value[1:])))
+        )
+
+
 class Names(Spec):
     """A module name or a non-empty list of them (whether the model has them is checked when it is built)."""
 

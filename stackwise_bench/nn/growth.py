@@ -121,6 +121,21 @@ def truncate(model: nn.Module, depth: int) -> None:
     _sync_feature_info(model)
 
 
+def match_depth(model: nn.Module, state: dict) -> None:
+    """Truncate ``model`` to the depth a checkpoint's ``state`` dict holds (a depth-as-time ``best.pt`` saved
+    before a growth); a no-op for a model that does not grow or a state of its own depth. Block names are
+    positional (``blocks.0`` ...), so the shallower model takes the checkpoint's weights as they were."""
+    try:
+        containers = block_lists(model)
+    except ConfigError:
+        return
+    names = dict(model.named_modules())
+    prefix = next(name for name, module in names.items() if module is containers[0]) + "."
+    held = {int(k[len(prefix) :].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    if held and max(held) + 1 < depth_of(model):
+        truncate(model, max(held) + 1)
+
+
 def growth_sources(n_old: int, n_new: int, mode: str) -> list[tuple[int, bool]]:
     """The grown stack as ``(source_index, is_new)`` per block, bottom to top (layouts: module docstring).
 

@@ -48,14 +48,20 @@ def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, de
     }
 
 
-def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.device) -> Progress:
-    """Loads the sink's ``last`` checkpoint into the objects in place; a fresh Progress when there is none yet."""
+def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.device, prepare=None) -> Progress:
+    """Loads the sink's ``last`` checkpoint into the objects in place; a fresh Progress when there is none yet.
+
+    ``prepare(state, model, optimizer, scheduler)`` runs before the states are loaded: a depth-as-time regime
+    grows the fresh model and optimizer to the shape the checkpoint holds.
+    """
     path = sink.checkpoint_path("last")
     if not path.exists():
         log.info("trainer.resume: no %s yet, starting from scratch", path)
         return Progress()
     try:
         state = sink.load_checkpoint("last", map_location=device)
+        if prepare is not None:
+            prepare(state, model, optimizer, scheduler)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

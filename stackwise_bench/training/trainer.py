@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn.growth import match_depth
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.training.compute import Compute, current_depth
 from stackwise_bench.training.diagnostics import Diagnostics
 from stackwise_bench.training.metrics import evaluate
 from stackwise_bench.training.precision import synchronize
+from stackwise_bench.training.regime import Classical
 from stackwise_bench.training.reporting import log_epoch, progress_bar, train_summary, update_bar
 from stackwise_bench.training.runtime import Runtime
 from stackwise_bench.training.stop import StopSignal
@@ -106,7 +108,7 @@ class Trainer:
         self.max_flops, self.max_steps = max_flops, None  # max_steps: set by plan() from the FLOP budget
         self.compute = Compute(runtime.device, runtime.precision)
 
-    def plan(self, model, loader) -> int:
+    def plan(self, model, loader, regime=None) -> int:
         """The steps this run will take (the schedule's length): epochs x steps, or what ``max_flops`` buys.
 
         With a FLOP budget, ``max_epochs`` becomes the epochs the budget spans (the last one partial) and
@@ -115,6 +117,12 @@ class Trainer:
         self.image_shape = loader.image_shape
         if self.max_flops is None:
             return self.max_epochs * len(loader)
+        if regime is not None and regime.name != "classical":
+            raise ConfigError(
+                f"trainer.max_flops applies to regime=classical; a regime={regime.name} run trains by "
+                "trainer.max_epochs (its FLOPs are recorded): give its train.flops to the classical arm's "
+                "trainer.max_flops, or drop trainer.max_flops."
+            )
         self.max_steps = self.compute.budget_steps(self.max_flops, model, self.image_shape, self.batch_size)
         epochs = math.ceil(self.max_steps / len(loader))
         log.info(
@@ -139,6 +147,7 @@ class Trainer:
         monitors=(),
         stop: StopSignal | None = None,
         diagnostics: Diagnostics | None = None,
+        regime=None,
     ) -> FitResult:
         """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``.
 
@@ -147,10 +156,22 @@ class Trainer:
         ``diagnostics`` (None: none) measures gradients, weights and activations on its logging steps; its rows
         go to ``sink.log_diagnostics``. Where the sink ``wants_steps`` (a tracker is attached), every
         ``log_every_n_steps``-th step's loss, learning rate and grad norm go to ``sink.log_step``.
+        ``regime`` (None: classical) may grow the model at planned steps (:mod:`~stackwise_bench.training.regime`).
         """
         if stop is None:
             with StopSignal() as own:
-                return self.fit(model, loaders, optimizer, scheduler, sink, monitors, stop=own, diagnostics=diagnostics)
+                return self.fit(
+                    model,
+                    loaders,
+                    optimizer,
+                    scheduler,
+                    sink,
+                    monitors,
+                    stop=own,
+                    diagnostics=diagnostics,
+                    regime=regime,
+                )
+        self.regime = regime if regime is not None else Classical()
         self.num_classes = loaders.num_classes
         self.diagnostics, self.images = diagnostics, 0
         hook_guards = None  # dynamo's setting while activation hooks need it (a joblib worker runs the next job)
@@ -164,7 +185,9 @@ class Trainer:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         forward = torch.compile(model) if self.runtime.compile else model
         progress = (
-            restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device) if self.resume else Progress()
+            restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device, self._regrow)
+            if self.resume
+            else Progress()
         )
 
         if diagnostics is not None:
@@ -176,7 +199,7 @@ class Trainer:
             if diagnostics is not None:
                 progress.diagnostics = diagnostics.state()
             progress.compute = self.compute.state()
-            sink.save_checkpoint("last", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device))
+            sink.save_checkpoint("last", self._checkpoint(model, optimizer, scheduler, scaler, progress))
 
         status = "early_stopped" if self._patience_spent(progress) else "completed"  # a resume after the last epoch
         self.raw_model = model
@@ -195,9 +218,7 @@ class Trainer:
                 sink.log_epoch(row)
                 save_last()
                 if improved:
-                    sink.save_checkpoint(
-                        "best", checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device)
-                    )
+                    sink.save_checkpoint("best", self._checkpoint(model, optimizer, scheduler, scaler, progress))
                 log_epoch(row, self.max_epochs)
                 if stop.requested:  # arrived during validation: the epoch is saved whole, stop here
                     status = "interrupted"
@@ -219,11 +240,41 @@ class Trainer:
         test = {} if status == "interrupted" else self._test(model, forward, loaders.test, sink, stop)
         if test is None:  # stopped during the test phase: training is saved whole; a resume runs the test
             status, test = "interrupted", {}
-        train = train_summary(progress, status)
+        train = train_summary(progress, status) | self.regime.describe()
         train.update(
             self.compute.summary(sum(r["epoch_time_s"] - r.get("compile_time_s", 0.0) for r in progress.history))
         )
         return FitResult(status, train, test, resources)
+
+    def _checkpoint(self, model, optimizer, scheduler, scaler, progress: Progress) -> dict:
+        return {
+            **checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device),
+            "regime": self.regime.state_dict(),
+        }
+
+    def _regrow(self, state: dict, model, optimizer, scheduler) -> None:
+        """Before a checkpoint is loaded: grow the fresh (first-stack) model to the stage the checkpoint holds."""
+        if state.get("regime"):
+            self.regime.load_state_dict(state["regime"])
+            self.regime.replay(state["regime"]["stage"], model, optimizer, scheduler)
+            if self.diagnostics is not None:
+                self.diagnostics.attach(model)
+
+    def _grow_if_due(self, optimizer, scheduler, progress: Progress) -> None:
+        """Grow the model at a planned step: price the images trained so far at the old depth first."""
+        if self.regime.stage_at(progress.global_step) == self.regime.stage:
+            return
+        self.compute.flush(self.raw_model, self.image_shape)
+        grown = self.regime.before_step(progress.global_step, self.raw_model, optimizer, scheduler)
+        if self.diagnostics is not None:
+            self.diagnostics.attach(self.raw_model)
+        log.info(
+            "step %d: grew to depth %d (stage %d, %d new parameter tensors)",
+            progress.global_step,
+            grown["depth"],
+            grown["stage"],
+            grown["new_params"],
+        )
 
     def _patience_spent(self, progress: Progress) -> bool:
         return bool(self.patience) and progress.bad_evals >= self.patience
@@ -250,6 +301,7 @@ class Trainer:
         synchronize(self.device)
         t0 = time.perf_counter()
         for x, y in loader.epoch(progress.epoch, start_step=progress.step):
+            self._grow_if_due(optimizer, scheduler, progress)
             step = progress.global_step + 1  # the number of the step about to run
             probing = diag is not None and diag.due(step)
             if probing:
@@ -364,6 +416,7 @@ class Trainer:
     def _test(self, model, forward, loader, sink, stop) -> dict | None:
         """Full metrics on the test split with the best checkpoint's weights; None when ``stop`` cut it short."""
         best = sink.load_checkpoint("best", map_location=self.device)
+        match_depth(model, best["model"])  # a depth-as-time best.pt from before a growth holds fewer blocks
         model.load_state_dict(best["model"])
         test = evaluate(forward, loader, self.num_classes, self.amp, self.device, full=True, stop=stop)
         if test is None:

@@ -1,0 +1,123 @@
+"""regime=depth_time end to end: growth at the planned step, FLOPs at each depth's rate, kill + resume after a
+growth, best.pt from before a growth, and the refusals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from stackwise_bench.build import build_model
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn.growth import depth_of, match_depth, truncate
+from stackwise_bench.train import run
+
+from conftest import compose, read_metrics
+
+BATCH = 32
+STEPS_PER_EPOCH = 230 // BATCH  # the tiny synthetic set: 256 images minus 10% validation, drop_last
+GROW = ["model=resnet14", "regime=depth_time", "regime.init=identity", "trainer.max_epochs=3"]
+TIMING_KEYS = {"epoch_time_s", "train_img_s", "eval_time_s"}
+
+
+def numbers(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def rate(cfg, depth: int) -> float:
+    """FLOPs of one 32-px image, forward + backward, at ``depth`` blocks per stage: counted here by hand."""
+    model, _, _ = build_model(cfg, 4)
+    truncate(model, depth)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.zeros(4, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 4
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "grown"
+    summary = run(compose(GROW), run_dir)
+    return run_dir, summary, read_metrics(run_dir)
+
+
+def test_the_model_grows_at_the_planned_step_and_flops_follow_each_depth(grown_run):
+    _, summary, rows = grown_run
+    total = 3 * STEPS_PER_EPOCH
+    grow_at = int(0.5 * total + 0.5)  # boundaries [0.5] of 21 steps: step 11, in epoch 2
+    assert summary["status"] == "completed"
+    assert summary["train"]["regime"] == "depth_time" and summary["train"]["growth_steps"] == [grow_at]
+    assert [r["depth"] for r in rows] == [1, 2, 2]  # the depth at each epoch's end
+    cfg = compose(GROW)
+    shallow, deep = rate(cfg, 1), rate(cfg, 2)
+    expected = [e * STEPS_PER_EPOCH * BATCH * shallow for e in (1,)] + [
+        (grow_at * shallow + (e * STEPS_PER_EPOCH - grow_at) * deep) * BATCH for e in (2, 3)
+    ]
+    assert [r["flops"] for r in rows] == pytest.approx(expected)
+    full = rate(cfg, 2) * total * BATCH
+    assert summary["train"]["flops"] < 0.8 * full  # the point of growing: less compute than classical training
+    assert summary["params"]["total"] == sum(p.numel() for p in build_model(cfg, 4)[0].parameters())
+
+
+def test_kill_after_a_growth_then_resume_matches_the_uninterrupted_run(grown_run, tmp_path, monkeypatch):
+    full_dir, full_summary, _ = grown_run
+    calls = {"n": 0}
+    original = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step_then_signal(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1 + 13:  # LambdaLR steps once when built; step 13 is after the growth at step 11
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_signal)
+    run_dir = tmp_path / "killed"
+    assert run(compose(GROW), run_dir)["status"] == "interrupted"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["regime"]["stage"] == 1 and state["progress"]["global_step"] == 13
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", original)
+    resumed = run(compose([*GROW, "trainer.resume=true"]), run_dir)
+    assert resumed["status"] == "completed"
+    assert numbers(read_metrics(run_dir)) == numbers(read_metrics(full_dir))
+    assert resumed["test"]["confusion_matrix"] == full_summary["test"]["confusion_matrix"]
+
+
+def test_a_checkpoint_from_before_a_growth_loads_into_the_grown_model():
+    cfg = compose(["model=resnet14"])
+    shallow, _, _ = build_model(cfg, 4)
+    truncate(shallow, 1)
+    grown, _, _ = build_model(cfg, 4)
+    match_depth(grown, shallow.state_dict())
+    assert depth_of(grown) == 1
+    grown.load_state_dict(shallow.state_dict())  # strict: every key matches
+    deep, _, _ = build_model(cfg, 4)
+    match_depth(deep, deep.state_dict())
+    assert depth_of(deep) == 2  # a state of its own depth changes nothing
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model=vit_micro_p4", "regime=depth_time", "lora.rank=4"],
+            r"regime=depth_time grows the model's blocks during training, and lora.rank=4 freezes them",
+        ),
+        (["model=resnet14", "regime=depth_time", "trainer.compile=true"], r"use trainer.compile=false"),
+        (
+            ["model=resnet14", "regime=depth_time", "regime.init=identity", "trainer.max_flops=1e12"],
+            r"trainer.max_flops applies to regime=classical",
+        ),
+        (["model=resnet14", "regime=depth_time", "regime.stacks=[1,3]"], r"regime.stacks"),
+        (["regime=depth_time", "regime.boundaries=[0.5,0.7]"], r"regime.boundaries=\[0.5, 0.7\] has 2 entries"),
+    ],
+)
+def test_combinations_that_make_no_sense_are_refused_in_one_sentence(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        run(compose(overrides), tmp_path / "r")
+    text = str(err.value)
+    assert re.search(message, text), text
+    assert text.count(". ") <= 1 and "\n" not in text
