@@ -222,6 +222,7 @@ BAD_KNOBS = [
     ("regime=depth_time regime.optimizer_state=keep", r"copy or reset"),
     ("regime=depth_time regime.lr_rewarm_steps=-1", r"non-negative integer"),
     ("regime=depth_time regime.seed=1.5", r"an integer"),
+    ("regime=classical regime.match=maybe", r"true or false"),
     ("trainer.threads=0", r"positive integer, or null \(null keeps torch's default\)"),
     ("trainer.progress=quiet", r"one of auto, bar, log"),
     ("trainer.log_every_n_steps=0", r"positive integer"),

@@ -121,3 +121,28 @@ def test_combinations_that_make_no_sense_are_refused_in_one_sentence(tmp_path, o
     text = str(err.value)
     assert re.search(message, text), text
     assert text.count(". ") <= 1 and "\n" not in text
+
+
+QUICK = [  # scripts/depth_time.sh's QUICK=1 form, 3 epochs
+    "experiment=depth_time",
+    "dataset=digits",
+    "model=vit_micro_p4",
+    "model.depth=4",
+    "regime.stacks=[1,2,4]",
+    "trainer.max_epochs=3",
+    "trainer.batch_size=64",
+    "optimizer.lr=3e-3",
+    "scheduler.warmup_epochs=1",
+]
+
+
+def test_the_preset_trains_in_its_quick_form_and_the_matched_arm_spends_the_same_flops(tmp_path):
+    grown = run(compose([*QUICK, "regime=depth_time_interleave"]), tmp_path / "grown")
+    matched = run(compose([*QUICK, "regime=classical_matched"]), tmp_path / "matched")
+    assert grown["status"] == matched["status"] == "completed"
+    assert [r["depth"] for r in read_metrics(tmp_path / "grown")] == [1, 2, 4]  # growths at steps 20 and 40 of 60
+    assert grown["train"]["growth_steps"] == [20, 40]
+    assert [r["depth"] for r in read_metrics(tmp_path / "matched")] == [4, 4]  # full depth, fewer steps
+    step_cost = matched["train"]["flops_per_img"] * 64
+    assert matched["train"]["flops"] <= grown["train"]["flops"] < matched["train"]["flops"] + step_cost
+    assert read_metrics(tmp_path / "matched")[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # its schedule ended

@@ -99,8 +99,17 @@ KNOBS: dict[str, Spec] = {
     "dataset.num_classes": Int("4", min=2),
     "dataset.seed": Int("0", min=0),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
-    "regime.stacks": ListOf("[1,2]", Int("1", min=1), increasing=True),
-    "regime.boundaries": ListOf("[0.5]", Number("0.5", lo=0, hi=1, lo_open=True, hi_open=True), increasing=True),
+    "regime.stacks": ListOf(
+        "[1,2]", Int("1", min=1), increasing=True, null=True, note="classical: only with regime.match=true"
+    ),
+    "regime.boundaries": ListOf(
+        "[0.5]",
+        Number("0.5", lo=0, hi=1, lo_open=True, hi_open=True),
+        increasing=True,
+        null=True,
+        note="classical: only with regime.match=true",
+    ),
+    "regime.match": Bool("true"),
     "regime.building_mode": Choice(("append", "prepend", "interleave"), "append"),
     "regime.init": Choice(("copy", "identity", "random"), "copy"),
     "regime.scope": Choice(("rackwise", "stackwise"), "stackwise"),

@@ -74,6 +74,28 @@ class Compute:
             )
         return steps
 
+    def depth_time_flops(self, model, depth_time, total_steps: int, batch_size: int, input_shape) -> float:
+        """The training FLOPs of a depth-time run of ``total_steps`` (its stages at their depths' rates, rackwise):
+        the budget of the classical arm matched to it. Each depth is counted on a truncated copy of ``model``."""
+        import copy
+
+        from stackwise_bench.nn.growth import truncate
+
+        growth = [0, *depth_time.plan(total_steps), total_steps]
+        total = 0.0
+        for stage, depth in enumerate(depth_time.stacks):
+            shallow = copy.deepcopy(_unwrap(model))
+            truncate(shallow, depth)
+            rate = self.per_image(shallow, input_shape)
+            if rate is None:
+                raise ConfigError(
+                    f"regime.match=true needs the model's FLOPs, which could not be counted "
+                    f"({self.failed}); set regime.match=false and trainer.max_flops by hand."
+                )
+            total += (growth[stage + 1] - growth[stage]) * batch_size * rate
+        log.info("matched to depth_time %s: a budget of %.4g training FLOPs", depth_time.stacks, total)
+        return total
+
     def summary(self, train_seconds: float) -> dict:
         """``train.flops``, ``train.flops_per_img`` and ``train.mfu`` (where the device's peak is known)."""
         if self.failed or not self.images:

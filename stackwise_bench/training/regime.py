@@ -46,13 +46,33 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 class Classical:
-    """Fixed depth, today's behaviour: every hook is a no-op."""
+    """Fixed depth, today's behaviour: every hook is a no-op.
+
+    ``match=True`` makes it the *matched* classical arm of a depth-as-time study: its FLOP budget is what a
+    :class:`DepthTime` run with ``stacks`` and ``boundaries`` spends over the same ``trainer.max_epochs``, and its
+    schedule spans that budget (Kaddour et al., 2023: the fair baseline decays its learning rate within the smaller
+    budget; it is not a full-length run cut short). With ``match=False`` the stacks are only recorded: a study sets
+    one schedule on every arm, and the full-budget classical arm keeps its full budget.
+    """
 
     name = "classical"
     stage = 0
 
+    def __init__(self, stacks: list[int] | None = None, boundaries: list[float] | None = None, match: bool = False):
+        if not isinstance(match, bool):
+            raise ConfigError(f"regime.match={match} must be true or false; use e.g. regime.match=true.")
+        if match and (stacks is None or boundaries is None):
+            raise ConfigError(
+                f"regime.match=true needs regime.stacks and regime.boundaries (the depth-time schedule whose FLOPs "
+                f"this run spends), not {stacks} and {boundaries}; set both, e.g. regime.stacks=[1,2] "
+                "regime.boundaries=[0.5]."
+            )
+        schedule = DepthTime(stacks, boundaries, init="identity") if stacks is not None else None
+        self.matched = schedule if match else None
+
     def setup(self, model) -> None:
-        pass
+        if self.matched is not None:
+            self.matched.setup(copy.deepcopy(model))  # checks the stacks end at the model's depth; truncates a copy
 
     def plan(self, total_steps: int) -> list[int]:
         return []
@@ -81,7 +101,13 @@ class Classical:
         pass
 
     def describe(self) -> dict:
-        return {"regime": self.name}
+        if self.matched is None:
+            return {"regime": self.name}
+        return {
+            "regime": self.name,
+            "matched_stacks": self.matched.stacks,
+            "matched_boundaries": self.matched.boundaries,
+        }
 
 
 class DepthTime:

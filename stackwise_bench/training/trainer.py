@@ -115,6 +115,15 @@ class Trainer:
         training stops at the budget's step.
         """
         self.image_shape = loader.image_shape
+        if getattr(regime, "matched", None) is not None:
+            if self.max_flops is not None:
+                raise ConfigError(
+                    "regime.match=true sets this classical run's FLOP budget (what depth_time spends with its stacks), "
+                    "and trainer.max_flops sets another; keep one of them."
+                )
+            self.max_flops = self.compute.depth_time_flops(
+                model, regime.matched, self.max_epochs * len(loader), self.batch_size, self.image_shape
+            )
         if self.max_flops is None:
             return self.max_epochs * len(loader)
         if regime is not None and regime.name != "classical":
