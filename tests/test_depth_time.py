@@ -146,3 +146,12 @@ def test_the_preset_trains_in_its_quick_form_and_the_matched_arm_spends_the_same
     step_cost = matched["train"]["flops_per_img"] * 64
     assert matched["train"]["flops"] <= grown["train"]["flops"] < matched["train"]["flops"] + step_cost
     assert read_metrics(tmp_path / "matched")[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # its schedule ended
+
+
+def test_evaluate_rebuilds_the_grown_network_and_reproduces_the_test_metrics(grown_run):
+    from stackwise_bench.evaluation import evaluate_checkpoint
+
+    run_dir, summary, _ = grown_run
+    again = evaluate_checkpoint(run_dir)
+    assert again["status"] == "completed"
+    assert again["test"]["top1"] == summary["test"]["top1"] and again["test"]["matches_recorded"] is True
