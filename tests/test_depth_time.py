@@ -155,3 +155,37 @@ def test_evaluate_rebuilds_the_grown_network_and_reproduces_the_test_metrics(gro
     again = evaluate_checkpoint(run_dir)
     assert again["status"] == "completed"
     assert again["test"]["top1"] == summary["test"]["top1"] and again["test"]["matches_recorded"] is True
+
+
+def test_kill_9_during_a_depth_time_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
+    """SIGKILL leaves the last epoch's checkpoint (stage 0 here, or 1); the resume regrows to it and, where the
+    kill came before the growth, grows again at the same step: the same numbers as a run never killed."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, TINY
+
+    tiny = [o for o in TINY if not o.startswith("monitors")]
+    args = [*tiny, *GROW, "dataset.num_train=1024", "trainer.threads=1", "monitors=none"]  # 28 steps an epoch
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stackwise_bench.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch was seen"
+        time.sleep(0.02)
+    proc.kill()  # kill -9: no handler runs, nothing is saved beyond the epoch's checkpoint
+    proc.wait(timeout=60)
+    resumed = run(compose([*args, "trainer.resume=true"], tiny=False), run_dir)
+    reference = run(compose(args, tiny=False), tmp_path / "reference")
+    assert resumed["status"] == reference["status"] == "completed"
+    assert numbers(read_metrics(run_dir)) == numbers(read_metrics(tmp_path / "reference"))
+    assert [r["depth"] for r in read_metrics(run_dir)] == [1, 2, 2]
+    assert resumed["test"]["confusion_matrix"] == reference["test"]["confusion_matrix"]

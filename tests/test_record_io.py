@@ -83,12 +83,13 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(cfg_factory, tmp_path,
 
 
 def test_full_disk_at_summary_json_keeps_the_old_one_and_the_original_error(cfg_factory, tmp_path, monkeypatch, caplog):
-    """The disk fills after epoch 1: the heartbeat write fails, and so does recording the failure (logged, once)."""
+    """The disk fills after epoch 1: epoch 2's heartbeat fails, and so does recording the failure (logged, once)."""
     run_dir = tmp_path / "run"
     real_open = builtins.open
 
     def open_until_full(file, mode="r", *args, **kwargs):
-        if Path(file).name.startswith(".summary.json") and (run_dir / "checkpoints" / "last.pt").exists():
+        rows = run_dir / "metrics.jsonl"
+        if Path(file).name.startswith(".summary.json") and rows.exists() and len(rows.read_bytes().splitlines()) >= 2:
             f = real_open(file, mode, *args, **kwargs)
             f.write('{"status": "runn')
             f.close()

@@ -57,6 +57,7 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
     path = sink.checkpoint_path("last")
     if not path.exists():
         log.info("trainer.resume: no %s yet, starting from scratch", path)
+        sink.trim_to_checkpoint({"progress": {"history": [], "global_step": 0}})  # rows of an attempt that saved none
         return Progress()
     try:
         state = sink.load_checkpoint("last", map_location=device)

@@ -224,10 +224,10 @@ class Trainer:
                     break
                 improved = self._validate(forward, loaders.val, progress, row)
                 progress.history.append(row)
-                sink.log_epoch(row)
-                save_last()
+                save_last()  # before the row: a kill in between resumes from here and rewrites the row from history
                 if improved:
                     sink.save_checkpoint("best", self._checkpoint(model, optimizer, scheduler, scaler, progress))
+                sink.log_epoch(row)
                 log_epoch(row, self.max_epochs)
                 if stop.requested:  # arrived during validation: the epoch is saved whole, stop here
                     status = "interrupted"
