@@ -136,6 +136,9 @@ def print_summary(a, out_dir, seconds: float) -> None:
     )
     if a.scaling is not None:
         print_scaling(a.scaling)
+    if a.regimes is not None and (a.regimes.sentences or a.regimes.notes):
+        print("\nDepth as time vs classical (test top-1 at equal FLOPs; details in the report):")
+        print("".join(f"  - {s}\n" for s in [*a.regimes.sentences, *a.regimes.notes]), end="")
     for view in a.views:
         if view.highlights:
             print(f"\n{view.title}:")

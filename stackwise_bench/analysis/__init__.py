@@ -27,6 +27,7 @@ _EXPORTS = {
     "studies": ("precision_study", "peft_study", "optimizer_study", "StudyView"),
     "expectations": ("load_expectations", "check_expectations"),
     "quantization": ("collect_evaluations", "quantized_evaluations", "quantization_table"),
+    "regimes": ("analyze_regimes", "RegimeAnalysis"),
     "study": ("analyze_runs", "StudyAnalysis"),
     "report": ("write_report", "new_output_dir"),
     "plots": ("make_plots",),

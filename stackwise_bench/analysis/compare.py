@@ -34,7 +34,8 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED
 
 # The reference each study compares against, used when no baseline= is given.
-AUTO_BASELINES = (("lora.rank", 0), ("precision", "fp32"), ("optimizer", "sgd"))
+# A depth-as-time study compares against classical training at equal FLOPs (regime=classical_matched).
+AUTO_BASELINES = (("regime", "classical_matched"), ("lora.rank", 0), ("precision", "fp32"), ("optimizer", "sgd"))
 MIN_SEEDS = 3  # with fewer per cell a t-test can only detect enormous effects
 # With n pairs the smallest two-sided exact Wilcoxon p is 2/2**n: n < 6 can never reach 0.05.
 MIN_WILCOXON_PAIRS = 6

@@ -18,6 +18,7 @@ from stackwise_bench.analysis.curves import hardware_use, learning_curves, lr_sc
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.layer_plots import grad_norm_heatmap
 from stackwise_bench.analysis.quantization import settings_label
+from stackwise_bench.analysis.regime_plot import accuracy_vs_flops
 from stackwise_bench.analysis.scaling_plot import scaling_figure
 from stackwise_bench.runs.contract import FINISHED, read_summary
 
@@ -35,13 +36,15 @@ def make_plots(
     quantized: pd.DataFrame | None = None,
     diagnostics: pd.DataFrame | None = None,
     scaling=None,
+    regimes=None,
 ) -> dict[str, Path]:
     """Every figure the data allows, into ``out_dir``; returns ``{title: path}``.
 
     ``quantized``: the quantized evaluation records
     (:func:`stackwise_bench.analysis.quantization.quantized_evaluations`); ``diagnostics``: the per-layer
     diagnostics (:func:`stackwise_bench.analysis.diagnostics.collect_diagnostics`); ``scaling``: the fits of
-    ``analyze scaling=<axis>`` (:class:`stackwise_bench.analysis.scaling.ScalingAnalysis`).
+    ``analyze scaling=<axis>`` (:class:`stackwise_bench.analysis.scaling.ScalingAnalysis`); ``regimes``: a depth-as-time
+    study (:class:`stackwise_bench.analysis.regimes.RegimeAnalysis`).
     """
     import seaborn as sns  # ~1 s import: only when plotting
 
@@ -53,6 +56,9 @@ def make_plots(
         "Learning-rate schedule": lambda: lr_schedule(done(epochs), group_by, out_dir / "lr_schedule.png"),
         "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(summary, metric, group_by, out_dir / "accuracy_vs_rank.png"),
         "Scaling fit": lambda: scaling_figure(scaling, out_dir / "scaling.png"),
+        "Accuracy vs training FLOPs": lambda: accuracy_vs_flops(
+            regimes, done(epochs), out_dir / "accuracy_vs_flops.png"
+        ),
         "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
             summary, done(runs), metric, group_by, out_dir / "accuracy_vs_params.png"
         ),

@@ -18,6 +18,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.energy import ENERGY_COLUMNS, ENERGY_NOTE, THROTTLE_COLUMN, energy_note
 from stackwise_bench.analysis.grouping import format_value
+from stackwise_bench.analysis.regime_report import regimes_md
 from stackwise_bench.analysis.report_sections import (
     comparisons_md,
     dynamics_md,
@@ -69,6 +70,8 @@ def write_report(
         a.iqm.to_csv(out_dir / "iqm.csv", index=False)
     if a.scaling is not None:
         a.scaling.table.to_csv(out_dir / "scaling.csv", index=False)
+    if a.regimes is not None:
+        a.regimes.table.to_csv(out_dir / "regimes.csv", index=False)
     if a.validation is not None:
         (out_dir / "validation.json").write_text(json.dumps(a.validation, indent=2, default=_jsonable) + "\n")
     figures = {}
@@ -87,6 +90,7 @@ def write_report(
             quantized=a.quantized,
             diagnostics=a.diagnostics,
             scaling=a.scaling,
+            regimes=a.regimes,
         )
     (out_dir / "report.md").write_text(render_markdown(a, headline, figures, out_dir, command))
     return out_dir
@@ -105,6 +109,7 @@ def render_markdown(
         + (IQM_NOTE if len(a.iqm) else "")
         + _energy_md(a, headline),
         scaling_md(a.scaling) if a.scaling is not None else "",
+        regimes_md(a.regimes) if a.regimes is not None else "",
         comparisons_md(a),
         unfinished_md(a),
         dynamics_md(a),
@@ -169,6 +174,8 @@ def _files_md(a: StudyAnalysis) -> str:
         files.append("iqm.csv (interquartile mean per cell with its stratified-bootstrap interval)")
     if a.scaling is not None:
         files.append(f"scaling.csv (E + A·x^(−α) along {a.scaling.axis} per stratum, with 95% intervals)")
+    if a.regimes is not None:
+        files.append("regimes.csv (per regime arm: FLOPs, FLOPs to target and its ratio, the equal-compute test)")
     if len(a.quantization):
         files += [
             "quantization.csv (post-training quantization per cell and settings)",

@@ -40,6 +40,33 @@ def describe(values: Sequence[float]) -> dict:
     }
 
 
+def ratio_interval(arm: pd.Series, ref: pd.Series) -> tuple[float, float, float, int]:
+    """The ratio of positive values ``arm`` over ``ref`` (indexed by seed): (ratio, 95% low, 95% high, pairs).
+
+    Paired where at least two seeds have a value in both: the per-seed ratios ``arm[s] / ref[s]``,
+    a t-interval (n − 1 df) of their logs, exponentiated, so the estimate is the geometric mean of the ratios.
+    Without two pairs: the ratio of the arms' geometric means, with a Welch t-interval of the difference of
+    their mean logs where each side has two values. NaN and non-positive values are left out.
+    """
+    a, b = arm.dropna(), ref.dropna()
+    a, b = np.log(a[a > 0]), np.log(b[b > 0])
+    common = a.index.intersection(b.index)
+    if len(common) >= 2:
+        d = (a[common] - b[common]).to_numpy()
+        low, high = t_interval(d)
+        return float(np.exp(d.mean())), float(np.exp(low)), float(np.exp(high)), len(common)
+    nan = float("nan")
+    if not (len(a) and len(b)):
+        return nan, nan, nan, 0
+    diff, low, high = a.mean() - b.mean(), nan, nan
+    if len(a) > 1 and len(b) > 1:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else 1.0
+        half = sps.t.ppf(0.5 + CONFIDENCE / 2, dof) * np.sqrt(va + vb)
+        low, high = np.exp(diff - half), np.exp(diff + half)
+    return float(np.exp(diff)), float(low), float(high), 0
+
+
 def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
     """(mean a − mean b) / pooled standard deviation; NaN when it is undefined."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)

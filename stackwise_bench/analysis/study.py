@@ -22,6 +22,7 @@ from stackwise_bench.analysis.expectations import check_expectations, load_expec
 from stackwise_bench.analysis.grouping import check_group_by, default_group_by, format_value
 from stackwise_bench.analysis.power_law import N_BOOT
 from stackwise_bench.analysis.quantization import collect_evaluations, quantization_table, quantized_evaluations
+from stackwise_bench.analysis.regimes import RegimeAnalysis, analyze_regimes
 from stackwise_bench.analysis.robust import iqm_table
 from stackwise_bench.analysis.scaling import ScalingAnalysis, analyze_scaling
 from stackwise_bench.analysis.stats import seed_stats
@@ -78,6 +79,8 @@ class StudyAnalysis:
     iqm: pd.DataFrame = field(default_factory=pd.DataFrame)
     # scaling=<axis>: the fits of error = E + A·x^(−α) along the axis, one per stratum.
     scaling: ScalingAnalysis | None = None
+    # A depth-as-time study (the runs vary regime=): FLOPs to a target accuracy and the equal-compute tests.
+    regimes: RegimeAnalysis | None = None
 
     @property
     def unfinished(self) -> pd.DataFrame:
@@ -101,8 +104,8 @@ def analyze_runs(
     Args:
         paths: run or study folders (one or a list).
         metric: the headline metric column (default: ``test.top1``, else the best validation accuracy).
-        baseline: ``"precision=fp32"`` or ``{"precision": "fp32"}``; default: ``lora.rank=0``,
-            ``precision=fp32`` or ``optimizer=sgd`` when that key is a grouping key.
+        baseline: ``"precision=fp32"`` or ``{"precision": "fp32"}``; default: ``regime=classical_matched``,
+            ``lora.rank=0``, ``precision=fp32`` or ``optimizer=sgd`` when that key is a grouping key.
         group_by: cell keys (default: every varying override key except the seed).
         expect: an expectations YAML file, checked into ``validation``.
         aggregate: ``"mean"`` (mean ± std, t-intervals) or ``"iqm"`` (adds the interquartile mean with
@@ -147,6 +150,7 @@ def analyze_runs(
         duplicates=duplicates,
         aggregate=aggregate,
         scaling=scaled,
+        regimes=analyze_regimes(runs, epochs, group_by),
     )
     if aggregate == "iqm":
         analysis.iqm = iqm_table(runs, metric, group_by, tasks, n_boot=n_boot)
