@@ -58,6 +58,40 @@ class Compute:
             self.pending = 0
         return None if self.failed else self.total
 
+    def plan(self, max_flops, regime, model, input_shape, batch_size: int, steps_per_epoch: int, max_epochs: int):
+        """``(total steps, the step to stop at or None, the FLOP budget or None)`` of a run.
+
+        The budget is ``max_flops``, or, for ``regime=classical_matched``, what its depth-time schedule spends over
+        ``max_epochs`` (:meth:`depth_time_flops`); a depth-time run trains by epochs and takes no budget.
+        """
+        if getattr(regime, "matched", None) is not None:
+            if max_flops is not None:
+                raise ConfigError(
+                    "regime.match=true sets this classical run's FLOP budget (what depth_time spends with its stacks), "
+                    "and trainer.max_flops sets another; keep one of them."
+                )
+            max_flops = self.depth_time_flops(
+                model, regime.matched, max_epochs * steps_per_epoch, batch_size, input_shape
+            )
+        if max_flops is None:
+            return max_epochs * steps_per_epoch, None, None
+        if regime is not None and regime.name != "classical":
+            raise ConfigError(
+                f"trainer.max_flops applies to regime=classical; a regime={regime.name} run trains by "
+                "trainer.max_epochs (its FLOPs are recorded): give its train.flops to the classical arm's "
+                "trainer.max_flops, or drop trainer.max_flops."
+            )
+        steps = self.budget_steps(max_flops, model, input_shape, batch_size)
+        log.info(
+            "a budget of %.3g training FLOPs: %d steps of %d images (%.2f epochs); trainer.max_epochs=%d is not used",
+            max_flops,
+            steps,
+            batch_size,
+            steps / steps_per_epoch,
+            max_epochs,
+        )
+        return steps, steps, max_flops
+
     def budget_steps(self, max_flops: float, model, input_shape, batch_size: int) -> int:
         """Steps of ``batch_size`` images that fit in ``max_flops`` at ``model``'s rate (one architecture)."""
         rate = self.per_image(model, input_shape)

@@ -109,41 +109,16 @@ class Trainer:
         self.compute = Compute(runtime.device, runtime.precision)
 
     def plan(self, model, loader, regime=None) -> int:
-        """The steps this run will take (the schedule's length): epochs x steps, or what ``max_flops`` buys.
-
-        With a FLOP budget, ``max_epochs`` becomes the epochs the budget spans (the last one partial) and
-        training stops at the budget's step.
-        """
+        """The steps this run will take (the schedule's length): epochs x steps, or what a FLOP budget buys
+        (``trainer.max_flops``, or ``regime=classical_matched``'s): then ``max_epochs`` becomes the epochs the
+        budget spans (the last one partial) and training stops at the budget's step (:meth:`Compute.plan`)."""
         self.image_shape = loader.image_shape
-        if getattr(regime, "matched", None) is not None:
-            if self.max_flops is not None:
-                raise ConfigError(
-                    "regime.match=true sets this classical run's FLOP budget (what depth_time spends with its stacks), "
-                    "and trainer.max_flops sets another; keep one of them."
-                )
-            self.max_flops = self.compute.depth_time_flops(
-                model, regime.matched, self.max_epochs * len(loader), self.batch_size, self.image_shape
-            )
-        if self.max_flops is None:
-            return self.max_epochs * len(loader)
-        if regime is not None and regime.name != "classical":
-            raise ConfigError(
-                f"trainer.max_flops applies to regime=classical; a regime={regime.name} run trains by "
-                "trainer.max_epochs (its FLOPs are recorded): give its train.flops to the classical arm's "
-                "trainer.max_flops, or drop trainer.max_flops."
-            )
-        self.max_steps = self.compute.budget_steps(self.max_flops, model, self.image_shape, self.batch_size)
-        epochs = math.ceil(self.max_steps / len(loader))
-        log.info(
-            "trainer.max_flops=%.3g: %d steps of %d images (%.2f epochs); trainer.max_epochs=%d is not used",
-            self.max_flops,
-            self.max_steps,
-            self.batch_size,
-            self.max_steps / len(loader),
-            self.max_epochs,
+        total, self.max_steps, self.max_flops = self.compute.plan(
+            self.max_flops, regime, model, self.image_shape, self.batch_size, len(loader), self.max_epochs
         )
-        self.max_epochs = epochs
-        return self.max_steps
+        if self.max_steps is not None:
+            self.max_epochs = math.ceil(self.max_steps / len(loader))
+        return total
 
     # ------------------------------------------------------------------ fit
     def fit(
