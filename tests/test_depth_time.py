@@ -189,3 +189,24 @@ def test_kill_9_during_a_depth_time_run_then_resume_gives_the_uninterrupted_metr
     assert numbers(read_metrics(run_dir)) == numbers(read_metrics(tmp_path / "reference"))
     assert [r["depth"] for r in read_metrics(run_dir)] == [1, 2, 2]
     assert resumed["test"]["confusion_matrix"] == reference["test"]["confusion_matrix"]
+
+
+def test_the_lr_rewarms_over_the_steps_after_a_growth(tmp_path, monkeypatch):
+    """regime.lr_rewarm_steps=4: the LR each optimizer step uses is 1/4, 2/4, 3/4 of the schedule's from the growth
+    on, then the schedule's own (compared with the same run without rewarm: the schedule does not depend on it)."""
+    used = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run(compose(GROW), tmp_path / "plain")
+    plain, used[:] = list(used), []
+    run(compose([*GROW, "regime.lr_rewarm_steps=4"]), tmp_path / "rewarm")
+    grow_at = int(0.5 * 3 * STEPS_PER_EPOCH + 0.5)  # the optimizer step with index grow_at runs right after growth
+    ratios = [r / p for r, p in zip(used, plain)]
+    assert ratios[:grow_at] == pytest.approx([1.0] * grow_at)
+    assert ratios[grow_at : grow_at + 4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert ratios[grow_at + 4 :] == pytest.approx([1.0] * (len(plain) - grow_at - 4))

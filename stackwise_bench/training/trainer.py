@@ -245,11 +245,16 @@ class Trainer:
                 self.diagnostics.attach(model)
 
     def _grow_if_due(self, optimizer, scheduler, progress: Progress) -> None:
-        """Grow the model at a planned step: price the images trained so far at the old depth first."""
-        if self.regime.stage_at(progress.global_step) == self.regime.stage:
+        """Grow the model at a planned step (pricing the images trained so far at the old depth first), and
+        apply the regime's LR rewarm on the steps after a growth."""
+        due = self.regime.stage_at(progress.global_step) != self.regime.stage
+        if not due and not getattr(self.regime, "lr_rewarm_steps", 0):
             return
-        self.compute.flush(self.raw_model, self.image_shape)
+        if due:
+            self.compute.flush(self.raw_model, self.image_shape)
         grown = self.regime.before_step(progress.global_step, self.raw_model, optimizer, scheduler)
+        if grown is None:
+            return
         if self.diagnostics is not None:
             self.diagnostics.attach(self.raw_model)
         log.info(
