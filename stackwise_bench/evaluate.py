@@ -1,7 +1,7 @@
 """``python -m stackwise_bench.evaluate checkpoint=<run folder or .pt> [quantize=fp8_e4m3] [key=value ...]``.
 
 The command line of :func:`stackwise_bench.evaluation.evaluate_checkpoint`: re-evaluate a
-run's checkpoint on its own test split, optionally in FP8, into ``<run>/eval/<name>/``.
+run's checkpoint on its own test split, optionally with FP8 or int8/int4 weights, into ``<run>/eval/<name>/``.
 Keys and defaults: ``conf/evaluate.yaml``. Not a Hydra app on purpose: Hydra's override
 grammar rejects the ``=`` in sweep job folders (``multirun/AugmFP16/seed=42``);
 ``OmegaConf.from_dotlist`` splits each argument at its first ``=``, as ``analyze`` does.
@@ -31,8 +31,9 @@ from stackwise_bench.runs.job import run_job  # also registers the ${sb.n_jobs:}
 
 CONF = Path(CONF_DIR) / "evaluate.yaml"
 USAGE = (
-    "usage: python -m stackwise_bench.evaluate checkpoint=<run folder>|<file.pt> [quantize=fp8_e4m3|fp8_e5m2] "
-    "[keep_head=true] [activations=false] [name=<folder>] [device=cpu|cuda] [dataset.root=<dir>]"
+    "usage: python -m stackwise_bench.evaluate checkpoint=<run folder>|<file.pt> "
+    "[quantize=fp8_e4m3|fp8_e5m2|int8|int4] [group_size=32] [keep_head=true] [activations=false] "
+    "[name=<folder>] [device=cpu|cuda] [dataset.root=<dir>]"
 )
 
 

@@ -4,8 +4,8 @@ Rebuilds a run's data and model from the run's own config exactly as training
 built them (:func:`stackwise_bench.build.rebuild`; the checkpoint loads with
 ``weights_only=True``), evaluates the test split, and writes
 ``<run>/eval/<name>/summary.json`` (atomically, never over an existing folder).
-With ``quantize=fp8_e4m3|fp8_e5m2`` the weights are also quantized after the
-baseline pass (:mod:`stackwise_bench.quant.ptq`), and the summary holds both
+With ``quantize=fp8_e4m3|fp8_e5m2|int8|int4`` the weights are also quantized after the
+baseline pass (:mod:`stackwise_bench.quant.ptq`, :mod:`stackwise_bench.quant.intq`), and the summary holds both
 passes, the degradation in points and the weight bytes. The command line and the
 evaluation-study Hydra app are :mod:`stackwise_bench.evaluate`.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, group_size_problem, int_activations_problem
 from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, read_summary
 from stackwise_bench.runs.files import atomic_write_text, claim_new_dir
 from stackwise_bench.runs.folders import find_evaluation, find_run_dirs, recorded_config, resolve_checkpoint
@@ -39,14 +40,16 @@ def evaluate_checkpoint(
     skip_done: bool = False,
     command: str | None = None,
     datasets: dict | None = None,
+    group_size: int = GROUP_SIZE_DEFAULT,
 ) -> dict:
     """Evaluate one checkpoint with its run's config into a new ``<run>/eval/<name>/``; returns that summary.
 
     Args:
         checkpoint: A run folder (its ``checkpoints/best.pt``) or a ``.pt`` file inside a run folder.
-        quantize: None, ``fp8_e4m3`` or ``fp8_e5m2`` (post-training FP8 weights).
+        quantize: None, ``fp8_e4m3`` or ``fp8_e5m2`` (post-training FP8 weights), ``int8`` (per-channel
+            symmetric) or ``int4`` (group-wise asymmetric) integer weights.
         keep_head: Keep the classifier head in its trained precision when quantizing.
-        activations: Also quantize layer inputs (dynamic, per tensor) when quantizing.
+        activations: Also quantize layer inputs (dynamic, per tensor) when quantizing (FP8 formats only).
         name: Folder name under ``eval/``; taken names get ``-2``, ``-3``, ...
         device: None = the run's ``trainer.device``.
         dataset: ``{"root": ..., "download": ...}``; None values keep the run's own.
@@ -54,25 +57,33 @@ def evaluate_checkpoint(
             instead of evaluating again (what a rerun of ``experiment=FP8Test`` wants).
         command: The command line, recorded in the summary.
         datasets: Loaded datasets by config, shared across calls (``evaluate_study`` reads each once).
+        group_size: ``int4``'s weights per scale and zero point; another value with another format is refused.
 
     Raises:
         ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
     """
-    from stackwise_bench.quant.ptq import format_dtype
+    from stackwise_bench.quant.intq import INT_FORMATS, check_group_size
+    from stackwise_bench.quant.ptq import check_format
 
     if quantize is not None:
-        format_dtype(quantize)
+        check_format(quantize)
     elif activations or not keep_head:
         raise ConfigError(
             "activations=true and keep_head=false only apply to a quantized model; add quantize=fp8_e4m3 (or fp8_e5m2)."
         )
+    if problem := group_size_problem("", quantize, group_size):
+        raise ConfigError(problem)
+    if quantize in INT_FORMATS and activations:
+        raise ConfigError(int_activations_problem("", quantize))
     run_dir, ckpt = resolve_checkpoint(checkpoint)
     source = read_summary(run_dir) or {}
     config = _with_overrides(recorded_config(run_dir, source), device, dataset or {})
     settings = {"checkpoint": ckpt.name, "quantize": quantize, "keep_head": keep_head, "activations": activations}
+    if quantize == "int4":  # only there: the other formats' settings (and fingerprints) stay as they were
+        settings["group_size"] = check_group_size(group_size)
     digest = file_sha256(ckpt)
     fp = hashlib.sha256(json.dumps([digest, settings, config], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations)
+    base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations, group_size)
     if skip_done and (done := find_evaluation(run_dir, base, fp)) is not None:
         log.info("%s: already evaluated with the same checkpoint and settings", done["run"]["dir"])
         return done
@@ -117,7 +128,7 @@ def evaluate_checkpoint(
         classes=built.classes,
     )
     try:
-        _evaluate_into(record, built, quantize, keep_head, activations, recorded)
+        _evaluate_into(record, built, quantize, keep_head, activations, recorded, group_size)
     except KeyboardInterrupt:
         record.finish("interrupted")
         raise
@@ -127,7 +138,7 @@ def evaluate_checkpoint(
     return record.summary
 
 
-def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, recorded) -> None:
+def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, recorded, group_size) -> None:
     import torch
 
     from stackwise_bench.training.metrics import evaluate
@@ -147,7 +158,9 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
         return
     from stackwise_bench.quant.ptq import degradation, quantize_model
 
-    model, report = quantize_model(built.model, quantize, keep_head=keep_head, activations=activations)
+    model, report = quantize_model(
+        built.model, quantize, keep_head=keep_head, activations=activations, group_size=group_size
+    )
     after = test(model)
     record.finish("completed", baseline=baseline, test=after, quantize=report, degradation=degradation(baseline, after))
     log.info(
@@ -181,10 +194,14 @@ def _with_overrides(config: dict, device: str | None, dataset: dict) -> dict:
     return config
 
 
-def _default_name(ckpt: Path, quantize: str | None, keep_head: bool, activations: bool) -> str:
+def _default_name(
+    ckpt: Path, quantize: str | None, keep_head: bool, activations: bool, group_size: int = GROUP_SIZE_DEFAULT
+) -> str:
+    """``<checkpoint>[_<quantize>][_g<group_size> for int4][_act][_qhead]``, e.g. ``best_int4_g32``."""
     if quantize is None:
         return ckpt.stem
-    return ckpt.stem + f"_{quantize}" + ("_act" if activations else "") + ("" if keep_head else "_qhead")
+    fmt = f"{quantize}_g{group_size}" if quantize == "int4" else quantize
+    return ckpt.stem + f"_{fmt}" + ("_act" if activations else "") + ("" if keep_head else "_qhead")
 
 
 def _check_name(name) -> str:
@@ -205,6 +222,7 @@ def evaluate_study(
     out_dir: str | Path | None = None,
     threads: int | None = None,
     device: str | None = None,
+    group_size: int = GROUP_SIZE_DEFAULT,
 ) -> dict:
     """Evaluate every finished run below ``runs`` (one job of ``evaluate --multirun experiment=FP8Test``).
 
@@ -250,6 +268,7 @@ def evaluate_study(
                 activations=activations,
                 device=device,
                 skip_done=True,
+                group_size=group_size,
                 datasets=datasets,
             )
             row.update(
@@ -277,6 +296,7 @@ def evaluate_study(
                     "checkpoint": checkpoint,
                     "keep_head": keep_head,
                     "activations": activations,
+                    "group_size": group_size if quantize == "int4" else None,
                     "mean": mean,
                     "evaluations": rows,
                 },

@@ -349,7 +349,18 @@ def test_bad_knob_through_run(overrides, says, tmp_path, cfg_factory):
 
 BAD_EVALUATE = [
     ("checkpoint=5", r"^checkpoint=5 must be a run folder or a \.pt file inside one; use e\.g\."),
-    ("quantize=int8", r"^quantize=int8 must be fp8_e4m3 or fp8_e5m2, or null \(null = the weights as trained\)"),
+    (
+        "quantize=int3",
+        r"^quantize=int3 must be one of fp8_e4m3, fp8_e5m2, int8, int4, or null \(null = the weights as trained\)",
+    ),
+    ("quantize=int4 group_size=0", r"^group_size=0 must be a positive integer \(int4 weights per scale and zero point"),
+    ("quantize=int4 group_size=8.5", r"^group_size=8\.5 must be a positive integer"),
+    ("quantize=int8 group_size=64", r"^group_size=64 only applies to quantize=int4 \(not quantize=int8\); add quantiz"),
+    ("group_size=16", r"^group_size=16 only applies to quantize=int4 \(not quantize=null\)"),
+    (
+        "quantize=int8 activations=true",
+        r"^activations=true applies to the FP8 formats only \(quantize=int8 is weight-o",
+    ),
     ("keep_head=2", r"^keep_head=2 must be true or false; use e\.g\. keep_head=true\.$"),
     ("activations=1", r"^activations=1 must be true or false"),
     ("name=a/b", r"^name=a/b must be a plain folder name, or null"),
@@ -366,7 +377,11 @@ def test_bad_evaluate_argument(argument, says):
     """``python -m stackwise_bench.evaluate checkpoint=... <argument>``: refused before any run is read."""
     from stackwise_bench.evaluate import parse_args
 
-    argv = ["checkpoint=multirun/AugmFP16/seed=42", argument] if not argument.startswith("checkpoint=") else [argument]
+    argv = (
+        [argument]
+        if argument.startswith("checkpoint=")
+        else ["checkpoint=multirun/AugmFP16/seed=42", *argument.split()]
+    )
     with pytest.raises(ConfigError) as info:
         parse_args(argv)
     message = str(info.value)
@@ -378,7 +393,13 @@ BAD_EVALUATE_STUDY = [
     ("plan=2", r"^plan=2 must be true or false"),
     ("evaluate.runs=null", r"^evaluate\.runs=null must be the folder of the study whose runs are evaluated"),
     ("evaluate.checkpoint=first", r"^evaluate\.checkpoint=first must be best or last"),
-    ("evaluate.quantize=int8", r"^evaluate\.quantize=int8 must be fp8_e4m3 or fp8_e5m2, or null"),
+    ("evaluate.quantize=int3", r"^evaluate\.quantize=int3 must be one of fp8_e4m3, fp8_e5m2, int8, int4, or null"),
+    ("evaluate.quantize=int4 evaluate.group_size=-4", r"^evaluate\.group_size=-4 must be a positive integer"),
+    ("evaluate.group_size=64", r"^evaluate\.group_size=64 only applies to evaluate\.quantize=int4 \(not evaluate\."),
+    (
+        "evaluate.quantize=int4 evaluate.activations=true",
+        r"^evaluate\.activations=true applies to the FP8 formats only \(evaluate\.quantize=int4 is weight-only",
+    ),
     ("evaluate.keep_head=2", r"^evaluate\.keep_head=2 must be true or false"),
     ("evaluate.activations=maybe", r"^evaluate\.activations=maybe must be true or false"),
     ("evaluate.quantize=null evaluate.activations=true", r"^evaluate\.activations=true only applies to a quantized"),

@@ -126,8 +126,8 @@ def test_bad_arguments(study, tmp_path):
         evaluate_checkpoint(stray)
     with pytest.raises(ConfigError, match="does not exist"):
         evaluate_checkpoint(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match="quantize=int8 is not an FP8 format"):
-        evaluate_checkpoint(run_dir, quantize="int8")
+    with pytest.raises(ConfigError, match="quantize=int3 is not a supported format"):
+        evaluate_checkpoint(run_dir, quantize="int3")
     with pytest.raises(ConfigError, match="name=a/b must be a plain folder name"):
         evaluate_checkpoint(run_dir, name="a/b")
 

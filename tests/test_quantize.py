@@ -64,8 +64,10 @@ def test_pow2_scale_is_exact_at_the_boundaries():
 
 
 def test_unknown_format_is_one_sentence():
-    with pytest.raises(ConfigError, match=r"quantize=int8 is not an FP8 format; use quantize=fp8_e4m3"):
-        quantize_model(nn.Linear(4, 4), "int8")
+    with pytest.raises(
+        ConfigError, match=r"^quantize=int3 is not a supported format; use quantize=fp8_e4m3, fp8_e5m2, int8 or int4 "
+    ):
+        quantize_model(nn.Linear(4, 4), "int3")
 
 
 def resnet8() -> nn.Module:

@@ -17,7 +17,7 @@ from stackwise_bench.analysis import drawing
 from stackwise_bench.analysis.curves import hardware_use, learning_curves, lr_schedule, throughput
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.layer_plots import grad_norm_heatmap
-from stackwise_bench.analysis.quantization import settings_label
+from stackwise_bench.analysis.quantization import format_label, settings_label
 from stackwise_bench.analysis.regime_plot import accuracy_vs_flops
 from stackwise_bench.analysis.scaling_plot import scaling_figure
 from stackwise_bench.runs.contract import FINISHED, read_summary
@@ -201,7 +201,8 @@ def quantization_degradation(quantized: pd.DataFrame | None, group_by: list[str]
     data = with_group_labels(quantized, group_by)
     data = data.sort_values(["quantize", "activations", "keep_head"], ascending=[True, True, False], kind="stable")
     data["setting"] = [
-        "\n".join([q, *settings_label(r).split(", ")]) for q, (_, r) in zip(data["quantize"], data.iterrows())
+        "\n".join([format_label(r["quantize"], r.get("group_size")), *settings_label(r).split(", ")])
+        for _, r in data.iterrows()
     ]
     data["degradation"] = data["top1_before"] - data["top1_after"]
     hue = "group" if group_by else None

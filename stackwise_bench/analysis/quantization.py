@@ -1,13 +1,14 @@
 """Post-training quantization: evaluation records joined to their runs, summarised per cell and format.
 
-``python -m stackwise_bench.evaluate checkpoint=<run> quantize=fp8_e4m3`` (and
-``experiment=FP8Test``, once per run of a study) writes ``<run>/eval/<name>/summary.json``
+``python -m stackwise_bench.evaluate checkpoint=<run> quantize=fp8_e4m3`` (or ``fp8_e5m2``, ``int8``,
+``int4``; and ``experiment=FP8Test``, once per run of a study) writes ``<run>/eval/<name>/summary.json``
 holding the test metrics of the run's checkpoint before (``baseline``) and after
 (``test``) quantization, the ``degradation`` and the weight bytes (``quantize``).
 Each record is one paired observation: the same model, seed and test images before
 and after. Records are grouped by the cell of the run they evaluated (the study's
 grouping keys) and by the quantization settings; the latest record counts when one
-checkpoint was evaluated twice with the same settings.
+checkpoint was evaluated twice with the same settings. FP8 and integer formats share one table: nothing
+here depends on the format beyond its name (and int4's group size, a setting of its own).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from stackwise_bench.runs.contract import FINISHED, read_summary
 from stackwise_bench.runs.folders import PathsLike, find_eval_dirs
 
 MB = 2**20  # bytes per MB, as evaluate's log prints it
-# What makes two records of the same run different treatments (not repeats).
-SETTINGS = ("quantize", "activations", "keep_head", "checkpoint")
+# What makes two records of the same run different treatments (not repeats). group_size: int4's (else empty).
+SETTINGS = ("quantize", "group_size", "activations", "keep_head", "checkpoint")
 COLUMNS = (
     "n",
     "seeds",
@@ -84,7 +85,9 @@ def collect_evaluations(paths: PathsLike | pd.DataFrame) -> pd.DataFrame:
         "matches_recorded",
         "ended_at",
     ]
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    table["group_size"] = table["group_size"].astype("Int64")  # 32, not 32.0, beside the other formats' <NA>
+    return table
 
 
 def _eval_row(eval_dir: Path) -> dict:
@@ -100,6 +103,7 @@ def _eval_row(eval_dir: Path) -> dict:
         "status": s.get("status") or "unreadable",
         "seed": run.get("seed"),
         "quantize": run.get("quantize"),
+        "group_size": run.get("group_size") if run.get("quantize") == "int4" else None,
         "activations": bool(run.get("activations")),
         "keep_head": run.get("keep_head", True),
         "checkpoint": run.get("checkpoint"),
@@ -219,7 +223,7 @@ def quantization_display(table: pd.DataFrame, group_by: list[str]) -> pd.DataFra
         row = {"group": r["group"]} if group_by else {}
         row.update(
             {
-                "format": r["quantize"],
+                "format": format_label(r["quantize"], r["group_size"]),
                 "settings": settings_label(r),
                 "n": str(int(r["n"])),
                 "top-1 before (%)": _mean_std(r["top1_before_mean"], r["top1_before_std"]),
@@ -235,6 +239,13 @@ def quantization_display(table: pd.DataFrame, group_by: list[str]) -> pd.DataFra
         )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def format_label(quantize, group_size=None) -> str:
+    """``fp8_e4m3``, ``int8``, ``int4_g32`` (int4 with its group size, as its eval folder is named)."""
+    if group_size is None or pd.isna(group_size):
+        return str(quantize)
+    return f"{quantize}_g{int(group_size)}"
 
 
 def settings_label(r) -> str:

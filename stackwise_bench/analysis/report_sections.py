@@ -180,7 +180,9 @@ def quantization_md(a: StudyAnalysis) -> str:
         + "\nmean ± std over seeds. Degradation: top-1 before − after quantization (positive = accuracy lost), "
         "with its 95% t-interval and a paired t-test over the seeds (each record measures the same model "
         "before and after; Holm-adjusted across these rows). Weights: every parameter, in MB of 2^20 bytes, "
-        "FP8 weights counted with one scale byte per output channel. re-eval = recorded: records whose "
+        "quantized weights counted as stored: FP8 with one scale byte per output channel, int8 with an fp16 scale "
+        "per output channel, int4 (format int4_g<group size>) packed two per byte with an fp16 scale and a 4-bit "
+        "zero point per group. re-eval = recorded: records whose "
         "unquantized pass matched the run's recorded test top-1, of those with a recorded value.\n\n" + reeval + "\n"
     )
 

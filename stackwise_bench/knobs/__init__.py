@@ -10,7 +10,8 @@ the composed config has it, so one table serves every option of a group (``model
 
 Relations between keys (digits' 8x8 minimum, heads that divide the width, warmup within the epochs) are
 :data:`RULES`: small functions that run once every key has passed its own check (the evaluation configs have one:
-``activations``/``keep_head`` only apply with ``quantize``).
+``activations``/``keep_head`` only apply with ``quantize``, ``activations`` only with an FP8 one,
+``group_size`` only with ``quantize=int4``).
 
 Each refusal is one :class:`~stackwise_bench.errors.ConfigError` sentence naming the key and its value, what was
 wrong and a valid example. Torch-free on purpose (this package sits in the lowest layer with ``configs`` and ``cli``):
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.knobs.rules import ABSENT, RULES, Get, Rule, _quantized_only
+from stackwise_bench.knobs.rules import ABSENT, GROUP_SIZE_DEFAULT, INT_FORMATS, RULES, Get, Rule, _quantized_only
 from stackwise_bench.knobs.specs import (
     Bool,
     Choice,
@@ -47,6 +48,7 @@ from stackwise_bench.knobs.specs import (
 
 SEED = Int("42", min=0, max=2**64 - 1, what="a non-negative integer below 2**64")
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
+PTQ_FORMATS = (*FP8_FORMATS, *INT_FORMATS)  # evaluate's quantize=
 
 KNOBS: dict[str, Spec] = {
     # conf/config.yaml
@@ -227,7 +229,8 @@ def _groups_present(get: Get) -> str | None:
 # conf/evaluate.yaml: `python -m stackwise_bench.evaluate key=value ...`
 EVALUATE_KNOBS: dict[str, Spec] = {
     "checkpoint": Text("multirun/AugmFP16/seed=42", what="a run folder or a .pt file inside one"),
-    "quantize": Choice(FP8_FORMATS, "fp8_e4m3", null=True, note="null = the weights as trained"),
+    "quantize": Choice(PTQ_FORMATS, "fp8_e4m3", null=True, note="null = the weights as trained"),
+    "group_size": Int(str(GROUP_SIZE_DEFAULT), min=1, note="int4 weights per scale and zero point"),
     "keep_head": Bool("true"),
     "activations": Bool("false"),
     "name": FolderName("fp8_test", null=True, note="the folder under <run>/eval/"),
@@ -242,7 +245,8 @@ EVALUATE_STUDY_KNOBS: dict[str, Spec] = {
     "plan": KNOBS["plan"],
     "evaluate.runs": Text("multirun/AugmFP16", what="the folder of the study whose runs are evaluated"),
     "evaluate.checkpoint": Choice(("best", "last"), "best", note="each run's checkpoints/<checkpoint>.pt"),
-    "evaluate.quantize": Choice(FP8_FORMATS, "fp8_e4m3", null=True, note="null = the weights as trained"),
+    "evaluate.quantize": Choice(PTQ_FORMATS, "fp8_e4m3", null=True, note="null = the weights as trained"),
+    "evaluate.group_size": Int(str(GROUP_SIZE_DEFAULT), min=1, note="int4 weights per scale and zero point"),
     "evaluate.keep_head": Bool("true"),
     "evaluate.activations": Bool("false"),
 }

@@ -1,7 +1,8 @@
 """Relations between keys, checked once every key has passed its own check: :data:`RULES` for the training config.
 
 A rule takes ``get`` (a dotted key to its value, or :data:`ABSENT` where this config does not have it) and returns
-its refusal, one sentence, or None. :func:`_quantized_only` makes the evaluation configs' one rule.
+its refusal, one sentence, or None. :func:`_quantized_only` makes the evaluation configs' one rule
+(the quantization options only where they apply).
 """
 
 from __future__ import annotations
@@ -109,17 +110,45 @@ RULES: list[Rule] = [
 ]
 
 
+INT_FORMATS = ("int8", "int4")  # post-training integer weights (stackwise_bench.quant.intq), beside FP8's
+GROUP_SIZE_DEFAULT = 32  # int4 weights per scale and zero point (conf/evaluate.yaml's group_size)
+
+
+def int_activations_problem(prefix: str, fmt: str) -> str:
+    """The one sentence refusing ``activations=true`` with an integer format (integer PTQ is weight-only)."""
+    return (
+        f"{prefix}activations=true applies to the FP8 formats only ({prefix}quantize={fmt} is weight-only integer "
+        f"quantization); drop {prefix}activations, or use {prefix}quantize=fp8_e4m3 to quantize activations too."
+    )
+
+
+def group_size_problem(prefix: str, fmt, group_size) -> str | None:
+    """``group_size`` other than its default without ``quantize=int4`` (it means nothing there), or None."""
+    if group_size is ABSENT or group_size == GROUP_SIZE_DEFAULT or fmt == "int4":
+        return None
+    return (
+        f"{prefix}group_size={show(group_size)} only applies to {prefix}quantize=int4 (not {prefix}quantize="
+        f"{show(fmt)}); add {prefix}quantize=int4, or drop {prefix}group_size."
+    )
+
+
 def _quantized_only(prefix: str) -> Rule:
+    """The evaluation configs' rule: the quantization options only where they apply."""
+
     def rule(get: Get) -> str | None:
-        if get(f"{prefix}quantize") is not None:
-            return None
-        for key, default in (("activations", False), ("keep_head", True)):
-            value = get(f"{prefix}{key}")
-            if value is not ABSENT and value != default:
-                return (
-                    f"{prefix}{key}={show(value)} only applies to a quantized model; add "
-                    f"{prefix}quantize=fp8_e4m3 (or fp8_e5m2), or drop {prefix}{key}."
-                )
+        fmt = get(f"{prefix}quantize")
+        if fmt is None:
+            for key, default in (("activations", False), ("keep_head", True)):
+                value = get(f"{prefix}{key}")
+                if value is not ABSENT and value != default:
+                    return (
+                        f"{prefix}{key}={show(value)} only applies to a quantized model; add "
+                        f"{prefix}quantize=fp8_e4m3 (or fp8_e5m2, int8, int4), or drop {prefix}{key}."
+                    )
+        if problem := group_size_problem(prefix, fmt, get(f"{prefix}group_size")):
+            return problem
+        if fmt in INT_FORMATS and get(f"{prefix}activations") is True:
+            return int_activations_problem(prefix, fmt)
         return None
 
     return rule

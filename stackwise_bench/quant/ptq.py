@@ -1,4 +1,10 @@
-"""FP8 post-training quantization: per-output-channel weight scaling, saturation, a real float8 cast.
+"""Post-training quantization of weights: FP8 here, integer formats in :mod:`stackwise_bench.quant.intq`.
+
+:func:`quantize_model` dispatches on the format name: ``fp8_e4m3`` / ``fp8_e5m2`` below, ``int8`` (per-channel
+symmetric) and ``int4`` (group-wise asymmetric) in :mod:`~stackwise_bench.quant.intq`; every format reports the
+same keys (weight bytes from the real packed sizes, compression, relative weight error, worst layer).
+
+FP8: per-output-channel weight scaling, saturation, a real float8 cast.
 
 Each Linear/Conv weight is scaled per output channel so its largest magnitude lands
 in the top binade of the format, clamped to the format's max (saturation: a plain cast
@@ -23,21 +29,32 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, int_activations_problem
 from stackwise_bench.nn.heads import classifier_names, is_head
+from stackwise_bench.quant import intq
 
-FORMATS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FORMATS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}  # the FP8 ones
+ALL_FORMATS = (*FORMATS, *intq.INT_FORMATS)
 QUANTIZED_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 SCALE_BYTES = 1  # a power-of-two scale is stored as its int8 exponent (like MX formats' E8M0 scales)
 _MAX_EXP = 126  # keeps 2**k a normal float32 both ways
 
 
-def format_dtype(name: str) -> torch.dtype:
-    """``fp8_e4m3`` / ``fp8_e5m2`` -> the torch dtype; ConfigError for anything else."""
-    if name not in FORMATS:
+def check_format(name: str) -> str:
+    """``name`` if it is a post-training format (:data:`ALL_FORMATS`); ConfigError (one sentence) otherwise."""
+    if name not in ALL_FORMATS:
         raise ConfigError(
-            f"quantize={name} is not an FP8 format; use quantize=fp8_e4m3 or quantize=fp8_e5m2 "
+            f"quantize={name} is not a supported format; use quantize=fp8_e4m3, fp8_e5m2, int8 or int4 "
             "(or quantize=null to evaluate the checkpoint as trained)."
         )
+    return name
+
+
+def format_dtype(name: str) -> torch.dtype:
+    """``fp8_e4m3`` / ``fp8_e5m2`` -> the torch dtype; ConfigError for anything else (int formats have no dtype)."""
+    check_format(name)
+    if name not in FORMATS:
+        raise ConfigError(f"quantize={name} is not an FP8 format; use quantize=fp8_e4m3 or quantize=fp8_e5m2.")
     return FORMATS[name]
 
 
@@ -71,23 +88,63 @@ def fake_quantize(x: torch.Tensor, dtype: torch.dtype, per_channel: bool = True)
 
 
 def quantize_model(
-    model: nn.Module, fmt: str, keep_head: bool = True, activations: bool = False, head: Sequence[str] | None = None
+    model: nn.Module,
+    fmt: str,
+    keep_head: bool = True,
+    activations: bool = False,
+    head: Sequence[str] | None = None,
+    group_size: int = GROUP_SIZE_DEFAULT,
 ) -> tuple[nn.Module, dict]:
     """Quantize the weights of every Linear/Conv layer to ``fmt`` in place (LoRA adapters merged first).
 
     Args:
         model: A classifier, or a peft model (merged into its base model, so each deployed
             weight ``W + BA`` is quantized once).
-        fmt: ``fp8_e4m3`` or ``fp8_e5m2``.
+        fmt: ``fp8_e4m3``, ``fp8_e5m2``, ``int8`` or ``int4`` (:data:`ALL_FORMATS`).
         keep_head: Leave the classifier head in its trained precision.
-        activations: Also quantize each quantized layer's input, dynamically, per tensor (forward pre-hooks).
+        activations: Also quantize each quantized layer's input, dynamically, per tensor (forward pre-hooks;
+            FP8 formats only: integer quantization here is weight-only).
         head: Classifier module name(s); default: timm's ``pretrained_cfg`` or ``head``.
+        group_size: ``int4``'s weights per scale and zero point (ignored by the other formats).
 
     Returns:
         ``(model, report)``: the model to evaluate (the merged base model for peft) and a dict with
-        the format, the layer names, the weight bytes before/after and the weight error.
+        the format, the layer names, the weight bytes before/after (the packed sizes: codes, scales and
+        zero points) and the weight error.
+
+    Raises:
+        ConfigError: An unknown format, ``activations`` with an integer format, a bad ``group_size``.
     """
-    dtype = format_dtype(fmt)
+    check_format(fmt)
+    if fmt in FORMATS:
+        dtype = FORMATS[fmt]
+        fields = {
+            "dtype": str(dtype),
+            "bits": torch.finfo(dtype).bits,
+            "fmax": torch.finfo(dtype).max,
+            "granularity": "per_output_channel",
+            "scale": "power_of_two",
+        }
+
+        def quantize_weight(w: torch.Tensor) -> tuple[float, float]:
+            return _quantize_weight(w, lambda x: fake_quantize(x, dtype)[0])
+
+        def stored_bytes(w: torch.Tensor) -> int:
+            return w.numel() * torch.finfo(dtype).bits // 8 + w.shape[0] * SCALE_BYTES
+
+    else:
+        if activations:
+            raise ConfigError(int_activations_problem("", fmt))
+        if fmt == "int4":
+            group_size = intq.check_group_size(group_size)
+        fields = intq.report_fields(fmt, group_size)
+
+        def quantize_weight(w: torch.Tensor) -> tuple[float, float]:
+            return _quantize_weight(w, lambda x: intq.fake_quantize_int(x, fmt, group_size))
+
+        def stored_bytes(w: torch.Tensor) -> int:
+            return intq.packed_bytes(w.shape, fmt, group_size)
+
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     heads = tuple(head) if head is not None else classifier_names(model)
@@ -101,8 +158,8 @@ def quantize_model(
             continue
         w = module.weight
         before += w.numel() * w.element_size()
-        after += w.numel() * torch.finfo(dtype).bits // 8 + w.shape[0] * SCALE_BYTES
-        errors[name] = _quantize_weight(w, dtype)
+        after += stored_bytes(w)
+        errors[name] = quantize_weight(w)
         if activations:
             module.register_forward_pre_hook(_input_quantizer(dtype))
         done.append(name)
@@ -117,10 +174,7 @@ def quantize_model(
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     report = {
         "format": fmt,
-        "dtype": str(dtype),
-        "fmax": torch.finfo(dtype).max,
-        "granularity": "per_output_channel",
-        "scale": "power_of_two",
+        **fields,
         "keep_head": keep_head,
         "activations": "dynamic_per_tensor" if activations else None,
         "layers": done,
@@ -139,9 +193,9 @@ def quantize_model(
 
 
 @torch.no_grad()
-def _quantize_weight(w: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
-    """Replace ``w`` by its FP8 rounding in place; returns (squared error, squared norm) for the report."""
-    q, _ = fake_quantize(w, dtype)
+def _quantize_weight(w: torch.Tensor, round_trip) -> tuple[float, float]:
+    """Replace ``w`` by ``round_trip(w)`` in place; returns (squared error, squared norm) for the report."""
+    q = round_trip(w)
     err, ref = float((q.float() - w.float()).square().sum()), float(w.float().square().sum())
     w.copy_(q)
     return err, ref
