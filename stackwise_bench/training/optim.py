@@ -12,6 +12,11 @@ from stackwise_bench.errors import ConfigError
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether ``param`` gets weight decay: weight matrices/kernels, not norms, biases or learned embeddings."""
+    return param.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Split trainable parameters: weight decay on weight matrices/kernels only.
 
@@ -22,10 +27,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -34,15 +34,10 @@ import torch
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.growth import INITS, MODES, Growth, block_lists, depth_of, grow, truncate
 from stackwise_bench.nn.resnet import CifarResNet
-from stackwise_bench.training.optim import NO_DECAY_NAMES
+from stackwise_bench.training.optim import decays
 
 SCOPES = ("rackwise", "stackwise")
 OPTIMIZER_STATES = ("copy", "reset")
-
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether ``param`` gets weight decay: the rule of ``optim.param_groups`` (matrices/kernels, no embeddings)."""
-    return param.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
 
 
 class Classical:

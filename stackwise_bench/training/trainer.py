@@ -225,9 +225,7 @@ class Trainer:
         if test is None:  # stopped during the test phase: training is saved whole; a resume runs the test
             status, test = "interrupted", {}
         train = train_summary(progress, status) | self.regime.describe()
-        train.update(
-            self.compute.summary(sum(r["epoch_time_s"] - r.get("compile_time_s", 0.0) for r in progress.history))
-        )
+        train.update(self.compute.summary(train["time_s"] - train["compile_time_s"]))  # the timed training seconds
         return FitResult(status, train, test, resources)
 
     def _checkpoint(self, model, optimizer, scheduler, scaler, progress: Progress) -> dict:
