@@ -22,6 +22,7 @@ PLOTS = (
     "throughput.png",
     "hardware.png",
     "confusion_matrix.png",
+    "peft_pareto.png",
 )
 N_RUNS = sum(len(v) for v in PEFT_TOP1.values()) + 2
 

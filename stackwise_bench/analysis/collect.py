@@ -27,6 +27,8 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS
 from stackwise_bench.runs.folders import PathsLike, as_path_list, find_records
 
+# The adapter of runs whose config has no lora.method (recorded before methods could be chosen).
+DEFAULT_LORA_METHOD = "lora"
 # Config-group choice columns in this order; any other group sorts after them.
 CHOICE_ORDER = (
     "model",
@@ -91,6 +93,7 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
         if k not in df.columns:
             df[k] = None
         df[k] = _tidy_key_column(df[k])
+    _default_lora_method(df)
     front = ["run_dir", "status", *keys]
     df = df[front + [c for c in df.columns if c not in front]]
     df.attrs["override_keys"] = keys
@@ -98,6 +101,21 @@ def collect_runs(paths: PathsLike) -> pd.DataFrame:
     # Config values shown for context that no run overrode (optimizer.lr follows optimizer=sgd|adamw).
     df.attrs["derived_keys"] = [k for k in STUDY_KEYS if k in dotted and k not in overridden]
     return df
+
+
+def _default_lora_method(df: pd.DataFrame) -> None:
+    """Runs recorded before ``lora.method`` existed trained plain LoRA: their empty method cell says so.
+
+    Only runs with a ``lora.rank`` (a LoRA config) get it, so one old run does not split a method sweep's
+    ``lora`` cells in two (``lora.method=null`` next to ``lora.method=lora``).
+    """
+    if "lora.method" not in df or "lora.rank" not in df:
+        return
+    missing = df["lora.method"].isna() & df["lora.rank"].notna()
+    if missing.any():
+        if not (pd.api.types.is_object_dtype(df["lora.method"]) or pd.api.types.is_string_dtype(df["lora.method"])):
+            df["lora.method"] = df["lora.method"].astype(object)  # all null: a float column takes no string
+        df.loc[missing, "lora.method"] = DEFAULT_LORA_METHOD
 
 
 def _evaluated_studies(paths: PathsLike) -> list[str]:

@@ -17,6 +17,8 @@ from stackwise_bench.analysis import drawing
 from stackwise_bench.analysis.curves import hardware_use, learning_curves, lr_schedule, throughput
 from stackwise_bench.analysis.grouping import format_value, group_label, with_group_labels
 from stackwise_bench.analysis.layer_plots import grad_norm_heatmap
+from stackwise_bench.analysis.peft import peft_study
+from stackwise_bench.analysis.peft_plot import peft_pareto
 from stackwise_bench.analysis.quantization import format_label, settings_label
 from stackwise_bench.analysis.regime_plot import accuracy_vs_flops
 from stackwise_bench.analysis.scaling_plot import scaling_figure
@@ -37,6 +39,7 @@ def make_plots(
     diagnostics: pd.DataFrame | None = None,
     scaling=None,
     regimes=None,
+    views: list | None = None,
 ) -> dict[str, Path]:
     """Every figure the data allows, into ``out_dir``; returns ``{title: path}``.
 
@@ -44,7 +47,9 @@ def make_plots(
     (:func:`stackwise_bench.analysis.quantization.quantized_evaluations`); ``diagnostics``: the per-layer
     diagnostics (:func:`stackwise_bench.analysis.diagnostics.collect_diagnostics`); ``scaling``: the fits of
     ``analyze scaling=<axis>`` (:class:`stackwise_bench.analysis.scaling.ScalingAnalysis`); ``regimes``: a depth-as-time
-    study (:class:`stackwise_bench.analysis.regimes.RegimeAnalysis`).
+    study (:class:`stackwise_bench.analysis.regimes.RegimeAnalysis`); ``views``: the study's views
+    (:attr:`stackwise_bench.analysis.study.StudyAnalysis.views`), whose PEFT view the Pareto figure draws
+    (without them, the PEFT view is computed from ``summary`` and ``runs``).
     """
     import seaborn as sns  # ~1 s import: only when plotting
 
@@ -61,6 +66,9 @@ def make_plots(
         ),
         "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
             summary, done(runs), metric, group_by, out_dir / "accuracy_vs_params.png"
+        ),
+        "PEFT methods: accuracy vs trainable parameters (Pareto frontier)": lambda: peft_pareto(
+            _peft_view(views, summary, runs, metric, group_by), metric, out_dir / "peft_pareto.png"
         ),
         "Time per epoch and throughput": lambda: throughput(
             done(dynamics), done(runs), group_by, out_dir / "throughput.png"
@@ -82,6 +90,13 @@ def make_plots(
         if path is not None:
             written[title] = path
     return written
+
+
+def _peft_view(views: list | None, summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]):
+    """The PEFT view among ``views``, or computed when no views were passed."""
+    if views is None:
+        return peft_study(summary, runs, metric, group_by) if len(summary) else None
+    return next((v for v in views if v.title.startswith("PEFT")), None)
 
 
 def accuracy_vs_rank(summary: pd.DataFrame, metric: str, group_by: list[str], path: Path) -> Path | None:

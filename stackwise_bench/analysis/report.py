@@ -91,6 +91,7 @@ def write_report(
             diagnostics=a.diagnostics,
             scaling=a.scaling,
             regimes=a.regimes,
+            views=a.views,
         )
     (out_dir / "report.md").write_text(render_markdown(a, headline, figures, out_dir, command))
     return out_dir

@@ -16,7 +16,7 @@ SECTIONS = ("train", "test", "params", "resources", "env")
 # Lists of names worth a column are the exception: one cell of the names joined ("sw_power_cap, hw_slowdown").
 JOINED_LISTS = ("resources.throttle_reasons",)
 # Config values worth a column even when no run overrides them: they define the studies.
-STUDY_KEYS = ("lora.rank", "optimizer.lr", "trainer.max_epochs", "trainer.batch_size")
+STUDY_KEYS = ("lora.rank", "lora.method", "optimizer.lr", "trainer.max_epochs", "trainer.batch_size")
 # The value of a key (or config group) a run deleted with ``~key``: a treatment of its own, not a missing value.
 DELETED = "deleted"
 

@@ -1,4 +1,4 @@
-"""The views each study asks for: precision, PEFT (LoRA rank) and optimizer.
+"""The views each study asks for: precision and optimizer (PEFT: :mod:`stackwise_bench.analysis.peft`).
 
 Each view returns ``None`` when its key does not vary in the runs, else a
 :class:`StudyView` (a title, one table with a row per cell, and a few
@@ -76,8 +76,8 @@ def precision_study(
     table = pd.DataFrame(rows)
     if table.empty:
         return None
-    table["speedup_vs_fp32"] = _ratio_to_reference(table, group_by, "precision", "fp32", "time_s", invert=True)
-    table["energy_vs_fp32"] = _ratio_to_reference(table, group_by, "precision", "fp32", "energy_j_per_img")
+    table["speedup_vs_fp32"] = ratio_to_reference(table, group_by, "precision", "fp32", "time_s", invert=True)
+    table["energy_vs_fp32"] = ratio_to_reference(table, group_by, "precision", "fp32", "energy_j_per_img")
     order = [
         *group_by,
         "n",
@@ -106,52 +106,6 @@ def precision_study(
     table = table.drop(columns=[c for c in ENERGY_SHOWN if table[c].isna().all()])
     highlights = _precision_highlights(table, metric) + [h for h in [energy_highlight(table)] if h]
     return StudyView("Precision study", table, highlights)
-
-
-def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
-    """Accuracy vs LoRA rank and trainable parameters, against full fine-tuning (rank 0)."""
-    if "lora.rank" not in group_by:
-        return None
-    table = summary[summary["metric"] == metric].drop(columns=["metric"]).reset_index(drop=True)
-    done = runs[runs["status"].isin(FINISHED)]
-    for col, name in (("params.trainable", "trainable"), ("params.lora", "lora_params")):
-        means = {label: _mean(cell[col]) if col in cell else np.nan for label, cell in _cells_by_label(done, group_by)}
-        table[name] = table["group"].map(means)
-    full_acc = _ratio_to_reference(table, group_by, "lora.rank", 0, "mean")
-    full_params = _ratio_to_reference(table, group_by, "lora.rank", 0, "trainable")
-    table["acc_retained_pct"] = 100 * full_acc
-    table["trainable_pct"] = 100 * full_params
-    # Accuracy kept per share of parameters trained: 1 = as good a trade as full fine-tuning.
-    table["efficiency_vs_full"] = full_acc / full_params
-    table["acc_per_m_trainable"] = table["mean"] / (table["trainable"] / 1e6)
-    table["on_frontier"] = _frontier(table, [k for k in group_by if k != "lora.rank"])
-    for col in ("trainable", "lora_params"):
-        table[col] = _as_count(table[col])
-    table = table[
-        [
-            *group_by,
-            "n",
-            "mean",
-            "std",
-            "ci95_low",
-            "ci95_high",
-            "trainable",
-            "lora_params",
-            "trainable_pct",
-            "acc_retained_pct",
-            "efficiency_vs_full",
-            "acc_per_m_trainable",
-            "on_frontier",
-            "group",
-        ]
-    ]
-    highlights = []
-    for _, row in table[table["on_frontier"]].iterrows():
-        highlights.append(
-            f"on the efficient frontier: {row['group']} — {row['mean']:.2f} "
-            f"({metric}) with {_count(row['trainable'])} trainable parameters"
-        )
-    return StudyView("PEFT study (LoRA rank)", table, highlights)
 
 
 def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
@@ -215,7 +169,7 @@ def _precision_highlights(table: pd.DataFrame, metric: str) -> list[str]:
     return out
 
 
-def _ratio_to_reference(
+def ratio_to_reference(
     table: pd.DataFrame, group_by: list[str], key: str, ref, col: str, invert: bool = False
 ) -> pd.Series:
     """Each row's ``col`` divided by its reference row's (``key=ref``, other keys matched)."""
@@ -233,38 +187,6 @@ def _ratio_to_reference(
     return pd.Series(out, index=table.index, dtype=float)
 
 
-def _frontier(table: pd.DataFrame, others: list[str]) -> pd.Series:
-    """Pareto-optimal cells: no cell (with the same other keys) has more accuracy for fewer parameters."""
-    flags = pd.Series(False, index=table.index)
-    for _, cell in iter_groups(table, others):
-        ok = cell.dropna(subset=["mean", "trainable"])
-        for i, row in ok.iterrows():
-            better = ok[
-                (ok["trainable"] <= row["trainable"])
-                & (ok["mean"] >= row["mean"])
-                & ((ok["trainable"] < row["trainable"]) | (ok["mean"] > row["mean"]))
-            ]
-            flags[i] = better.empty
-    return flags
-
-
-def _as_count(col: pd.Series) -> pd.Series:
-    """Mean parameter counts are whole numbers: show them as such."""
-    whole = col.dropna()
-    return col.round().astype("Int64") if len(whole) and (whole == whole.round()).all() else col
-
-
-def _cells_by_label(runs: pd.DataFrame, group_by: list[str]):
-    for values, cell in iter_groups(runs, group_by):
-        yield group_label(values, group_by), cell
-
-
 def _mean(x) -> float:
     x = pd.to_numeric(pd.Series(x), errors="coerce").dropna()
     return float(x.mean()) if len(x) else float("nan")
-
-
-def _count(n: float) -> str:
-    if pd.isna(n):
-        return "?"
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"

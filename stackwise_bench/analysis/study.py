@@ -20,13 +20,14 @@ from stackwise_bench.analysis.diagnostics import collect_diagnostics
 from stackwise_bench.analysis.dynamics import DYNAMICS, run_dynamics
 from stackwise_bench.analysis.expectations import check_expectations, load_expectations, summarize_validation
 from stackwise_bench.analysis.grouping import check_group_by, default_group_by, format_value
+from stackwise_bench.analysis.peft import peft_study
 from stackwise_bench.analysis.power_law import N_BOOT
 from stackwise_bench.analysis.quantization import collect_evaluations, quantization_table, quantized_evaluations
 from stackwise_bench.analysis.regimes import RegimeAnalysis, analyze_regimes
 from stackwise_bench.analysis.robust import iqm_table
 from stackwise_bench.analysis.scaling import ScalingAnalysis, analyze_scaling
 from stackwise_bench.analysis.stats import seed_stats
-from stackwise_bench.analysis.studies import StudyView, optimizer_study, peft_study, precision_study
+from stackwise_bench.analysis.studies import StudyView, optimizer_study, precision_study
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED
 from stackwise_bench.runs.folders import PathsLike, as_path_list

@@ -1,0 +1,311 @@
+"""The PEFT study: accuracy against trainable parameters across LoRA ranks and adapter methods.
+
+Two shapes, by what the cells vary:
+
+- a rank sweep (``lora.rank`` varies, ``lora.method`` does not): a row per rank cell, rank 0 being full
+  fine-tuning, from the seed statistics (:func:`~stackwise_bench.analysis.stats.seed_stats`);
+- a method sweep (``lora.method`` varies, with or without ranks): a row per method × rank with a ``method``
+  column, the adapter's own parameters, its training throughput against plain LoRA at the same rank and,
+  for QA-LoRA / QLoRA, the accuracy of the model after merging the adapter into the quantized weights.
+
+In a method sweep, rank 0 is full fine-tuning whatever the method (``method`` = ``full``), and IA³ and OFT
+have no rank (any rank > 0 means "on"): such runs of several swept cells are one model, so they are pooled
+into one row, one run per seed (the runs of the first swept cell that has the seed).
+
+The efficient frontier is the Pareto front of (trainable parameters, accuracy) within each cell of the other
+grouping keys, across methods and ranks: a row is on it when no row has at least its accuracy with at most
+its trainable parameters, and is better in one of the two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups, same_value
+from stackwise_bench.analysis.stats import describe
+from stackwise_bench.analysis.studies import StudyView, ratio_to_reference
+from stackwise_bench.runs.contract import FINISHED
+
+METHOD, RANK = "lora.method", "lora.rank"
+FULL, LORA = "full", "lora"  # rank 0 (full fine-tuning); the method of runs recorded without lora.method
+# Methods in the order rows and legends show them; any other sorts after these.
+METHODS = (FULL, LORA, "dora", "rslora", "pissa", "adalora", "loha", "lokr", "ia3", "vera", "oft", "qalora", "qlora")
+RANKLESS = ("ia3", "oft")  # one adapter whatever lora.rank says: its runs at every rank > 0 are one model
+MERGED = ("qalora", "qlora")  # adapter.merged: the test accuracy after merging into the quantized weights
+# Columns of the method-sweep table that exist only where some run recorded them.
+OPTIONAL = ("merged_top1", "merged_drop", "rank_budget")
+FINAL_RANKS = "adapter.final_ranks."  # AdaLoRA: one column per adapted layer (its rank after pruning)
+
+
+def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
+    """Accuracy vs LoRA rank (and adapter method) and trainable parameters, against full fine-tuning."""
+    if METHOD in group_by:
+        return _method_study(runs, metric, group_by)
+    if RANK not in group_by:
+        return None
+    table = summary[summary["metric"] == metric].drop(columns=["metric"]).reset_index(drop=True)
+    done = runs[runs["status"].isin(FINISHED)].assign(_adapter=adapter_counts)
+    for col, name in (("params.trainable", "trainable"), ("_adapter", "lora_params")):
+        means = {label: _mean(cell[col]) if col in cell else np.nan for label, cell in _cells_by_label(done, group_by)}
+        table[name] = table["group"].map(means)
+    full_acc = ratio_to_reference(table, group_by, RANK, 0, "mean")
+    full_params = ratio_to_reference(table, group_by, RANK, 0, "trainable")
+    table["acc_retained_pct"] = 100 * full_acc
+    table["trainable_pct"] = 100 * full_params
+    # Accuracy kept per share of parameters trained: 1 = as good a trade as full fine-tuning.
+    table["efficiency_vs_full"] = full_acc / full_params
+    table["acc_per_m_trainable"] = table["mean"] / (table["trainable"] / 1e6)
+    table["on_frontier"] = frontier(table, [k for k in group_by if k != RANK])
+    for col in ("trainable", "lora_params"):
+        table[col] = _as_count(table[col])
+    table = table[
+        [
+            *group_by,
+            "n",
+            "mean",
+            "std",
+            "ci95_low",
+            "ci95_high",
+            "trainable",
+            "lora_params",
+            "trainable_pct",
+            "acc_retained_pct",
+            "efficiency_vs_full",
+            "acc_per_m_trainable",
+            "on_frontier",
+            "group",
+        ]
+    ]
+    return StudyView("PEFT study (LoRA rank)", table, _frontier_highlights(table, metric))
+
+
+def adapter_counts(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the adapter's trainable parameters: ``params.adapter``, else (older records) ``params.lora``."""
+    out = pd.Series(np.nan, index=runs.index, dtype=float)
+    for col in ("params.lora", "params.adapter"):  # the later one wins where a run has both
+        if col in runs:
+            values = pd.to_numeric(runs[col], errors="coerce")
+            out = values.where(values.notna(), out)
+    return out
+
+
+def other_keys(table: pd.DataFrame) -> list[str]:
+    """The grouping keys of a PEFT table besides method and rank: the columns before ``n``."""
+    keys = list(table.columns[: list(table.columns).index("n")])
+    return [k for k in keys if k not in ("method", METHOD, RANK)]
+
+
+def methods_of(table: pd.DataFrame) -> pd.Series:
+    """Each row's method: the ``method`` column, or (a rank sweep) ``full`` at rank 0 and ``lora`` elsewhere."""
+    if "method" in table:
+        return table["method"].astype(str)
+    rank = pd.to_numeric(table[RANK], errors="coerce")
+    return pd.Series(np.where(rank == 0, FULL, LORA), index=table.index)
+
+
+def method_order(methods) -> list[str]:
+    """The methods present, in :data:`METHODS` order, unknown ones after them alphabetically."""
+    present = set(map(str, methods))
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def frontier(table: pd.DataFrame, others: list[str]) -> pd.Series:
+    """Pareto-optimal rows within each cell of ``others``: none has ≥ accuracy with ≤ parameters, one strictly."""
+    flags = pd.Series(False, index=table.index)
+    for _, cell in iter_groups(table, others):
+        ok = cell.dropna(subset=["mean", "trainable"])
+        for i, row in ok.iterrows():
+            better = ok[
+                (ok["trainable"] <= row["trainable"])
+                & (ok["mean"] >= row["mean"])
+                & ((ok["trainable"] < row["trainable"]) | (ok["mean"] > row["mean"]))
+            ]
+            flags[i] = better.empty
+    return flags
+
+
+def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
+    others = [k for k in group_by if k not in (METHOD, RANK)]
+    done = _canonical(runs[runs["status"].isin(FINISHED)], others)
+    rows = []
+    for values, cell in iter_groups(done, ["method", RANK, *others]):
+        s = describe(pd.to_numeric(cell[metric], errors="coerce") if metric in cell else [])
+        row = {**values, **{k: s[k] for k in ("n", "mean", "std", "ci95_low", "ci95_high")}}
+        row["group"] = _row_label(values, others)
+        row["trainable"] = _mean(cell["params.trainable"]) if "params.trainable" in cell else np.nan
+        row["adapter_params"] = _mean(adapter_counts(cell))
+        for src, dst in (
+            ("train.img_s", "_img_s"),
+            ("adapter.merged.top1", "merged_top1"),
+            ("adapter.merged.bits", "_bits"),
+            ("adapter.rank_budget", "rank_budget"),
+        ):
+            row[dst] = _mean(cell[src]) if src in cell else np.nan
+        row["_on_grid"] = _all_true(cell["adapter.merged.on_grid"]) if "adapter.merged.on_grid" in cell else None
+        layers = [c for c in cell.columns if c.startswith(FINAL_RANKS)]
+        row["_layers"] = _mean(cell[layers].notna().sum(axis=1)[cell[layers].notna().any(axis=1)]) if layers else np.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return None
+    order = {m: i for i, m in enumerate(method_order(table["method"]))}
+    table[RANK] = pd.to_numeric(table[RANK], errors="coerce")
+    table = table.sort_values(["method", RANK], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable")
+    table = table.reset_index(drop=True)
+    table[RANK] = _as_count(table[RANK])
+    full_acc = ratio_to_reference(table, ["method", *others], "method", FULL, "mean")
+    full_params = ratio_to_reference(table, ["method", *others], "method", FULL, "trainable")
+    table["acc_retained_pct"] = 100 * full_acc
+    table["trainable_pct"] = 100 * full_params
+    table["efficiency_vs_full"] = full_acc / full_params
+    table["acc_per_m_trainable"] = table["mean"] / (table["trainable"] / 1e6)
+    table["img_s_vs_lora"] = ratio_to_reference(table, ["method", RANK, *others], "method", LORA, "_img_s")
+    table["merged_drop"] = table["mean"] - table["merged_top1"]
+    table["on_frontier"] = frontier(table, others)
+    highlights = _frontier_highlights(table, metric) + _method_highlights(table, metric, others)
+    for col in ("trainable", "adapter_params"):
+        table[col] = _as_count(table[col])
+    columns = [
+        "method",
+        RANK,
+        *others,
+        "n",
+        "mean",
+        "std",
+        "ci95_low",
+        "ci95_high",
+        "trainable",
+        "adapter_params",
+        "trainable_pct",
+        "acc_retained_pct",
+        "efficiency_vs_full",
+        "acc_per_m_trainable",
+        "img_s_vs_lora",
+        "merged_top1",
+        "merged_drop",
+        "rank_budget",
+        "on_frontier",
+        "group",
+    ]
+    table = table[[c for c in columns if c not in OPTIONAL or table[c].notna().any()]]
+    return StudyView("PEFT study (method × rank)", table, highlights)
+
+
+def _canonical(done: pd.DataFrame, others: list[str]) -> pd.DataFrame:
+    """``done`` with a ``method`` column and the rank each row stands for (pooled cells: one run per seed)."""
+    out = done.copy()
+    if out.empty:
+        return out.assign(method=pd.Series(dtype=object), _swept=pd.Series(dtype=object))
+    rank = pd.to_numeric(out[RANK], errors="coerce").astype(float) if RANK in out else pd.Series(np.nan, out.index)
+    raw = out[METHOD] if METHOD in out else pd.Series(None, index=out.index, dtype=object)
+    method = pd.Series([LORA if _missing(m) else str(m).lower() for m in raw], index=out.index, dtype=object)
+    swept = method + "|" + rank.map(format_value)  # the cell as swept, before pooling
+    method[rank == 0] = FULL
+    rank = rank.where(~(method.isin(RANKLESS) & (rank > 0)))
+    out["method"], out[RANK], out["_swept"] = method, rank, swept
+    seed = out["seed"].map(format_value) if "seed" in out else pd.Series("", index=out.index)
+    keys = ["method", RANK, *others]
+    cell = out[keys].apply(lambda r: "|".join(map(format_value, r)), axis=1) + "|" + seed
+    ordered = out.assign(_cell=cell).sort_values(["_swept", "run_dir"], kind="stable")
+    first = ordered.groupby("_cell", sort=False)["_swept"].first()
+    return out[out["_swept"].to_numpy() == cell.map(first).to_numpy()]
+
+
+def _row_label(values: dict, others: list[str]) -> str:
+    """``lora.method=dora, lora.rank=8`` (other keys after); full fine-tuning and rankless methods say so."""
+    method, rank = values["method"], values[RANK]
+    if method == FULL:
+        head = "full fine-tuning (lora.rank=0)"
+    elif rank is None:
+        head = f"{METHOD}={method}"
+    else:
+        head = f"{METHOD}={method}, {RANK}={format_value(rank)}"
+    return head + (", " + group_label(values, others) if others else "")
+
+
+def _short(row: pd.Series) -> str:
+    """``dora r=8``, ``ia3``, ``full``: a row's method and rank for a sentence."""
+    if row["method"] == FULL or pd.isna(row[RANK]):
+        return str(row["method"])
+    return f"{row['method']} r={format_value(row[RANK])}"
+
+
+def _frontier_highlights(table: pd.DataFrame, metric: str) -> list[str]:
+    return [
+        f"on the efficient frontier: {row['group']} — {row['mean']:.2f} "
+        f"({metric}) with {_count(row['trainable'])} trainable parameters"
+        for _, row in table[table["on_frontier"]].iterrows()
+    ]
+
+
+def _method_highlights(table: pd.DataFrame, metric: str, others: list[str]) -> list[str]:
+    """The best method at each rank, then per QA-LoRA/QLoRA row its accuracy after merging, per AdaLoRA row
+    its final rank budget."""
+    out = []
+    for values, cell in iter_groups(table, others):
+        where = f" ({group_label(values, others)})" if others else ""
+        ranked = cell[cell[RANK].notna() & (cell["method"] != FULL) & cell["mean"].notna()]
+        for rank, at in ranked.groupby(RANK, sort=True):
+            if at["method"].nunique() < 2:
+                continue
+            best = at["mean"].max()
+            tied = at.loc[np.isclose(at["mean"], best), "method"].tolist()
+            rest = ", ".join(f"{m} {v:.2f}" for m, v in zip(at["method"], at["mean"]) if m not in tied)
+            who = tied[0] if len(tied) == 1 else "tie between " + " and ".join(tied)
+            out.append(
+                f"best method at r={format_value(rank)}{where}: {who} ({best:.2f} {metric}"
+                + (f"; {rest})" if rest else ")")
+            )
+    for _, row in table.iterrows():
+        where = f" ({group_label(row, others)})" if others else ""
+        if row["method"] in MERGED and pd.notna(row["merged_top1"]):
+            on_grid = row["_on_grid"] if row["_on_grid"] is not None else row["method"] == "qalora"
+            bits = f"{row['_bits']:.0f}" if pd.notna(row["_bits"]) else "low"
+            how = f"onto the {bits}-bit grid" if on_grid else f"and requantizing to {bits} bits"
+            out.append(
+                f"{_short(row)}{where}: {row['mean']:.2f} before merging, {row['merged_top1']:.2f} after merging {how}"
+            )
+        if row["method"] == "adalora" and pd.notna(row["rank_budget"]):
+            start = (
+                f" of {row['_layers'] * row[RANK]:.0f} at the start ({row['_layers']:.0f} layers × r={row[RANK]})"
+                if pd.notna(row["_layers"]) and pd.notna(row[RANK])
+                else ""
+            )
+            out.append(f"{_short(row)}{where}: final rank budget {row['rank_budget']:.0f}{start} (mean over seeds)")
+    return out
+
+
+def _cells_by_label(runs: pd.DataFrame, group_by: list[str]):
+    for values, cell in iter_groups(runs, group_by):
+        yield group_label(values, group_by), cell
+
+
+def _as_count(col: pd.Series) -> pd.Series:
+    """Mean parameter counts are whole numbers: show them as such."""
+    whole = col.dropna()
+    return col.round().astype("Int64") if len(whole) and (whole == whole.round()).all() else col
+
+
+def _all_true(flags: pd.Series) -> bool | None:
+    """Whether every recorded flag is true; None where none was recorded."""
+    flags = flags.dropna()
+    return all(same_value(f, True) for f in flags) if len(flags) else None
+
+
+def _missing(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _mean(x) -> float:
+    x = pd.to_numeric(pd.Series(x), errors="coerce").dropna()
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def _count(n: float) -> str:
+    if pd.isna(n):
+        return "?"
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"
