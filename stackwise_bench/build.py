@@ -51,6 +51,7 @@ class Assembly(NamedTuple):
     diagnostics: Any  # None for diagnostics=none
     loggers: list
     regime: Any  # training.regime.Classical or DepthTime
+    adapter: Any  # training.adapters.AdaLoraSchedule for lora.method=adalora, else None
 
 
 def instantiate(node, *args, **kwargs):
@@ -84,7 +85,8 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
             f"trainer.batch_size={trainer.batch_size} is larger than the training split of {data.name} "
             f"({len(data.train_y)} images); use trainer.batch_size<={len(data.train_y)}."
         )
-    model, shape, fp8_layers = build_model(cfg, data.num_classes)
+    steps = cfg.trainer.max_epochs * (len(data.train_y) // trainer.batch_size)  # AdaLoRA's, until the plan below
+    model, shape, fp8_layers = build_model(cfg, data.num_classes, total_steps=steps)
     regime = instantiate(cfg.regime)  # classical, or depth_time: which starts the model at its first stack
     regime.setup(model)
     model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
@@ -92,6 +94,7 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     optimizer = instantiate(cfg.optimizer, model=model)
     total_steps = trainer.plan(model, loaders.train, regime)  # epochs x steps, or what trainer.max_flops buys
     regime.plan(total_steps)  # the steps at which depth_time grows the model
+    adapter = build_adapter_schedule(cfg, model, total_steps)
     scheduler = instantiate(
         cfg.scheduler,
         optimizer=optimizer,
@@ -116,6 +119,7 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
         diagnostics,
         loggers,
         regime,
+        adapter,
     )
 
 
@@ -149,23 +153,86 @@ def build_trainer(cfg: DictConfig, runtime, resume: bool = False):
     return instantiate(loop, _partial_=True)(runtime=runtime, resume=resume)
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> tuple:
-    """The model as it trains: the configured net, LoRA (peft) on top, torchao FP8 layers for precision=fp8.
+def build_model(cfg: DictConfig, num_classes: int, total_steps: int | None = None) -> tuple:
+    """The model as it trains: the configured net, its PEFT adapters on top, torchao FP8 layers for precision=fp8.
+
+    ``total_steps``: the run's optimizer steps, which AdaLoRA's config needs to exist (the trainer's plan may
+    still change it: :func:`build_adapter_schedule`).
 
     Returns ``(model, shape, fp8_layers)``: ``shape`` feeds the LoRA parameter formula, ``fp8_layers``
     names the converted layers (None unless fp8).
     """
-    from stackwise_bench.nn.lora import apply_lora
-
     model = instantiate(cfg.model, num_classes=num_classes)
     shape = model_shape(model, cfg.lora.head)
-    model = apply_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    model = adapt(model, cfg, total_steps)
     fp8_layers = None
     if cfg.precision.name == "fp8":  # Runtime.create has already refused unsuitable hardware
         from stackwise_bench.quant.fp8 import convert_for_training
 
         fp8_layers = convert_for_training(model)
     return model, shape, fp8_layers
+
+
+def adapt(model, cfg: DictConfig, total_steps: int | None = None):
+    """``lora.method``'s adapters on ``model`` (rank 0: the model itself): peft's methods through
+    :func:`~stackwise_bench.nn.lora.apply_lora`, QA-LoRA and QLoRA through :mod:`stackwise_bench.quant.qalora`."""
+    from stackwise_bench.nn.lora import apply_lora, check_head, resolve_targets
+    from stackwise_bench.nn.peft_methods import QUANTIZED_METHODS
+
+    lora = OmegaConf.to_container(cfg.lora, resolve=True)
+    method = lora.get("method", "lora")  # records written before lora.method trained LoRA
+    if method not in QUANTIZED_METHODS or not lora["rank"]:
+        return apply_lora(model, **lora, total_steps=max(1, total_steps or 1), model_name=cfg.model.name)
+    from stackwise_bench.quant.qalora import apply_quantized_lora
+
+    apply_lora(model, **{**lora, "rank": 0})  # the shared knobs' checks (rank, alpha, dropout, method)
+    check_head(model, lora["head"])
+    options = lora.get(method) or {}
+    return apply_quantized_lora(
+        model,
+        method,
+        lora["rank"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+        target_modules=resolve_targets(model, lora["target_modules"]),
+        head=lora["head"],
+        bits=options.get("bits", 4),
+        group_size=options.get("group_size", 32),
+    )
+
+
+def build_adapter_schedule(cfg: DictConfig, model, total_steps: int):
+    """AdaLoRA's loop-side schedule, its length set to the trainer's real step count (refused when its
+    ``tinit``/``tfinal`` leave no steps to prune in); None for every other method."""
+    from stackwise_bench.training.adapters import adapter_schedule
+
+    method = cfg.lora.get("method", "lora")
+    if not cfg.lora.rank:
+        return None
+    schedule = adapter_schedule(model, method, OmegaConf.to_container(cfg.lora, resolve=True).get(method))
+    if schedule is not None:
+        schedule.plan(total_steps)
+    return schedule
+
+
+def adapter_record(cfg: DictConfig, model) -> dict:
+    """``summary.json``'s ``adapter`` section as a run starts: the method, its rank and the layers it adapted."""
+    from stackwise_bench.nn.lora import adapted_layers, resolve_targets
+    from stackwise_bench.nn.peft_methods import RANKLESS
+
+    method, rank = cfg.lora.get("method", "lora"), cfg.lora.rank
+    if not rank:
+        return {"method": "full", "rank": 0, "targets": None, "layers": 0}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = cfg.lora.target_modules
+    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+    targets = resolve_targets(inner, targets) if targets is not None else resolve_targets(inner, None)
+    return {
+        "method": method,
+        "rank": None if method in RANKLESS else rank,
+        "targets": targets,
+        "layers": len(adapted_layers(inner, targets)),
+    }
 
 
 def model_shape(model, head_name: str | None) -> dict:

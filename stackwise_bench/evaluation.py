@@ -151,6 +151,16 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
 
     baseline = test(built.model)
     baseline["matches_recorded"] = None if recorded is None else baseline["top1"] == recorded
+    if is_quantized_lora(built.model):  # QA-LoRA/QLoRA: what deploys is the merged, integer model
+        from stackwise_bench.quant.ptq import degradation
+        from stackwise_bench.quant.qalora import merge_quantized_lora
+
+        merge = merge_quantized_lora(built.model, requantize=True)
+        merged = test(built.model)
+        log.info("%s: test top1 %.2f%% -> %.2f%% merged onto the %d-bit grid", record.dir, baseline["top1"],
+                 merged["top1"], merge["bits"])  # fmt: skip
+        record.update(unmerged=baseline, merge=merge, merge_degradation=degradation(baseline, merged))
+        baseline = merged
     if quantize is None:
         record.finish("completed", test=baseline)
         shown = "" if recorded is None else f" (the run recorded {recorded:.2f}%)"
@@ -173,6 +183,32 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
         report["weight_bytes_before"] / 2**20,
         report["weight_bytes_after"] / 2**20,
     )
+
+
+def is_quantized_lora(model) -> bool:
+    """Whether ``model`` carries QA-LoRA/QLoRA layers (``lora.method=qalora|qlora``) still to be merged."""
+    from stackwise_bench.quant.qalora import has_quantized_lora
+
+    return has_quantized_lora(model)
+
+
+def merged_test(model, loaders, runtime) -> dict:
+    """The test metrics of a QA-LoRA/QLoRA model as it deploys: adapters merged, weights on the integer grid
+    (QA-LoRA merges into the zero points; QLoRA merges into high precision and is quantized again), on a copy.
+
+    Returns the merge report (bits, group size, packed weight bytes, ``on_grid``) with ``top1``, ``top5``,
+    ``loss`` and ``f1_macro`` of the merged model.
+    """
+    import copy
+
+    from stackwise_bench.quant.qalora import merge_quantized_lora
+    from stackwise_bench.training.metrics import evaluate
+
+    merged = copy.deepcopy(model)
+    report = merge_quantized_lora(merged, requantize=True)
+    test = evaluate(merged, loaders.test, loaders.num_classes, runtime.autocast, runtime.device, full=True)
+    log.info("merged %s adapters: test top1 %.2f%% on the %d-bit grid", report["method"], test["top1"], report["bits"])
+    return {**report, **{k: test[k] for k in ("top1", "top5", "loss", "f1_macro") if k in test}}
 
 
 def _with_overrides(config: dict, device: str | None, dataset: dict) -> dict:

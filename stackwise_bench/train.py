@@ -16,9 +16,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stackwise_bench.build import build_run, model_shape
+from stackwise_bench.build import adapter_record, build_run, model_shape
 from stackwise_bench.configs import CONF_DIR
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.evaluation import is_quantized_lora, merged_test
 from stackwise_bench.knobs import check_config
 from stackwise_bench.runs import lease
 from stackwise_bench.runs.job import Job, run_job
@@ -80,7 +81,8 @@ def run(
                 record.write_split(built.data.split)
                 if built.fp8_layers is not None:
                     record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
-                record.update(params=count_parameters(built.model) | built.model_shape)
+                record.update(params=count_parameters(built.model, cfg.lora.head) | built.model_shape)
+                record.update(adapter=adapter_record(cfg, built.model))
                 record.attach(built.loggers)
                 log.info(
                     "training %s on %s (%s, %s) in %s",
@@ -100,7 +102,12 @@ def run(
                     stop=stop,
                     diagnostics=built.diagnostics,
                     regime=built.regime,
+                    adapter=built.adapter,
                 )
+                if built.adapter is not None:  # AdaLoRA: the ranks it ended with
+                    record.update(adapter=built.adapter.summary())
+                if result.status != "interrupted" and is_quantized_lora(built.model):
+                    record.update(adapter={"merged": merged_test(built.model, built.loaders, built.runtime)})
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C twice, or a cluster requeue
                     record.summary["run"]["stopped_by"] = stop.requested or type(exc).__name__
@@ -114,7 +121,9 @@ def run(
             if result.status == "interrupted":
                 record.summary["run"]["stopped_by"] = stop.requested
             if built.regime.name != "classical":  # the model grew: record what it ended as
-                record.update(params=count_parameters(built.model) | model_shape(built.model, cfg.lora.head))
+                record.update(
+                    params=count_parameters(built.model, cfg.lora.head) | model_shape(built.model, cfg.lora.head)
+                )
             resources = run_resources(result.resources, record.summary.get("previous_attempts", []))
             record.finish(result.status, train=result.train, test=result.test, resources=resources)
         stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt

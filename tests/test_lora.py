@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.nn.lora import apply_lora, count_parameters
+from stackwise_bench.nn.lora import adapted_layers, apply_lora, count_parameters, default_targets
 from stackwise_bench.nn.models import create_model
 
 LORA_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "lora" / "default.yaml"
@@ -29,16 +29,31 @@ def _sgd_step(model, seed: int = 0):
 
 def test_default_config_binds_and_means_full_finetuning():
     cfg = OmegaConf.load(LORA_CONFIG)
-    assert OmegaConf.to_container(cfg) == {
+    shared = {k: v for k, v in OmegaConf.to_container(cfg).items() if not isinstance(v, dict)}
+    assert shared == {
+        "method": "lora",
         "rank": 0,
         "alpha": None,
         "dropout": 0.1,
-        "target_modules": ["qkv"],
+        "target_modules": None,  # the model family's own
         "head": "head",
     }
+    sections = {k for k, v in OmegaConf.to_container(cfg).items() if isinstance(v, dict)}
+    assert sections == {"pissa", "adalora", "loha", "lokr", "vera", "oft", "qalora", "qlora"}
     inspect.signature(apply_lora).bind(torch.nn.Linear(1, 1), **cfg)
-    model = create_model("resnet8", num_classes=10)  # the default model has no qkv: rank 0 must not care
+    model = create_model("resnet8", num_classes=10)
     assert apply_lora(model, **cfg) is model
+
+
+def test_family_default_targets_never_hit_the_patch_embedding():
+    vit = _vit()
+    names = adapted_layers(vit, default_targets(vit))
+    assert names == [f"blocks.{i}.attn.qkv" for i in range(len(vit.blocks))]
+    assert "patch_embed.proj" in adapted_layers(vit, ["proj"])  # the trap the default avoids
+    resnet = create_model("resnet8", num_classes=10)
+    assert adapted_layers(resnet, default_targets(resnet)) == [
+        f"stage{s}.0.conv{c}" for s in (1, 2, 3) for c in (1, 2)
+    ]  # not the stem conv, not the 1x1 downsample shortcuts
 
 
 @pytest.mark.parametrize("name, rank", [("deit_tiny", 0), ("deit_tiny", 2), ("deit_tiny", 8), ("deit_small", 8)])
@@ -143,7 +158,7 @@ def test_bad_alpha_or_dropout_is_config_error(kwargs, key):
 
 def test_unmatched_targets_list_the_model_layers():
     with pytest.raises(ConfigError) as err:
-        apply_lora(create_model("resnet8", num_classes=10), rank=8)
+        apply_lora(create_model("resnet8", num_classes=10), rank=8, target_modules=["qkv"])
     msg = str(err.value)
     assert msg.startswith(
         "lora.target_modules=['qkv'] matches no module of this model; it has: stem.conv, "

@@ -46,6 +46,10 @@ from stackwise_bench.knobs.specs import (
 
 # ------------------------------------------------------------------------------------ training config
 
+# lora.method (stackwise_bench/nn/peft_methods.py; repeated here: this package imports no torch code)
+PEFT_METHOD_NAMES = (
+    "lora", "dora", "rslora", "pissa", "adalora", "loha", "lokr", "ia3", "vera", "oft", "qalora", "qlora",
+)  # fmt: skip
 SEED = Int("42", min=0, max=2**64 - 1, what="a non-negative integer below 2**64")
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 PTQ_FORMATS = (*FP8_FORMATS, *INT_FORMATS)  # evaluate's quantize=
@@ -140,8 +144,35 @@ KNOBS: dict[str, Spec] = {
     "lora.rank": Int("8", min=0, note="0 = full fine-tuning"),
     "lora.alpha": Number("16", lo=0, lo_open=True, null=True, note="null = 2 * rank"),
     "lora.dropout": Number("0.1", lo=0, hi=1, hi_open=True),
-    "lora.target_modules": Names("[qkv]"),
+    "lora.method": Choice(PEFT_METHOD_NAMES, "dora"),
+    "lora.target_modules": Names(
+        "[qkv]", null=True, what="a regex or a list of module names", note="null = the model family's own"
+    ),
     "lora.head": Text("head", null=True, what="a module name", note="null freezes the head"),
+    "lora.pissa.niter": Int("4", min=1, null=True, note="null = an exact SVD"),
+    "lora.adalora.init_r": Int("12", min=1, null=True, note="null = ceil(1.5 * rank)"),
+    "lora.adalora.tinit": Int("100", min=0, null=True, note="null = 10% of the steps"),
+    "lora.adalora.tfinal": Int("200", min=0, null=True, note="null = 20% of the steps"),
+    "lora.adalora.delta_t": Int("10", min=1),
+    "lora.adalora.beta1": Number("0.85", lo=0, hi=1, lo_open=True, hi_open=True),
+    "lora.adalora.beta2": Number("0.85", lo=0, hi=1, lo_open=True, hi_open=True),
+    "lora.adalora.orth_reg_weight": Number("0.5", lo=0, note="0 = no orthogonality penalty"),
+    "lora.loha.rank_dropout": Number("0.0", lo=0, hi=1, hi_open=True),
+    "lora.loha.module_dropout": Number("0.0", lo=0, hi=1, hi_open=True),
+    "lora.lokr.decompose_both": Bool("false"),
+    "lora.lokr.factor": Int("-1", min=-1, note="-1 = the most balanced factorisation"),
+    "lora.lokr.rank_dropout": Number("0.0", lo=0, hi=1, hi_open=True),
+    "lora.lokr.module_dropout": Number("0.0", lo=0, hi=1, hi_open=True),
+    "lora.vera.d_initial": Number("0.1", lo=0, lo_open=True),
+    "lora.vera.projection_seed": Int("0", min=0),
+    "lora.oft.block_size": Int("8", min=2),
+    "lora.oft.coft": Bool("false"),
+    "lora.oft.eps": Number("6e-5", lo=0, lo_open=True),
+    "lora.oft.module_dropout": Number("0.0", lo=0, hi=1, hi_open=True),
+    "lora.qalora.bits": Choice((4, 8), "4"),
+    "lora.qalora.group_size": Int("32", min=1),
+    "lora.qlora.bits": Choice((4, 8), "4"),
+    "lora.qlora.group_size": Int("32", min=1),
     # conf/trainer/*.yaml
     "trainer.max_epochs": Int("20", min=1),
     "trainer.batch_size": Int("64", min=1),

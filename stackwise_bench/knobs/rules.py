@@ -7,6 +7,7 @@ its refusal, one sentence, or None. :func:`_quantized_only` makes the evaluation
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from stackwise_bench.knobs.specs import show
@@ -99,6 +100,21 @@ def _depth_time_grows_a_plain_model(get: Get) -> str | None:
     return None
 
 
+def _target_regex_compiles(get: Get) -> str | None:
+    """A string ``lora.target_modules`` is a regex (peft's rule): one that does not compile is refused here."""
+    targets = get("lora.target_modules")
+    if not isinstance(targets, str):
+        return None
+    try:
+        re.compile(targets)
+    except re.error as exc:
+        return (
+            f"lora.target_modules={show(targets)} is not a valid regular expression ({exc}); escape the dots, "
+            r"e.g. lora.target_modules='blocks\.\d+\.attn\.qkv', or give a list of names like [qkv]."
+        )
+    return None
+
+
 RULES: list[Rule] = [
     _monitors_are_configs,
     _digits_size,
@@ -107,6 +123,7 @@ RULES: list[Rule] = [
     _token_pool_needs_class_token,
     _warmup_within_training,
     _depth_time_grows_a_plain_model,
+    _target_regex_compiles,
 ]
 
 

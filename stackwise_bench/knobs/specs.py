@@ -122,16 +122,16 @@ class Bool(Spec):
 
 
 class Choice(Spec):
-    """One of a fixed set of strings."""
+    """One of a fixed set of strings (or integers: ``lora.qalora.bits`` is 4 or 8)."""
 
-    def __init__(self, options: Sequence[str], example: str, **kw):
+    def __init__(self, options: Sequence[str | int], example: str, **kw):
         self.options = tuple(options)
-        words = [o if o else "'' (empty)" for o in self.options]
+        words = [str(o) if o != "" else "'' (empty)" for o in self.options]
         what = "one of " + ", ".join(words) if len(words) > 2 else " or ".join(words)
         super().__init__(example, what=kw.pop("what", what), **kw)
 
     def accepts(self, value) -> bool:
-        return isinstance(value, str) and value in self.options
+        return (isinstance(value, str) or _is_int(value)) and value in self.options
 
 
 class Pattern(Spec):

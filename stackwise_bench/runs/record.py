@@ -294,10 +294,13 @@ class RunRecord:
             self._keep_rows(HARDWARE, before_checkpoint)
 
     def _trim_diagnostics(self, step: int) -> None:
-        """``diagnostics.jsonl`` keeps the step rows at or before ``step`` (the end-of-run weights row goes too)."""
+        """``diagnostics.jsonl`` keeps the rows of steps at or before ``step`` (``kind: step``, AdaLoRA's
+        ``adapter_ranks``); the end-of-run weights row goes too."""
         self._keep_rows(
             DIAGNOSTICS,
-            lambda row: isinstance(row, dict) and row.get("kind", "step") == "step" and (row.get("step") or 0) <= step,
+            lambda row: (
+                isinstance(row, dict) and row.get("kind", "step") != "weights" and (row.get("step") or 0) <= step
+            ),
         )
 
     def _keep_rows(self, name: str, keep) -> None:

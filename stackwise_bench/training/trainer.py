@@ -107,6 +107,7 @@ class Trainer:
         self._compile_pending = runtime.compile  # the first compiled step of this process includes compilation
         self.max_flops, self.max_steps = max_flops, None  # max_steps: set by plan() from the FLOP budget
         self.compute = Compute(runtime.device, runtime.precision)
+        self.adapter = None  # fit's adapter (AdaLoRA's schedule), or None
 
     def plan(self, model, loader, regime=None) -> int:
         """The steps this run will take (the schedule's length): epochs x steps, or what a FLOP budget buys
@@ -132,6 +133,7 @@ class Trainer:
         stop: StopSignal | None = None,
         diagnostics: Diagnostics | None = None,
         regime=None,
+        adapter=None,
     ) -> FitResult:
         """Train ``model`` on ``loaders.train``, validate on ``loaders.val``, test the best on ``loaders.test``.
 
@@ -141,6 +143,8 @@ class Trainer:
         go to ``sink.log_diagnostics``. Where the sink ``wants_steps`` (a tracker is attached), every
         ``log_every_n_steps``-th step's loss, learning rate and grad norm go to ``sink.log_step``.
         ``regime`` (None: classical) may grow the model at planned steps (:mod:`~stackwise_bench.training.regime`).
+        ``adapter`` (None: none) is a PEFT method's part of the loop (:mod:`~stackwise_bench.training.adapters`):
+        a penalty added to the loss, a call after every optimizer step, state in every checkpoint.
         """
         if stop is None:
             with StopSignal() as own:
@@ -154,8 +158,10 @@ class Trainer:
                     stop=own,
                     diagnostics=diagnostics,
                     regime=regime,
+                    adapter=adapter,
                 )
         self.regime = regime if regime is not None else Classical()
+        self.adapter = adapter
         self.num_classes = loaders.num_classes
         self.diagnostics, self.images = diagnostics, 0
         hook_guards = None  # dynamo's setting while activation hooks need it (a joblib worker runs the next job)
@@ -169,7 +175,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         forward = torch.compile(model) if self.runtime.compile else model
         progress = (
-            restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device, self._regrow)
+            restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device, self._prepare_resume)
             if self.resume
             else Progress()
         )
@@ -232,10 +238,14 @@ class Trainer:
         return {
             **checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device),
             "regime": self.regime.state_dict(),
+            "adapter": self.adapter.state_dict() if self.adapter is not None else None,
         }
 
-    def _regrow(self, state: dict, model, optimizer, scheduler) -> None:
-        """Before a checkpoint is loaded: grow the fresh (first-stack) model to the stage the checkpoint holds."""
+    def _prepare_resume(self, state: dict, model, optimizer, scheduler) -> None:
+        """Before a checkpoint is loaded: grow the fresh (first-stack) model to the stage the checkpoint holds,
+        and give the adapter's loop state (AdaLoRA's importance scores) back."""
+        if self.adapter is not None and state.get("adapter") is not None:
+            self.adapter.load_state_dict(state["adapter"])
         if state.get("regime"):
             self.regime.load_state_dict(state["regime"])
             self.regime.replay(state["regime"]["stage"], model, optimizer, scheduler)
@@ -284,7 +294,7 @@ class Trainer:
         correct = torch.tensor(sums["correct"], device=self.device)
         seen = sums["seen"]
         bar = progress_bar(len(loader), progress, self.max_epochs) if self.show_bar else None
-        diag, steps_wanted = self.diagnostics, getattr(sink, "wants_steps", False)
+        diag, steps_wanted, adapter = self.diagnostics, getattr(sink, "wants_steps", False), self.adapter
         synchronize(self.device)
         t0 = time.perf_counter()
         for x, y in loader.epoch(progress.epoch, start_step=progress.step):
@@ -296,10 +306,11 @@ class Trainer:
             with self.amp():
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            objective = loss if adapter is None else loss + adapter.penalty()  # the reported loss stays the CE
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             reporting = steps_wanted and step % self.log_every_n_steps == 0  # a tracker wants this step's row
-            if self.grad_clip or probing or reporting:
+            if self.grad_clip or probing or reporting or adapter is not None:
                 scaler.unscale_(optimizer)  # true gradients (scaler.step would unscale them anyway)
             if probing:  # per-layer and global norms of the gradients as backward left them: before clipping
                 diag.after_backward(step)
@@ -314,6 +325,10 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if adapter is not None:  # AdaLoRA: reallocate ranks from this step's gradients, before they are cleared
+                ranks = adapter.after_step(step, progress.epoch)
+                if ranks is not None:
+                    sink.log_diagnostics(ranks)
             if probing:
                 sink.log_diagnostics(diag.after_step(step, progress.epoch))
             if reporting:
