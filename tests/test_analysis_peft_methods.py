@@ -270,5 +270,6 @@ def test_rankless_methods_pool_their_ranks_and_adalora_reports_its_budget():
     assert _row(t, "adalora", 8)["rank_budget"] == 30
     assert "merged_top1" not in t
     text = "\n".join(view.highlights)
-    assert "adalora r=8: final rank budget 30 of 48 at the start (6 layers × r=8)" in text
+    # init_r not recorded: the default, ceil(1.5 * r) = 12 per layer
+    assert "adalora r=8: final rank budget 30 from 72 at the start (6 layers × init_r=12; target 6 × r=8)" in text
     assert "best method at r=8: lora (" in text

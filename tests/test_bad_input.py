@@ -51,7 +51,7 @@ def test_bad_lora_rank(rank, tmp_path, cfg_factory):
 
 
 def test_lora_on_model_without_targets_lists_its_modules(tmp_path, cfg_factory):
-    r = refuse(cfg_factory(["lora.rank=4"]), tmp_path / "r")
+    r = refuse(cfg_factory(["lora.rank=4", "lora.target_modules=[qkv]"]), tmp_path / "r")  # a ViT's name on a ResNet
     assert re.search(r"lora\.target_modules", r.message), r.message
     assert not r.problems, r.problems
     assert "stage1" in r.message and "head" in r.message
@@ -195,8 +195,33 @@ BAD_KNOBS = [
     ("lora.rank=true", r"non-negative integer \(0 = full fine-tuning\)"),
     ("lora.alpha=0", r"positive number, or null \(null = 2 \* rank\)"),
     ("lora.dropout=1.0", r"number in \[0, 1\)"),
-    ("lora.target_modules=[]", r"module name or a non-empty list"),
+    ("lora.target_modules=[]", r"a regex or a non-empty list of module names"),
     ("lora.head=''", r"module name, or null \(null freezes the head\)"),
+    ("lora.method=lorra", r"one of lora, dora, rslora, pissa, adalora, loha, lokr, ia3, vera, oft, qalora, qlora"),
+    ("lora.pissa.niter=0", r"positive integer, or null \(null = an exact SVD\)"),
+    ("lora.adalora.init_r=0", r"positive integer, or null \(null = ceil\(1\.5 \* rank\)\)"),
+    ("lora.adalora.tinit=-1", r"non-negative integer, or null \(null = 10% of the steps\)"),
+    ("lora.adalora.tfinal=-1", r"non-negative integer, or null \(null = 20% of the steps\)"),
+    ("lora.adalora.delta_t=0", r"positive integer"),
+    ("lora.adalora.beta1=1", r"number in \(0, 1\)"),
+    ("lora.adalora.beta2=0", r"number in \(0, 1\)"),
+    ("lora.adalora.orth_reg_weight=-1", r"non-negative number \(0 = no orthogonality penalty\)"),
+    ("lora.loha.rank_dropout=1", r"number in \[0, 1\)"),
+    ("lora.loha.module_dropout=-0.1", r"number in \[0, 1\)"),
+    ("lora.lokr.decompose_both=1", r"true or false"),
+    ("lora.lokr.factor=-2", r"integer >= -1 \(-1 = the most balanced factorisation\)"),
+    ("lora.lokr.rank_dropout=1", r"number in \[0, 1\)"),
+    ("lora.lokr.module_dropout=2", r"number in \[0, 1\)"),
+    ("lora.vera.d_initial=0", r"positive number"),
+    ("lora.vera.projection_seed=-1", r"non-negative integer"),
+    ("lora.oft.block_size=1", r"integer >= 2"),
+    ("lora.oft.coft=maybe", r"true or false"),
+    ("lora.oft.eps=0", r"positive number"),
+    ("lora.oft.module_dropout=1", r"number in \[0, 1\)"),
+    ("lora.qalora.bits=3", r"4 or 8"),
+    ("lora.qalora.group_size=0", r"positive integer"),
+    ("lora.qlora.bits=16", r"4 or 8"),
+    ("lora.qlora.group_size=-32", r"positive integer"),
     ("trainer.max_epochs=0", r"positive integer"),
     ("trainer.max_epochs=2.5", r"positive integer"),
     ("trainer.max_flops=0", r"positive number, or null \(null = train by trainer.max_epochs\)"),

@@ -116,3 +116,16 @@ def test_diagnostics_isolated_cost_rows():
     rows = bench._diagnostics_isolated("resnet8", 8, every=50)
     assert [r["setting"].split(":")[0] for r in rows] == ["isolated"] * 2
     assert all(0 < r["ratio"] <= 1 and r["logging_step_ms"] >= 0 and r["per_step_ms"] > 0 for r in rows)
+
+
+def test_int4_figure_compares_packed_and_reference(tmp_path):
+    rows = bench.fig_int4(TINY, tmp_path)
+    cpu = rows[0]
+    assert cpu["figure"] == "int4" and "48 layers packed" in cpu["setting"]  # 12 blocks x qkv, proj, fc1, fc2
+    assert cpu["a"] == "int4_packed" and cpu["b"] == "reference" and cpu["ratio"] > 0
+
+
+def test_peft_figure_times_every_method_against_lora(tmp_path):
+    rows = bench.fig_peft(TINY, tmp_path)
+    assert [r["a"] for r in rows] == [m for m in bench.PEFT_METHODS if m != "lora"]
+    assert all(r["b"] == "lora" and r["ratio"] > 0 for r in rows)

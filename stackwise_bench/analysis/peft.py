@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups, same_value
+from stackwise_bench.analysis.grouping import format_value, group_label, iter_groups
 from stackwise_bench.analysis.stats import describe
 from stackwise_bench.analysis.studies import StudyView, ratio_to_reference
 from stackwise_bench.runs.contract import FINISHED
@@ -140,9 +140,9 @@ def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> Study
             ("adapter.merged.top1", "merged_top1"),
             ("adapter.merged.bits", "_bits"),
             ("adapter.rank_budget", "rank_budget"),
+            ("adapter.init_r", "_init_r"),
         ):
             row[dst] = _mean(cell[src]) if src in cell else np.nan
-        row["_on_grid"] = _all_true(cell["adapter.merged.on_grid"]) if "adapter.merged.on_grid" in cell else None
         layers = [c for c in cell.columns if c.startswith(FINAL_RANKS)]
         row["_layers"] = _mean(cell[layers].notna().sum(axis=1)[cell[layers].notna().any(axis=1)]) if layers else np.nan
         rows.append(row)
@@ -260,18 +260,20 @@ def _method_highlights(table: pd.DataFrame, metric: str, others: list[str]) -> l
     for _, row in table.iterrows():
         where = f" ({group_label(row, others)})" if others else ""
         if row["method"] in MERGED and pd.notna(row["merged_top1"]):
-            on_grid = row["_on_grid"] if row["_on_grid"] is not None else row["method"] == "qalora"
             bits = f"{row['_bits']:.0f}" if pd.notna(row["_bits"]) else "low"
-            how = f"onto the {bits}-bit grid" if on_grid else f"and requantizing to {bits} bits"
+            # QA-LoRA's merge lands on the grid itself; QLoRA's lands in high precision and is quantized again.
+            how = f"onto the {bits}-bit grid" if row["method"] == "qalora" else f"and requantizing to {bits} bits"
             out.append(
                 f"{_short(row)}{where}: {row['mean']:.2f} before merging, {row['merged_top1']:.2f} after merging {how}"
             )
         if row["method"] == "adalora" and pd.notna(row["rank_budget"]):
-            start = (
-                f" of {row['_layers'] * row[RANK]:.0f} at the start ({row['_layers']:.0f} layers × r={row[RANK]})"
-                if pd.notna(row["_layers"]) and pd.notna(row[RANK])
-                else ""
-            )
+            start = ""
+            if pd.notna(row["_layers"]) and pd.notna(row[RANK]):
+                init_r = row["_init_r"] if pd.notna(row["_init_r"]) else np.ceil(1.5 * row[RANK])
+                start = (
+                    f" from {row['_layers'] * init_r:.0f} at the start ({row['_layers']:.0f} layers × init_r="
+                    f"{init_r:.0f}; target {row['_layers']:.0f} × r={row[RANK]})"
+                )
             out.append(f"{_short(row)}{where}: final rank budget {row['rank_budget']:.0f}{start} (mean over seeds)")
     return out
 
@@ -285,12 +287,6 @@ def _as_count(col: pd.Series) -> pd.Series:
     """Mean parameter counts are whole numbers: show them as such."""
     whole = col.dropna()
     return col.round().astype("Int64") if len(whole) and (whole == whole.round()).all() else col
-
-
-def _all_true(flags: pd.Series) -> bool | None:
-    """Whether every recorded flag is true; None where none was recorded."""
-    flags = flags.dropna()
-    return all(same_value(f, True) for f in flags) if len(flags) else None
 
 
 def _missing(v) -> bool:

@@ -56,7 +56,7 @@ def peft_pareto(view, metric: str, path: Path) -> Path | None:
 def _styles(methods: list[str]) -> dict[str, dict]:
     """Colour and marker per method; full fine-tuning a black star."""
     adapters = [m for m in methods if m != FULL]
-    colors = drawing.seaborn().color_palette("tab10" if len(adapters) <= 10 else "husl", max(1, len(adapters)))
+    colors = drawing.seaborn().color_palette("tab10" if len(adapters) <= 10 else "tab20", max(1, len(adapters)))
     styles = {
         m: {"color": c, "marker": MARKERS[i % len(MARKERS)], "ms": 7} for i, (m, c) in enumerate(zip(adapters, colors))
     }

@@ -146,7 +146,7 @@ KNOBS: dict[str, Spec] = {
     "lora.dropout": Number("0.1", lo=0, hi=1, hi_open=True),
     "lora.method": Choice(PEFT_METHOD_NAMES, "dora"),
     "lora.target_modules": Names(
-        "[qkv]", null=True, what="a regex or a list of module names", note="null = the model family's own"
+        "[qkv]", null=True, what="a regex or a non-empty list of module names", note="null = the model family's own"
     ),
     "lora.head": Text("head", null=True, what="a module name", note="null freezes the head"),
     "lora.pissa.niter": Int("4", min=1, null=True, note="null = an exact SVD"),
