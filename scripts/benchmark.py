@@ -15,6 +15,10 @@ Figures (goals from issue 5 for a 2-core CPU machine):
              data, batch, precision, threads and recipe (AdamW, grad clip, cosine LR)   >= 0.97
   pipeline   BatchLoader + BatchAugment ÷ torchvision per-sample PIL DataLoader (2 workers),
              crop + flip + normalise, CIFAR-shaped data                            >= 6x (32 px), >= 2.5x (224 px)
+  imagefolder  dataset=imagefolder on synthetic 320x240 JPEGs in 10 class folders (Budget.pipeline_images): the
+             cached uint8 memmap through BatchLoader + BatchAugment ÷ torchvision ImageFolder + DataLoader (2 workers,
+             per-sample resize, crop, flip, normalise), at 32 and 224 px          >= 5x (32 px);
+             and the one-off cache build (s per 1,000 images) ÷ one ImageFolder epoch
   startup    launch -> first optimizer step of the default run ÷ `python -c "import torch"`   <= 1.8
   sweep      4 tiny jobs: wall time with hydra.launcher.n_jobs=1 ÷ with n_jobs=2         >= 1.7
              (also 4 default-sized jobs, and the ceiling a 2-thread job leaves them)
@@ -22,6 +26,8 @@ Figures (goals from issue 5 for a 2-core CPU machine):
              ÷ diagnostics=none, at their default every_n_steps=50                       basic >= 0.98
   knobs      what channels_last, torch.compile, foreach/fused AdamW, the larger eval batch,
              inference_mode and (GPU) host-resident data with non-blocking copies buy
+  deit_augment  augmentation=deit (RandAugment n2 m9 mstd0.5, erasing, mixup/CutMix) ÷ basic: batched pipeline
+             img/s at 32 px, the trainer's mixing included
   peft       training img/s of every lora.method ÷ LoRA's at the same rank (8), vit_tiny_p4 with its default targets
              (every block's qkv), AdamW, the method's own loop work (AdaLoRA's penalty and reallocation) included
   int4       a merged QA-LoRA vit_tiny_p4 (every block Linear on the 4-bit grid), batch 1: forward img/s with the
@@ -57,7 +63,19 @@ from stackwise_bench.training.flops import PEAK_TFLOPS, peak_flops  # noqa: E402
 from stackwise_bench.training.flops import train_flops_per_image as model_train_flops_per_image  # noqa: E402
 from stackwise_bench.training.precision import synchronize  # noqa: E402
 
-FIGURES = ("overhead", "diagnostics", "pipeline", "startup", "sweep", "knobs", "peft", "int4", "gpu")
+FIGURES = (
+    "overhead",
+    "diagnostics",
+    "pipeline",
+    "imagefolder",
+    "startup",
+    "sweep",
+    "knobs",
+    "deit_augment",
+    "peft",
+    "int4",
+    "gpu",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +524,130 @@ def fig_pipeline(b: Budget, work: Path) -> list[dict]:
     return out
 
 
+def _write_jpegs(root: Path, counts: dict, classes: int, size: tuple[int, int] = (240, 320)) -> int:
+    """Photo-like JPEGs (a smooth random colour field plus noise, quality 90) in ``root/<part>/c<k>/``."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    written = 0
+    for part, count in counts.items():
+        for i in range(count):
+            field = F.interpolate(torch.rand(1, 3, 6, 8, generator=gen) * 255, size=size, mode="bilinear")
+            noise = torch.randint(-12, 13, field.shape, generator=gen)
+            pixels = (field + noise).clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+            folder = root / part / f"c{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+            written += 1
+    return written
+
+
+def fig_imagefolder(b: Budget, work: Path) -> list[dict]:
+    import shutil
+
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from stackwise_bench.data import BatchLoader, load_imagefolder
+    from stackwise_bench.data.augment import BatchAugment
+    from stackwise_bench.data.imagefolder import _cpus
+    from stackwise_bench.training.precision import resolve_device
+
+    device = resolve_device("auto")
+    classes, threads = 10, _cpus()
+    out = []
+    for size in (32, 224):
+        # Each reference image costs a JPEG decode and a resize every epoch: 224 px gets a quarter of the images.
+        n = b.pipeline_images if size == 32 else b.pipeline_images // 4
+        root = work / f"imagefolder-{size}"
+        files = _write_jpegs(root, {"train": n, "val": max(classes, n // 10), "test": max(classes, n // 10)}, classes)
+        batch = min(128, n // 2)  # drop_last: a tiny budget still gets batches
+        data = load_imagefolder(str(root), img_size=size, cache_dir=str(work / f"cache-{size}"))
+        ours = BatchLoader(
+            data.train_x,  # a view of the memory-mapped cache (train/ is one run of it)
+            data.train_y,
+            batch,
+            device=device,
+            mean=data.mean,
+            std=data.std,
+            augment=BatchAugment(crop_padding=4, flip=True),
+            shuffle=True,
+            drop_last=True,
+        )
+        epochs = 8 if size == 32 else 1  # a 32 px epoch of the cache takes a few ms: time several
+        tf = T.Compose(
+            [
+                T.Resize(size),  # the cache's resize (shorter side, antialiased) and center crop, per sample
+                T.CenterCrop(size),
+                T.RandomCrop(size, padding=4, padding_mode="reflect"),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(data.mean, data.std),
+            ]
+        )
+        ref = torch.utils.data.DataLoader(
+            datasets.ImageFolder(str(root / "train"), transform=tf),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=2,
+            drop_last=True,
+            persistent_workers=True,
+            pin_memory=device.type == "cuda",
+        )
+
+        def cached_pass(rep):
+            synchronize(device)
+            t0 = time.perf_counter()
+            seen = sum(len(yb) for e in range(epochs) for _, yb in ours.epoch((rep + 1) * epochs + e))
+            synchronize(device)
+            return seen / (time.perf_counter() - t0)
+
+        def ref_pass(_, loader=ref):
+            synchronize(device)
+            t0 = time.perf_counter()
+            seen = 0
+            for xb, yb in loader:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                seen += len(yb)
+            synchronize(device)
+            return seen / (time.perf_counter() - t0)
+
+        def build_pass(rep):  # the first run's cost: scan, decode and cache every file, open the splits
+            cache = work / f"build-{size}-{rep}"
+            t0 = time.perf_counter()
+            load_imagefolder(str(root), img_size=size, cache_dir=str(cache))
+            seconds = time.perf_counter() - t0
+            shutil.rmtree(cache)
+            return files / seconds
+
+        cached_pass(-1), ref_pass(-1)  # warm-up: workers, allocator, page cache
+        s = interleaved(b.reps, {"cached": cached_pass, "imagefolder": ref_pass, "build": build_pass})
+        del ref_pass, ref  # shuts the persistent workers down before the next size
+        out.append(
+            {
+                "figure": "imagefolder",
+                "setting": f"img/s, cache+BatchLoader / ImageFolder+DataLoader(2 workers), JPEG->{size} px, b{batch}",
+                "unit": "img/s",
+                "goal": ">= 5" if size == 32 else "",
+                **compare(s, "cached", "imagefolder"),
+            }
+        )
+        per_1k = 1000 / statistics.median(s["build"])
+        out.append(
+            {
+                "figure": "imagefolder",
+                "setting": f"cache build img/s ({per_1k:.2f} s/1k JPEGs, {threads} threads, ->{size} px) / an "
+                "ImageFolder epoch",
+                "unit": "img/s",
+                "goal": "",
+                "build_s_per_1k": per_1k,
+                "files": files,
+                **compare(s, "build", "imagefolder"),
+            }
+        )
+    return out
+
+
 STARTUP_FIRST_STEP = """
 import os, runpy, sys
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -819,6 +961,56 @@ def _inference_knobs(b: Budget, device: torch.device) -> list[dict]:
         }
     )
     return rows
+
+
+def fig_deit_augment(b: Budget, work: Path) -> list[dict]:
+    """augmentation=deit ÷ basic: batched pipeline img/s at 32 px (uint8 -> augment -> normalise), with deit's
+    per-batch mixup/CutMix applied after the loader as the trainer applies it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from stackwise_bench.data import BatchLoader
+    from stackwise_bench.data.mixup import step_generator
+    from stackwise_bench.training.precision import resolve_device
+
+    device = resolve_device("auto")
+    batch, classes = 128, 10
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4 * b.pipeline_images, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, classes, (len(x),), generator=gen)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+    def arm(option: str):
+        augment = instantiate(OmegaConf.load(ROOT / "conf" / "augmentation" / f"{option}.yaml"))
+        loader = BatchLoader(
+            x, y, batch, device=device, mean=mean, std=std, augment=augment, shuffle=True, drop_last=True
+        )
+
+        def one_pass(rep):
+            epoch = rep + 1  # rep -1 is the warm-up pass
+            synchronize(device)
+            t0 = time.perf_counter()
+            seen = 0
+            for step, (xb, yb) in enumerate(loader.epoch(epoch)):
+                if augment.mixing is not None:  # the trainer mixes every batch the loader yields
+                    xb, _, _ = augment.mixing(xb, yb, classes, 0.1, step_generator(0, epoch, step))
+                seen += len(yb)
+            synchronize(device)
+            return seen / (time.perf_counter() - t0)
+
+        return one_pass
+
+    s = interleaved(b.reps, {"deit": arm("deit"), "basic": arm("basic")}, warmup=True)
+    return [
+        {
+            "figure": "deit_augment",
+            "setting": f"img/s, augmentation=deit (RandAugment n2 m9 mstd0.5 + erasing + mixup/CutMix) / basic "
+            f"(crop+flip), normalise, 32 px, batch {batch}",
+            "unit": "img/s",
+            "goal": "",
+            **compare(s, "deit", "basic"),
+        }
+    ]
 
 
 PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "adalora", "loha", "lokr", "ia3", "vera", "oft", "qalora", "qlora")

@@ -157,8 +157,13 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
 
         merge = merge_quantized_lora(built.model, requantize=True)
         merged = test(built.model)
-        log.info("%s: test top1 %.2f%% -> %.2f%% merged onto the %d-bit grid", record.dir, baseline["top1"],
-                 merged["top1"], merge["bits"])  # fmt: skip
+        log.info(
+            "%s: test top1 %.2f%% -> %.2f%% merged (%d-bit)",
+            record.dir,
+            baseline["top1"],
+            merged["top1"],
+            merge["bits"],
+        )
         record.update(unmerged=baseline, merge=merge, merge_degradation=degradation(baseline, merged))
         baseline = merged
     if quantize is None:

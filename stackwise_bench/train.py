@@ -79,6 +79,10 @@ def run(
                 built = build_run(cfg, resume=resume, threads=threads, device=device)
                 record.update(env=env_info(built.runtime.device))
                 record.write_split(built.data.split)
+                # the class names (the confusion matrix's labels) and what the dataset says of itself (imagefolder:
+                # its cache and the images it skipped with dataset.skip_bad=true)
+                notes = getattr(built.data, "notes", None) or {}
+                record.update(data={"name": built.data.name, "classes": list(built.data.classes), **notes})
                 if built.fp8_layers is not None:
                     record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
                 record.update(params=count_parameters(built.model, cfg.lora.head) | built.model_shape)

@@ -129,3 +129,17 @@ def test_peft_figure_times_every_method_against_lora(tmp_path):
     rows = bench.fig_peft(TINY, tmp_path)
     assert [r["a"] for r in rows] == [m for m in bench.PEFT_METHODS if m != "lora"]
     assert all(r["b"] == "lora" and r["ratio"] > 0 for r in rows)
+
+
+def test_imagefolder_figure_compares_the_cache_with_torchvision(tmp_path):
+    rows = bench.fig_imagefolder(TINY, tmp_path)
+    assert [(r["a"], r["b"]) for r in rows] == [("cached", "imagefolder"), ("build", "imagefolder")] * 2
+    assert [r["goal"] for r in rows] == [">= 5", "", "", ""]
+    assert all(r["ratio"] > 0 and r["a_median"] > 0 for r in rows)
+    assert rows[1]["build_s_per_1k"] > 0 and rows[1]["files"] == TINY.pipeline_images + 2 * 12
+    assert not list(tmp_path.glob("build-*"))  # every timed build's cache was removed again
+
+
+def test_deit_augment_figure_compares_deit_and_basic(tmp_path):
+    (row,) = bench.fig_deit_augment(TINY, tmp_path)
+    assert row["a"] == "deit" and row["b"] == "basic" and row["ratio"] > 0

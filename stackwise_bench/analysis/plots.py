@@ -22,6 +22,7 @@ from stackwise_bench.analysis.peft_plot import peft_pareto
 from stackwise_bench.analysis.quantization import format_label, settings_label
 from stackwise_bench.analysis.regime_plot import accuracy_vs_flops
 from stackwise_bench.analysis.scaling_plot import scaling_figure
+from stackwise_bench.analysis.search_plot import search_objective
 from stackwise_bench.runs.contract import FINISHED, read_summary
 
 
@@ -82,6 +83,9 @@ def make_plots(
         ),
         "Post-training quantization": lambda: quantization_degradation(
             quantized, group_by, out_dir / "quantization.png"
+        ),
+        "Hyperparameter search: objective per trial": lambda: search_objective(
+            next((v for v in views or [] if hasattr(v, "importances")), None), out_dir / "search_objective.png"
         ),
     }
     written = {}

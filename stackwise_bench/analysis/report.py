@@ -72,6 +72,8 @@ def write_report(
         a.scaling.table.to_csv(out_dir / "scaling.csv", index=False)
     if a.regimes is not None:
         a.regimes.table.to_csv(out_dir / "regimes.csv", index=False)
+    for view in (v for v in a.views if hasattr(v, "importances")):  # a hyperparameter search's trials
+        view.trials.to_csv(out_dir / "search_trials.csv", index=False)
     if a.validation is not None:
         (out_dir / "validation.json").write_text(json.dumps(a.validation, indent=2, default=_jsonable) + "\n")
     figures = {}
@@ -177,6 +179,8 @@ def _files_md(a: StudyAnalysis) -> str:
         files.append(f"scaling.csv (E + A·x^(−α) along {a.scaling.axis} per stratum, with 95% intervals)")
     if a.regimes is not None:
         files.append("regimes.csv (per regime arm: FLOPs, FLOPs to target and its ratio, the equal-compute test)")
+    if any(hasattr(v, "importances") for v in a.views):
+        files.append("search_trials.csv (the hyperparameter search: every trial's params, objective, state, folder)")
     if len(a.quantization):
         files += [
             "quantization.csv (post-training quantization per cell and settings)",

@@ -26,6 +26,7 @@ from stackwise_bench.analysis.quantization import collect_evaluations, quantizat
 from stackwise_bench.analysis.regimes import RegimeAnalysis, analyze_regimes
 from stackwise_bench.analysis.robust import iqm_table
 from stackwise_bench.analysis.scaling import ScalingAnalysis, analyze_scaling
+from stackwise_bench.analysis.search import search_views
 from stackwise_bench.analysis.stats import seed_stats
 from stackwise_bench.analysis.studies import StudyView, optimizer_study, precision_study
 from stackwise_bench.errors import ConfigError
@@ -164,6 +165,7 @@ def analyze_runs(
         )
         if v is not None
     ]
+    analysis.views += search_views(analysis.paths, runs)  # a hyperparameter search: its trials, best, importances
     analysis.diagnostics = collect_diagnostics(runs)
     analysis.evaluations = collect_evaluations(runs)
     analysis.quantized = quantized_evaluations(analysis.evaluations, runs, group_by)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from stackwise_bench.data.mixup import build_mixing
+from stackwise_bench.data.randaugment import build_auto_augment
 from stackwise_bench.errors import ConfigError
 
 # Per-channel luma weights (ITU-R BT.601), as torchvision's rgb_to_grayscale.
@@ -33,6 +35,16 @@ class BatchAugment:
             [-rotation_deg, rotation_deg] (bilinear, zero fill). 0 = off.
         erasing_p: Probability per sample of erasing one random rectangle.
         erasing_scale: Range of the erased area as a fraction of the image.
+        auto_augment: ``rand`` (RandAugment), ``trivial`` (TrivialAugmentWide) or None (off), after crop/flip
+            (:mod:`~stackwise_bench.data.randaugment`).
+        randaug_n, randaug_m, randaug_std, randaug_p: RandAugment's ops per sample (None: 2), magnitude on
+            timm's 0-10 scale (None: 9), per-op magnitude noise std (None: 0) and op probability (None: 1).
+        mixup_alpha, cutmix_alpha, mix_prob, switch_prob: batch mixing with soft targets, timm's knobs (None or 0
+            alphas: off; :mod:`~stackwise_bench.data.mixup`). Held here as :attr:`mixing` and applied by the
+            trainer, which has the labels; ``__call__`` does the image ops only.
+
+    Every new knob defaults to None, not 0 or false: a run recorded before the knob existed reads it as None,
+    so a relaunched study still finds its finished runs the same config.
     """
 
     def __init__(
@@ -43,6 +55,15 @@ class BatchAugment:
         rotation_deg: float = 0.0,
         erasing_p: float = 0.0,
         erasing_scale: Sequence[float] = (0.02, 0.33),
+        auto_augment: str | None = None,
+        randaug_n: int | None = None,
+        randaug_m: float | None = None,
+        randaug_std: float | None = None,
+        randaug_p: float | None = None,
+        mixup_alpha: float | None = None,
+        cutmix_alpha: float | None = None,
+        mix_prob: float | None = None,
+        switch_prob: float | None = None,
     ) -> None:
         if int(crop_padding) != crop_padding or crop_padding < 0:
             raise ConfigError(
@@ -66,24 +87,40 @@ class BatchAugment:
         self.rotation_deg = float(rotation_deg)
         self.erasing_p = float(erasing_p)
         self.erasing_scale = scale
+        self.auto_augment = build_auto_augment(auto_augment, randaug_n, randaug_m, randaug_std, randaug_p)
+        self.mixing = build_mixing(mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
+
+    @property
+    def image_ops(self) -> bool:
+        """Whether any per-image op is on (what ``__call__`` does)."""
+        return bool(self.crop_padding or self.flip or self.color_jitter or self.rotation_deg or self.erasing_p) or (
+            self.auto_augment is not None
+        )
 
     @property
     def enabled(self) -> bool:
-        """Whether any op is on; a disabled augment returns its input unchanged."""
-        return bool(self.crop_padding or self.flip or self.color_jitter or self.rotation_deg or self.erasing_p)
+        """Whether any op is on, batch mixing included; a disabled augment returns its input unchanged."""
+        return self.image_ops or self.mixing is not None
 
     def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in (("auto", self.auto_augment), ("mixing", self.mixing)) if v)
         return (
             f"BatchAugment(crop_padding={self.crop_padding}, flip={self.flip}, color_jitter={self.color_jitter}, "
-            f"rotation_deg={self.rotation_deg}, erasing_p={self.erasing_p}, erasing_scale={self.erasing_scale})"
+            f"rotation_deg={self.rotation_deg}, erasing_p={self.erasing_p}, erasing_scale={self.erasing_scale}{extra})"
         )
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a float batch ``[B, C, H, W]`` with values in [0, 1]; returns a new tensor in [0, 1]."""
-        if not self.enabled:
+        """Augment a float batch ``[B, C, H, W]`` with values in [0, 1]; returns a new tensor in [0, 1].
+
+        Order: crop/flip, RandAugment/TrivialAugment (as timm: on the cropped image), rotation, colour jitter,
+        erasing (last, as timm's RandomErasing).
+        """
+        if not self.image_ops:
             return x
         if self.crop_padding or self.flip:
             x = random_crop_flip(x, self.crop_padding, self.flip, generator)
+        if self.auto_augment is not None:
+            x = self.auto_augment(x, generator)
         if self.rotation_deg:
             x = random_rotate(x, self.rotation_deg, generator)
         if self.color_jitter:

@@ -27,9 +27,10 @@ class BatchLoader:
     """Serves ``(x, y)`` batches from a uint8 set held on ``device``.
 
     The whole set moves to ``device`` once at construction; with ``on_device=False``
-    (sets larger than GPU memory) it stays in pinned host memory instead, and each
-    uint8 batch is gathered there and copied with ``non_blocking=True``, so the copy
-    overlaps the previous step's GPU work. The order of an epoch
+    (sets larger than GPU memory) it stays in host memory where it is instead (RAM, or
+    a memory-mapped file such as dataset=imagefolder's cache: never copied whole), and
+    each uint8 batch is gathered into a pinned buffer and copied with ``non_blocking=True``,
+    so the copy overlaps the previous step's GPU work. The order of an epoch
     is a permutation seeded from ``(seed, epoch)`` only, and the augmentation of a
     step is drawn on a CPU generator seeded from ``(seed, epoch, step)``, so any
     step of any epoch can be reproduced bit for bit without replaying earlier ones
@@ -79,7 +80,9 @@ class BatchLoader:
         self.device = torch.device(device)
         # Only a CUDA device has memory of its own: on the CPU the set is always "on the device".
         self.host = not on_device and self.device.type == "cuda"
-        self.x = x.pin_memory() if self.host else x.to(self.device)  # else the one host-to-device copy of the set
+        # Host: left as it is (pinning would copy the whole set, a memory-mapped one into RAM); batches are gathered
+        # into pinned buffers (_from_host). Else the one host-to-device copy of the set (a no-op on the CPU).
+        self.x = x if self.host else x.to(self.device)
         self.y = y.to(self.device, dtype=torch.long)
         self.batch_size, self.shuffle, self.drop_last, self.seed = int(batch_size), shuffle, drop_last, int(seed)
         self.out_size = None if out_size is None or out_size == x.shape[-1] == x.shape[-2] else int(out_size)

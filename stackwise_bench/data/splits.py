@@ -18,7 +18,7 @@ class ImageData:
 
     ``train_x`` is the training part after validation was carved out; ``mean`` and
     ``std`` are its per-channel statistics in [0, 1]. ``split`` is what goes into
-    ``split.json``; its indices refer to the training pool before the carve-out.
+    ``split.json``; its indices refer to the training pool before the carve-out (imagefolder: rows of its cache).
     """
 
     name: str
@@ -32,6 +32,9 @@ class ImageData:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     split: dict = field(repr=False)
+    # What the loader wants the run record to keep beside the split (JSON-ready; empty for the built-in sets):
+    # dataset=imagefolder puts its cache (path, key, built or reused) and the files skipped as undecodable here.
+    notes: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:

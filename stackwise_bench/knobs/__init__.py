@@ -88,9 +88,18 @@ KNOBS: dict[str, Spec] = {
         ordered=True,
         what="two area fractions [lo, hi] with 0 < lo <= hi <= 1",
     ),
+    "augmentation.auto_augment": Choice(("rand", "trivial"), "rand", null=True, note="null = off"),
+    "augmentation.randaug_n": Int("2", min=1, null=True, note="null = 2"),
+    "augmentation.randaug_m": Number("9", lo=0, hi=10, null=True, note="timm's 0-10 scale, null = 9"),
+    "augmentation.randaug_std": Number("0.5", lo=0, null=True, note="null = 0"),
+    "augmentation.randaug_p": Number("0.5", lo=0, hi=1, null=True, what="a probability in [0, 1]", note="null = 1"),
+    "augmentation.mixup_alpha": Number("0.8", lo=0, null=True, note="0 and null = off"),
+    "augmentation.cutmix_alpha": Number("1.0", lo=0, null=True, note="0 and null = off"),
+    "augmentation.mix_prob": Number("1.0", lo=0, hi=1, null=True, what="a probability in [0, 1]", note="null = 1"),
+    "augmentation.switch_prob": Number("0.5", lo=0, hi=1, null=True, what="a probability in [0, 1]", note="null = 0.5"),
     # conf/dataset/*.yaml
     "dataset.name": Choice(("cifar10", "cifar100"), "cifar10"),
-    "dataset.root": Text("data", what="a folder path"),
+    "dataset.root": Text("data", null=True, what="a folder path"),  # null: imagefolder's unset default (refused)
     "dataset.download": Bool("false"),
     "dataset.check_integrity": Bool("true"),
     "dataset.val_fraction": Number(
@@ -104,6 +113,11 @@ KNOBS: dict[str, Spec] = {
     "dataset.num_test": Int("128", min=1),
     "dataset.num_classes": Int("4", min=2),
     "dataset.seed": Int("0", min=0),
+    "dataset.cache_dir": Text(
+        "/scratch/stackwise_cache", null=True, what="a folder path", note="null = <root>/.stackwise_cache"
+    ),
+    "dataset.skip_bad": Bool("false"),
+    "dataset.workers": Int("8", min=1, null=True, note="null = the CPUs this process may use"),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
     "regime.stacks": ListOf(
         "[1,2]", Int("1", min=1), increasing=True, null=True, note="classical: only with regime.match=true"
@@ -136,6 +150,7 @@ KNOBS: dict[str, Spec] = {
     "optimizer.momentum": Number("0.9", lo=0, hi=1, hi_open=True, note="0 = plain SGD"),
     "optimizer.nesterov": Bool("true"),
     "optimizer.implementation": Choice(("auto", "fused", "foreach", "loop"), "auto"),
+    "optimizer.layer_decay": Number("0.75", lo=0, hi=1, lo_open=True, null=True, note="null = off"),
     # conf/scheduler/*.yaml
     "scheduler.name": Choice(("cosine", "constant"), "cosine"),
     "scheduler.warmup_epochs": Number("1", lo=0, note="fractions of an epoch are fine, 0 = no warmup"),
@@ -191,6 +206,9 @@ KNOBS: dict[str, Spec] = {
     "trainer.threads": Int("1", min=1, null=True, note="null keeps torch's default"),
     "trainer.progress": Choice(("auto", "bar", "log"), "log"),
     "trainer.log_every_n_steps": Int("20", min=1),
+    "trainer.ema": Number("0.999", lo=0, hi=1, lo_open=True, hi_open=True, null=True, note="null = off"),
+    "trainer.ema_warmup_power": Number("0.75", lo=0, lo_open=True, null=True, note="null = no warmup"),
+    "trainer.best_weights": Choice(("raw", "ema"), "raw", null=True, note="null = raw"),
     # conf/monitors/*.yaml
     "monitors.hardware.interval_s": Number("1.0", lo=0, lo_open=True),
     "monitors.hardware.gpu": Bool("true"),
@@ -255,6 +273,15 @@ def _groups_present(get: Get) -> str | None:
     return None
 
 
+def _root_given(get: Get) -> str | None:
+    """``dataset.root=null`` is dataset=imagefolder's default (its loader asks for the folder); elsewhere a mistake."""
+    if get("dataset.root") is None and get("dataset._target_") != "stackwise_bench.data.load_imagefolder":
+        name = get("dataset.name")
+        where = f" for dataset={name}" if isinstance(name, str) else ""
+        return f"dataset.root=null must be a folder path{where}; use e.g. dataset.root=data."
+    return None
+
+
 # ---------------------------------------------------------------------------------- evaluation configs
 
 # conf/evaluate.yaml: `python -m stackwise_bench.evaluate key=value ...`
@@ -293,7 +320,7 @@ def check_config(cfg: DictConfig | Mapping) -> None:
     :data:`RULES` between keys. ``hydra.*`` is not looked at (Hydra's own), nor an evaluation preset's
     ``evaluate`` node (``train`` refuses those by name).
     """
-    _check(cfg, KNOBS, before=[_groups_present], after=RULES)
+    _check(cfg, KNOBS, before=[_groups_present], after=[*RULES, _root_given])
 
 
 def check_evaluate_config(args: DictConfig | Mapping) -> None:

@@ -26,6 +26,8 @@ CHECKPOINTS = "checkpoints"  # last.pt, best.pt
 LEASE = ".lease"  # who is writing the folder now (runs/lease.py); absent when nobody is
 EVAL_DIR = "eval"  # <run>/eval/<name>/: evaluation records written by `evaluate`
 EVAL_KIND = "evaluate"  # summary["kind"] of an evaluation record
+# ---- files of a study folder -----------------------------------------------------------------------
+SEARCH_DB = "optuna.db"  # a hyperparameter search's Optuna storage (runs/search.py writes, analysis/search.py reads)
 
 # ---- statuses ------------------------------------------------------------------------------------
 STATUSES = ("running", "completed", "early_stopped", "failed", "interrupted")
@@ -50,8 +52,8 @@ VOLATILE_KEYS = (
     "lease",
 )
 # Left out of job folder names only: a preset's name restates its values (which the fingerprint sees),
-# and the number of parallel jobs is the launcher's business.
-FOLDER_ONLY_KEYS = ("experiment", "hydra.launcher.n_jobs")
+# a search preset (hparams_search) sets Hydra's sweeper, and the number of parallel jobs is the launcher's business.
+FOLDER_ONLY_KEYS = ("experiment", "hparams_search", "hydra.launcher.n_jobs")
 # Where data or weights live, not what they are: never a cell of the analysis by default.
 PLACE_KEYS = ("dataset.root", "dataset.download", "model.checkpoint_path")
 

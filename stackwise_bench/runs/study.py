@@ -121,14 +121,17 @@ class StudyCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         config_name = config.hydra.job.config_name
         planned = {}
-        for name, overrides in job_names(config).items():
-            job_cfg = OmegaConf.to_container(compose_job(overrides, config_name), resolve=True)
-            fp = fingerprint(job_cfg)
-            planned[name] = {
-                "overrides": overrides,
-                "fingerprint": fp,
-                "state": job_state(sweep_dir / name, job_cfg, fp),
-            }
+        if not basic_sweeper(config):  # a search picks its jobs as it goes: no grid to plan or pin at launch
+            plan_search(config)
+        else:
+            for name, overrides in job_names(config).items():
+                job_cfg = OmegaConf.to_container(compose_job(overrides, config_name), resolve=True)
+                fp = fingerprint(job_cfg)
+                planned[name] = {
+                    "overrides": overrides,
+                    "fingerprint": fp,
+                    "state": job_state(sweep_dir / name, job_cfg, fp),
+                }
         if config.get("plan"):
             print_plan(sweep_dir, planned)
             sys.exit(0)
@@ -157,14 +160,17 @@ class StudyCallback(Callback):
         self.launch = announce(launch_dir, local=local)
         handle_stop_signals(self.launch)
         todo = sum(p["state"] != "done" for p in planned.values())
-        log.info("study %s: %d jobs, %d already done, %d to run", sweep_dir, len(planned), len(planned) - todo, todo)
+        if planned:
+            log.info(
+                "study %s: %d jobs, %d already done, %d to run", sweep_dir, len(planned), len(planned) - todo, todo
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         launch = getattr(self, "launch", None)
         if launch is None:  # a launch that on_multirun_start stopped
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = json.loads((launch.dir / LAUNCH_FILE).read_text())["jobs"]
+        jobs = json.loads((launch.dir / LAUNCH_FILE).read_text())["jobs"] or reported_jobs(launch.dir)
         stopped_by = launch.stopped_by()
         listed = []
         for name in jobs:
@@ -197,6 +203,32 @@ class StudyCallback(Callback):
             sys.exit(exit_code(stopped_by))
         if failed:
             sys.exit(1)
+
+
+def basic_sweeper(config: DictConfig) -> bool:
+    """Whether the sweep is Hydra's grid (BasicSweeper), which :func:`job_names` expands."""
+    return str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
+
+
+def plan_search(config: DictConfig) -> None:
+    """A search's checks at launch (one sentence, exit 2); with ``plan=true``, what it holds and would run."""
+    from stackwise_bench.runs.search_config import check_search, is_search, probe_overrides, search_space
+    from stackwise_bench.runs.search_store import search_plan
+
+    if not is_search(config):  # another sweeper plugin: its own protocol
+        return
+    check_search(config.hydra.sweeper)
+    space, fixed = search_space(sweep_arguments(config))
+    compose_job(probe_overrides(space, fixed), config.hydra.job.config_name)  # a misspelt key fails here, not in a job
+    if config.get("plan"):
+        print(search_plan(config))
+        sys.exit(0)
+
+
+def reported_jobs(launch_dir: Path) -> list[str]:
+    """The jobs that reported an outcome to this launch (a search's: it plans none at launch)."""
+    names = sorted(p.stem for p in (Path(launch_dir) / "outcomes").glob("*.json"))
+    return [n.replace("%2F", os.sep) if n != "_" else "" for n in names]
 
 
 def launches_dir(sweep_dir: Path) -> Path:

@@ -32,6 +32,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float, lr: float) -> list[dict]:
+    """:func:`param_groups` split further by depth, each group's learning rate scaled by ``lr_scale``.
+
+    timm's ``param_groups_layer_decay`` (BEiT's recipe) numbers the layers with the model's ``group_matcher``
+    (a ViT: embeddings 0, block ``i`` at ``i + 1``, the final norm and head last = L) and gives layer ``l`` the
+    scale ``layer_decay ** (L - l)``; weight decay follows :func:`decays` (handed to timm as its no-decay list).
+    Each group's ``lr`` is ``lr * lr_scale`` at construction, because our scheduler (a LambdaLR) multiplies
+    each group's initial rate and, unlike timm's schedulers, does not read ``lr_scale`` itself.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the timm model inside
+    if not callable(getattr(inner, "group_matcher", None)):
+        raise ConfigError(
+            f"optimizer.layer_decay={layer_decay} needs a model timm can number by layer (a timm ViT has a "
+            f"group_matcher), and {type(inner).__name__} has none; set optimizer.layer_decay=null."
+        )
+    no_decay = [name for name, p in inner.named_parameters() if not decays(name, p)]
+    groups = param_groups_layer_decay(inner, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return groups
+
+
 def build_optimizer(
     model: torch.nn.Module,
     name: str,
@@ -42,8 +66,9 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     implementation: str = "auto",
+    layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD over :func:`param_groups`.
+    """AdamW or SGD over :func:`param_groups` (with ``layer_decay``, :func:`layer_decay_groups`).
 
     ``implementation``: ``auto`` uses torch's fused kernel (one pass per parameter
     tensor) on CUDA and CPU, the devices that have it; ``foreach``/``fused``/``loop``
@@ -52,7 +77,17 @@ def build_optimizer(
     """
     if not lr or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number; use e.g. optimizer.lr=1e-3.")
-    groups = param_groups(model, weight_decay)
+    if layer_decay is not None and (
+        isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1
+    ):
+        raise ConfigError(
+            f"optimizer.layer_decay={layer_decay} must be a number in (0, 1], or null (off); "
+            "use e.g. optimizer.layer_decay=0.75."
+        )
+    if layer_decay is None:
+        groups = param_groups(model, weight_decay)
+    else:
+        groups = layer_decay_groups(model, weight_decay, float(layer_decay), lr)
     if not groups:
         raise ConfigError("the model has no trainable parameters; check lora.rank and lora.head.")
     if implementation not in ("auto", "fused", "foreach", "loop"):

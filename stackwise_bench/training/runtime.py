@@ -33,7 +33,7 @@ class Runtime:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     deterministic: bool = True
-    data_on_device: bool = True  # the whole uint8 dataset on the device (else pinned host memory)
+    data_on_device: bool = True  # the whole uint8 dataset on the device (else host memory; each batch pinned)
     channels_last: bool = True  # NHWC for convnets
     compile: bool = False  # torch.compile the model
 

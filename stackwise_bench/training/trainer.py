@@ -4,6 +4,13 @@ The trainer knows nothing about Hydra or files. It emits per-epoch metric dicts
 and checkpoint states to a ``sink`` (the run record) and returns a
 :class:`FitResult`; ``train.run`` decides what to do with it. Where and how it
 computes (device, precision, seed, threads, layout) is its :class:`Runtime`.
+
+Batch mixing (``augmentation.mixup_alpha``/``cutmix_alpha``) runs here, in the step, not in the loader: it
+needs the labels and changes the loss. Its generator is seeded from ``(seed, epoch, step)`` like the loader's
+augmentation, so a resumed run mixes as the uninterrupted one did. With mixing on, the loss is the
+cross-entropy against soft targets (``trainer.label_smoothing`` folded in, as timm's Mixup does), and
+``train_top1`` counts a prediction right when it is the *dominant label* of its sample: the label with the
+larger weight in the mixed target (the sample's own when lambda >= 0.5, else its partner's).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from stackwise_bench.data.mixup import step_generator
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.growth import match_depth
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.training.compute import Compute, current_depth
 from stackwise_bench.training.diagnostics import Diagnostics
+from stackwise_bench.training.ema import WeightAverage
 from stackwise_bench.training.metrics import evaluate
 from stackwise_bench.training.precision import synchronize
 from stackwise_bench.training.regime import Classical
@@ -54,8 +63,22 @@ def global_norm(model) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
+def base_lr(optimizer) -> float:
+    """The learning rate before per-layer scaling (``optimizer.layer_decay``): group 0's over its ``lr_scale``."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
 class Trainer:
-    """Trains one model; the loop's knobs come from ``conf/trainer/*.yaml``, the rest from ``runtime``."""
+    """Trains one model; the loop's knobs come from ``conf/trainer/*.yaml``, the rest from ``runtime``.
+
+    ``ema`` (a decay, None = off): a weight average updated after every optimizer step (:mod:`.ema`) and
+    validated beside the trained weights each evaluation (``val_loss_ema``, ``val_top1_ema``); it is in every
+    checkpoint. ``ema_warmup_power``: timm's decay warmup (None = the constant decay). ``best_weights="ema"``:
+    best.pt, early stopping and ``best_val_top1`` follow the average's ``val_top1``, and best.pt's ``model``
+    is the average (the test phase and ``evaluate`` see it) with the trained weights as ``raw_model``.
+    ``train_top1`` with batch mixing: against the dominant label (module docstring).
+    """
 
     def __init__(
         self,
@@ -71,6 +94,9 @@ class Trainer:
         progress: str = "auto",
         log_every_n_steps: int = 20,
         max_flops: float | None = None,
+        ema: float | None = None,
+        ema_warmup_power: float | None = None,
+        best_weights: str | None = None,
     ):
         for key, value in (
             ("max_epochs", max_epochs),
@@ -96,6 +122,13 @@ class Trainer:
             )
         if progress not in ("auto", "bar", "log"):
             raise ConfigError(f"trainer.progress={progress} is not known; use auto, bar or log.")
+        if best_weights not in (None, "raw", "ema"):
+            raise ConfigError(f"trainer.best_weights={best_weights} is not known; use raw, ema or null (= raw).")
+        if best_weights == "ema" and ema is None:
+            raise ConfigError(
+                "trainer.best_weights=ema picks best.pt by the weight average's validation, and trainer.ema=null "
+                "keeps none; set trainer.ema=0.999 or trainer.best_weights=raw."
+            )
         self.runtime, self.device = runtime, runtime.device
         self.max_epochs, self.batch_size = max_epochs, batch_size
         self.eval_batch_size = runtime.eval_batch_size(eval_batch_size, batch_size)
@@ -108,6 +141,9 @@ class Trainer:
         self.max_flops, self.max_steps = max_flops, None  # max_steps: set by plan() from the FLOP budget
         self.compute = Compute(runtime.device, runtime.precision)
         self.adapter = None  # fit's adapter (AdaLoRA's schedule), or None
+        self.ema_decay, self.ema_warmup_power = ema, ema_warmup_power
+        self.best_on_ema = best_weights == "ema"  # best.pt, early stopping and best_val_top1 follow the EMA
+        self.ema = None  # fit's WeightAverage, or None
 
     def plan(self, model, loader, regime=None) -> int:
         """The steps this run will take (the schedule's length): epochs x steps, or what a FLOP budget buys
@@ -164,6 +200,11 @@ class Trainer:
         self.adapter = adapter
         self.num_classes = loaders.num_classes
         self.diagnostics, self.images = diagnostics, 0
+        self._check_regime(optimizer)
+        # Copied before diagnostics hook the model (the copy would carry the hooks); updated after every step.
+        self.ema = WeightAverage(model, self.ema_decay, self.ema_warmup_power) if self.ema_decay is not None else None
+        augment = getattr(loaders.train, "augment", None)
+        self.mixing = getattr(augment, "mixing", None)  # the augmentation's batch mixing, applied in the step
         hook_guards = None  # dynamo's setting while activation hooks need it (a joblib worker runs the next job)
         if diagnostics is not None:
             diagnostics.attach(model)
@@ -173,6 +214,8 @@ class Trainer:
         scaler = self.runtime.scaler()
         if self.runtime.wants_channels_last(model):
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
+            if self.ema is not None:
+                self.ema.module.to(memory_format=torch.channels_last)
         forward = torch.compile(model) if self.runtime.compile else model
         progress = (
             restore_checkpoint(model, optimizer, scheduler, scaler, sink, self.device, self._prepare_resume)
@@ -207,7 +250,8 @@ class Trainer:
                 progress.history.append(row)
                 save_last()  # before the row: a kill in between resumes from here and rewrites the row from history
                 if improved:
-                    sink.save_checkpoint("best", self._checkpoint(model, optimizer, scheduler, scaler, progress))
+                    best = self._checkpoint(model, optimizer, scheduler, scaler, progress, best=True)
+                    sink.save_checkpoint("best", best)
                 sink.log_epoch(row)
                 log_epoch(row, self.max_epochs)
                 if stop.requested:  # arrived during validation: the epoch is saved whole, stop here
@@ -231,21 +275,51 @@ class Trainer:
         if test is None:  # stopped during the test phase: training is saved whole; a resume runs the test
             status, test = "interrupted", {}
         train = train_summary(progress, status) | self.regime.describe()
+        if self.ema is not None:
+            train["best_weights"] = "ema" if self.best_on_ema else "raw"  # whose val_top1 best_val_top1 is
         train.update(self.compute.summary(train["time_s"] - train["compile_time_s"]))  # the timed training seconds
         return FitResult(status, train, test, resources)
 
-    def _checkpoint(self, model, optimizer, scheduler, scaler, progress: Progress) -> dict:
-        return {
+    def _checkpoint(self, model, optimizer, scheduler, scaler, progress: Progress, best: bool = False) -> dict:
+        """A checkpoint; ``best`` with ``trainer.best_weights=ema``: ``model`` is the weight average (what
+        ``_test``, ``evaluate`` and ``rebuild`` load), and the trained weights are kept as ``raw_model``."""
+        state = {
             **checkpoint_state(model, optimizer, scheduler, scaler, progress, self.device),
             "regime": self.regime.state_dict(),
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
+        if best and self.best_on_ema:
+            state["raw_model"], state["model"] = state["model"], state["ema"]["model"]
+        return state
+
+    def _check_regime(self, optimizer) -> None:
+        """Refuse what a growing model (``regime=depth_time``) cannot keep: a weight average of a fixed set of
+        tensors, and per-layer learning rates that its regrouping of the optimizer would drop."""
+        if isinstance(self.regime, Classical):
+            return
+        if self.ema_decay is not None:
+            raise ConfigError(
+                f"trainer.ema={self.ema_decay} averages a fixed set of weights, and regime={self.regime.name} grows "
+                "the model during training; set trainer.ema=null or use regime=classical."
+            )
+        scales = [g["lr_scale"] for g in optimizer.param_groups if "lr_scale" in g]
+        if scales:
+            raise ConfigError(
+                f"optimizer.layer_decay sets per-layer learning rates (scales {min(scales):g}..{max(scales):g}), "
+                f"which regime={self.regime.name} regroups away when it grows the model; set "
+                "optimizer.layer_decay=null or use regime=classical."
+            )
 
     def _prepare_resume(self, state: dict, model, optimizer, scheduler) -> None:
         """Before a checkpoint is loaded: grow the fresh (first-stack) model to the stage the checkpoint holds,
-        and give the adapter's loop state (AdaLoRA's importance scores) back."""
+        and give the adapter's loop state (AdaLoRA's importance scores) and the weight average back."""
         if self.adapter is not None and state.get("adapter") is not None:
             self.adapter.load_state_dict(state["adapter"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("it holds no weight average (trainer.ema was off when it was written)")
+            self.ema.load_state_dict(state["ema"])
         if state.get("regime"):
             self.regime.load_state_dict(state["regime"])
             self.regime.replay(state["regime"]["stage"], model, optimizer, scheduler)
@@ -303,9 +377,7 @@ class Trainer:
             probing = diag is not None and diag.due(step)
             if probing:
                 diag.before_forward()
-            with self.amp():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            logits, loss, y = self._forward_loss(model, x, y, loader.seed, progress)
             objective = loss if adapter is None else loss + adapter.penalty()  # the reported loss stays the CE
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
@@ -321,10 +393,12 @@ class Trainer:
                 norm = global_norm(model)
             if diag is not None and not probing:
                 diag.after_backward(step, grad_norm=norm)
-            lr = optimizer.param_groups[0]["lr"] if reporting else None  # this step's rate (the scheduler moves it)
+            lr = base_lr(optimizer) if reporting else None  # this step's rate (the scheduler moves it)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.raw_model, progress.global_step + 1)
             if adapter is not None:  # AdaLoRA: reallocate ranks from this step's gradients, before they are cleared
                 ranks = adapter.after_step(step, progress.epoch)
                 if ranks is not None:
@@ -381,13 +455,26 @@ class Trainer:
             "step": progress.global_step,
             "flops": flops,  # cumulative training FLOPs (forward + backward) at the end of this epoch
             "depth": current_depth(self.raw_model),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": base_lr(optimizer),
             "train_loss": train_loss,
             "train_top1": 100.0 * int(correct) / max(1, seen),
             "epoch_time_s": train_time,
             "compile_time_s": sums["compile_s"],
             "train_img_s": (seen - sums["compile_imgs"]) / timed_s,
         }
+
+    def _forward_loss(self, model, x, y, seed: int, progress: Progress) -> tuple:
+        """``(logits, loss, labels)`` of a step; with batch mixing on, ``x`` is mixed first, the loss is against
+        the soft targets and ``labels`` are the dominant ones (what ``train_top1`` counts against)."""
+        if self.mixing is None:
+            with self.amp():
+                logits = model(x)
+            return logits, F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), y
+        generator = step_generator(seed, progress.epoch, progress.step)
+        x, targets, y = self.mixing(x, y, self.num_classes, self.label_smoothing, generator)
+        with self.amp():
+            logits = model(x)
+        return logits, F.cross_entropy(logits.float(), targets), y
 
     def _divergence_fix(self) -> str:
         """What to try against a NaN/inf loss, for this run's precision."""
@@ -400,14 +487,22 @@ class Trainer:
         return fix
 
     def _validate(self, model, loader, progress, row) -> bool:
-        """Adds val_* to ``row``; returns True when this is the best epoch so far."""
+        """Adds val_* (and with ``trainer.ema`` val_*_ema) to ``row``; returns True when this is the best epoch so
+        far, by the raw weights' validation or, with ``trainer.best_weights=ema``, the average's."""
         due = progress.epoch % self.eval_every == 0 or progress.epoch == self.max_epochs
         if not due:
             row.update(val_loss=None, val_top1=None, eval_time_s=0.0)
+            if self.ema is not None:
+                row.update(val_loss_ema=None, val_top1_ema=None)
             return False
         t0 = time.perf_counter()
         val = evaluate(model, loader, self.num_classes, self.amp, self.device)
-        row.update(val_loss=val["loss"], val_top1=val["top1"], eval_time_s=time.perf_counter() - t0)
+        row.update(val_loss=val["loss"], val_top1=val["top1"])
+        if self.ema is not None:
+            averaged = evaluate(self.ema.module, loader, self.num_classes, self.amp, self.device)
+            row.update(val_loss_ema=averaged["loss"], val_top1_ema=averaged["top1"])
+            val = averaged if self.best_on_ema else val
+        row["eval_time_s"] = time.perf_counter() - t0
         if (val["top1"], -val["loss"]) > (progress.best_val_top1, -progress.best_val_loss):
             progress.best_val_top1, progress.best_val_loss = val["top1"], val["loss"]
             progress.best_epoch, progress.bad_evals = progress.epoch, 0
