@@ -8,7 +8,6 @@ generator of its stochastic rounding (used only for bfloat16 weights).
 from __future__ import annotations
 
 import torch
-from timm.utils import ModelEmaV3
 
 from stackwise_bench.errors import ConfigError
 
@@ -35,6 +34,8 @@ class WeightAverage:
                 f"trainer.ema_warmup_power={warmup_power} must be a positive number, or null (no warmup); "
                 "use e.g. trainer.ema_warmup_power=0.75."
             )
+        from timm.utils import ModelEmaV3  # here: timm costs seconds to import, and a run without EMA needs none
+
         self.ema = ModelEmaV3(model, decay=float(decay), use_warmup=warmup, warmup_power=warmup_power or 2 / 3)
 
     @property
