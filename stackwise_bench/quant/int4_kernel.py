@@ -78,7 +78,7 @@ def pack_int4(model: nn.Module) -> dict:
 
     Returns ``{"packed": [names], "skipped": {name: why}}``; a layer the kernel cannot take keeps the reference path.
     """
-    from stackwise_bench.quant.qalora import GroupQuantLinear
+    from stackwise_bench.quant.groupwise import GroupQuantLinear
 
     packed, skipped = [], {}
     for name, layer in list(model.named_modules()):

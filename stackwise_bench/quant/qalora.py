@@ -26,11 +26,11 @@ each (row, group), exactly like a shift of that group's zero point:
 scales stay as they are, and the merged model is still an integer-grid model, with no high-precision
 side path and no second quantization.
 
-The merged layers are :class:`GroupQuantLinear` (codes, scale, zero, bias; forward is ``F.linear`` with
-the cached dequantized weight). That plain torch path is the reference (CPU and the tests); on a CUDA
-device a later step can run 4-bit ``GroupQuantLinear`` layers through torchao's int4 weight-only kernels
-(tinygemm: uint4 codes with per-group bf16 scales and floating-point zero points, so QA-LoRA's fractional
-zero points fit; its convention ``(q - 8) * scale + zero_fp`` takes ``zero_fp = scale * (8 - z)``).
+The merged layers are :class:`~stackwise_bench.quant.groupwise.GroupQuantLinear` (codes, scale, zero, bias;
+forward is ``F.linear`` with the cached dequantized weight): the reference path, CPU and tests.
+:func:`stackwise_bench.quant.int4_kernel.pack_int4` moves 4-bit ones onto the tinygemm kernels torchao's int4
+weight-only models run on (uint4 codes, per-group scales and floating-point offsets, so QA-LoRA's fractional zero
+points fit: ``(q - 8) * scale + offset`` with ``offset = scale * (8 - z)``).
 
 Usage: ``apply_quantized_lora`` before the optimizer is built (it freezes everything but the adapters and
 the head); a model carries these layers when :func:`has_quantized_lora` is true; evaluation calls
@@ -52,122 +52,23 @@ from torch import nn
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.lora import _layer_names
-from stackwise_bench.quant.intq import fp16_ceil
+from stackwise_bench.quant.groupwise import (  # noqa: F401  (re-exported: the quantizer is part of this API)
+    _FP16_MAX,
+    GroupQuantLinear,
+    _GroupQuantBase,
+    dequantize_groups,
+    packed_weight_bytes,
+    quantize_groups,
+)
 
 METHODS = ("qalora", "qlora")
 BITS = (4, 8)
 GROUP_SIZE = 32
-SCALE_BYTES = 2  # one fp16 scale per group
-ZERO_BYTES = 2  # one fp16 zero point per group (QA-LoRA's merged zero points are not integers)
 FP32_BYTES = 4  # a weight of a plain nn.Linear (QLoRA merged without requantization)
-_FP16_MAX = 65504.0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Group-wise quantization
-
-
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise asymmetric quantization of a Linear weight along its input dimension.
-
-    Args:
-        w: ``(out, in)`` weight; ``in`` must be a multiple of ``group_size``.
-        bits: Code width, 4 or 8 (codes ``0 .. 2**bits - 1``).
-        group_size: Consecutive inputs per (row, group).
-
-    Returns:
-        ``(qweight, scale, zero)``: uint8 codes ``(out, in)``; float32 ``scale`` (fp16 values, > 0) and
-        ``zero`` (integers in ``[0, 2**bits - 1]``), both ``(out, in / group_size)``. For bits=4 this is
-        exactly :func:`stackwise_bench.quant.intq.quantize_int4`.
-    """
-    levels = 2**bits - 1
-    x = w.detach().float()
-    out, n = x.shape
-    g = x.reshape(out, n // group_size, group_size)
-    lo, hi = g.amin(dim=2), g.amax(dim=2)
-    constant = hi == lo
-    lo0, hi0 = lo.clamp(max=0), hi.clamp(min=0)  # 0 inside the range: the zero point is a code
-    c_scale = lo.abs().clamp(max=_FP16_MAX).half().float()  # constant group: |c| to fp16 (c one step from z)
-    scale = torch.where(
-        constant, torch.where(c_scale > 0, c_scale, torch.ones_like(c_scale)), fp16_ceil((hi0 - lo0) / levels)
-    )
-    zero = torch.round(-lo0 / scale).clamp_(0, levels)
-    zero = torch.where(constant, (lo < 0).float(), zero)  # c < 0: z = 1, q = 0; c > 0: z = 0, q = 1; c = 0: 0
-    q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp_(0, levels)
-    return q.reshape(out, n).to(torch.uint8), scale, zero
-
-
-def dequantize_groups(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``scale * (q - zero)`` per (row, group) in float32, as ``(out, in)``."""
-    out, n = qweight.shape
-    groups = scale.shape[1]
-    q = qweight.reshape(out, groups, n // groups).float()
-    return (scale.float()[..., None] * (q - zero.float()[..., None])).reshape(out, n)
-
-
-def packed_weight_bytes(numel: int, groups: int, bits: int) -> int:
-    """Bytes of one group-quantized weight: codes packed at ``bits`` each, an fp16 scale and zero per group."""
-    return math.ceil(numel * bits / 8) + (SCALE_BYTES + ZERO_BYTES) * groups
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Layers
-
-
-class _GroupQuantBase(nn.Module):
-    """Codes, scales, zero points and a frozen bias (persistent), plus the cached dequantized weight."""
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
-        bias: torch.Tensor | None,
-        bits: int,
-        group_size: int,
-    ):
-        super().__init__()
-        self.out_features, self.in_features = qweight.shape
-        self.bits, self.group_size = bits, group_size
-        self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("zero", zero.float().contiguous())
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self.register_buffer("weight_dq", dequantize_groups(self.qweight, self.scale, self.zero), persistent=False)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute the cached dequantized weight from ``qweight``, ``scale`` and ``zero``."""
-        self.weight_dq = dequantize_groups(self.qweight, self.scale, self.zero)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.refresh()  # the codes/scales/zeros may have changed: the cache must follow
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_dq if x.dtype == self.weight_dq.dtype else self.weight_dq.to(x.dtype)
-        b = self.bias if self.bias is None or x.dtype == self.bias.dtype else self.bias.to(x.dtype)
-        return F.linear(x, w, b)
-
-    def weight_bytes(self) -> int:
-        """Packed bytes of this layer's weight (codes, fp16 scales and zero points; bias excluded)."""
-        return packed_weight_bytes(self.qweight.numel(), self.scale.numel(), self.bits)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}"
-        )
-
-
-class GroupQuantLinear(_GroupQuantBase):
-    """A deployable group-quantized Linear: ``F.linear(x, scale * (q - zero), bias)``, weight dequantized once."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._base(x)
 
 
 class _QuantLoRABase(_GroupQuantBase):
@@ -183,11 +84,15 @@ class _QuantLoRABase(_GroupQuantBase):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA (and nn.Linear) initialise A
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    pooled = False  # QA-LoRA: the adapter sees each quantization group's mean input
+
     def _adapter_in(self) -> int:
-        raise NotImplementedError
+        return self.in_features // self.group_size if self.pooled else self.in_features
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        if not self.pooled:
+            return x
+        return x.unflatten(-1, (self.in_features // self.group_size, self.group_size)).mean(dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_dropout(self._adapter_input(x))
@@ -216,24 +121,13 @@ class QALoRALinear(_QuantLoRABase):
     """QA-LoRA: frozen group-quantized base plus an adapter on the group-averaged input (``A``: rank x in/g)."""
 
     method = "qalora"
-
-    def _adapter_in(self) -> int:
-        return self.in_features // self.group_size
-
-    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.in_features // self.group_size, self.group_size)).mean(dim=-1)
+    pooled = True
 
 
 class QLoRALinear(_QuantLoRABase):
     """QLoRA-style baseline: frozen group-quantized base plus an adapter on the full input (``A``: rank x in)."""
 
     method = "qlora"
-
-    def _adapter_in(self) -> int:
-        return self.in_features
-
-    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 _LAYERS = {"qalora": QALoRALinear, "qlora": QLoRALinear}
