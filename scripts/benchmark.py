@@ -447,6 +447,18 @@ class PILSet(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
+def torch_loader_img_s(loader, device: torch.device) -> float:
+    """img/s of one pass over a torch DataLoader, each batch copied to ``device`` (the reference pipelines)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    seen = 0
+    for xb, yb in loader:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        seen += len(yb)
+    synchronize(device)
+    return seen / (time.perf_counter() - t0)
+
+
 def fig_pipeline(b: Budget, work: Path) -> list[dict]:
     from torchvision import transforms as T
 
@@ -499,14 +511,7 @@ def fig_pipeline(b: Budget, work: Path) -> list[dict]:
             return seen / (time.perf_counter() - t0)
 
         def ref_pass(_, loader=ref):
-            synchronize(device)
-            t0 = time.perf_counter()
-            seen = 0
-            for xb, yb in loader:
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                seen += len(yb)
-            synchronize(device)
-            return seen / (time.perf_counter() - t0)
+            return torch_loader_img_s(loader, device)
 
         ours_pass(0), ref_pass(0)  # warm-up: workers, allocator, kernels
         s = interleaved(b.reps, {"batched": lambda r: ours_pass(r + 1), "torchvision": ref_pass})
@@ -603,14 +608,7 @@ def fig_imagefolder(b: Budget, work: Path) -> list[dict]:
             return seen / (time.perf_counter() - t0)
 
         def ref_pass(_, loader=ref):
-            synchronize(device)
-            t0 = time.perf_counter()
-            seen = 0
-            for xb, yb in loader:
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                seen += len(yb)
-            synchronize(device)
-            return seen / (time.perf_counter() - t0)
+            return torch_loader_img_s(loader, device)
 
         def build_pass(rep):  # the first run's cost: scan, decode and cache every file, open the splits
             cache = work / f"build-{size}-{rep}"
