@@ -82,6 +82,80 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(cfg_factory, tmp_path,
     assert summary["error"]["message"] == str(exc)
 
 
+class FillingDisk:
+    """A file on a disk that fills after ``room`` bytes: ``write`` raises ENOSPC, as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def test_disk_filling_inside_torch_save_is_io_with_the_path(cfg_factory, tmp_path, monkeypatch):
+    """torch.save turns the file's ENOSPC into ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos``; before, the record said ``reason: RuntimeError`` with no path."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    real_open = builtins.open
+
+    def open_until_full(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if Path(file).name.startswith(".last.pt") and last.exists():  # epoch 2's last.pt fills the disk
+            return FillingDisk(f, room=4096)
+        return f
+
+    monkeypatch.setattr(files_module, "open", open_until_full, raising=False)  # the record's whole-file writes only
+    with pytest.raises(RecordWriteError) as info:
+        run(cfg_factory(["monitors=none"]), run_dir)
+    exc = info.value
+    assert isinstance(exc.__cause__, RuntimeError) and "inline_container" in str(exc.__cause__)  # torch's own error
+    assert exc.reason == "io" and exc.errno == errno.ENOSPC and exc.path == last
+    assert_one_sentence(str(exc), last)
+    assert torch.load(last, weights_only=True)["progress"]["epoch"] == 1  # the previous checkpoint, whole
+    assert not leftovers(run_dir)
+    error = read_summary(run_dir)["error"]
+    assert (error["reason"], error["path"], error["message"]) == ("io", str(last), str(exc))
+
+
+def test_torch_serialisation_error_without_an_os_error_is_io_and_others_are_not(tmp_path, monkeypatch):
+    """torch's writer failing on its own (no OSError behind it) is still a failed write; any other error is not."""
+    record = RunRecord(tmp_path / "run")
+    record.save_checkpoint("last", {"epoch": 1})
+    before = record.checkpoint_path("last").read_bytes()
+
+    def save_fails(message):
+        def save(obj, f, *args, **kwargs):
+            f.write(b"half a checkpoint")
+            raise RuntimeError(message)
+
+        return save
+
+    monkeypatch.setattr(
+        torch, "save", save_fails("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    )
+    with pytest.raises(RecordWriteError) as info:
+        record.save_checkpoint("last", {"epoch": 2})
+    assert info.value.path == record.checkpoint_path("last") and "unexpected pos 704 vs 598" in str(info.value)
+    monkeypatch.setattr(torch, "save", save_fails("a bug, not a disk"))
+    with pytest.raises(RuntimeError, match="a bug, not a disk") as info:
+        record.save_checkpoint("last", {"epoch": 2})
+    assert not isinstance(info.value, OSError)
+    assert record.checkpoint_path("last").read_bytes() == before and not leftovers(record.dir)
+
+
 def test_full_disk_at_summary_json_keeps_the_old_one_and_the_original_error(cfg_factory, tmp_path, monkeypatch, caplog):
     """The disk fills after epoch 1: epoch 2's heartbeat fails, and so does recording the failure (logged, once)."""
     run_dir = tmp_path / "run"

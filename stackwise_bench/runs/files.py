@@ -2,7 +2,8 @@
 
 Every whole-file write goes through a temporary file and ``os.replace``, so readers see the old file or the
 new one; a write that fails (a full disk, a quota, a read-only mount) removes its temporary file, leaves the
-previous file as it was and raises :class:`RecordWriteError` (``reason = "io"``). A failed append is cut back.
+previous file as it was and raises :class:`RecordWriteError` (``reason = "io"``), also where torch reports the
+failed write as its own RuntimeError (:func:`serialisation_cause`). A failed append is cut back.
 """
 
 from __future__ import annotations
@@ -69,6 +70,28 @@ def _remove(path: Path) -> None:
         log.warning("could not remove the temporary file %s (%s)", path, exc)
 
 
+# How torch's zip writer (caffe2's inline_container.cc) words a write it could not finish.
+_TORCH_WRITER = ("inline_container.cc", "PytorchStreamWriter")
+
+
+def serialisation_cause(exc: RuntimeError) -> OSError | None:
+    """The OSError behind a RuntimeError that torch raised for a failed write, or None for any other RuntimeError.
+
+    When the file's ``write`` fails (``ENOSPC``), torch's writer goes on and then fails on its own check
+    (``[enforce fail at inline_container.cc:...] unexpected pos ...``): the OSError is that RuntimeError's
+    context. Without one (torch wrote the file itself), its message is the cause.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).strip()
+    if any(mark in text for mark in _TORCH_WRITER):
+        return OSError(None, f"torch could not finish writing it: {text.splitlines()[0]}")
+    return None
+
+
 def atomic_write(path: Path, write: Any, mode: str) -> None:
     """Write ``path`` through a temporary file and ``os.replace``: the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -81,6 +104,12 @@ def atomic_write(path: Path, write: Any, mode: str) -> None:
     except OSError as exc:
         _remove(tmp)
         raise write_error(path, exc) from exc
+    except RuntimeError as exc:  # torch.save's zip writer reports a failed write (a full disk) as RuntimeError
+        _remove(tmp)
+        cause = serialisation_cause(exc)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from exc
     except BaseException:  # Ctrl-C mid-write: the old file stays, and so must no half-written temporary file
         _remove(tmp)
         raise
