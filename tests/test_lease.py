@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_a_stale_lease_is_taken_over_and_says_why(fields, why, tmp_path, monkeyp
     holder = plant(tmp_path / "run", **fields)
     with leases.acquire(tmp_path / "run") as held:
         assert held.took_over["token"] == holder["token"]
-        assert __import__("re").search(why, held.took_over["why"]), held.took_over["why"]
+        assert re.search(why, held.took_over["why"]), held.took_over["why"]
 
 
 def test_wait_waits_for_the_holder_to_let_go(tmp_path):
@@ -146,3 +147,96 @@ def test_gpu_slots_of_a_dead_job_are_taken_over(tmp_path, monkeypatch):
     with gpu_slot(tmp_path) as device:
         assert device == "cuda:1"
     assert not (slots / "cuda1").exists() and (slots / "cuda0").exists()
+
+
+def lease_text(**fields) -> str:
+    """A lease as :func:`plant` writes it, with ``fields`` replaced (``None``: left out), as JSON text."""
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(), "timeout_s": 120.0}
+    holder = {**holder, "token": "someone-else", **fields}
+    return json.dumps({k: v for k, v in holder.items() if v is not None})
+
+
+NOT_LEASES = {
+    "garbage": ("not json{", r"it is not JSON"),
+    "empty": ("", r"it is empty"),
+    "a list": ("[1, 2]", r"it holds a JSON list, not an object"),
+    "a pid that is not a number": (lease_text(pid="abc"), r"its pid 'abc' is not a process id"),
+    "a pid past any process id": (lease_text(pid=2**63), r"its pid 9223372036854775808 is not a process id"),
+    "a heartbeat that is not a number": (lease_text(heartbeat="soon"), r"its heartbeat 'soon' is not a time"),
+    "no token": (lease_text(token=None), r"it has no token"),
+    "a folder": (None, r"it cannot be read \(Is a directory\)"),
+    "a dangling link": (None, r"it is a link to a file that does not exist"),
+}
+
+
+def plant_not_a_lease(run_dir, kind: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text, _ = NOT_LEASES[kind]
+    if kind == "a folder":
+        (run_dir / LEASE).mkdir()
+    elif kind == "a dangling link":
+        (run_dir / LEASE).symlink_to(run_dir / "gone")
+    else:
+        (run_dir / LEASE).write_text(text)
+
+
+def acquire_or_refuse(run_dir, **kwargs):
+    """``acquire``'s lease or the error it raised; the test fails, rather than hangs, where it neither takes nor
+    refuses (the old code waited ``timeout_s`` for an unreadable lease, and spun forever on a dangling link)."""
+    outcome = {}
+
+    def attempt():
+        try:
+            outcome["lease"] = leases.acquire(run_dir, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert outcome, f"acquire() neither took nor refused {run_dir / LEASE} in 60 s"
+    return outcome
+
+
+@pytest.mark.parametrize("kind", NOT_LEASES)
+def test_a_lease_file_that_is_not_a_lease_is_refused_in_one_sentence(kind, tmp_path):
+    run_dir = tmp_path / "run"
+    plant_not_a_lease(run_dir, kind)
+    before = sorted(p.name for p in run_dir.iterdir())
+    outcome = acquire_or_refuse(run_dir, timeout_s=600, on_busy="wait")  # no waiting for a file nobody will fix
+    error = outcome.get("error")
+    assert isinstance(error, leases.ConfigError) and not isinstance(error, leases.RunBusy), outcome
+    message = str(error)
+    assert message.startswith(f"{run_dir / LEASE} is not a lease this version can read (")
+    assert re.search(NOT_LEASES[kind][1], message), message
+    assert message.endswith(f"remove it if no process is writing {run_dir}, then launch again.")
+    assert "\n" not in message and "None" not in message
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # left as it was, no temporary file
+
+
+def test_plan_names_a_lease_file_that_is_not_a_lease(tmp_path):
+    from stackwise_bench.runs.study import job_state
+
+    plant_not_a_lease(tmp_path / "run", "a pid that is not a number")
+    state = job_state(tmp_path / "run", {}, "fp")
+    assert state.startswith("busy (an unreadable lease file: its pid 'abc' is not a process id; remove it if"), state
+
+
+def test_a_lease_still_being_written_is_read_again_not_refused_nor_taken(tmp_path, monkeypatch):
+    """The exclusive-create fallback (a filesystem without hard links) creates the file, then writes the lease into it:
+    a reader in between finds it empty. It reads again, and finds the live holder."""
+    run_dir = tmp_path / "run"
+    plant_not_a_lease(run_dir, "empty")
+    real_examine, reads = leases.examine, []
+
+    def writer_finishes_after_the_first_read(path):
+        reads.append(path)
+        found = real_examine(path)
+        if len(reads) == 1:
+            plant(run_dir)  # the writer's content lands
+        return found
+
+    monkeypatch.setattr(leases, "examine", writer_finishes_after_the_first_read)
+    with pytest.raises(leases.RunBusy, match=rf"is being written by pid {os.getpid()} on host "):
+        leases.acquire(run_dir)
+    assert len(reads) >= 2 and json.loads((run_dir / LEASE).read_text())["token"] == "someone-else"

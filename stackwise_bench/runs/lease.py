@@ -14,12 +14,23 @@ How the lease is taken works on NFS and Lustre, where ``fcntl`` locks are unreli
 * **Heartbeat**: a daemon thread rewrites the lease (temporary file, ``os.replace``) every
   ``timeout_s / 6`` seconds. A holder that finds someone else's token there has lost the folder
   and asks its job to stop (:mod:`stackwise_bench.runs.stopping`).
+* **Fence**: the heartbeat alone cannot keep a lost holder from writing. A process stopped for longer
+  than ``timeout_s`` (SIGSTOP, a Slurm suspend, an NFS stall) resumes mid-step, before its heartbeat
+  thread looks. So every write of the run record first calls :meth:`Lease.check`, which reads
+  ``.lease`` (one small file) and raises :class:`LeaseLost` unless it still holds this lease's token:
+  the lost holder ends without writing anything more, and its failure handlers are fenced too.
+  What is left is the moment between that read and the write itself (a rename, an append).
 * **Stale**: a lease is taken over when its heartbeat is older than its holder's ``timeout_s``
   (clocks of the hosts must agree to well within that), at once when its holder was on this
   host and its pid is gone, and at once when the holder was an earlier incarnation of this same
   scheduler job (a Slurm requeue has the same job id). The stale lease is renamed aside (only one
   taker's rename succeeds), checked to be the one that was judged stale, and removed; the taker
   then takes the lease as above and reports whom it took it from (``previous_attempts``).
+* **Not a lease**: a ``.lease`` that cannot be read as one (garbage, empty, cut short, a pid that is
+  not a number, a folder, a link to nothing; :mod:`stackwise_bench.runs.lease_file`) is refused in one
+  sentence naming it. Nothing says whether a process still relies on such a file, so it is neither
+  taken over by the clock nor waited for. The exclusive-create fallback below writes its lease after
+  creating the file: a reader that finds it unreadable reads it again for half a second first.
 """
 
 from __future__ import annotations
@@ -37,17 +48,25 @@ from pathlib import Path
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import LEASE
-from stackwise_bench.runs.files import atomic_write_text, check_writable
+from stackwise_bench.runs.files import check_writable
+from stackwise_bench.runs.lease_file import describe, examine, read, write
 
 log = logging.getLogger(__name__)
 
 ON_BUSY = ("skip", "wait")
+UNREADABLE_RETRIES = 10  # reads of an unreadable .lease, 0.05 s apart, before it is refused (a lease being written)
 
 
 class RunBusy(ConfigError):
     """The run folder is held by another live process (skipped, not failed, in a sweep)."""
 
     reason = "busy"
+
+
+class LeaseLost(RunBusy):
+    """This process's lease on its run folder is another's now: it writes nothing more there (a sweep: busy)."""
+
+    reason = "lease_lost"
 
 
 def job_id() -> str | None:
@@ -70,42 +89,69 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def describe(holder: dict) -> str:
-    """``pid 123 on host gpu7 (since 2026-11-29T01:02:03+00:00, heartbeat 4 s ago)``."""
-    age = time.time() - float(holder.get("heartbeat", 0))
-    return (
-        f"pid {holder.get('pid')} on host {holder.get('host')} "
-        f"(since {holder.get('started_at')}, heartbeat {age:.0f} s ago)"
-    )
-
-
 def why_stale(holder: dict, now: float | None = None) -> str | None:
-    """Why the lease ``holder`` may be taken over, or None when its holder is alive."""
+    """Why the lease ``holder`` (a checked one: :func:`~stackwise_bench.runs.lease_file.examine`) may be taken
+    over, or None when its holder is alive."""
     now = time.time() if now is None else now
     if holder.get("job_id") and holder.get("job_id") == job_id() and holder.get("pid") != os.getpid():
         return f"it was held by an earlier run of this same scheduler job ({holder['job_id']})"
-    if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid") or 0)):
-        return f"its holder, pid {holder.get('pid')} on this host, is gone"
-    timeout = float(holder.get("timeout_s") or 0)
-    age = now - float(holder.get("heartbeat") or 0)
-    if timeout and age > timeout:
+    if holder["host"] == socket.gethostname() and not pid_alive(holder["pid"]):
+        return f"its holder, pid {holder['pid']} on this host, is gone"
+    timeout, age = holder["timeout_s"], now - holder["heartbeat"]
+    if age > timeout:
         return f"its heartbeat is {age:.0f} s old, older than its timeout of {timeout:.0f} s"
     return None
 
 
 @dataclasses.dataclass
 class Lease:
-    """A held lease on one run folder; release it with :meth:`release` (or use :func:`hold`)."""
+    """A held lease on one run folder; release it with :meth:`release` (or use it as a context manager).
+
+    :meth:`check` is the fence every write of the run record calls first.
+    """
 
     path: Path
     content: dict
     took_over: dict | None = None  # the stale holder this lease replaced, with "why"
+    key: str = "lease"  # the config key of the lease's settings, for messages
     _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _lost: str | None = None  # why the folder is no longer ours, once the heartbeat or a check saw it
 
     @property
     def token(self) -> str:
         return self.content["token"]
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless ``.lease`` on disk still holds this lease's token (one small read).
+
+        Called before every write of the run record (:class:`~stackwise_bench.runs.record.RunRecord`'s fence),
+        from any thread. Once lost, a lease stays lost: later checks raise without reading.
+        """
+        if self._lost is None:
+            if self._stop.is_set():
+                self._lost = f"this process released its lease on {self.path.parent}: it writes nothing more there."
+            else:
+                current, problem = examine(self.path)
+                if problem is not None:  # a taker's lease being written, an NFS hiccup: read again before judging
+                    current, problem = _examine_settled(self.path)
+                if current is None or current["token"] != self.token:
+                    self._lose(current, problem)
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+
+    def _lose(self, current: dict | None, problem: str | None) -> None:
+        """Remember, in one sentence, that the lease is another's now (``current``) or gone."""
+        silent = time.time() - self.content["heartbeat"]
+        after = f"after this process's heartbeat stopped for {silent:.0f} s ({self.key}.timeout_s="
+        after += f"{self.content['timeout_s']:g})"
+        if current is not None:
+            who = f"{describe(current)} holds its lease, taken over {after}"
+        elif problem is not None:
+            who = f"its lease file was replaced {after} by one that is not a lease ({problem})"
+        else:
+            who = f"its lease was taken over (or removed) {after}, and nobody holds it now"
+        self._lost = f"{self.path.parent} is no longer this process's to write: {who}; it ends without writing there."
 
     def start_heartbeat(self) -> None:
         period = max(0.05, float(self.content["timeout_s"]) / 6)
@@ -114,24 +160,44 @@ class Lease:
 
     def _beat(self, period: float) -> None:
         while not self._stop.wait(period):
-            current = _read(self.path)
-            if current is None or current.get("token") != self.token:
-                who = describe(current) if current else "nobody"
-                stopping.request(f"the lease on {self.path.parent} was taken over by {who}")
+            if not self._refresh():  # the job stops at its next step; its next write raises the one sentence
+                stopping.request(self._lost or "", announce=False)
                 return
-            self.content["heartbeat"] = time.time()
+
+    def _refresh(self) -> bool:
+        """Renew the heartbeat while the lease is ours; False (the lease lost) when it is not."""
+        beat = time.time()
+        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
+        try:
+            write(tmp, {**self.content, "heartbeat": beat})
+        except OSError as exc:  # a full disk: the lease goes stale, the run itself decides about its files
+            log.warning("could not refresh %s (%s)", self.path, exc)
+            tmp.unlink(missing_ok=True)
+            tmp = None
+        # Checked after the slow part (the write and its fsync), just before the rename: a holder stopped in
+        # between could still put its lease back over a taker's, and the taker's own fence then stops it.
+        current, problem = _examine_settled(self.path)
+        if current is None or current["token"] != self.token:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            self._lose(current, problem)
+            return False
+        if tmp is not None:
             try:
-                atomic_write_text(self.path, json.dumps(self.content))
-            except OSError as exc:  # a full disk: the lease goes stale, the run itself decides about its files
+                os.replace(tmp, self.path)
+                self.content["heartbeat"] = beat
+            except OSError as exc:
                 log.warning("could not refresh %s (%s)", self.path, exc)
+                tmp.unlink(missing_ok=True)
+        return True
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease, if it is still ours."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = _read(self.path)
-        if current is not None and current.get("token") == self.token:
+        current = read(self.path)
+        if current is not None and current["token"] == self.token:
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> Lease:
@@ -153,6 +219,7 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
 
     Raises:
         RunBusy: another live process holds the lease and ``on_busy`` is ``skip``.
+        ConfigError: the folder's ``.lease`` is not a lease (garbage, empty, a pid that is not a number, ...).
     """
     if on_busy not in ON_BUSY:
         raise ConfigError(f"{key}.on_busy={on_busy} is not known; use {key}.on_busy=skip or {key}.on_busy=wait.")
@@ -175,10 +242,10 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
     while True:
         content["heartbeat"] = time.time()
         if _take(path, content):
-            lease = Lease(path, content, took_over)
+            lease = Lease(path, content, took_over, key)
             lease.start_heartbeat()
             return lease
-        holder = _holder(path, timeout_s)
+        holder = _holder(path)
         if holder is None:  # released between our attempt and the read
             continue
         why = why_stale(holder)
@@ -195,19 +262,24 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
         if not waited:
             log.warning("%s is being written by %s: waiting for it to finish", path.parent, describe(holder))
             waited = True
-        time.sleep(min(1.0, max(0.05, float(holder.get("timeout_s") or timeout_s) / 6)))
+        time.sleep(min(1.0, max(0.05, holder["timeout_s"] / 6)))
 
 
 def live_holder(run_dir: str | os.PathLike) -> dict | None:
-    """Who is writing ``run_dir`` now: its lease when a live process holds one, else None (free, or stale)."""
-    holder = _read(Path(run_dir) / LEASE)
+    """Who is writing ``run_dir`` now: its lease when a live process holds one, else None (free, or stale).
+
+    A ``.lease`` that is not a lease (which a launch refuses) is ``{"problem": ...}``, for :func:`describe`.
+    """
+    holder, problem = examine(Path(run_dir) / LEASE)
+    if problem is not None:
+        return {"problem": problem}
     return holder if holder is not None and why_stale(holder) is None else None
 
 
 def _take(path: Path, content: dict) -> bool:
     """Create the lease with ``content`` if nobody holds it; True when it is ours."""
     tmp = path.with_name(f"{path.name}.{content['token']}.tmp")
-    _write(tmp, content)
+    write(tmp, content)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -221,8 +293,8 @@ def _take(path: Path, content: dict) -> bool:
             f.write(json.dumps(content))
     finally:
         tmp.unlink(missing_ok=True)
-    current = _read(path)
-    return current is not None and current.get("token") == content["token"]
+    current = read(path)
+    return current is not None and current["token"] == content["token"]
 
 
 def _remove_stale(path: Path, holder: dict) -> bool:
@@ -232,12 +304,13 @@ def _remove_stale(path: Path, holder: dict) -> bool:
         os.rename(path, grave)  # atomic: of several takers, one moves it
     except FileNotFoundError:
         return False
-    moved = _read(grave)
-    if moved is not None and moved.get("token") != holder.get("token"):
-        # Between our read and the rename, another taker replaced the stale lease with its own live one: put it back.
+    moved = read(grave)
+    if moved is None or moved["token"] != holder["token"]:
+        # Between our read and the rename, another taker replaced the stale lease with its own live one (maybe
+        # still being written): put it back. Where that fails, the taker's fence stops it at its next write.
         try:
             os.link(grave, path)
-        except FileExistsError:
+        except OSError:
             pass
         grave.unlink(missing_ok=True)
         return False
@@ -245,29 +318,28 @@ def _remove_stale(path: Path, holder: dict) -> bool:
     return True
 
 
-def _holder(path: Path, timeout_s: float) -> dict | None:
-    """The lease at ``path``; None when there is none. An unreadable one (a crash while the exclusive-create
-    fallback wrote it) counts as a holder whose heartbeat is the file's modification time."""
-    holder = _read(path)
-    if holder is not None:
+def _holder(path: Path) -> dict | None:
+    """The lease at ``path``; None when there is none.
+
+    Raises:
+        ConfigError: the file there is not a lease, and stays so for half a second (the exclusive-create
+            fallback of :func:`_take` writes a lease into the file it created: read again while it may).
+    """
+    holder, problem = _examine_settled(path)
+    if problem is None:
         return holder
-    try:
-        mtime = path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    return {"pid": None, "host": None, "heartbeat": mtime, "timeout_s": timeout_s, "token": None}
+    raise ConfigError(
+        f"{path} is not a lease this version can read ({problem}); remove it if no process is writing "
+        f"{path.parent}, then launch again."
+    )
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write(path: Path, content: dict) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(content))
-        f.flush()
-        os.fsync(f.fileno())
+def _examine_settled(path: Path) -> tuple[dict | None, str | None]:
+    """:func:`~stackwise_bench.runs.lease_file.examine`, read again for half a second while the file is not a lease."""
+    holder, problem = examine(path)
+    for _ in range(UNREADABLE_RETRIES - 1):
+        if problem is None:
+            break
+        time.sleep(0.05)
+        holder, problem = examine(path)
+    return holder, problem

@@ -15,11 +15,15 @@ log = logging.getLogger(__name__)
 _reason: str | None = None
 
 
-def request(reason: str) -> None:
-    """Ask the running job to save ``last.pt`` after its current step and stop; ``reason`` says why."""
+def request(reason: str, announce: bool = True) -> None:
+    """Ask the running job to save ``last.pt`` after its current step and stop; ``reason`` says why.
+
+    ``announce=False``: the requester says it itself (a lost lease: the job saves nothing, it ends in one sentence).
+    """
     global _reason
     if _reason is None:
-        log.warning("%s: saving last.pt after this step and stopping", reason)
+        if announce:
+            log.warning("%s: saving last.pt after this step and stopping", reason)
         _reason = reason
 
 

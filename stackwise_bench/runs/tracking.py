@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from stackwise_bench.runs.lease import LeaseLost
+
 log = logging.getLogger(__name__)
 
 STREAMS = ("train", "epoch", "diagnostics", "hardware", "test")
@@ -152,6 +154,10 @@ class Trackers:
     checkpoint). :meth:`close` waits for the queue to drain (at most ``timeout_s``), closes every tracker and
     calls ``report`` with ``{name: {"state": ..., "error": ...}}`` for ``summary.json["loggers"]``, on the
     caller's thread; :meth:`status` gives the same while the run goes on.
+
+    ``fence`` (the run record's) is called before every dict reaches a tracker: once it raises
+    :class:`~stackwise_bench.runs.lease.LeaseLost`, the run folder is another process's, and the trackers
+    are left as they are (not even closed: a close flushes into the folder) and nothing is reported.
     """
 
     def __init__(
@@ -160,11 +166,14 @@ class Trackers:
         run_info: Callable[[], TrackerRun],
         report: Callable[[dict], None],
         timeout_s: float = 120.0,
+        fence: Callable[[], None] | None = None,
     ):
         self._trackers = list(trackers)
         self._run_info = run_info
         self._report = report
         self.timeout_s = timeout_s
+        self._fence = fence
+        self._fenced = False  # the fence tripped: nothing more reaches a tracker
         self._lock = threading.Lock()  # guards _status and the writer's start
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -187,7 +196,7 @@ class Trackers:
     # ---- forwarding (any thread) ------------------------------------------------------------------
     def log(self, stream: str, row: Mapping[str, Any], step: int) -> None:
         """Log a record row of ``stream`` at ``step``: its numbers, flattened under ``<stream>/``."""
-        if not self._trackers or self._closed:
+        if not self._trackers or self._closed or self._fenced:
             return
         skip = NOT_METRICS.get(stream, ())
         metrics = numbers(flatten({k: v for k, v in row.items() if k not in skip}, prefix=stream))
@@ -196,7 +205,7 @@ class Trackers:
 
     def summary(self, summary: Mapping[str, Any]) -> None:
         """The final summary's numbers (``train.*``, ``test.*``, ``resources.*``, ``params.*``)."""
-        if not self._trackers or self._closed:
+        if not self._trackers or self._closed or self._fenced:
             return
         keep = {k: summary.get(k) for k in ("train", "test", "resources", "params") if isinstance(summary.get(k), dict)}
         self._put(("summary", numbers(flatten(keep, sep="."))))
@@ -218,7 +227,8 @@ class Trackers:
                     if entry["error"] is None:
                         entry["error"] = f"TimeoutError: still writing after {self.timeout_s:.0f} s; left behind"
             log.warning("trackers still writing after %.0f s: left behind (the run record is complete)", self.timeout_s)
-        self._report(self.status())
+        if not self._fenced:  # else the folder is another process's: its summary is not ours to write
+            self._report(self.status())
 
     def _put(self, item: tuple) -> None:
         with self._lock:
@@ -230,6 +240,8 @@ class Trackers:
 
     # ---- the writer thread ------------------------------------------------------------------------
     def _write(self, run: TrackerRun) -> None:
+        if not self._may_write():
+            return
         for tracker in list(self._trackers):
             state = self._guarded(
                 tracker, "open", dataclasses.replace(run, state=dict(run.state.get(tracker.name) or {}))
@@ -238,11 +250,22 @@ class Trackers:
                 self._status[tracker.name]["state"] = dict(state or {})
         while True:
             kind, *args = self._queue.get()
+            if not self._may_write():
+                return
             method = {"log": "log_metrics", "summary": "log_summary", "close": "close"}[kind]
             for tracker in list(self._trackers):
                 self._guarded(tracker, method, *args)
             if kind == "close":
                 return
+
+    def _may_write(self) -> bool:
+        """Whether the run folder is still this process's (the fence passes); once not, it never is again."""
+        if self._fence is not None and not self._fenced:
+            try:
+                self._fence()
+            except LeaseLost:
+                self._fenced = True
+        return not self._fenced
 
     def _guarded(self, tracker: Tracker, method: str, *args: Any) -> Any:
         """``tracker.<method>(*args)``; a failure drops the tracker (warned once, recorded), never reaches the run."""
