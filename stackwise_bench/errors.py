@@ -1,4 +1,4 @@
-"""The one exception type for bad input."""
+"""The one exception type for bad input, and the part of any error a one-sentence message can quote."""
 
 
 class ConfigError(ValueError):
@@ -9,3 +9,10 @@ class ConfigError(ValueError):
     """
 
     reason = "config"  # the run record's error.reason and the sweep's failure table
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """``Type: message`` on one line, cut at ``limit`` characters: the part of an error a sentence can quote."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

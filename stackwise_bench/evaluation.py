@@ -20,10 +20,11 @@ from pathlib import Path
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, group_size_problem, int_activations_problem
-from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, read_summary
+from stackwise_bench.runs import identity, jsonsafe
+from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, SUMMARY, read_summary
 from stackwise_bench.runs.files import atomic_write_text, claim_new_dir
 from stackwise_bench.runs.folders import find_evaluation, find_run_dirs, recorded_config, resolve_checkpoint
-from stackwise_bench.runs.provenance import file_sha256
+from stackwise_bench.runs.provenance import file_sha256, fingerprint
 from stackwise_bench.runs.record import RunRecord, now_iso
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,11 @@ def evaluate_checkpoint(
         raise ConfigError(problem)
     if quantize in INT_FORMATS and activations:
         raise ConfigError(int_activations_problem("", quantize))
-    run_dir, ckpt = resolve_checkpoint(checkpoint)
+    run_dir, ckpt = _locate(checkpoint)
     source = read_summary(run_dir) or {}
-    config = _with_overrides(recorded_config(run_dir, source), device, dataset or {})
+    run_config = recorded_config(run_dir, source)
+    came_from = _origin(ckpt, run_dir, source, run_config)
+    config = _with_overrides(run_config, device, dataset or {})
     settings = {"checkpoint": ckpt.name, "quantize": quantize, "keep_head": keep_head, "activations": activations}
     if quantize == "int4":  # only there: the other formats' settings (and fingerprints) stay as they were
         settings["group_size"] = check_group_size(group_size)
@@ -120,6 +123,7 @@ def evaluate_checkpoint(
             "checkpoint": str(ckpt.resolve()),
             "checkpoint_sha256": digest,
             "checkpoint_epoch": built.epoch,
+            "checkpoint_run": came_from,  # the stamp of the run that wrote it (None: written before stamps)
             "status": source.get("status"),
             "recorded_test_top1": recorded,
             "run": src_run,
@@ -214,6 +218,40 @@ def merged_test(model, loaders, runtime) -> dict:
     test = evaluate(merged, loaders.test, loaders.num_classes, runtime.autocast, runtime.device, full=True)
     log.info("merged %s adapters: test top1 %.2f%% on the %d-bit grid", report["method"], test["top1"], report["bits"])
     return {**report, **{k: test[k] for k in ("top1", "top5", "loss", "f1_macro") if k in test}}
+
+
+def _locate(checkpoint) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint file)`` (:func:`resolve_checkpoint`). A file outside any run folder is evaluated
+    with the config of the run its stamp names, where that folder is still there; else refused naming that run."""
+    try:
+        return resolve_checkpoint(checkpoint)
+    except ConfigError as exc:
+        path = Path(checkpoint).expanduser()
+        stamped = identity.read_origin(path) if path.is_file() else None
+        if stamped is None:
+            raise
+        home = Path(stamped["dir"]) if stamped.get("dir") else None
+        if home is not None and (home / SUMMARY).is_file():
+            log.info("%s lies outside any run folder: evaluating it as %s", path, identity.describe(stamped))
+            return home, path
+        raise ConfigError(f"{str(exc).rstrip('.')}: it came from {identity.describe(stamped)}.") from exc
+
+
+def _origin(ckpt: Path, run_dir: Path, source: dict, config: dict) -> dict | None:
+    """The checkpoint's stamp (None for one written before stamps), refused when it names another run than the
+    folder whose config evaluate rebuilds the model and data with."""
+    stamped = identity.read_origin(ckpt)
+    # the run's fingerprint as recorded, and as this version computes it from the recorded config
+    fingerprints = tuple(
+        dict.fromkeys(f for f in ((source.get("run") or {}).get("fingerprint"), fingerprint(config)) if f)
+    )
+    problem = identity.mismatch(stamped, fingerprints, None)
+    if problem:
+        raise ConfigError(
+            f"checkpoint={ckpt} {problem}, whose folder {run_dir} gives the config it would be evaluated with; "
+            "point checkpoint= at a checkpoint inside the run folder that wrote it."
+        )
+    return stamped
 
 
 def _with_overrides(config: dict, device: str | None, dataset: dict) -> dict:
@@ -330,7 +368,7 @@ def evaluate_study(
     if out_dir is not None:
         atomic_write_text(
             Path(out_dir) / "evaluations.json",
-            json.dumps(
+            jsonsafe.dumps(
                 {
                     "runs": str(runs),
                     "quantize": quantize,

@@ -1,4 +1,5 @@
-"""What every dataset loader returns: :class:`ImageData`, and the deterministic train/val split."""
+"""What every dataset loader returns: :class:`ImageData`, the deterministic train/val split, and the check that a
+resumed run's data still gives the split it was trained on."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.errors import ConfigError, short_error
+from stackwise_bench.runs.contract import CHECKPOINTS, SPLIT
+from stackwise_bench.runs.identity import SPLIT_FIX, read_split
 
 
 @dataclass
@@ -152,3 +156,108 @@ def build_image_data(
         std,
         split,
     )
+
+
+PARTS = ("train_idx", "val_idx", "test_idx")
+
+
+def check_resumed_split(run_dir: str | Path, split: dict) -> None:
+    """Refuse a resume whose data no longer gives the split recorded in the run's ``split.json``.
+
+    A run without ``split.json`` passes: its checkpoint's stamp still carries the split's sha256.
+
+    Raises:
+        ConfigError: ``split.json`` is damaged, or the data changed (what changed, with a few paths).
+    """
+    recorded = read_split(Path(run_dir))
+    if recorded is None:
+        return
+    path = Path(run_dir) / SPLIT
+    try:
+        changes = split_changes(recorded, split)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path} is not a split record this version reads ({short_error(exc)}); {SPLIT_FIX}."
+        ) from exc
+    if changes:
+        raise ConfigError(
+            f"trainer.resume=true: the data changed since this run started ({changes}), so it would continue on "
+            f"another split than {path} records; restore the data, or delete {Path(run_dir) / CHECKPOINTS / 'last.pt'} "
+            "to start the run over on the data as it is now."
+        )
+
+
+def split_changes(old: dict, new: dict) -> str:
+    """What differs between a recorded split and the one the data gives now, for a sentence; '' when nothing.
+
+    Splits that list their files (dataset=imagefolder) are compared file by file: added, removed, moved to another
+    class folder (relabelled), or into another part (train, val, test); the others by their indices.
+    """
+    if "files" in old and "files" in new:
+        return _file_changes(old, new)
+    if old["sha256"] == new["sha256"] and all(old.get(k) == new.get(k) for k in PARTS):
+        return ""
+    sizes = ", ".join(
+        f"{k[:-4]} {len(old.get(k) or [])} -> {len(new.get(k) or [])}" for k in PARTS if k in old or k in new
+    )
+    return f"its indices changed: sha256 {old['sha256'][:12]}... -> {new['sha256'][:12]}..., images {sizes}"
+
+
+def _file_changes(old: dict, new: dict) -> str:
+    before, after = _placed(old), _placed(new)
+    removed = sorted(before.keys() - after.keys())
+    added = sorted(after.keys() - before.keys())
+    relabelled = _class_moves(removed, added, old.get("layout"))
+    gone, came = {a for a, _ in relabelled}, {b for _, b in relabelled}
+    removed, added = [p for p in removed if p not in gone], [p for p in added if p not in came]
+    reassigned = sorted(p for p in before.keys() & after.keys() if before[p] != after[p])
+    changes = []
+    if old.get("classes") is not None and old.get("classes") != new.get("classes"):
+        changes.append(_class_changes(old["classes"], new.get("classes") or []))
+    for what, items in (
+        ("relabelled", [f"{a} -> {b}" for a, b in relabelled]),
+        ("removed", removed),
+        ("added", added),
+        ("in another part of the split", reassigned),
+    ):
+        if items:
+            files = f"{len(items)} file{'s' if len(items) > 1 else ''}"
+            changes.append(f"{files} {what}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+    return "; ".join(changes)
+
+
+def _class_changes(old: list[str], new: list[str]) -> str:
+    """``class folder added: whale (the model was built for 3 classes: ant, mole, zebra)``."""
+    said = [
+        f"class folder{'s' if len(names) > 1 else ''} {what}: {', '.join(names)}"
+        for what, names in (("added", [c for c in new if c not in old]), ("removed", [c for c in old if c not in new]))
+        if names
+    ]
+    return f"{'; '.join(said)} (the model was built for {len(old)} classes: {', '.join(old)})"
+
+
+def _placed(split: dict) -> dict[str, tuple]:
+    """``{file: (class, part)}`` of a split that lists its files (part: train, val, test, or unused)."""
+    files, labels, classes = split["files"], split["labels"], split.get("classes")
+    if len(files) != len(labels):
+        raise ValueError(f"{len(files)} files but {len(labels)} labels")
+    part = ["unused"] * len(files)  # skipped as undecodable, or left out by train_size
+    for key in PARTS:
+        for i in split.get(key) or []:
+            part[i] = key[:-4]
+    names = [classes[y] for y in labels] if classes else labels
+    return dict(zip(files, zip(names, part)))
+
+
+def _class_moves(removed: list[str], added: list[str], layout: str | None) -> list[tuple[str, str]]:
+    """(old, new) paths of files that moved to another class folder: the same path but for the class folder."""
+    at = 1 if layout == "train/val/test" else 0  # the class folder's place in a relative path
+
+    def rest(path: str) -> str:
+        parts = path.split("/")
+        return "/".join(parts[:at] + parts[at + 1 :])
+
+    arrived: dict[str, list[str]] = {}
+    for path in added:
+        arrived.setdefault(rest(path), []).append(path)
+    return [(path, arrived[rest(path)].pop(0)) for path in removed if arrived.get(rest(path))]

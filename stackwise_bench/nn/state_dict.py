@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.errors import ConfigError, short_error
 
 
 def state_dict_mismatch(state: dict, own: dict) -> str:
@@ -27,13 +27,6 @@ def state_dict_mismatch(state: dict, own: dict) -> str:
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches, e.g. {', '.join(shapes[:2])}")
     return "; ".join(parts)
-
-
-def short_error(e: BaseException, limit: int = 160) -> str:
-    """``Type: message`` on one line, cut at ``limit`` characters: the part of an error a sentence can quote."""
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def read_checkpoint(ckpt: Path, device) -> tuple[dict, int | None]:

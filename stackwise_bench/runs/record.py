@@ -7,6 +7,8 @@ and ``os.replace``, so a crash never leaves a half-written summary or checkpoint
 a write that fails (a full disk, a quota, a read-only mount) removes its temporary file,
 leaves the previous file as it was and raises :class:`RecordWriteError` (``reason = "io"``).
 A failed append is cut back, so the logs never end in half a line.
+Every write is fenced: the record's ``fence`` (a training run's lease check) is called first, and again
+before a whole file is renamed into place, so a process whose folder was taken over writes nothing more.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs import identity, jsonsafe
 from stackwise_bench.runs.contract import (
     CHECKPOINTS,
     DIAGNOSTICS,
@@ -37,10 +42,10 @@ from stackwise_bench.runs.files import (
     RecordWriteError,
     append_bytes,
     atomic_write,
-    atomic_write_text,
     check_writable,
     write_error,
 )
+from stackwise_bench.runs.lease import LeaseLost
 from stackwise_bench.runs.provenance import config_diff
 from stackwise_bench.runs.tracking import Tracker, TrackerRun, Trackers, by_statistic, run_of
 
@@ -65,8 +70,12 @@ def same_run(summary: dict, config: dict, fingerprint: str) -> bool:
 class RunRecord:
     """Writes one run directory; monitors and the trainer write only through it."""
 
-    def __init__(self, run_dir: str | Path, key: str = "hydra.run.dir"):
+    def __init__(self, run_dir: str | Path, key: str = "hydra.run.dir", fence: Callable[[], None] | None = None):
         """Open (creating it as needed) the run folder ``run_dir``.
+
+        ``fence`` is called before every write into the folder (this record's, the trackers'), and raises when
+        this process may no longer write there: a training run passes its lease's
+        :meth:`~stackwise_bench.runs.lease.Lease.check`. None (tests, ``evaluate``'s own folders): no fence.
 
         Raises:
             ConfigError: the folder cannot be created or written; ``key`` is the setting named in the message.
@@ -79,13 +88,16 @@ class RunRecord:
         self._hardware_failed = False
         self._hardware_seq = _next_seq(self.dir / HARDWARE)  # before a resume trims it: seqs never repeat
         self.resume_step: int | None = None  # the global step a resumed run continues from (trim_to_checkpoint)
+        self.fingerprints: tuple[str, ...] = ()  # whose checkpoints this run continues from (prepare)
+        self.split_sha256: str | None = None  # the split it trains on (write_split), stamped into its checkpoints
         self._final_weights: dict | None = None  # the diagnostics' end-of-run row, for the trackers at finish
-        self.trackers = Trackers([], self._tracker_run, self._report_trackers)
+        self.fence = fence or _unfenced
+        self.trackers = Trackers([], self._tracker_run, self._report_trackers, fence=self.fence)
 
     # ---- trackers: sinks of the same dicts ----------------------------------
     def attach(self, trackers: list[Tracker]) -> None:
         """Hand every dict this record writes to ``trackers`` too (:mod:`stackwise_bench.runs.tracking`)."""
-        self.trackers = Trackers(trackers, self._tracker_run, self._report_trackers)
+        self.trackers = Trackers(trackers, self._tracker_run, self._report_trackers, fence=self.fence)
 
     @property
     def wants_steps(self) -> bool:
@@ -116,10 +128,14 @@ class RunRecord:
 
         Raises:
             ConfigError: the folder holds a run of a different config, or an unfinished one and
-                ``may_resume`` is false.
+                ``may_resume`` is false, or files of a run but no summary (unless a resume has a last.pt).
         """
         old = self.summary
+        # The checkpoints this run may continue from carry its fingerprint, or the one its record was written under.
+        recorded = (old.get("run") or {}).get("fingerprint")
+        self.fingerprints = tuple(dict.fromkeys(f for f in (fingerprint, recorded) if f))
         if not old:
+            identity.refuse_unrecorded(self.dir, may_resume)  # a folder whose summary.json is gone
             return None
         if not same_run(old, config, fingerprint):
             diff = config_diff(old.get("config", {}), config)
@@ -152,10 +168,11 @@ class RunRecord:
     # ---- summary.json -------------------------------------------------
     def write_summary(self) -> None:
         """Write summary.json (the trackers' run ids and errors so far included, so a resume finds their runs)."""
+        self.fence()
         if self.trackers:
             self.summary["loggers"] = self.trackers.status()
         with self._lock:
-            atomic_write_text(self.dir / SUMMARY, json.dumps(self.summary, indent=2, default=_jsonable) + "\n")
+            self._write_text(self.dir / SUMMARY, jsonsafe.dumps(self.summary, indent=2) + "\n")
 
     def update(self, **sections: Any) -> None:
         """Merge top-level sections (``train={...}``) into the summary and write it."""
@@ -223,8 +240,9 @@ class RunRecord:
     # ---- append-only logs ---------------------------------------------
     def _append(self, name: str, row: dict) -> None:
         """Append one JSON line; a failed append is cut back to where the file ended, never half a line."""
+        self.fence()
         with self._lock:
-            append_bytes(self.dir / name, (json.dumps(row, default=_jsonable) + "\n").encode())
+            append_bytes(self.dir / name, (jsonsafe.dumps(row) + "\n").encode())
 
     def log_epoch(self, row: dict) -> None:
         """Append the epoch's metrics, and beat the summary's heartbeat so a stale `running` run can be told apart."""
@@ -261,6 +279,8 @@ class RunRecord:
             row["time"] = time.time()
         try:
             self._append(HARDWARE, row)
+        except LeaseLost:  # the folder is another process's now: the training thread says so, this one just stops
+            return
         except RecordWriteError as exc:
             if not self._hardware_failed:
                 self._hardware_failed = True
@@ -269,9 +289,10 @@ class RunRecord:
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         """On resume: the metrics file becomes exactly the checkpoint's history."""
-        text = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+        self.fence()
+        text = "".join(jsonsafe.dumps(r) + "\n" for r in rows)
         with self._lock:
-            atomic_write_text(self.dir / METRICS, text)
+            self._write_text(self.dir / METRICS, text)
 
     def trim_to_checkpoint(self, state: dict) -> None:
         """On resume: cut the logs back to the checkpoint ``state`` the run continues from, so no row repeats.
@@ -305,6 +326,7 @@ class RunRecord:
 
     def _keep_rows(self, name: str, keep) -> None:
         """Rewrite the log ``name`` with the rows ``keep`` accepts; an unreadable (half-written) line goes."""
+        self.fence()
         path = self.dir / name
         if not path.is_file():
             return
@@ -317,42 +339,86 @@ class RunRecord:
                     continue
                 if keep(row):
                     kept.append(line + "\n")
-            atomic_write_text(path, "".join(kept))
+            self._write_text(path, "".join(kept))
 
     def restart_logs(self) -> None:
-        """A run that starts over in its folder (no ``last.pt`` to resume): earlier diagnostics rows go.
+        """A run that starts over in its folder, with no ``last.pt`` to continue from: the one way it starts over.
 
-        ``metrics.jsonl`` needs nothing: its rows are written with the ``last.pt`` of their epoch.
+        The logs of its earlier attempts go (metrics, diagnostics, hardware samples), and so does their ``best.pt``:
+        the new attempt's rows from epoch 1 are the only ones, and its best epoch is its own.
         """
+        self.fence()
         with self._lock:
-            (self.dir / DIAGNOSTICS).unlink(missing_ok=True)
+            for path in (self.dir / METRICS, self.dir / DIAGNOSTICS, self.dir / HARDWARE, self.checkpoint_path("best")):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise write_error(path, exc) from exc
+        self.resume_step = None
 
     def write_split(self, split: dict) -> None:
-        atomic_write_text(self.dir / SPLIT, json.dumps(split, default=_jsonable) + "\n")
+        """Write ``split.json``; its ``sha256`` is stamped into the checkpoints saved from now on."""
+        self.fence()
+        self._write_text(self.dir / SPLIT, jsonsafe.dumps(split) + "\n")
+        self.split_sha256 = split.get("sha256")
+
+    def _write_text(self, path: Path, text: str) -> None:
+        self._write_fenced(path, lambda f: f.write(text), "w")
+
+    def _write_fenced(self, path: Path, write: Callable, mode: str) -> None:
+        """``atomic_write`` with the fence checked again after the write and its fsync, right before the rename.
+
+        Writing (a checkpoint's torch.save, an fsync on NFS) takes a while: a process stopped meanwhile and
+        taken over renames nothing over its successor's file; its temporary file goes.
+        """
+
+        def write_then_check(f) -> None:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            self.fence()
+
+        atomic_write(path, write_then_check, mode)
 
     # ---- checkpoints ----------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
         return self.ckpt_dir / f"{name}.pt"
 
     def save_checkpoint(self, name: str, state: dict) -> None:
-        """Write ``checkpoints/<name>.pt`` atomically, stamped with ``saved_at`` (unix seconds) for resume trimming.
+        """Write ``checkpoints/<name>.pt`` atomically, stamped with ``saved_at`` (unix seconds) for resume trimming
+        and with the run it belongs to (``run``: :func:`~stackwise_bench.runs.identity.stamp`).
 
         Raises:
             RecordWriteError: the write failed; the previous ``<name>.pt`` is as it was.
         """
         import torch
 
+        self.fence()
         try:
             self.ckpt_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise write_error(self.ckpt_dir, exc) from exc
-        state = {**state, "saved_at": time.time()}  # the samples after this moment belong to no checkpoint
-        atomic_write(self.checkpoint_path(name), lambda f: torch.save(state, f), "wb")
+        state = {
+            **state,
+            "saved_at": time.time(),  # the samples after this moment belong to no checkpoint
+            identity.STAMP: identity.stamp(self.summary.get("run") or {}, self.split_sha256),  # whose it is
+        }
+        self._write_fenced(self.checkpoint_path(name), lambda f: torch.save(state, f), "wb")
 
     def load_checkpoint(self, name: str, map_location: Any = "cpu") -> dict:
-        import torch
+        """``checkpoints/<name>.pt``, checked to be this run's: stamped with its config and split, or unstamped (older).
 
-        return torch.load(self.checkpoint_path(name), map_location=map_location, weights_only=True)
+        Raises:
+            ConfigError: the file is missing, unreadable or another run's: one sentence that says how to go on.
+        """
+        path, last = self.checkpoint_path(name), self.checkpoint_path("last")
+        what = f"trainer.resume=true: {path}" if name == "last" else str(path)
+        over = f"delete {'it' if name == 'last' else last} to start the run over from epoch 1"
+        state = identity.load(path, map_location, what, over)
+        problem = identity.mismatch(identity.origin(state), self.fingerprints, self.split_sha256)
+        if problem:
+            raise ConfigError(f"{what} {problem}; put back this run's own {path.name}, or {over}.")
+        return state
 
 
 # Resources that add up over a resumed run's attempts (stackwise_bench.train.run_resources sums them).
@@ -363,6 +429,10 @@ def attempt_resources(resources: dict) -> dict:
     """One attempt's own additive resources, from the ``resources`` it recorded (``attempt`` holds its share)."""
     own = resources.get("attempt") or resources
     return {key: own.get(key) for key in ADDITIVE}
+
+
+def _unfenced() -> None:
+    """The fence of a record that no lease guards: every write may go ahead."""
 
 
 def _next_seq(path: Path) -> int:
@@ -379,12 +449,3 @@ def _next_seq(path: Path) -> int:
         if isinstance(seq, int):
             highest = max(highest, seq)
     return max(highest + 1, lines)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Fallback for json: tensors and numpy scalars become Python numbers/lists."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
