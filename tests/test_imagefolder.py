@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -281,6 +283,169 @@ def test_a_file_that_decodes_again_is_recovered_without_a_rebuild(tmp_path, monk
     assert load_imagefolder(str(root)).notes["skipped"]["count"] == 0  # the manifest was updated
 
 
+def test_a_link_that_leads_to_nothing_is_a_bad_file_named_by_path(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    (root / "mole" / "gone.jpg").symlink_to(tmp_path / "moved" / "gone.jpg")
+    with pytest.raises(ConfigError) as info:
+        load_imagefolder(str(root))
+    assert str(info.value) == (
+        f"dataset.root={root}: mole/gone.jpg is a link to {tmp_path / 'moved' / 'gone.jpg'}, which does not exist; "
+        "fix or delete the link, or set dataset.skip_bad=true to leave it out."
+    )
+    assert not (root / ".stackwise_cache").exists()  # refused before any decoding
+    data = load_imagefolder(str(root), skip_bad=True)
+    assert data.notes["skipped"] == {
+        "count": 1,
+        "files": [
+            {"path": "mole/gone.jpg", "error": f"a link to {tmp_path / 'moved' / 'gone.jpg'}, which does not exist"}
+        ],
+    }
+    assert len(data.train_y) + len(data.val_y) + len(data.test_y) == len(CLASSES) * PER_CLASS
+
+
+# --- links -----------------------------------------------------------------------------------------------------------
+
+
+def test_links_are_followed_and_each_file_is_counted_once(tmp_path):
+    """A class folder that lives elsewhere (a cluster's data disk) works; a loop inside it and a second name for an
+    image add nothing, so no image is in two splits."""
+    root = write_folder(tmp_path / "imgs")
+    (tmp_path / "disk").mkdir()
+    (root / "zebra").rename(tmp_path / "disk" / "zebra")
+    (root / "zebra").symlink_to(tmp_path / "disk" / "zebra")
+    (root / "Ant" / "again").symlink_to(".")  # ln -s . Ant/again: followed 40 levels deep before
+    (root / "zebra" / "sub" / "up").symlink_to("..")
+    (root / "mole" / "0_copy.jpg").symlink_to("img7.jpg")  # sorts first: the real file keeps its own name
+    linked_root = tmp_path / "linked"
+    linked_root.symlink_to(root)
+    data = load_imagefolder(str(linked_root))
+    files = scan_folder(linked_root, str(linked_root)).rel_paths
+    assert data.notes["num_files"] == len(files) == len(CLASSES) * PER_CLASS
+    assert "mole/img7.jpg" in files and not [f for f in files if "again" in f or "/up/" in f or "copy" in f]
+    real = [
+        os.path.realpath(linked_root / files[i])
+        for key in ("train_idx", "val_idx", "test_idx")
+        for i in data.split[key]
+    ]
+    assert len(real) == len(set(real)) == len(files)  # every real image once, in one split
+    for x, _, rel in rows(data, linked_root):
+        assert torch.equal(x, reference(linked_root / rel)), rel
+
+
+def test_a_link_out_of_its_class_folder_is_refused(tmp_path):
+    """A link to the root, to another class folder or to one of its images would label other classes' images as
+    this one (top-1 98% beside a macro F1 of 33% before)."""
+    root = write_folder(tmp_path / "imgs")
+    cases = [
+        (root / "Ant" / "up", "..", f"the link Ant/up leads to the image folder itself ({root})"),
+        (
+            root / "Ant" / "sub" / "moles",
+            "../../mole",
+            f"the link Ant/sub/moles leads to the class folder mole ({root / 'mole'})",
+        ),
+        (
+            root / "Ant" / "top",
+            str(tmp_path),
+            f"the link Ant/top leads to {tmp_path}, a folder that holds the image folder",
+        ),
+    ]
+    for link, target, says in cases:
+        link.symlink_to(target)
+        with pytest.raises(ConfigError) as info:
+            load_imagefolder(str(root))
+        assert str(info.value) == (
+            f"dataset.root={root}: {says}, so images of other classes or splits would be counted again as Ant; remove "
+            "the link, or replace it by the images it should add."
+        )
+        link.unlink()
+    (root / "Ant" / "zz.jpg").symlink_to("../mole/img7.jpg")
+    with pytest.raises(ConfigError) as info:
+        load_imagefolder(str(root))
+    assert str(info.value) == (
+        f"dataset.root={root}: mole/img7.jpg and Ant/zz.jpg are the same image file ({root / 'mole' / 'img7.jpg'}, "
+        "reached through a link), so it would be in two class folders or splits; remove the link."
+    )
+    assert not (root / ".stackwise_cache").exists()
+
+
+def test_a_dead_builders_leftover_is_removed_by_the_next_build(tmp_path, caplog):
+    """kill -9 mid-build left its .build-* folder forever; a live builder's, or another host's, is left alone."""
+    import socket
+    import subprocess
+    import sys
+
+    root = write_folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+
+    def leftover(pid: int, owner: dict | None, tag: str) -> Path:
+        folder = cache / f".build-32px-{'0' * 24}-{pid}-140000000000-{tag * 8}"  # as _build names them
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"\0" * 4096)  # a half-written cache
+        if owner is not None:
+            (folder / "owner.json").write_text(json.dumps(owner))
+        return folder
+
+    here = socket.gethostname()
+    killed = leftover(dead.pid, {"host": here, "pid": dead.pid}, "a")
+    older = leftover(dead.pid, None, "b")  # no owner.json (an earlier version): the pid in its name
+    live = leftover(os.getpid(), {"host": here, "pid": os.getpid()}, "c")
+    remote = leftover(dead.pid, {"host": f"not-{here}", "pid": dead.pid}, "d")
+    with caplog.at_level("INFO", logger="stackwise_bench.data"):
+        data = load_imagefolder(str(root), cache_dir=str(cache))
+    assert data.notes["cache"]["built"] is True
+    assert not killed.exists() and not older.exists() and live.exists() and remote.exists()
+    assert f"removing {killed}, left by a build (pid {dead.pid}) that ended before it finished" in caplog.text
+    assert not (Path(data.notes["cache"]["path"]) / "owner.json").exists()  # the finished entry holds no owner
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("manifest.json", lambda p: p.write_text("[1]\n"), "manifest.json is not a version 1 cache manifest"),
+        ("images.npy", lambda p: p.write_bytes(b""), "images.npy cannot be read: No data left in file"),
+        (
+            "images.npy",
+            lambda p: np.savez(p.with_suffix(""), x=np.zeros(3)) or p.with_suffix(".npz").replace(p),
+            "images.npy is not a single array",
+        ),
+        ("labels.npy", lambda p: np.save(p, np.load(p)[::-1].copy()), "labels.npy does not match the class folders"),
+    ],
+    ids=["manifest-not-a-dict", "images-empty", "images-npz", "labels-other"],
+)
+def test_a_damaged_cache_entry_is_rebuilt_and_named(tmp_path, caplog, damage):
+    name, spoil, says = damage
+    root = write_folder(tmp_path / "imgs")
+    first = load_imagefolder(str(root))
+    entry = Path(first.notes["cache"]["path"])
+    shutil.copyfile(entry / name, entry / "copy")
+    (entry / "copy").replace(entry / name)  # spoil a new file: truncating the one `first` maps would be a SIGBUS
+    spoil(entry / name)
+    with caplog.at_level("WARNING", logger="stackwise_bench.data"):
+        again = load_imagefolder(str(root))
+    assert f"the image cache {entry} is damaged ({says}" in caplog.text
+    assert again.notes["cache"]["built"] is True  # rebuilt, not a traceback, nor wrong labels
+    for a, b in ((first.train_x, again.train_x), (first.train_y, again.train_y), (first.test_y, again.test_y)):
+        assert torch.equal(a, b)
+    assert not [p for p in entry.parent.iterdir() if p.name.startswith((".damaged-", ".build-"))]
+
+
+def test_damaged_derived_files_of_an_entry_are_computed_again(tmp_path, monkeypatch):
+    """A split's statistics file and a subset file of the cache, garbage or empty: recomputed, not a traceback."""
+    root = write_folder(tmp_path / "imgs")
+    monkeypatch.setattr(imagefolder_module, "ram_budget", lambda: 0)
+    first = load_imagefolder(str(root))
+    entry = Path(first.notes["cache"]["path"])
+    for stats in entry.glob("stats-*.json"):
+        stats.write_text('{"mean": "abc", "std": "xyz"}')
+    for subset in (entry / "subsets").glob("*.npy"):
+        subset.unlink()  # then a new, empty file: truncating the one `first` maps would be a SIGBUS
+        subset.write_bytes(b"")
+    again = load_imagefolder(str(root))
+    assert (again.mean, again.std) == (first.mean, first.std) and torch.equal(again.train_x, first.train_x)
+
+
 # --- layouts and splits ----------------------------------------------------------------------------------------------
 
 
@@ -312,8 +477,6 @@ def test_train_val_test_folders_are_used_as_they_are(tmp_path):
         part, cls = rel.split("/")[:2]
         assert data.classes[y] == cls
     assert {rel.split("/")[0] for _, _, rel in rows(data, root)} == {"train", "val", "test"}
-    import shutil
-
     shutil.rmtree(root / "test")  # without test/: carved out of train/ (val/ still used)
     carved = load_imagefolder(str(root), test_fraction=0.2)
     assert (carved.split["test_from"], len(carved.test_y), len(carved.val_y)) == ("test_fraction", 6, 9)
@@ -444,3 +607,23 @@ def test_a_run_trains_on_the_folder_and_records_it(tmp_path):
     with pytest.raises(ConfigError, match=r"^dataset\.root=null: dataset=imagefolder needs the folder"):
         run(compose(["dataset=imagefolder", "trainer.max_epochs=1"]), refused)
     assert read_summary(refused)["error"]["reason"] == "config"
+
+
+def test_a_resume_after_a_class_folder_was_added_says_which(tmp_path, monkeypatch):
+    """Refused before, as a "corrupt" last.pt (its classifier has 3 outputs): now it names the class folder."""
+    import signal
+
+    from test_train import signal_at_step
+
+    from stackwise_bench.train import run
+
+    root = write_folder(tmp_path / "imgs")
+    overrides = ["dataset=imagefolder", f"dataset.root={root}", "trainer.max_epochs=2", "trainer.batch_size=8"]
+    signal_at_step(monkeypatch, signal.SIGINT, at=2)
+    assert run(compose(overrides), tmp_path / "run")["status"] == "interrupted"
+    split = (tmp_path / "run" / "split.json").read_text()
+    write_class(root, "whale", PER_CLASS, np.random.default_rng(5))
+    with pytest.raises(ConfigError) as info:
+        run(compose([*overrides, "trainer.resume=true"]), tmp_path / "run")
+    assert "class folder added: whale (the model was built for 3 classes: Ant, mole, zebra)" in str(info.value)
+    assert (tmp_path / "run" / "split.json").read_text() == split

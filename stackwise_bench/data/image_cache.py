@@ -13,6 +13,11 @@ and renamed into place with ``os.replace``: readers see a whole entry or none. T
 entry at once (the first jobs of a sweep) are serialised by a lock file where the file system has ``flock``; where
 it has not, both build and the second rename fails harmlessly (the first entry stays, the second is removed).
 
+An entry whose files are missing, truncated, garbage or another version's is set aside with a warning naming the
+file, and rebuilt (:mod:`stackwise_bench.data.cache_files`). A build records its host and pid in ``owner.json``;
+the next build removes the ``.build-*`` folders of builders on this host that are no longer running (killed
+mid-way), and leaves those of live processes and of other hosts alone.
+
 Entries of superseded keys are left in place (another run may still map them); deleting ``cache_dir`` while no run
 uses it is always safe.
 """
@@ -38,13 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
+from stackwise_bench.data.cache_files import MANIFEST, OWNER, check_entry, discard, remove_dead_builds, write_owner
 from stackwise_bench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the pixels a file decodes to change (decoder options, resize, crop)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # compared lower-cased
-MANIFEST = "manifest.json"
 BLOCK = 4096  # files decoded per round of the thread pool (bounds the futures held at once, paces the log)
 
 
@@ -69,7 +74,13 @@ def cache_key(root: Path, rel_paths: Sequence[str], size: int) -> str:
     """sha256 of the format version, ``size`` and (relative path, bytes, mtime_ns) of every file, in order."""
     digest = hashlib.sha256(f"stackwise-imagefolder v{FORMAT_VERSION} size={int(size)}\n".encode())
     for rel in rel_paths:
-        st = os.stat(root / rel)
+        try:
+            st = os.stat(root / rel)
+        except OSError as exc:  # removed (or its folder made unreadable) since the scan
+            raise ConfigError(
+                f"{root / rel} cannot be read any more ({exc.strerror or exc}): the image folder changed while it was "
+                "being read; run again once nothing writes to it."
+            ) from exc
         digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -107,14 +118,15 @@ def open_or_build(
     key = key or cache_key(root, rel_paths, size)
     entry = cache_dir / f"{int(size)}px-{key[:24]}"
     lock = cache_dir / f".{entry.name}.lock"
-    found = _open(entry, key, len(rel_paths), size)
+    labels = np.asarray(labels, dtype=np.int64)
+    found = _open(entry, key, labels, size)
     if found is None:
         _make_dir(cache_dir, cache_dir_setting)
         with _lock(lock):
-            found = _open(entry, key, len(rel_paths), size)  # built by another process while this one waited
+            found = _open(entry, key, labels, size)  # built by another process while this one waited
             if found is None:
                 _build(entry, key, root, rel_paths, labels, size, workers, cache_dir_setting)
-                found = _open(entry, key, len(rel_paths), size)
+                found = _open(entry, key, labels, size)
                 if found is None:
                     raise RuntimeError(f"the image cache {entry} was built but cannot be opened")
                 found.built = True
@@ -153,36 +165,28 @@ def _retry_bad(entry: CacheEntry, root: Path, size: int, lock: Path) -> None:
             rows.flush()
             del rows
             current = json.loads((entry.path / MANIFEST).read_text())
+            if not isinstance(current, dict):  # replaced since it was opened: left to the next run's check
+                raise ValueError(f"{MANIFEST} is not a cache manifest")
             current["bad"] = [b for b in current.get("bad", []) if b["index"] not in recovered]
             atomic_write_text(entry.path / MANIFEST, json.dumps(current, indent=1) + "\n")
     except (OSError, ValueError) as exc:  # a read-only cache: the next run tries them again
         log.info("could not update the image cache %s (%s): the recovered files stay in this run only", entry.path, exc)
 
 
-def _open(entry: Path, key: str, n: int, size: int) -> CacheEntry | None:
-    """The entry at ``entry`` if it is complete and for ``key``; None if there is none. A damaged entry (only a
-    hand-edited or half-copied one can be: entries appear by rename) is moved aside so that it is rebuilt."""
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-    except FileNotFoundError:
-        if not entry.exists():
-            return None
-        manifest = None
-    except (OSError, ValueError):
-        manifest = None
-    try:
-        if manifest and manifest.get("format") == FORMAT_VERSION and manifest.get("key") == key:
-            images = np.load(entry / "images.npy", mmap_mode="c")
-            labels = np.load(entry / "labels.npy")
-            if images.shape == (n, 3, size, size) and images.dtype == np.uint8 and labels.shape == (n,):
-                return CacheEntry(entry, images, labels.astype(np.int64, copy=False), manifest, built=False)
-    except (OSError, ValueError) as exc:
-        log.warning("the image cache %s cannot be read (%s)", entry, exc)
-    log.warning("the image cache %s is incomplete or damaged: moving it aside and rebuilding it", entry)
+def _open(entry: Path, key: str, labels: np.ndarray, size: int) -> CacheEntry | None:
+    """The entry at ``entry`` if it is complete and for these files; None if there is none. A damaged entry (only a
+    hand-edited, half-copied or foreign one can be: entries appear by rename) is moved aside, so that it is rebuilt."""
+    if not os.path.lexists(entry):
+        return None
+    found = check_entry(entry, key, labels, size, FORMAT_VERSION)
+    if not isinstance(found, str):
+        manifest, images, cached = found
+        return CacheEntry(entry, images, cached, manifest, built=False)
+    log.warning("the image cache %s is damaged (%s): moving it aside and rebuilding it", entry, found)
     aside = entry.with_name(f".damaged-{entry.name}-{uuid.uuid4().hex[:8]}")
     with contextlib.suppress(OSError):
         os.replace(entry, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        discard(aside)
     return None
 
 
@@ -240,10 +244,12 @@ def _build(
 ) -> None:
     """Decode every file into a temporary folder beside ``entry``, then rename it into place."""
     n = len(rel_paths)
+    remove_dead_builds(entry.parent)
     tmp = entry.with_name(f".build-{entry.name}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     started = time.perf_counter()
     try:
+        write_owner(tmp)
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
         _reserve(tmp / "images.npy", n, size, entry.parent, setting)
         log.info("decoding %d images from %s into the cache %s (%d threads)", n, root, entry, workers)
@@ -265,6 +271,7 @@ def _build(
         }
         for name in ("images.npy", "labels.npy"):
             _fsync(tmp / name)
+        (tmp / OWNER).unlink()
         with open(tmp / MANIFEST, "w") as f:
             f.write(json.dumps(manifest, indent=1) + "\n")
             f.flush()
@@ -371,9 +378,10 @@ def _fsync(path: Path) -> None:
 def read_json(path: Path) -> dict | None:
     """A small JSON file the cache derived earlier (statistics of a split), or None."""
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 def write_json(path: Path, content: dict) -> None:
@@ -390,9 +398,9 @@ def gather_to_disk(images: np.ndarray, idx: np.ndarray, path: Path) -> np.ndarra
     None when it cannot be written (a read-only cache): the caller gathers into RAM instead.
     """
     shape = (len(idx), *images.shape[1:])
-    with contextlib.suppress(OSError, ValueError):
-        found = np.load(path, mmap_mode="c")
-        if found.shape == shape and found.dtype == images.dtype:
+    with contextlib.suppress(OSError, ValueError, EOFError):  # none yet, or a damaged one: written again
+        found = np.load(path, mmap_mode="c", allow_pickle=False)
+        if isinstance(found, np.ndarray) and found.shape == shape and found.dtype == images.dtype:
             return found
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:

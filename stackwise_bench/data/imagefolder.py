@@ -7,7 +7,11 @@ Two layouts (class names = the sorted class folder names, as torchvision's Image
 - ``<root>/<class>/...``: test and validation are carved out of it, class shares kept.
 
 Files ending in .jpg, .jpeg, .png or .webp (any case) are images, searched recursively inside each class folder;
-other files and anything whose name starts with a dot are ignored. The first load decodes every image
+other files and anything whose name starts with a dot are ignored. Symbolic links are followed (a root or class
+folder may live elsewhere) and each real file is counted once: a loop such as ``cat/again -> .`` adds nothing, and
+a link that leads to the root, a split folder or another class folder, or an image reached from two class folders,
+is refused in one sentence naming the link (:mod:`stackwise_bench.data.folder_walk`). A link that leads to nothing
+is a bad file: refused, or left out with ``skip_bad``. The first load decodes every image
 (:mod:`stackwise_bench.data.image_cache`); later loads map the cache and decode nothing.
 
 Memory: the returned tensors are views of the memory-mapped cache where a split is one contiguous run of it
@@ -23,14 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from stackwise_bench.data import image_cache
+from stackwise_bench.data.folder_walk import FolderWalk
 from stackwise_bench.data.splits import ImageData, _channel_stats, split_train_val, subset_train
 from stackwise_bench.errors import ConfigError
 
@@ -53,6 +59,7 @@ class Scan:
     parts: np.ndarray  # int8: 0 train (or the one pool), 1 val, 2 test
     present: tuple[bool, bool, bool]  # which of train/, val/, test/ exist
     ignored: int  # files in class folders that are not images (by extension)
+    broken: list[dict] = field(default_factory=list)  # {"path", "error"}: links that lead to nothing
 
 
 def load_imagefolder(
@@ -96,24 +103,13 @@ def load_imagefolder(
         )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else folder / ".stackwise_cache"
     scan = scan_folder(folder, root, exclude=cache)
+    if scan.broken and not skip_bad:  # before any decoding
+        raise _broken_links(root, scan.broken)
     key = image_cache.cache_key(folder, scan.rel_paths, size)
     entry = image_cache.open_or_build(
         cache, "null" if cache_dir is None else str(cache_dir), folder, scan.rel_paths, scan.labels, size, threads, key
     )
-    bad = entry.bad
-    if bad and not skip_bad:
-        first = ", ".join(b["path"] for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        them = "them" if len(bad) > 1 else "it"
-        raise ConfigError(
-            f"dataset.root={root}: {len(bad)} image file{'s' if len(bad) > 1 else ''} could not be decoded "
-            f"({first}); delete or replace {them}, or set dataset.skip_bad=true to leave {them} out."
-        )
-    if bad:
-        log.warning(
-            "dataset.skip_bad=true: leaving out %d image file(s) that could not be decoded: %s",
-            len(bad),
-            "; ".join(f"{b['path']} ({b['error']})" for b in bad[:5]) + (" ..." if len(bad) > 5 else ""),
-        )
+    skipped = _left_out(root, scan.broken, entry.bad, skip_bad)
     if scan.ignored:
         log.info("ignored %d files in the class folders of %s that are not %s images", scan.ignored, folder, KINDS)
     data, where = _assemble(root, scan, entry, val_fraction, test_fraction, split_seed, train_size)
@@ -129,9 +125,43 @@ def load_imagefolder(
             "build_s": entry.manifest.get("build_s") if entry.built else None,
             "splits_in": where,  # view (of the mapped cache), ram, or disk (mapped subset files)
         },
-        "skipped": {"count": len(bad), "files": [{"path": b["path"], "error": b["error"]} for b in bad[:20]]},
+        "skipped": {"count": len(skipped), "files": skipped[:20]},
     }
     return data
+
+
+def _broken_links(root_setting: str, broken: list[dict]) -> ConfigError:
+    """The refusal of links that lead to nothing (``dataset.skip_bad=false``)."""
+    if len(broken) == 1:
+        return ConfigError(
+            f"dataset.root={root_setting}: {broken[0]['path']} is {broken[0]['error']}; fix or delete the link, or set "
+            "dataset.skip_bad=true to leave it out."
+        )
+    first = ", ".join(b["path"] for b in broken[:3]) + (", ..." if len(broken) > 3 else "")
+    return ConfigError(
+        f"dataset.root={root_setting}: {len(broken)} links lead to nothing ({first}: their targets do not exist, or "
+        "loop); fix or delete them, or set dataset.skip_bad=true to leave them out."
+    )
+
+
+def _left_out(root_setting: str, broken: list[dict], bad: list[dict], skip_bad: bool) -> list[dict]:
+    """``{"path", "error"}`` of the files left out (broken links, then files that could not be decoded), said in a
+    warning; undecodable files are refused instead without ``dataset.skip_bad``."""
+    if bad and not skip_bad:
+        first = ", ".join(b["path"] for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        them = "them" if len(bad) > 1 else "it"
+        raise ConfigError(
+            f"dataset.root={root_setting}: {len(bad)} image file{'s' if len(bad) > 1 else ''} could not be decoded "
+            f"({first}); delete or replace {them}, or set dataset.skip_bad=true to leave {them} out."
+        )
+    skipped = [{"path": b["path"], "error": b["error"]} for b in [*broken, *bad]]
+    if skipped:
+        log.warning(
+            "dataset.skip_bad=true: leaving out %d file(s) that could not be read or decoded: %s",
+            len(skipped),
+            "; ".join(f"{b['path']} ({b['error']})" for b in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
+    return skipped
 
 
 def scan_folder(folder: Path, root_setting: str, exclude: Path | None = None) -> Scan:
@@ -149,26 +179,7 @@ def scan_folder(folder: Path, root_setting: str, exclude: Path | None = None) ->
     else:
         layout, bases = "class folders", [(0, folder)]
     classes = [p.name for p in _subdirs(bases[0][1], exclude)]
-    index = {name: i for i, name in enumerate(classes)}
-    rel_paths, labels, parts, ignored = [], [], [], 0
-    for part, base in bases:
-        for class_dir in _subdirs(base, exclude):
-            where = class_dir.relative_to(folder).as_posix()
-            if class_dir.name not in index:
-                raise ConfigError(
-                    f"dataset.root={root_setting}: {where} is a class that train/ does not have; add "
-                    f"train/{class_dir.name} with training images, or remove {where}."
-                )
-            found, skipped = _images(class_dir, folder, exclude)
-            ignored += skipped
-            if not found and part == 0:
-                raise ConfigError(
-                    f"dataset.root={root_setting}: the class folder {where} has no {KINDS} images; add some, or "
-                    "remove the folder."
-                )
-            rel_paths += found
-            labels += [index[class_dir.name]] * len(found)
-            parts += [part] * len(found)
+    rel_paths, labels, parts, ignored, broken = _walk(folder, root_setting, bases, classes, exclude)
     if not rel_paths:
         raise ConfigError(
             f"dataset.root={root_setting} has no class folders with {KINDS} images; point dataset.root at the folder "
@@ -187,7 +198,40 @@ def scan_folder(folder: Path, root_setting: str, exclude: Path | None = None) ->
         np.asarray(parts, dtype=np.int8),
         present,  # type: ignore[arg-type]
         ignored,
+        broken,
     )
+
+
+def _walk(folder: Path, root_setting: str, bases: list[tuple[int, Path]], classes: list[str], exclude: Path | None):
+    """(relative paths, labels, parts, count of other files, broken links) of the class folders of ``bases``."""
+    index = {name: i for i, name in enumerate(classes)}
+    walk = FolderWalk(folder, root_setting, exclude)
+    class_dirs = [(part, base, _subdirs(base, exclude)) for part, base in bases]
+    for part, base, dirs in class_dirs:  # every split and class folder, before a link can lead a walk into one
+        if base != folder:
+            walk.reserve(base, f"the {PARTS[part]}/ folder")
+        for class_dir in dirs:
+            walk.reserve(class_dir, f"the class folder {class_dir.relative_to(folder).as_posix()}")
+    rel_paths, labels, parts, ignored = [], [], [], 0
+    for part, _, dirs in class_dirs:
+        for class_dir in dirs:
+            where = class_dir.relative_to(folder).as_posix()
+            if class_dir.name not in index:
+                raise ConfigError(
+                    f"dataset.root={root_setting}: {where} is a class that train/ does not have; add "
+                    f"train/{class_dir.name} with training images, or remove {where}."
+                )
+            found, skipped = walk.images(class_dir)
+            ignored += skipped
+            if not found and part == 0:
+                raise ConfigError(
+                    f"dataset.root={root_setting}: the class folder {where} has no {KINDS} images; add some, or "
+                    "remove the folder."
+                )
+            rel_paths += found
+            labels += [index[class_dir.name]] * len(found)
+            parts += [part] * len(found)
+    return rel_paths, labels, parts, ignored, walk.broken
 
 
 def _subdirs(folder: Path, exclude: Path | None) -> list[Path]:
@@ -198,23 +242,6 @@ def _subdirs(folder: Path, exclude: Path | None) -> list[Path]:
             if not e.name.startswith(".") and e.is_dir() and (skip is None or Path(e.path).resolve() != skip):
                 found.append(Path(e.path))
     return sorted(found, key=lambda p: p.name)
-
-
-def _images(class_dir: Path, folder: Path, exclude: Path | None) -> tuple[list[str], int]:
-    """Relative paths (posix, sorted) of the images anywhere under ``class_dir``, and the count of other files."""
-    skip = exclude.resolve() if exclude is not None else None
-    found, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != skip]
-        prefix = Path(dirpath).relative_to(folder).as_posix()
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if os.path.splitext(name)[1].lower() in image_cache.EXTENSIONS:
-                found.append(f"{prefix}/{name}")
-            else:
-                ignored += 1
-    return sorted(found), ignored
 
 
 def _cpus() -> int:
@@ -292,6 +319,10 @@ def _assemble(root_setting, scan: Scan, entry, val_fraction, test_fraction, spli
         **lists,
         "test_idx": test.tolist(),
         "sha256": hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest(),
+        # which file and label each row is: a resume compares them file by file (splits.check_resumed_split)
+        "classes": list(scan.classes),
+        "files": list(scan.rel_paths),
+        "labels": labels.tolist(),
     }
     (train_x, val_x, test_x), where = _take(entry, [train, val, test])
     mean, std = _train_stats(entry, train, train_x)
@@ -301,6 +332,14 @@ def _assemble(root_setting, scan: Scan, entry, val_fraction, test_fraction, spli
 
     data = ImageData("imagefolder", train_x, y(train), val_x, y(val), test_x, y(test), scan.classes, mean, std, split)
     return data, where
+
+
+def _three_numbers(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
 
 
 def ram_budget() -> int:
@@ -342,8 +381,8 @@ def _take(entry, parts: list[np.ndarray]) -> tuple[list[torch.Tensor], str]:
 def _train_stats(entry, train: np.ndarray, train_x: torch.Tensor):
     """Per-channel mean/std of the training images, read from the cache entry when an earlier run computed them."""
     path = entry.path / f"stats-{hashlib.sha256(train.astype(np.int64).tobytes()).hexdigest()[:24]}.json"
-    found = image_cache.read_json(path)
-    if found and len(found.get("mean", ())) == 3 and len(found.get("std", ())) == 3:
+    found = image_cache.read_json(path) or {}
+    if all(_three_numbers(found.get(k)) for k in ("mean", "std")):  # else none yet, or damaged: computed again
         return tuple(found["mean"]), tuple(found["std"])
     chunk = max(1, (1 << 22) // max(1, int(np.prod(train_x.shape[1:]))))  # ~32 MB of float64 per chunk
     mean, std = _channel_stats(train_x, chunk=chunk)
