@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -14,7 +17,7 @@ from omegaconf import OmegaConf
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.train import run
 
-from conftest import CONF, compose, read_summary
+from conftest import CONF, ROOT, TINY, compose, read_summary
 
 
 @dataclass
@@ -462,3 +465,90 @@ def test_bad_evaluation_study_knob(overrides, says):
         study_job(cfg, job=None)
     message = str(info.value)
     assert "\n" not in message and message.endswith(".") and re.search(says, message), message
+
+
+# --- keys no config has: a + typo (Hydra's own advice for an unknown key) is refused by name --------------------
+
+
+def test_misspelt_added_key_is_refused_naming_the_real_one(tmp_path, cfg_factory):
+    """``+trainer.max_epoch=3`` reached the Trainer as a keyword (TypeError traceback); now one sentence, first."""
+    from stackwise_bench.knobs import check_config
+
+    r = refuse(cfg_factory(["+trainer.max_epoch=3"]), tmp_path / "r")
+    assert r.message == (
+        "trainer.max_epoch=3 is not a key of trainer (did you mean trainer.max_epochs?); use e.g. trainer.max_epochs=3."
+    )
+    assert not r.problems, r.problems
+    # what is not a typo still passes: a timm model's extra keyword (create_model checks it), a monitor of one's own
+    check_config(compose(["model=vit_micro_p4", "+model.qkv_bias=false"]))
+    check_config(compose(["+monitors.mine._target_=my.Monitor", "+monitors.mine.every=3"]))
+
+
+ADDED_KEYS = [
+    ("+optimizer.weight_decai=0.1", r"^optimizer\.weight_decai=0\.1 is not a key of optimizer \(did you mean optimiz"),
+    ("+lora.vera.d_init=0.2", r"^lora\.vera\.d_init=0\.2 is not a key of lora\.vera \(did you mean lora\.vera\.d_ini"),
+    ("+dataset.rooot=x", r"\(did you mean dataset\.root\?\); use e\.g\. dataset\.root=x\.$"),
+    ("+foo=1", r"^foo=1 is not a config key, and none is close to it; remove it\.$"),
+    ("+trainer.zzzzqq=1", r"^trainer\.zzzzqq=1 is not a key of trainer, and none is close to it; remove it\.$"),
+]
+
+
+@pytest.mark.parametrize("override,says", ADDED_KEYS, ids=[c[0] for c in ADDED_KEYS])
+def test_unknown_added_key_in_any_group(override, says):
+    assert re.search(says, _knob_message(compose([override]))), override
+
+
+def test_unknown_key_in_an_evaluation_study():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from stackwise_bench.knobs import check_evaluate_study_config
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="evaluate_study", overrides=["experiment=FP8Test", "+evaluate.quantise=int8"])
+    with pytest.raises(ConfigError, match=r"^evaluate\.quantise=int8 is not a key of evaluate \(did you mean evalua"):
+        check_evaluate_study_config(cfg)
+
+
+# --- the command line: a refusal is one line, and leaves nothing behind ------------------------------------------
+
+
+def cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "stackwise_bench.train", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_refused_run_prints_one_line_and_leaves_no_folder(tmp_path):
+    """VeRA on a ResNet is refused after peft (and, through transformers, torchao) was imported: no torch
+    deprecation lines before the sentence, and no ``multirun/single-runs/<date>/<time>/`` folder marked failed."""
+    out = cli(["lora.method=vera", "lora.rank=4", *TINY], tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    assert len(lines) == 1 and "lora.method=vera cannot be built on resnet8" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_without_a_record_or_in_a_used_folder(tmp_path):
+    """``train experiment=FP8Test`` made a folder with no summary.json; a refused run in a folder that held
+    something before keeps that folder."""
+    out = cli(["experiment=FP8Test"], tmp_path)
+    assert out.returncode == 2 and "trains nothing" in out.stdout + out.stderr, out.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+    used = tmp_path / "mine"
+    used.mkdir()
+    (used / "notes.txt").write_text("kept")
+    out = cli([f"hydra.run.dir={used}", "lora.rank=-1", *TINY], tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (used / "notes.txt").read_text() == "kept" and read_summary(used)["error"]["reason"] == "config"
+
+
+def test_unwritable_output_folder_is_one_sentence_before_hydra_writes(tmp_path):
+    """A file where a folder of hydra.run.dir should be (what a read-only or full disk does to a mkdir, for root
+    too): Hydra's OSError traceback from writing .hydra/ before; now one sentence naming the folder and the key."""
+    (tmp_path / "disk").write_text("a file, not a folder")
+    out = cli([f"hydra.run.dir={tmp_path / 'disk' / 'run'}", *TINY], tmp_path)
+    assert out.returncode == 2
+    lines = (out.stdout + out.stderr).splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, lines
+    assert f"hydra.run.dir={tmp_path / 'disk' / 'run'} cannot be written ({tmp_path / 'disk'} is a file" in lines[0]

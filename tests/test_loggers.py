@@ -257,6 +257,46 @@ def test_mlflow_values_params_and_resume(mlflow_study):
     fresh.close("failed")
 
 
+def test_mlflow_keeps_everything_of_a_study_inside_its_folder(mlflow_study, tmp_path, monkeypatch):
+    """MLflow's default artifact root is <cwd>/mlruns: the study's experiment points inside the study folder."""
+    from mlflow import MlflowClient
+
+    from stackwise_bench.training.loggers.mlflow_logger import MLflowLogger
+
+    monkeypatch.chdir(tmp_path)  # somewhere else than the study folder
+    tracker = MLflowLogger()
+    state = tracker.open(tracker_run(mlflow_study, f"study-{uuid.uuid4().hex[:6]}"))
+    feed(tracker, FIRST, "completed")
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    for uri in (
+        client.get_experiment(state["experiment_id"]).artifact_location,
+        client.get_run(state["run_id"]).info.artifact_uri,
+    ):
+        assert uri.startswith(mlflow_study.resolve().as_uri() + "/"), uri
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tracker_store_that_is_not_a_database_is_one_sentence(tmp_path):
+    """A garbage mlflow.db dropped the tracker with SQLAlchemy's three-line message; now a sentence naming it."""
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "mlflow.db").write_bytes(b"garbage")
+    reports = []
+    trackers = Trackers([_mlflow()], lambda: tracker_run(study, "s"), reports.append)
+    trackers.log("train", {"loss": 1.0}, 1)
+    trackers.close("completed")
+    assert reports[0]["mlflow"]["error"] == (
+        f"ConfigError: {(study / 'mlflow.db').resolve()} is not a readable SQLite database (file is not a database); "
+        "move it away, and MLflow starts a new store (the run folders keep every value)."
+    )
+
+
+def _mlflow():
+    from stackwise_bench.training.loggers.mlflow_logger import MLflowLogger
+
+    return MLflowLogger()
+
+
 # ---- trackio ---------------------------------------------------------------------------------------------------------
 def _trackio_series(project: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     from trackio.sqlite_storage import SQLiteStorage

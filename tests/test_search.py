@@ -124,8 +124,7 @@ def test_relaunching_a_complete_search_trains_nothing_and_plan_says_so(killed_an
 
 
 def test_the_analysis_reports_the_search(killed_and_resumed, tmp_path):
-    from stackwise_bench.analysis.report import write_report
-    from stackwise_bench.analysis.study import analyze_runs
+    from stackwise_bench.analysis import analyze_runs, write_report
 
     _, study, _, _ = killed_and_resumed
     objectives = {name: s["train"]["best_val_top1"] for name, s in finished(study).items()}  # read independently
@@ -205,7 +204,7 @@ def test_a_trial_left_running_by_a_dead_launcher_is_asked_again_with_its_params(
 
 
 def test_importances_need_three_complete_trials(tmp_path):
-    from stackwise_bench.analysis.search import search_views
+    from stackwise_bench.analysis.studies.search import search_views
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     s = optuna.create_study(storage=storage, study_name="search", direction="maximize")
@@ -220,3 +219,31 @@ def test_importances_need_three_complete_trials(tmp_path):
     assert view.best["value"] == 60.0 and view.importances == {}
     assert any("need at least 3 complete trials (2 so far)" in h for h in view.highlights)
     assert json.loads(view.trials.to_json())["best so far"] == {"0": 40.0, "1": 60.0}
+
+
+def test_a_search_database_that_is_not_one_is_refused_in_one_sentence(tmp_path):
+    """A garbage optuna.db was an 85-line SQLAlchemy traceback on launch; now one sentence naming the file."""
+    study = tmp_path / "multirun" / "broken"
+    study.mkdir(parents=True)
+    (study / "optuna.db").write_bytes(b"not a database, not even close")
+    proc = train([*SEARCH, "study=broken"], tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert err.strip() == (
+        f"error: {(study / 'optuna.db').resolve()} is not a readable SQLite database (file is not a database); it "
+        "holds the search's trials: restore it from a copy, or move it away to start over."
+    ), err[-3000:]
+    assert sorted(p.name for p in study.iterdir()) == ["optuna.db"]  # nothing launched
+
+
+def test_truncated_search_database_is_refused_and_a_good_one_opens(tmp_path):
+    from stackwise_bench.runs.stores import check_sqlite
+
+    path = tmp_path / "optuna.db"
+    s = optuna.create_study(storage=f"sqlite:///{path}", study_name="search", direction="maximize")
+    s.tell(s.ask(), 1.0)
+    check_sqlite(path, "restore it")  # a real store passes
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=rf"^{path} is not a readable SQLite database \(database disk image is"):
+        check_sqlite(path, "restore it")

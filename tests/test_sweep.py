@@ -247,8 +247,7 @@ def test_analysis_of_a_real_sweep(four_jobs, tmp_path):
     import numpy as np
     from scipy import stats
 
-    from stackwise_bench.analysis.report import write_report
-    from stackwise_bench.analysis.study import analyze_runs
+    from stackwise_bench.analysis import analyze_runs, write_report
 
     cwd, _, _ = four_jobs
     study = cwd / "multirun" / "four"
@@ -271,3 +270,37 @@ def test_analysis_of_a_real_sweep(four_jobs, tmp_path):
     out = write_report(a, tmp_path / "report")
     for name in ("report.md", "table.tex", "runs.csv", "summary.csv", "stats.csv"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("n_jobs", ["0", "-1"])
+def test_launcher_n_jobs_below_one_is_refused_before_the_launch_record(n_jobs, tmp_path):
+    """joblib raised on 0 after the launch record was written (a traceback), and ran a negative value silently."""
+    out = multirun(["seed=1,2", *SWEEP, "study=jobs", f"hydra.launcher.n_jobs={n_jobs}"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"error: hydra.launcher.n_jobs={n_jobs} must be a positive integer (the jobs run at once), e.g. "
+        "hydra.launcher.n_jobs=2; leave it out for one job per GPU, else up to 4 CPU jobs."
+    ), out.stderr[-3000:]
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_unreadable_launch_records_are_one_sentence(tmp_path):
+    """Garbage, truncated or foreign launch.json / current.json / outcome files: a sentence naming the file."""
+    from stackwise_bench.errors import ConfigError
+    from stackwise_bench.runs.job import check_launch_record, launch_of
+    from stackwise_bench.runs.study import LAUNCH_FILE, current_path, outcome_path, read_outcome
+
+    launch = tmp_path / ".study" / "launches" / "t"
+    launch.mkdir(parents=True)
+    for text in ("garbage", '{"jobs": {"a": {"finger', '{"version": 2}'):
+        (launch / LAUNCH_FILE).write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{launch / LAUNCH_FILE} is not a readable launch record \(.*\); rel"):
+            check_launch_record(launch, "a", "fp")
+    current_path(tmp_path).write_text("\0\0\0")
+    with pytest.raises(ConfigError, match=r"current\.json is not a readable launch record .*; relaunch the study"):
+        launch_of(tmp_path)
+    outcome = outcome_path(launch, "a")
+    outcome.parent.mkdir()
+    outcome.write_text('{"stat')
+    got = read_outcome(outcome)
+    assert got["status"] == "failed" and got["reason"].startswith(f"{outcome} is not a readable launch record")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.knobs.keys import unknown_key
 from stackwise_bench.knobs.rules import ABSENT, GROUP_SIZE_DEFAULT, INT_FORMATS, RULES, Get, Rule, _quantized_only
 from stackwise_bench.knobs.specs import (
     Bool,
@@ -316,11 +317,16 @@ EVALUATE_STUDY_KNOBS: dict[str, Spec] = {
 def check_config(cfg: DictConfig | Mapping) -> None:
     """Raise ConfigError with one sentence for the first training knob out of its type or range.
 
-    Checks that the :data:`GROUPS` are there, every key of :data:`KNOBS` the config has, then the
-    :data:`RULES` between keys. ``hydra.*`` is not looked at (Hydra's own), nor an evaluation preset's
-    ``evaluate`` node (``train`` refuses those by name).
+    Checks that the :data:`GROUPS` are there and that every key is one of theirs (a ``+`` typo), every key of
+    :data:`KNOBS` the config has, then the :data:`RULES` between keys. ``hydra.*`` is not looked at (Hydra's own),
+    nor an evaluation preset's ``evaluate`` node (``train`` refuses those by name).
     """
-    _check(cfg, KNOBS, before=[_groups_present], after=[*RULES, _root_given])
+    targets = {k for k in EXEMPT if k.endswith("._target_")}
+
+    def no_typo(get: Get) -> str | None:
+        return unknown_key(cfg, {**KNOBS, **EXEMPT}, targets, skip=("hydra", "evaluate"))
+
+    _check(cfg, KNOBS, before=[_groups_present, no_typo], after=[*RULES, _root_given])
 
 
 def check_evaluate_config(args: DictConfig | Mapping) -> None:
@@ -330,7 +336,11 @@ def check_evaluate_config(args: DictConfig | Mapping) -> None:
 
 def check_evaluate_study_config(cfg: DictConfig | Mapping) -> None:
     """An evaluation study's config (``conf/evaluate_study.yaml`` + a preset): one sentence for the first bad knob."""
-    _check(cfg, EVALUATE_STUDY_KNOBS, after=[_quantized_only("evaluate.")])
+
+    def no_typo(get: Get) -> str | None:
+        return unknown_key(cfg, EVALUATE_STUDY_KNOBS, set())
+
+    _check(cfg, EVALUATE_STUDY_KNOBS, before=[no_typo], after=[_quantized_only("evaluate.")])
 
 
 def _check(

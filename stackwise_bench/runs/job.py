@@ -28,13 +28,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs import stopping
+from stackwise_bench.runs import noise, output_dir, stopping
 from stackwise_bench.runs.contract import FINISHED, read_summary
 from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.launch import Launch, current, exit_code, watch
 from stackwise_bench.runs.lease import RunBusy, pid_alive
 from stackwise_bench.runs.provenance import fingerprint
-from stackwise_bench.runs.study import LAUNCH_FILE, STUDY_DIR, current_path, launches_dir, outcome_path
+from stackwise_bench.runs.study import (
+    LAUNCH_FILE,
+    RELAUNCH,
+    STUDY_DIR,
+    current_path,
+    launches_dir,
+    outcome_path,
+    read_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,11 @@ log = logging.getLogger(__name__)
 # the same names, so `hydra/launcher=submitit_slurm` gets our defaults; Hydra still validates them against the
 # plugin's schema (catching typos) and warns that this is deprecated.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+noise.quiet()  # torch's deprecation lines when peft imports torchao: by logger and message, nothing else
+
+
+# The exit code of a single run that failed in a way its record explains (error.reason); ConfigError exits 2.
+FAILURE_EXIT = {"diverged": 3, "io": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +92,15 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
             summary = task(cfg, job)
         except ConfigError as exc:  # RunBusy included: another process is writing hydra.run.dir
             log.error("%s", exc)
+            if not isinstance(exc, RunBusy):  # refused before any work: the folder this launch made goes
+                output_dir.discard(job.run_dir)
             sys.exit(2)
+        except Exception as exc:  # a diverged run or a failed write: summary.json holds its traceback, here one line
+            code = FAILURE_EXIT.get(getattr(exc, "reason", None))
+            if code is None:
+                raise
+            log.error("%s: %s", exc.reason, exc)
+            sys.exit(code)
         finally:
             release_memory()
         if summary.get("status") == "interrupted":  # saved, but not finished: `train && analyze` must not go on
@@ -91,7 +112,11 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
             )
             sys.exit(exit_code(stopped_by))
         return _top1(summary)
-    launch = launch_of(job.sweep_dir)
+    try:
+        launch = launch_of(job.sweep_dir)
+    except ConfigError as exc:  # no launch to report to: the job's one line is all there is
+        log.error("job %s: %s", job.name, exc)
+        return None
     watchdog = watch(launch)
     stopping.clear()  # joblib reuses this process: an earlier job's stop request is not this job's
     if launch.stopped_by() is not None:
@@ -105,7 +130,7 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
         if refused:
             raise ConfigError(refused)
         n_jobs = hc.launcher.get("n_jobs") or 1
-        threads = hc.launcher.get("cpus_per_task") or cores_per_job(os.cpu_count() if n_jobs < 0 else n_jobs)
+        threads = hc.launcher.get("cpus_per_task") or cores_per_job(n_jobs)  # n_jobs >= 1: check_launcher
         with gpu_slot(job.sweep_dir) as device:
             summary = task(cfg, dataclasses.replace(job, threads=threads, device=device))
         status = summary["status"]
@@ -140,8 +165,9 @@ def launch_of(sweep_dir: Path) -> Launch:
     launch = current()
     if launch is not None:
         return launch
-    latest = json.loads(current_path(sweep_dir).read_text())["launch"] if current_path(sweep_dir).exists() else "_"
-    return Launch(launches_dir(sweep_dir) / latest, host="", pid=0, local=False)
+    path = current_path(sweep_dir)
+    latest = read_record(path, "launch", RELAUNCH)["launch"] if path.exists() else "_"
+    return Launch(launches_dir(sweep_dir) / str(latest), host="", pid=0, local=False)
 
 
 def check_launch_record(launch_dir: Path, job_name: str, fp: str) -> str | None:
@@ -149,7 +175,7 @@ def check_launch_record(launch_dir: Path, job_name: str, fp: str) -> str | None:
     path = Path(launch_dir) / LAUNCH_FILE
     if not path.exists():
         return None
-    planned = json.loads(path.read_text())["jobs"].get(job_name)
+    planned = (read_record(path, "jobs", RELAUNCH)["jobs"] or {}).get(job_name)
     if planned is None or planned["fingerprint"] == fp:
         return None
     return (

@@ -21,7 +21,6 @@ SQLite storage fails under SQLAlchemy 2 and whose fANOVA fails on current scikit
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
+from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
 from stackwise_bench.runs.launch import current
 from stackwise_bench.runs.search_config import (
@@ -41,7 +41,7 @@ from stackwise_bench.runs.search_config import (
     search_space,
 )
 from stackwise_bench.runs.search_store import RETRIED, count, end_stale_trials, log_best, open_study, resume_unfinished
-from stackwise_bench.runs.study import outcome_path
+from stackwise_bench.runs.study import outcome_path, read_record
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,10 @@ def job_outcome(launch, job: str, run_dir: Path) -> str:
     if launch is not None:
         path = outcome_path(launch.dir, job)
         if path.exists():
-            return json.loads(path.read_text())["status"]
+            try:
+                return read_record(path, "status", "")["status"]
+            except ConfigError:
+                pass  # unreadable (a full disk, a hand edit): its summary.json says how it ended
     try:
         return (read_summary(run_dir) or {}).get("status") or "failed"
     except UnreadableSummary:

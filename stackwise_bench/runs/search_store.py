@@ -14,9 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.errors import ConfigError, short_error
 from stackwise_bench.runs.contract import SEARCH_DB
 from stackwise_bench.runs.lease import pid_alive
+from stackwise_bench.runs.stores import check_sqlite, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,35 @@ def study_name(sweeper: DictConfig, study: str | None) -> str:
     return sweeper.get("study_name") or (study if sweeper.get("storage") else DEFAULT_STUDY_NAME)
 
 
+def check_store(config: DictConfig) -> None:
+    """Refuse a search database that is not one (garbage, truncated) in one sentence, before Optuna opens it."""
+    url = storage_url(Path(config.hydra.sweep.dir), config.hydra.sweeper.get("storage"))
+    path = sqlite_path(url)
+    if path is not None:
+        check_sqlite(path, "it holds the search's trials: restore it from a copy, or move it away to start over")
+
+
 def open_study(config: DictConfig, create: bool = False):
     """The study's Optuna study (created on a first launch); ConfigError where the stored one disagrees."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     sweeper = config.hydra.sweeper
     sweep_dir = Path(config.hydra.sweep.dir)
     url, name = storage_url(sweep_dir, sweeper.get("storage")), study_name(sweeper, config.get("study"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what each trial did
-    if not create:
-        return optuna.load_study(study_name=name, storage=url)
+    check_store(config)
     try:
+        if not create:
+            return optuna.load_study(study_name=name, storage=url)
         study = optuna.create_study(storage=url, study_name=name, direction=sweeper.direction, load_if_exists=True)
     except ValueError as exc:
         raise ConfigError(f"the search stored in {url} cannot continue with these settings ({exc}).") from exc
+    except SQLAlchemyError as exc:  # a server storage that is not Optuna's, or a file damaged since the check
+        raise ConfigError(
+            f"the search storage {url} cannot be read ({short_error(exc)}); point hydra.sweeper.storage at an "
+            "Optuna storage, or restore its file from a copy."
+        ) from exc
     stored = study.user_attrs.get("objective")
     if stored is None:
         study.set_user_attr("objective", sweeper.objective)

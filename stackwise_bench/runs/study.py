@@ -27,7 +27,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.errors import ConfigError, short_error
+from stackwise_bench.runs import jsonsafe, output_dir
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
 from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
@@ -104,10 +105,20 @@ def job_state(run_dir: Path, config: dict, fp: str) -> str:
 
 
 class StudyCallback(Callback):
-    """Hydra callback: launch record and plan at the start, failure table and exit code at the end."""
+    """Hydra callback: launch record and plan at the start, failure table and exit code at the end.
+
+    For a single run, it proves ``hydra.run.dir`` writable before Hydra writes ``.hydra/`` into it.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            output_dir.prepare(config.hydra.run.dir, "hydra.run.dir")
+        except ConfigError as exc:
+            _stop(f"error: {exc}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_launcher(config.hydra.launcher)
             self._start(config)
         except ConfigError as exc:
             _stop(f"error: {exc}")
@@ -152,9 +163,9 @@ class StudyCallback(Callback):
                 f"hydra.sweep.dir={sweep_dir} cannot be written ({exc.strerror}); point hydra.sweep.dir "
                 "(or study) at a writable folder."
             ) from exc
-        atomic_write_text(launch_dir / LAUNCH_FILE, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(launch_dir / LAUNCH_FILE, jsonsafe.dumps(record, indent=2) + "\n")
         (launch_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=False))
-        atomic_write_text(current_path(sweep_dir), json.dumps({"launch": stamp, "jobs": planned}, indent=2))
+        atomic_write_text(current_path(sweep_dir), jsonsafe.dumps({"launch": stamp, "jobs": planned}, indent=2))
         # Jobs on this machine (joblib, submitit_local) stop with their launcher; Slurm's belong to the cluster.
         local = "SlurmLauncher" not in str(config.hydra.launcher.get("_target_", ""))
         self.launch = announce(launch_dir, local=local)
@@ -170,16 +181,15 @@ class StudyCallback(Callback):
         if launch is None:  # a launch that on_multirun_start stopped
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = json.loads((launch.dir / LAUNCH_FILE).read_text())["jobs"] or reported_jobs(launch.dir)
+        try:
+            jobs = read_record(launch.dir / LAUNCH_FILE, "jobs", RELAUNCH)["jobs"] or reported_jobs(launch.dir)
+        except ConfigError as exc:  # overwritten while the study ran: the jobs that reported still have a table
+            log.error("%s", exc)
+            jobs = reported_jobs(launch.dir)
         stopped_by = launch.stopped_by()
         listed = []
         for name in jobs:
-            path = outcome_path(launch.dir, name)
-            outcome = (
-                json.loads(path.read_text())
-                if path.exists()
-                else {"status": "failed", "reason": "no outcome recorded (the job died)"}
-            )
+            outcome = read_outcome(outcome_path(launch.dir, name))
             if outcome["status"] not in (*FINISHED, "skipped"):
                 listed.append((name, outcome))
         failed = [name for name, o in listed if o["status"] != "busy"]
@@ -205,6 +215,18 @@ class StudyCallback(Callback):
             sys.exit(1)
 
 
+def check_launcher(launcher: DictConfig) -> None:
+    """The launcher's knobs that joblib would refuse only after the launch record is written, or take silently."""
+    if "n_jobs" not in launcher:  # Slurm's launcher: array_parallelism
+        return
+    n = launcher.n_jobs
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(
+            f"hydra.launcher.n_jobs={n} must be a positive integer (the jobs run at once), e.g. "
+            "hydra.launcher.n_jobs=2; leave it out for one job per GPU, else up to 4 CPU jobs."
+        )
+
+
 def basic_sweeper(config: DictConfig) -> bool:
     """Whether the sweep is Hydra's grid (BasicSweeper), which :func:`job_names` expands."""
     return str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
@@ -213,11 +235,12 @@ def basic_sweeper(config: DictConfig) -> bool:
 def plan_search(config: DictConfig) -> None:
     """A search's checks at launch (one sentence, exit 2); with ``plan=true``, what it holds and would run."""
     from stackwise_bench.runs.search_config import check_search, is_search, probe_overrides, search_space
-    from stackwise_bench.runs.search_store import search_plan
+    from stackwise_bench.runs.search_store import check_store, search_plan
 
     if not is_search(config):  # another sweeper plugin: its own protocol
         return
     check_search(config.hydra.sweeper)
+    check_store(config)  # a garbage optuna.db: one sentence here, not SQLAlchemy's traceback in the sweeper
     space, fixed = search_space(sweep_arguments(config))
     compose_job(probe_overrides(space, fixed), config.hydra.job.config_name)  # a misspelt key fails here, not in a job
     if config.get("plan"):
@@ -229,6 +252,35 @@ def reported_jobs(launch_dir: Path) -> list[str]:
     """The jobs that reported an outcome to this launch (a search's: it plans none at launch)."""
     names = sorted(p.stem for p in (Path(launch_dir) / "outcomes").glob("*.json"))
     return [n.replace("%2F", os.sep) if n != "_" else "" for n in names]
+
+
+RELAUNCH = "relaunch the study (it writes a new launch record; finished jobs are kept)"
+
+
+def read_record(path: Path, key: str, advice: str) -> dict:
+    """A launch record (``launch.json``, ``current.json``, a job's outcome) holding ``key``.
+
+    Raises:
+        ConfigError: the file is unreadable, not JSON (garbage, truncated) or lacks ``key`` (another version).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        why = None if isinstance(data, dict) and key in data else f"no {key!r} in it"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or short_error(exc)
+    if why is not None:
+        raise ConfigError(f"{path} is not a readable launch record ({why}); {advice}.")
+    return data
+
+
+def read_outcome(path: Path) -> dict:
+    """How a job told its launch it ended; a missing or unreadable outcome is a failure, saying which."""
+    if not path.exists():
+        return {"status": "failed", "reason": "no outcome recorded (the job died)"}
+    try:
+        return read_record(path, "status", "the job's own folder says how it ended")
+    except ConfigError as exc:
+        return {"status": "failed", "reason": str(exc)}
 
 
 def launches_dir(sweep_dir: Path) -> Path:

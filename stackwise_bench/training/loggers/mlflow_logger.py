@@ -1,6 +1,8 @@
 """MLflow: one experiment per study, one MLflow run per job, in a store inside the study folder.
 
-The default store is ``sqlite:///<study_dir>/mlflow.db``, never the user's global default. MLflow 3's file store
+The default store is ``sqlite:///<study_dir>/mlflow.db``, never the user's global default, and a local store's
+artifacts go to ``<study_dir>/mlartifacts`` (MLflow's default is ``<cwd>/mlruns``): a study's everything stays in its
+folder. MLflow 3's file store
 (``./mlruns``) is in maintenance mode and refuses to open unless ``MLFLOW_ALLOW_FILE_STORE=true`` is set in the
 environment (for the runs and for ``mlflow ui``); SQLite is what MLflow points users to instead. Parallel jobs share
 that database safely: SQLite serialises the writers (MLflow waits up to 20 s on a lock), and the one step that is not
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stackwise_bench.runs.stores import check_sqlite, sqlite_path
 from stackwise_bench.runs.tracking import TrackerRun
 from stackwise_bench.training.loggers import FINISHED_WELL, HeldSteps, require
 
@@ -27,6 +30,8 @@ MAX_VALUE = 6000
 MAX_KEY = 250
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")  # what MLflow accepts on every OS: the rest becomes "_"
 LOCK_TIMEOUT_S = 300  # creating the tables takes seconds; a lock held longer is a stuck job
+ARTIFACTS = "mlartifacts"  # a local store's artifact root, in the study folder (MLflow's default: <cwd>/mlruns)
+SERVERS = ("http://", "https://", "databricks")  # tracking URIs whose server decides where artifacts go
 
 
 def mlflow_key(key: str) -> str:
@@ -73,12 +78,18 @@ class MLflowLogger:
         filelock = require("filelock", self.name)
         from mlflow import MlflowClient
 
-        uri = self.tracking_uri or f"sqlite:///{Path(run.study_dir).resolve() / 'mlflow.db'}"
-        Path(run.study_dir).mkdir(parents=True, exist_ok=True)
+        study_dir = Path(run.study_dir).resolve()
+        uri = self.tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
+        study_dir.mkdir(parents=True, exist_ok=True)
+        store = sqlite_path(uri)
+        if store is not None:
+            check_sqlite(store, "move it away, and MLflow starts a new store (the run folders keep every value)")
+        # A local store's artifacts default to <cwd>/mlruns: keep them in the study folder with the store.
+        artifacts = None if uri.startswith(SERVERS) else (study_dir / ARTIFACTS).as_uri()
         # The first client of a new database creates its tables (Alembic): two jobs doing it at once collide.
-        with filelock.FileLock(str(Path(run.study_dir) / ".mlflow.lock"), timeout=LOCK_TIMEOUT_S):
+        with filelock.FileLock(str(study_dir / ".mlflow.lock"), timeout=LOCK_TIMEOUT_S):
             self._client = MlflowClient(tracking_uri=uri)
-            experiment_id = self._experiment(run.study)
+            experiment_id = self._experiment(run.study, artifacts)
         found = self._find(experiment_id, run)
         if found is None:
             self._run_id = self._client.create_run(experiment_id, run_name=run.name, tags=self._tags(run)).info.run_id
@@ -93,8 +104,11 @@ class MLflowLogger:
         self._log_params(run.params, held_params)
         return {"run_id": self._run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
-    def _experiment(self, study: str) -> str:
-        """The study's experiment id, created on first use (another job may create it first: then it is found)."""
+    def _experiment(self, study: str, artifacts: str | None) -> str:
+        """The study's experiment id, created on first use (another job may create it first: then it is found).
+
+        ``artifacts``: the new experiment's artifact location (None: the server's default).
+        """
         from mlflow.exceptions import MlflowException
 
         for _ in range(5):
@@ -104,7 +118,7 @@ class MLflowLogger:
                     self._client.restore_experiment(experiment.experiment_id)
                 return experiment.experiment_id
             try:
-                return self._client.create_experiment(study)
+                return self._client.create_experiment(study, artifact_location=artifacts)
             except MlflowException as exc:  # "already exists": a job without the lock (a server store) won the race
                 if "exist" not in str(exc).lower():
                     raise

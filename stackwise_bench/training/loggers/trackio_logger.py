@@ -29,6 +29,7 @@ import time
 import uuid
 from typing import Any
 
+from stackwise_bench.runs.stores import check_sqlite
 from stackwise_bench.runs.tracking import TrackerRun
 from stackwise_bench.training.loggers import HeldSteps, require
 
@@ -69,6 +70,10 @@ class TrackioLogger:
         from trackio.sqlite_storage import SQLiteStorage
 
         SQLiteStorage.validate_project_name(run.study)
+        check_sqlite(
+            SQLiteStorage.get_project_db_path(run.study),
+            "move it away, and trackio starts the project anew (the run folders keep every value)",
+        )
         self._storage, self._project, self._run = SQLiteStorage, run.study, run.name
         run_id = run.state.get("run_id")
         if not run_id and run.resume_step is not None:  # an attempt killed before its state was recorded

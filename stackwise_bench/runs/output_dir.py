@@ -1,0 +1,85 @@
+"""A single run's output folder: checked before Hydra writes into it, and gone again when the run is refused.
+
+Hydra creates ``hydra.run.dir`` and writes ``.hydra/`` and the job's log into it before the app runs, so a folder
+that cannot be written (a read-only or full disk, a file where a folder should be) would end in a Hydra ``OSError``
+traceback. :func:`prepare` (``StudyCallback.on_run_start``, before Hydra writes anything) proves the folder
+writable, or refuses in one sentence.
+
+A run refused before any work (bad input) leaves nothing behind: :func:`discard` removes the folder, and the
+parents it needed, only where :func:`prepare` saw that this process created them. A folder that held anything
+before (``hydra.run.dir=<an existing run>``) is never removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs.contract import CHECKPOINTS, METRICS
+from stackwise_bench.runs.files import check_writable
+
+# The folders this process created for its run: the run folder -> the topmost folder created with it.
+_created: dict[Path, Path] = {}
+
+
+def prepare(folder: str | os.PathLike, key: str = "hydra.run.dir") -> None:
+    """Create ``folder`` and prove it writable; remember what was created for :func:`discard`.
+
+    Raises:
+        ConfigError: it cannot be created or written (``key`` names the setting to change); nothing is left.
+    """
+    folder = _absolute(folder)
+    top = _first_missing(folder)
+    try:
+        check_writable(folder, key)
+    except ConfigError:
+        if top is not None:
+            _remove_empty(folder, top)  # a full disk may let the mkdir through and fail the probe
+        raise
+    if top is not None:
+        _created[folder] = top
+
+
+def discard(folder: str | os.PathLike) -> bool:
+    """Remove the run folder of a refused run, where this process created it and nothing was trained in it.
+
+    Returns whether it was removed.
+    """
+    folder = _absolute(folder)
+    top = _created.pop(folder, None)
+    if top is None or not folder.is_dir():
+        return False
+    if (folder / CHECKPOINTS).exists() or (folder / METRICS).exists():  # work done: not a refusal's leftovers
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    _remove_empty(folder.parent, top)
+    return True
+
+
+def _remove_empty(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    for place in (folder, *folder.parents):
+        if not place.is_relative_to(top):
+            return
+        if not place.exists():
+            continue
+        try:
+            place.rmdir()
+        except OSError:  # not empty (another run of the day), or gone already
+            return
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The topmost folder of ``folder``'s path that does not exist yet (None: it exists)."""
+    missing = None
+    for place in (folder, *folder.parents):
+        if os.path.lexists(place):
+            return missing
+        missing = place
+    return missing
+
+
+def _absolute(folder: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(folder))  # as Hydra makes hydra.runtime.output_dir (no symlinks resolved)
