@@ -29,7 +29,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   timeout 200 python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/.tests.xml" tests
   echo "tests exit: $?"
   echo "== benchmark GPU rows"
-  timeout 260 python scripts/benchmark.py --quick --only gpu --out "$out/.benchmark.json"
+  timeout 260 python -m stackwise_bench.bench --quick --only gpu --out "$out/.benchmark.json"
   echo "benchmark exit: $?"
 } 2>&1 | tee "$log"
 
