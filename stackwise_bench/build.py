@@ -48,10 +48,10 @@ class Assembly(NamedTuple):
     optimizer: Any
     scheduler: Any
     monitors: list
-    diagnostics: Any  # None for diagnostics=none
     loggers: list
     regime: Any  # training.regime.Classical or DepthTime
-    adapter: Any  # training.adapters.AdaLoraSchedule for lora.method=adalora, else None
+    task: Any  # training.tasks.ImageClassification: batches, objective, metrics, throughput unit
+    parts: list  # training.parts.StepPart: what joins each step (weight average, AdaLoRA, diagnostics, tracker rows)
 
 
 def instantiate(node, *args, **kwargs):
@@ -92,9 +92,9 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
     optimizer = instantiate(cfg.optimizer, model=model)
-    total_steps = trainer.plan(model, loaders.train, regime)  # epochs x steps, or what trainer.max_flops buys
+    task = build_task(cfg, runtime, data, loaders.train.augment)
+    total_steps = trainer.plan(model, loaders.train, regime, task)  # epochs x steps, or what trainer.max_flops buys
     regime.plan(total_steps)  # the steps at which depth_time grows the model
-    adapter = build_adapter_schedule(cfg, model, total_steps)
     scheduler = instantiate(
         cfg.scheduler,
         optimizer=optimizer,
@@ -102,25 +102,55 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
         max_epochs=trainer.max_epochs,
         total_steps=total_steps,
     )
-    monitors = [instantiate(node) for node in cfg.monitors.values()]
-    diagnostics = instantiate(cfg.diagnostics) if cfg.get("diagnostics") else None
-    loggers = build_loggers(cfg)
     return Assembly(
-        runtime,
-        trainer,
-        data,
-        model,
-        shape,
-        fp8_layers,
-        loaders,
-        optimizer,
-        scheduler,
-        monitors,
-        diagnostics,
-        loggers,
-        regime,
-        adapter,
+        runtime=runtime,
+        trainer=trainer,
+        data=data,
+        model=model,
+        model_shape=shape,
+        fp8_layers=fp8_layers,
+        loaders=loaders,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        monitors=[instantiate(node) for node in cfg.monitors.values()],
+        loggers=build_loggers(cfg),
+        regime=regime,
+        task=task,
+        parts=build_parts(cfg, model, total_steps),
     )
+
+
+def build_task(cfg: DictConfig, runtime, data, augment):
+    """What the run learns: image classification (``trainer.label_smoothing``; the training augmentation's batch
+    mixing, where ``augment`` has one)."""
+    from stackwise_bench.training.tasks import ImageClassification
+
+    return ImageClassification(
+        data.num_classes,
+        runtime.autocast,
+        runtime.device,
+        label_smoothing=cfg.trainer.get("label_smoothing", 0.0),
+        mixing=getattr(augment, "mixing", None),
+        seed=runtime.seed,
+    )
+
+
+def build_parts(cfg: DictConfig, model, total_steps: int) -> list:
+    """The step parts, in the order their rows reach the record: the weight average (``trainer.ema``), AdaLoRA's
+    schedule, the diagnostics, the trackers' step rows (:mod:`stackwise_bench.training.parts`)."""
+    from stackwise_bench.training.ema import AveragePart
+    from stackwise_bench.training.observers import DiagnosticsPart, TrackerRows
+
+    parts = []
+    if cfg.trainer.get("ema") is not None:
+        parts.append(
+            AveragePart(cfg.trainer.ema, cfg.trainer.get("ema_warmup_power"), cfg.trainer.get("best_weights") == "ema")
+        )
+    parts.append(build_adapter_schedule(cfg, model, total_steps))
+    if cfg.get("diagnostics"):
+        parts.append(DiagnosticsPart(instantiate(cfg.diagnostics), compiled=bool(cfg.trainer.get("compile"))))
+    parts.append(TrackerRows(cfg.trainer.get("log_every_n_steps", 20)))
+    return [part for part in parts if part is not None]
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -144,11 +174,16 @@ def build_runtime(cfg: DictConfig, threads: int | None = None, device: str | Non
     return Runtime.create(**knobs, precision=cfg.precision.name, seed=cfg.seed)
 
 
+# trainer.* knobs that configure the task or a step part, not the loop (build_task, build_parts read them).
+PART_KEYS = ("label_smoothing", "ema", "ema_warmup_power", "best_weights")
+
+
 def build_trainer(cfg: DictConfig, runtime, resume: bool = False):
-    """The Trainer from ``cfg.trainer``'s loop knobs (the runtime's keys went into ``runtime``)."""
+    """The Trainer from ``cfg.trainer``'s loop knobs (the runtime's keys went into ``runtime``, the task's and
+    the parts' are :data:`PART_KEYS`)."""
     from stackwise_bench.training.runtime import RUNTIME_KEYS
 
-    loop = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in RUNTIME_KEYS])
+    loop = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in RUNTIME_KEYS + PART_KEYS])
     # Called here, not given to instantiate: Hydra would turn the Runtime dataclass into a config node.
     return instantiate(loop, _partial_=True)(runtime=runtime, resume=resume)
 

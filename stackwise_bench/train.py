@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.build import adapter_record, build_run, model_shape
 from stackwise_bench.configs import CONF_DIR
+from stackwise_bench.data.splits import check_resumed_split
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.evaluation import is_quantized_lora, merged_test
 from stackwise_bench.knobs import check_config
@@ -57,7 +58,7 @@ def run(
     # records); the lease makes this process the folder's one writer until the record is final.
     with StopSignal() as stop:
         with lease.acquire(run_dir, knobs.get("timeout_s", 120), knobs.get("on_busy", "skip")) as held:
-            record = RunRecord(run_dir)
+            record = RunRecord(run_dir, fence=held.check)  # once the lease is another's, nothing more is written
             attempts = len(record.summary.get("previous_attempts", []))
             finished = record.prepare(config, fp, may_resume=may_resume)
             if finished is not None:
@@ -78,6 +79,8 @@ def run(
                 check_config(cfg)  # every knob's type and range, before anything is built
                 built = build_run(cfg, resume=resume, threads=threads, device=device)
                 record.update(env=env_info(built.runtime.device))
+                if resume:  # it continues only on the split it was trained on
+                    check_resumed_split(record.dir, built.data.split)
                 record.write_split(built.data.split)
                 # the class names (the confusion matrix's labels) and what the dataset says of itself (imagefolder:
                 # its cache and the images it skipped with dataset.skip_bad=true)
@@ -102,14 +105,13 @@ def run(
                     built.optimizer,
                     built.scheduler,
                     sink=record,
+                    task=built.task,
                     monitors=built.monitors,
                     stop=stop,
-                    diagnostics=built.diagnostics,
+                    parts=built.parts,
                     regime=built.regime,
-                    adapter=built.adapter,
                 )
-                if built.adapter is not None:  # AdaLoRA: the ranks it ended with
-                    record.update(adapter=built.adapter.summary())
+                record.update(**result.sections)  # the task's, and the parts' (AdaLoRA: the ranks it ended with)
                 if result.status != "interrupted" and is_quantized_lora(built.model):
                     record.update(adapter={"merged": merged_test(built.model, built.loaders, built.runtime)})
             except BaseException as exc:

@@ -59,15 +59,15 @@ def test_average_equals_a_hand_computed_ema(warmup_power):
 
 
 def test_bad_settings_are_config_errors():
-    from stackwise_bench.training.runtime import Runtime
-    from stackwise_bench.training.trainer import Trainer
+    """The knobs are checked in one place (stackwise_bench/knobs), before anything is built."""
+    from stackwise_bench.knobs import check_config
 
-    with pytest.raises(ConfigError, match=r"^trainer\.ema=1\.5 must be a decay in \(0, 1\)"):
-        WeightAverage(torch.nn.Linear(2, 2), 1.5)
+    with pytest.raises(ConfigError, match=r"^trainer\.ema=1\.5 must be a number in \(0, 1\)"):
+        check_config(compose(["trainer.ema=1.5"]))
     with pytest.raises(ConfigError, match=r"^trainer\.ema_warmup_power=-1 must be a positive number"):
-        WeightAverage(torch.nn.Linear(2, 2), 0.9, warmup_power=-1)
+        check_config(compose(["trainer.ema=0.9", "trainer.ema_warmup_power=-1"]))
     with pytest.raises(ConfigError, match=r"^trainer\.best_weights=ema .* trainer\.ema=null keeps none"):
-        Trainer(Runtime(torch.device("cpu")), best_weights="ema")
+        check_config(compose(["trainer.best_weights=ema"]))
 
 
 @pytest.fixture(scope="module")

@@ -277,10 +277,10 @@ def test_preemption_saves_mid_epoch_then_hands_over_to_submitit(baseline_run, tm
 
 @pytest.mark.parametrize("phase", ["validation", "test"])
 def test_sigterm_in_validation_or_the_test_phase_is_saved_and_resumes(phase, baseline_run, tmp_path, monkeypatch):
-    import stackwise_bench.training.trainer as trainer_module
+    import stackwise_bench.training.tasks as task_module  # the task evaluates, in validation and at test
 
     cfg, full_dir, full_summary = baseline_run
-    real = trainer_module.evaluate
+    real = task_module.evaluate
     hit = {"done": False}
 
     def evaluate_then_sigterm(*args, **kwargs):
@@ -289,7 +289,7 @@ def test_sigterm_in_validation_or_the_test_phase_is_saved_and_resumes(phase, bas
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_sigterm)
+    monkeypatch.setattr(task_module, "evaluate", evaluate_then_sigterm)
     summary = run(cfg, tmp_path / phase)
     assert summary["status"] == "interrupted" and summary["run"]["stopped_by"] == "SIGTERM"
     assert summary["test"] == {}

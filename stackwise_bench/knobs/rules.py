@@ -100,6 +100,33 @@ def _depth_time_grows_a_plain_model(get: Get) -> str | None:
     return None
 
 
+def _weight_average(get: Get) -> str | None:
+    """``trainer.best_weights=ema`` needs an average; an average needs a fixed set of weights and per-layer rates
+    that a growing model's regrouping would not drop."""
+    ema, best = get("trainer.ema"), get("trainer.best_weights")
+    if best == "ema" and ema in (None, ABSENT):
+        return (
+            "trainer.best_weights=ema picks best.pt by the weight average's validation, and trainer.ema=null "
+            "keeps none; set trainer.ema=0.999 or trainer.best_weights=raw."
+        )
+    if not str(get("regime._target_")).endswith(".DepthTime"):
+        return None
+    regime = "depth_time"
+    if ema not in (None, ABSENT):
+        return (
+            f"trainer.ema={show(ema)} averages a fixed set of weights, and regime={regime} grows the model during "
+            "training; set trainer.ema=null or use regime=classical."
+        )
+    decay = get("optimizer.layer_decay")
+    if decay not in (None, ABSENT):
+        return (
+            f"optimizer.layer_decay sets per-layer learning rates (optimizer.layer_decay={show(decay)}), which "
+            f"regime={regime} regroups away when it grows the model; set optimizer.layer_decay=null or use "
+            "regime=classical."
+        )
+    return None
+
+
 def _target_regex_compiles(get: Get) -> str | None:
     """A string ``lora.target_modules`` is a regex (peft's rule): one that does not compile is refused here."""
     targets = get("lora.target_modules")
@@ -123,6 +150,7 @@ RULES: list[Rule] = [
     _token_pool_needs_class_token,
     _warmup_within_training,
     _depth_time_grows_a_plain_model,
+    _weight_average,
     _target_regex_compiles,
 ]
 

@@ -5,15 +5,15 @@ step, after ``optimizer.step()`` and before the gradients are cleared (peft issu
 whose ranks never changed because nobody called it). Its orthogonality penalty is added by peft only to a
 HuggingFace output's ``.loss``, which a timm classifier does not have. And its importance scores (three EMAs per
 adapter tensor) live outside the model's ``state_dict``. :class:`AdaLoraSchedule` does those three things for the
-:class:`~stackwise_bench.training.trainer.Trainer`:
+training loop, as a step part (:mod:`~stackwise_bench.training.parts`):
 
 - :meth:`plan` sets ``total_step`` to the run's real number of optimizer steps (the trainer's plan: epochs x
   steps, or what a FLOP budget buys; the same on resume) and refuses a ``tinit``/``tfinal`` that leaves no steps
   to prune in;
 - :meth:`penalty` is the orthogonality regulariser the trainer adds to the loss;
-- :meth:`after_step` calls ``update_and_allocate`` and returns a diagnostics row (``kind: adapter_ranks``, the
+- :meth:`after_step` calls ``update_and_allocate`` and writes a diagnostics row (``kind: adapter_ranks``, the
   rank of every adapted layer) whenever the allocation changes;
-- :meth:`state_dict` / :meth:`load_state_dict` carry the importance scores and the rank pattern through a
+- :meth:`state` / :meth:`restore` carry the importance scores and the rank pattern through a
   checkpoint, so a resumed run allocates exactly as an uninterrupted one.
 """
 
@@ -22,14 +22,15 @@ from __future__ import annotations
 import torch
 
 from stackwise_bench.nn.peft_methods import adalora_schedule
+from stackwise_bench.training.parts import Fit, StepInfo, StepPart
 
 ADAPTER = "default"  # peft's adapter name
 
 
-class AdaLoraSchedule:
-    """Drives a peft AdaLoRA model's rank allocation from the trainer's loop."""
+class AdaLoraSchedule(StepPart):
+    """Drives a peft AdaLoRA model's rank allocation from the trainer's loop (a :class:`~.parts.StepPart`)."""
 
-    needs_grads = True  # update_and_allocate reads the (unscaled) gradients after the optimizer step
+    key = "adapter"  # its checkpoint entry
 
     def __init__(self, model, options: dict):
         self.model = model
@@ -45,6 +46,12 @@ class AdaLoraSchedule:
         self.config.total_step, self.config.tinit, self.config.tfinal = total_steps, tinit, tfinal
 
     # ------------------------------------------------------------------ steps
+    def attach(self, fit: Fit) -> None:
+        self.sink = fit.sink
+
+    def needs_grads(self, step: int) -> bool:
+        return True  # update_and_allocate reads the (unscaled) gradients after the optimizer step
+
     def penalty(self) -> torch.Tensor | float:
         """``orth_reg_weight`` x the mean over adapter factors of ||P Pᵀ − I||_F (A) and ||Qᵀ Q − I||_F (B), as peft."""
         weight = self.config.orth_reg_weight
@@ -58,7 +65,13 @@ class AdaLoraSchedule:
                 terms.append(torch.linalg.matrix_norm(cov - eye))
         return weight * torch.stack(terms).mean() if terms else 0.0
 
-    def after_step(self, step: int, epoch: int) -> dict | None:
+    def after_step(self, info: StepInfo) -> None:
+        """Reallocate after the optimizer step; the ranks row to diagnostics.jsonl when the allocation changed."""
+        row = self.reallocate(info.step, info.epoch)
+        if row is not None:
+            self.sink.log_diagnostics(row)
+
+    def reallocate(self, step: int, epoch: int) -> dict | None:
         """Reallocate after optimizer step number ``step`` (1-based); the ranks row when the allocation changed."""
         self.model.base_model.update_and_allocate(step)
         ranks = self.ranks()
@@ -86,18 +99,21 @@ class AdaLoraSchedule:
 
     # ------------------------------------------------------------------ record
     def summary(self) -> dict:
+        """summary.json's ``adapter`` section at the end: the ranks it ended with, and its schedule."""
         ranks = self.ranks()
         return {
-            "final_ranks": ranks,
-            "rank_budget": sum(ranks.values()),
-            "init_r": self.config.init_r,
-            "target_r": self.config.target_r,
-            "total_step": self.config.total_step,
-            "tinit": self.config.tinit,
-            "tfinal": self.config.tfinal,
+            "adapter": {
+                "final_ranks": ranks,
+                "rank_budget": sum(ranks.values()),
+                "init_r": self.config.init_r,
+                "target_r": self.config.target_r,
+                "total_step": self.config.total_step,
+                "tinit": self.config.tinit,
+                "tfinal": self.config.tfinal,
+            }
         }
 
-    def state_dict(self) -> dict:
+    def state(self) -> dict:
         a = self.allocator
         return {
             "ipt": dict(a.ipt),
@@ -107,7 +123,9 @@ class AdaLoraSchedule:
             "logged": self._logged,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def restore(self, state: dict | None) -> None:
+        if state is None:  # a checkpoint from before the schedule kept a state
+            return
         a = self.allocator
         a.ipt, a.exp_avg_ipt, a.exp_avg_unc = dict(state["ipt"]), dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
         self.config.rank_pattern = state["rank_pattern"]

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.errors import ConfigError, short_error
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,28 @@ class Progress:
     epoch: int = 0  # completed epochs
     step: int = 0  # steps done inside the current epoch (>0 only for a mid-epoch interrupt)
     global_step: int = 0
-    best_val_top1: float = -1.0
-    best_val_loss: float = float("inf")  # breaks ties in val_top1 (small validation sets tie often)
+    best_val_top1: float = -1.0  # the task's headline metric at the best epoch (the name predates the task seam)
+    best_val_loss: float = float("inf")
+    best_score: list | None = None  # the task's score of the best validation (larger wins); None before one
     best_epoch: int = 0
     bad_evals: int = 0  # evaluations since the best one, for early stopping
     history: list = dataclasses.field(default_factory=list)
     partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
-    diagnostics: list | None = None  # the diagnostics' grad-norm interval so far (Diagnostics.state)
     compute: dict | None = None  # training FLOPs so far (Compute.state)
+
+
+def migrate(state: dict) -> dict:
+    """A checkpoint written before the step parts, in today's layout (its tensors untouched).
+
+    The diagnostics' interval moved from ``progress`` to the part's own key; the best epoch's score was kept as
+    ``best_val_top1``/``best_val_loss`` only (every run was image classification then: top-1, ties to the loss).
+    """
+    progress = dict(state["progress"])
+    if "diagnostics" in progress:
+        state = {**state, "diagnostics": state.get("diagnostics", progress.pop("diagnostics"))}
+    if "best_score" not in progress and progress.get("best_epoch"):
+        progress["best_score"] = [progress["best_val_top1"], -progress["best_val_loss"]]
+    return {**state, "progress": progress}
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, device: torch.device) -> dict:
@@ -52,15 +66,15 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
     """Loads the sink's ``last`` checkpoint into the objects in place; a fresh Progress when there is none yet.
 
     ``prepare(state, model, optimizer, scheduler)`` runs before the states are loaded: a depth-as-time regime
-    grows the fresh model and optimizer to the shape the checkpoint holds.
+    grows the fresh model and optimizer to the shape the checkpoint holds, and the step parts take their states.
     """
     path = sink.checkpoint_path("last")
     if not path.exists():
         log.info("trainer.resume: no %s yet, starting from scratch", path)
-        sink.trim_to_checkpoint({"progress": {"history": [], "global_step": 0}})  # rows of an attempt that saved none
+        sink.restart_logs()  # the logs and best.pt of an attempt that saved no last.pt
         return Progress()
+    state = migrate(sink.load_checkpoint("last", map_location=device))  # one sentence: damaged, another run's
     try:
-        state = sink.load_checkpoint("last", map_location=device)
         if prepare is not None:
             prepare(state, model, optimizer, scheduler)
         model.load_state_dict(state["model"])
@@ -68,16 +82,14 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200]
         raise ConfigError(
-            f"trainer.resume=true: {path} is corrupt or does not match this model and config "
-            f"({type(exc).__name__}: {reason}); "
-            "delete it to start over or resume in the run folder that wrote it."
+            f"trainer.resume=true: {path} does not match this model and config ({short_error(exc, 200)}); "
+            "delete it to start the run over from epoch 1, or resume in the run folder that wrote it."
         ) from exc
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if "cuda" in state["rng"] and device.type == "cuda":
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     sink.trim_to_checkpoint(state)  # metrics and hardware samples written after this checkpoint would repeat
     log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step)
     return progress

@@ -130,16 +130,16 @@ class Compute:
         log.info("matched to depth_time %s: a budget of %.4g training FLOPs", depth_time.stacks, total)
         return total
 
-    def summary(self, train_seconds: float) -> dict:
-        """``train.flops``, ``train.flops_per_img`` and ``train.mfu`` (where the device's peak is known)."""
+    def summary(self, train_seconds: float, unit: str = "img") -> dict:
+        """``train.flops``, ``train.flops_per_<unit>`` and ``train.mfu`` (where the device's peak is known)."""
         if self.failed or not self.images:
-            return {"flops": None, "flops_per_img": None, "mfu": None}
+            return {"flops": None, f"flops_per_{unit}": None, "mfu": None}
         peak = None
         if self.device.type == "cuda":
             peak = peak_flops(torch.cuda.get_device_name(self.device), _peak_precision(self.precision))
         return {
             "flops": self.total,
-            "flops_per_img": self.total / self.images,
+            f"flops_per_{unit}": self.total / self.images,
             "mfu": mfu(self.total, train_seconds, peak),
         }
 

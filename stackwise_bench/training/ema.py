@@ -1,4 +1,5 @@
-"""An exponential moving average of the weights (``trainer.ema``): timm's ``ModelEmaV3`` plus its checkpoint state.
+"""An exponential moving average of the weights (``trainer.ema``): timm's ``ModelEmaV3`` plus its checkpoint state,
+and :class:`AveragePart`, its part of the training step.
 
 timm's class keeps the averaged copy (parameters and floating buffers; integer buffers are copied) and the decay
 schedule; this wrapper adds what a bit-identical resume needs, which timm's ``state_dict`` leaves out: the private
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.training.parts import Fit, StepInfo, StepPart
 
 
 class WeightAverage:
@@ -22,18 +23,7 @@ class WeightAverage:
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup_power: float | None = None):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
-            raise ConfigError(
-                f"trainer.ema={decay} must be a decay in (0, 1), or null (off); use e.g. trainer.ema=0.999."
-            )
-        warmup = warmup_power is not None
-        if warmup and (
-            isinstance(warmup_power, bool) or not isinstance(warmup_power, (int, float)) or warmup_power <= 0
-        ):
-            raise ConfigError(
-                f"trainer.ema_warmup_power={warmup_power} must be a positive number, or null (no warmup); "
-                "use e.g. trainer.ema_warmup_power=0.75."
-            )
+        warmup = warmup_power is not None  # decay and warmup_power are checked with the other knobs (knobs/)
         from timm.utils import ModelEmaV3  # here: timm costs seconds to import, and a run without EMA needs none
 
         self.ema = ModelEmaV3(model, decay=float(decay), use_warmup=warmup, warmup_power=warmup_power or 2 / 3)
@@ -55,3 +45,53 @@ class WeightAverage:
         generator = getattr(self.ema, "_sr_generator", None)
         if generator is not None and state.get("rounding") is not None:
             generator.set_state(state["rounding"].cpu())
+
+
+class AveragePart(StepPart):
+    """``trainer.ema`` in the loop: the average is made when training starts (a copy of the model as it then is,
+    its memory layout included), updated after every optimizer step, validated beside the trained weights each
+    evaluation (``val_loss_ema``, ``val_<metric>_ema``) and kept in every checkpoint.
+
+    ``best_on_ema`` (``trainer.best_weights=ema``): best.pt, early stopping and ``best_val_<metric>`` follow the
+    average's validation, and best.pt's ``model`` is the average (the test phase and ``evaluate`` see it) with the
+    trained weights as ``raw_model``. A model that grows during training cannot be averaged (knobs/ refuses it).
+    """
+
+    key = "ema"
+
+    def __init__(self, decay: float, warmup_power: float | None = None, best_on_ema: bool = False):
+        self.decay, self.warmup_power, self.best_on_ema = decay, warmup_power, best_on_ema
+        self.average: WeightAverage | None = None
+
+    def attach(self, fit: Fit) -> None:
+        if self.average is None:  # once: the diagnostics' hooks live on the trained model only
+            self.model = fit.model
+            self.average = WeightAverage(fit.model, self.decay, self.warmup_power)
+
+    def after_step(self, info: StepInfo) -> None:
+        self.average.update(self.model, info.step)
+
+    def validate(self, evaluate, row: dict) -> dict | None:
+        keys = [k.removeprefix("val_") for k in row if k.startswith("val_") and not k.endswith("_ema")]
+        if evaluate is None:  # no validation this epoch
+            row.update({f"val_{k}_ema": None for k in keys})
+            return None
+        averaged = evaluate(self.average.module)
+        row.update({f"val_{k}_ema": averaged[k] for k in keys})
+        return averaged if self.best_on_ema else None
+
+    def best_checkpoint(self, state: dict) -> dict:
+        if self.best_on_ema:
+            state = {**state, "raw_model": state["model"], "model": state["ema"]["model"]}
+        return state
+
+    def state(self) -> dict:
+        return self.average.state_dict()
+
+    def restore(self, state: dict | None) -> None:
+        if state is None:
+            raise ValueError("it holds no weight average (trainer.ema was off when it was written)")
+        self.average.load_state_dict(state)
+
+    def summary(self) -> dict:
+        return {"train": {"best_weights": "ema" if self.best_on_ema else "raw"}}  # whose val metric best_val_* is

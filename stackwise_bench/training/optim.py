@@ -17,6 +17,20 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
 
 
+def base_lr(optimizer) -> float:
+    """The learning rate before per-layer scaling (``optimizer.layer_decay``): group 0's over its ``lr_scale``."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
+def global_norm(model) -> torch.Tensor:
+    """The L2 norm of all gradients together (what clip_grad_norm_ returns), for steps that do not clip."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Split trainable parameters: weight decay on weight matrices/kernels only.
 

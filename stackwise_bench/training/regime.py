@@ -79,6 +79,13 @@ class Classical:
         """None: the model's own depth."""
         return None
 
+    def acts_at(self, global_step: int) -> bool:
+        """Whether :meth:`before_step` has anything to do before the step after ``global_step``: never here."""
+        return False
+
+    def grows_at(self, global_step: int) -> bool:
+        return False
+
     def before_step(self, global_step: int, model, optimizer, scheduler) -> dict | None:
         return None
 
@@ -247,6 +254,14 @@ class DepthTime:
         return (global_step - done[-1] + 1) / self.lr_rewarm_steps
 
     # ------------------------------------------------------------------ hooks
+    def grows_at(self, global_step: int) -> bool:
+        """Whether a growth is due before the step that runs after ``global_step`` steps."""
+        return self.stage_at(global_step) != self.stage
+
+    def acts_at(self, global_step: int) -> bool:
+        """Whether :meth:`before_step` has anything to do then: a growth, or the LR rewarm after one."""
+        return bool(self.lr_rewarm_steps) or self.grows_at(global_step)
+
     def before_step(self, global_step: int, model, optimizer, scheduler) -> dict | None:
         """Apply every growth due by ``global_step`` (in order) and the rewarm LR; describe the growth, if any.
 

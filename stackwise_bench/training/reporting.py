@@ -10,26 +10,30 @@ from stackwise_bench.training.checkpointing import Progress
 log = logging.getLogger(__name__)
 
 
-def train_summary(progress: Progress, status: str) -> dict:
-    """``summary.json``'s ``train`` section from the epochs' rows (compilation is not training time)."""
+def train_summary(progress: Progress, status: str, metric: str = "top1", unit: str = "img") -> dict:
+    """``summary.json``'s ``train`` section from the epochs' rows (compilation is not training time).
+
+    ``metric``: the task's headline metric (``best_val_<metric>``, ``final_*_<metric>``); ``unit``: what its
+    speed counts (``<unit>_s``).
+    """
     hist = progress.history
     times = [r["epoch_time_s"] for r in hist]
     timed = [r["epoch_time_s"] - r.get("compile_time_s", 0.0) for r in hist]
-    imgs = sum(r["train_img_s"] * t for r, t in zip(hist, timed))
-    last_val = next((r for r in reversed(hist) if r.get("val_top1") is not None), {})
+    samples = sum(r[f"train_{unit}_s"] * t for r, t in zip(hist, timed))
+    last_val = next((r for r in reversed(hist) if r.get(f"val_{metric}") is not None), {})
     return {
-        "best_val_top1": progress.best_val_top1 if hist else None,
+        f"best_val_{metric}": progress.best_val_top1 if hist else None,
         "best_epoch": progress.best_epoch,
         "epochs_run": progress.epoch,
         "steps": progress.global_step,
         "time_s": sum(times),
-        "img_s": imgs / max(sum(timed), 1e-9),
+        f"{unit}_s": samples / max(sum(timed), 1e-9),
         "compile_time_s": sum(r.get("compile_time_s", 0.0) for r in hist),
         "epoch_time_mean_s": statistics.fmean(times) if times else None,
         "epoch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "final_train_top1": hist[-1]["train_top1"] if hist else None,
+        f"final_train_{metric}": hist[-1][f"train_{metric}"] if hist else None,
         "final_train_loss": hist[-1]["train_loss"] if hist else None,
-        "final_val_top1": last_val.get("val_top1"),
+        f"final_val_{metric}": last_val.get(f"val_{metric}"),
         "final_val_loss": last_val.get("val_loss"),
         "stopped_early": status == "early_stopped",
     }
@@ -43,24 +47,27 @@ def progress_bar(total: int, progress: Progress, max_epochs: int):
     return tqdm(total=total, initial=progress.step, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def update_bar(bar, step: int, loss_sum, correct, seen: int, elapsed: float) -> None:
-    """Move the bar to ``step`` with the running loss, accuracy and speed (reading them syncs the device)."""
+def update_bar(bar, step: int, meter, task) -> None:
+    """Move the bar to ``step`` with the running loss, the task's metric and speed (reading them syncs the device)."""
     bar.n = step
-    bar.set_postfix(
-        loss=f"{float(loss_sum) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.1f}%", img_s=f"{seen / elapsed:.0f}"
-    )
+    seen = max(1, meter.seen)
+    shown = {name: f"{value:.4g}" for name, value in task.train_metrics(meter.tallies, seen).items()}
+    bar.set_postfix(loss=f"{meter.mean_loss():.4f}", **shown, **{f"{task.unit}_s": f"{seen / meter.elapsed():.0f}"})
 
 
-def log_epoch(row: dict, max_epochs: int) -> None:
+def log_epoch(row: dict, max_epochs: int, metric: str = "top1", unit: str = "img") -> None:
     """The epoch's line in the run log."""
-    val = "" if row["val_top1"] is None else f"  val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%"
+    val_metric = row.get(f"val_{metric}")
+    val = "" if val_metric is None else f"  val_loss {row['val_loss']:.4f}  val_{metric} {val_metric:.4g}"
     log.info(
-        "epoch %d/%d  train_loss %.4f  train_top1 %.2f%%%s  %.0f img/s  %.1fs",
+        "epoch %d/%d  train_loss %.4f  train_%s %.4g%s  %.0f %s/s  %.1fs",
         row["epoch"],
         max_epochs,
         row["train_loss"],
-        row["train_top1"],
+        metric,
+        row[f"train_{metric}"],
         val,
-        row["train_img_s"],
+        row[f"train_{unit}_s"],
+        unit,
         row["epoch_time_s"],
     )
