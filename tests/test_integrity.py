@@ -56,7 +56,8 @@ def train_cli(args: list[str], cwd: Path) -> tuple[int, str]:
         env=env,
     )
     assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
-    return out.returncode, "\n".join(line for line in (out.stdout + out.stderr).splitlines() if "[ERROR]" in line)
+    lines = (out.stdout + out.stderr).splitlines()  # a run's refusal is logged; one before Hydra writes is printed
+    return out.returncode, "\n".join(line for line in lines if "[ERROR]" in line or line.startswith("error: "))
 
 
 def interrupted(run_dir: Path, monkeypatch, overrides: list[str] = BASE) -> Path:
@@ -218,3 +219,27 @@ def test_a_resume_refuses_a_changed_or_damaged_split_json(tmp_path, monkeypatch)
     assert message.startswith(f"{split_file} is not valid JSON") and "\n" not in message, message
     assert "delete it to resume without comparing" in message
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+
+
+def test_a_refusal_at_launch_leaves_the_runs_hydra_files_alone(full, tmp_path):
+    """Another config launched into a finished run's folder is refused before Hydra rewrites its .hydra/ and log."""
+    folder = Path(shutil.copytree(full, tmp_path / "run"))
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("seed: 42  # the run's own\n")
+    (folder / "train.log").write_text("[INFO] - the run's own log\n")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "stackwise_bench.train", *BASE, "seed=9", f"hydra.run.dir={folder}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+    text = (out.stdout + out.stderr).strip()
+    assert out.returncode == 2 and len(text.splitlines()) == 1, text
+    assert f"hydra.run.dir={folder} already holds a run with a different config (seed: 42 -> 9)" in text
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

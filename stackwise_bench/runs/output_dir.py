@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import CHECKPOINTS, METRICS
+from stackwise_bench.runs.contract import CHECKPOINTS, METRICS, read_summary
 from stackwise_bench.runs.files import check_writable
 
 # The folders this process created for its run: the run folder -> the topmost folder created with it.
@@ -40,6 +40,30 @@ def prepare(folder: str | os.PathLike, key: str = "hydra.run.dir") -> None:
         raise
     if top is not None:
         _created[folder] = top
+
+
+def check_existing(folder: str | os.PathLike, config) -> None:
+    """Refuse, before Hydra rewrites its ``.hydra/`` and log in it, a run folder that this training config may not
+    touch (:func:`~stackwise_bench.runs.record.refuse_other_run`; the run checks again under the lease).
+
+    Raises:
+        ConfigError: the folder holds another config's run, an unfinished one without ``trainer.resume=true``,
+            or run files without a summary.
+    """
+    folder = _absolute(folder)
+    if not folder.is_dir() or "trainer" not in config:  # a new folder, or not a training app
+        return
+    from omegaconf import OmegaConf
+
+    from stackwise_bench.runs.provenance import fingerprint
+    from stackwise_bench.runs.record import refuse_other_run
+
+    try:
+        job = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
+    except Exception:  # an interpolation only the job itself can resolve: the run's own check still follows
+        return
+    summary = read_summary(folder) or {}
+    refuse_other_run(folder, summary, job, fingerprint(job), bool(job["trainer"].get("resume")))
 
 
 def discard(folder: str | os.PathLike) -> bool:

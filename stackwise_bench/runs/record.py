@@ -67,6 +67,30 @@ def same_run(summary: dict, config: dict, fingerprint: str) -> bool:
     return isinstance(summary.get("config"), dict) and not config_diff(summary["config"], config)
 
 
+def refuse_other_run(run_dir: Path, summary: dict, config: dict, fingerprint: str, may_resume: bool) -> None:
+    """The folder policy, without writing: refuse a folder holding another config's run, an unfinished run that
+    ``may_resume`` does not continue, or run files without a summary (:meth:`RunRecord.prepare`; the train app's
+    callback also asks before Hydra writes its ``.hydra/`` there).
+
+    Raises:
+        ConfigError: one sentence naming the folder and what to do.
+    """
+    if not summary:
+        identity.refuse_unrecorded(run_dir, may_resume)  # a folder whose summary.json is gone
+        return
+    if not same_run(summary, config, fingerprint):
+        diff = config_diff(summary.get("config", {}), config)
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a run with a different config ({diff}); "
+            "choose another hydra.run.dir (or study) instead of overwriting it."
+        )
+    if summary.get("status") not in FINISHED and not may_resume:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a {summary.get('status')} run; set trainer.resume=true to "
+            "continue it from checkpoints/last.pt, or choose another hydra.run.dir."
+        )
+
+
 class RunRecord:
     """Writes one run directory; monitors and the trainer write only through it."""
 
@@ -134,23 +158,12 @@ class RunRecord:
         # The checkpoints this run may continue from carry its fingerprint, or the one its record was written under.
         recorded = (old.get("run") or {}).get("fingerprint")
         self.fingerprints = tuple(dict.fromkeys(f for f in (fingerprint, recorded) if f))
+        refuse_other_run(self.dir, old, config, fingerprint, may_resume)
         if not old:
-            identity.refuse_unrecorded(self.dir, may_resume)  # a folder whose summary.json is gone
             return None
-        if not same_run(old, config, fingerprint):
-            diff = config_diff(old.get("config", {}), config)
-            raise ConfigError(
-                f"hydra.run.dir={self.dir} already holds a run with a different config ({diff}); "
-                "choose another hydra.run.dir (or study) instead of overwriting it."
-            )
         if old.get("status") in FINISHED:
             log.info("%s is already %s with the same config: nothing to do", self.dir, old["status"])
             return old
-        if not may_resume:
-            raise ConfigError(
-                f"hydra.run.dir={self.dir} already holds a {old.get('status')} run; set trainer.resume=true to "
-                "continue it from checkpoints/last.pt, or choose another hydra.run.dir."
-            )
         attempt = {k: old.get(k) for k in ("status", "error")}
         attempt["ended_at"] = old.get("run", {}).get("ended_at")
         attempt["stopped_by"] = old.get("run", {}).get("stopped_by")

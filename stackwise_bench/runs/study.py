@@ -112,6 +112,7 @@ class StudyCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            output_dir.check_existing(config.hydra.run.dir, config)  # before Hydra rewrites .hydra/ there
             output_dir.prepare(config.hydra.run.dir, "hydra.run.dir")
         except ConfigError as exc:
             _stop(f"error: {exc}")
