@@ -66,8 +66,10 @@ def parse_args(argv: list[str]) -> dict:
         raise ConfigError(f"plan_seeds={args['plan_seeds']} must be true or false.")
     if args["aggregate"] not in ("mean", "iqm"):
         raise ConfigError(f"aggregate={args['aggregate']} is not mean or iqm; use aggregate=iqm (or leave it out).")
+    from stackwise_bench.analysis.read.numeric import is_int  # pandas: imported once the arguments parse
+
     boot = args["bootstrap"]
-    if isinstance(boot, bool) or not isinstance(boot, int) or boot < 100:
+    if not is_int(boot) or boot < 100:
         raise ConfigError(f"bootstrap={boot} must be a whole number of resamples of at least 100 (default 1000).")
     if args["scaling"] is not None:
         args["scaling"] = str(args["scaling"])
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         args = parse_args(argv)
-        from stackwise_bench.analysis.report import write_report
-        from stackwise_bench.analysis.study import analyze_runs
+        from stackwise_bench.analysis.pipeline import analyze_runs
+        from stackwise_bench.analysis.report.write import write_report
 
         start = time.perf_counter()
         a = analyze_runs(
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_seed_plan(a) -> None:
     """Per comparison of the pilot: group vs baseline, observed effect, seeds needed for 80% power."""
-    from stackwise_bench.analysis.power import seed_plan_lines
+    from stackwise_bench.analysis.stats.stat_power import seed_plan_lines
 
     base = ", ".join(f"{k}={v}" for k, v in a.baseline.items()) or "none"
     print(f"Seed plan from {len(a.runs)} pilot runs | metric {a.metric} | baseline {base}")
@@ -123,28 +125,33 @@ def print_seed_plan(a) -> None:
 
 
 def print_summary(a, out_dir, seconds: float) -> None:
-    from stackwise_bench.analysis.tables import headline_table, screen_table
+    from stackwise_bench.analysis.read.directions import WORDS
+    from stackwise_bench.analysis.read.formatting import screen_table
+    from stackwise_bench.analysis.report.headline import best_cell_sentence, headline_table
 
     finished = len(a.runs) - len(a.unfinished)
     base = ", ".join(f"{k}={v}" for k, v in a.baseline.items()) or "none"
     print(
         f"{len(a.runs)} runs ({finished} finished) | cells by {', '.join(a.group_by) or '(all runs)'} "
-        f"| metric {a.metric} | baseline {base}\n"
+        f"| metric {a.metric} ({WORDS.get(a.direction, 'read as higher is better')}) | baseline {base}\n"
     )
     print(
         screen_table(headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline, runs=a.runs, iqm=a.iqm))
     )
+    print(best_cell_sentence(a.summary, a.metric, a.direction), end="")
     if a.scaling is not None:
         print_scaling(a.scaling)
     if a.regimes is not None and (a.regimes.sentences or a.regimes.notes):
-        print("\nDepth as time vs classical (test top-1 at equal FLOPs; details in the report):")
+        from stackwise_bench.analysis.studies.regimes import label_of
+
+        print(f"\nDepth as time vs classical ({label_of(a.regimes.metric)} at equal FLOPs; details in the report):")
         print("".join(f"  - {s}\n" for s in [*a.regimes.sentences, *a.regimes.notes]), end="")
     for view in a.views:
         if view.highlights:
             print(f"\n{view.title}:")
             print("".join(f"  - {h}\n" for h in view.highlights), end="")
     if len(a.quantization):
-        from stackwise_bench.analysis.quantization import quantization_display
+        from stackwise_bench.analysis.studies.quantization_report import quantization_display
 
         shown = ["format", "settings", "n", "top-1 before (%)", "top-1 after (%)", "degradation (points)", "p (Holm)"]
         table = quantization_display(a.quantization, a.group_by)
@@ -164,7 +171,7 @@ def print_summary(a, out_dir, seconds: float) -> None:
 
 def print_scaling(s) -> None:
     """α, E and A with their intervals per stratum, or the sentence saying why there is no fit."""
-    from stackwise_bench.analysis.scaling import estimate_text
+    from stackwise_bench.analysis.studies.scaling import estimate_text
 
     print(f"\nScaling of {s.error} along {s.axis}: E + A·x^(−α), 95% bootstrap intervals")
     for st in s.strata:

@@ -39,6 +39,7 @@ from stackwise_bench.data import image_cache
 from stackwise_bench.data.folder_walk import FolderWalk
 from stackwise_bench.data.splits import ImageData, _channel_stats, split_train_val, subset_train
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.values import is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def _cpus() -> int:
 
 def _carve(labels: np.ndarray, fraction: float, seed: int, key: str, root_setting: str, example: str):
     """Stratified (kept, carved) positions of ``labels``; the refusal names ``key``."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+    if not is_number(fraction) or not 0.0 < fraction < 1.0:
         raise ConfigError(f"{key}={fraction} must be a number in (0, 1); use e.g. {key}={example}.")
     try:
         kept, carved = split_train_val(torch.from_numpy(labels), fraction, seed)
@@ -275,7 +276,7 @@ def _carve(labels: np.ndarray, fraction: float, seed: int, key: str, root_settin
 def _assemble(root_setting, scan: Scan, entry, val_fraction, test_fraction, split_seed, train_size):
     """Train/val/test rows of the cache (folders where present, else carved), their tensors and train statistics;
     and where the split tensors live (:func:`_take`)."""
-    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+    if not is_int(split_seed) or split_seed < 0:
         raise ConfigError(
             f"dataset.split_seed={split_seed} must be a non-negative integer; use e.g. dataset.split_seed=0."
         )

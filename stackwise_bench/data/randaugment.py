@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.values import is_int
 
 OPS = (
     "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
@@ -106,7 +107,7 @@ def build_auto_augment(
         raise ConfigError(f"augmentation.auto_augment={kind} is not known; use rand, trivial or null (off).")
     n, m = 2 if n is None else n, 9.0 if m is None else m
     std, p = 0.0 if std is None else std, 1.0 if p is None else p
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ConfigError(f"augmentation.randaug_n={n} must be a positive integer; use e.g. augmentation.randaug_n=2.")
     if not 0 <= m <= LEVELS:
         raise ConfigError(

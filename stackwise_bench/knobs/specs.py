@@ -8,10 +8,11 @@ that give each key its spec are in :mod:`stackwise_bench.knobs`.
 from __future__ import annotations
 
 import abc
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+
+from stackwise_bench.values import is_int, is_number
 
 
 def show(value) -> str:
@@ -27,16 +28,6 @@ def show(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(show(v) for v in value) + "]"
     return str(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, int) or math.isfinite(value)  # math.isfinite overflows on a huge int
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -88,7 +79,7 @@ class Int(Spec):
         super().__init__(example, what=kw.pop("what", what), **kw)
 
     def accepts(self, value) -> bool:
-        return _is_int(value) and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+        return is_int(value) and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
 
 class Number(Spec):
@@ -107,7 +98,7 @@ class Number(Spec):
         super().__init__(example, what=kw.pop("what", what), **kw)
 
     def accepts(self, value) -> bool:
-        if not _is_number(value):
+        if not is_number(value, finite=True):
             return False
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
@@ -131,7 +122,7 @@ class Choice(Spec):
         super().__init__(example, what=kw.pop("what", what), **kw)
 
     def accepts(self, value) -> bool:
-        return (isinstance(value, str) or _is_int(value)) and value in self.options
+        return (isinstance(value, str) or is_int(value)) and value in self.options
 
 
 class Pattern(Spec):
@@ -160,7 +151,7 @@ class FolderName(Spec):
     what = "a plain folder name"
 
     def accepts(self, value) -> bool:
-        if _is_int(value):
+        if is_int(value):
             return True
         return isinstance(value, str) and value.strip() not in ("", ".", "..") and not re.search(r"[/\\]", value)
 

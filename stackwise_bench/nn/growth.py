@@ -51,6 +51,7 @@ from torch import nn
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.resnet import BasicBlock, CifarResNet
+from stackwise_bench.values import is_int
 
 MODES = ("append", "prepend", "interleave")
 INITS = ("copy", "identity", "random")
@@ -103,7 +104,7 @@ def _fixed(model: nn.Module) -> int:
 
 
 def _check_depth(model: nn.Module, depth) -> None:
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    if not is_int(depth) or depth < 1:
         raise ConfigError(f"regime.stacks: depth {depth!r} is not a positive integer; use e.g. regime.stacks=[2,4].")
 
 

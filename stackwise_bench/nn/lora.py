@@ -7,7 +7,6 @@ full fine-tuning run never pays for it.
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.peft_methods import FIXES, METHODS, QUANTIZED_METHODS, peft_config
+from stackwise_bench.values import is_int, is_number
 
 # Per model family: the layers a PEFT method adapts by default (lora.target_modules=null).
 FAMILY_TARGETS = (
@@ -157,15 +157,15 @@ def check_head(model: nn.Module, head: str | None) -> None:
 
 
 def _validate(rank, alpha, dropout) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+    if not is_int(rank) or rank < 0:
         raise ConfigError(
             f"lora.rank={rank} must be a non-negative integer (0 = full fine-tuning); use e.g. lora.rank=8."
         )
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0):
+    if alpha is not None and (not is_number(alpha) or not alpha > 0):
         raise ConfigError(
             f"lora.alpha={alpha} must be a positive number or null (null = 2 * rank); use e.g. lora.alpha=16."
         )
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise ConfigError(f"lora.dropout={dropout} must be a number in [0, 1); use e.g. lora.dropout=0.1.")
 
 

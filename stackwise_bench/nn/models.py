@@ -19,6 +19,7 @@ from torch import nn
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.resnet import RESNET_BLOCKS, CifarResNet
 from stackwise_bench.nn.state_dict import short_error, state_dict_mismatch
+from stackwise_bench.values import is_int
 
 # Short names used by conf/model/*.yaml -> (timm architecture, extra timm kwargs).
 TIMM_ALIASES = {
@@ -69,9 +70,9 @@ def create_model(
     Raises:
         ConfigError: Unknown name, unavailable weights, or a checkpoint that does not fit the model.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r} must be a positive integer; check the dataset config.")
-    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+    if not is_int(img_size) or img_size < 1:
         raise ConfigError(f"model.img_size={img_size!r} must be a positive integer; use e.g. model.img_size=32.")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ConfigError(

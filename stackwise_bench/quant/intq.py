@@ -39,6 +39,7 @@ import torch
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, INT_FORMATS
+from stackwise_bench.values import is_int
 
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left out so that q and -q are both codes (0 is the centre)
 INT4_LEVELS = 15  # unsigned codes 0..15
@@ -48,7 +49,7 @@ _FP16_MAX = 65504.0
 
 def check_group_size(group_size) -> int:
     """``group_size`` as an int; ConfigError (one sentence) unless it is a positive integer."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    if not is_int(group_size) or group_size < 1:
         raise ConfigError(
             f"group_size={group_size} must be a positive integer (int4 weights per scale and zero point); "
             f"use e.g. group_size={GROUP_SIZE_DEFAULT}."

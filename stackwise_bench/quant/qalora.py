@@ -42,7 +42,6 @@ scales and zero points (the forward already casts the cached weight to the input
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Sequence
 
@@ -60,6 +59,7 @@ from stackwise_bench.quant.groupwise import (  # noqa: F401  (re-exported: the q
     packed_weight_bytes,
     quantize_groups,
 )
+from stackwise_bench.values import is_int, is_number
 
 METHODS = ("qalora", "qlora")
 BITS = (4, 8)
@@ -284,27 +284,23 @@ def _merge_layer(name: str, layer: _QuantLoRABase, requantize: bool) -> nn.Modul
 # Checks
 
 
-def _is_int(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, numbers.Integral)
-
-
 def _validate(method, rank, alpha, dropout, bits, group_size) -> None:
-    if not _is_int(rank) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ConfigError(
             f"lora.rank={rank} must be a positive integer for lora.method={method}; use e.g. lora.rank=8."
         )
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0):
+    if alpha is not None and (not is_number(alpha) or not alpha > 0):
         raise ConfigError(
             f"lora.alpha={alpha} must be a positive number or null (null = 2 * rank); use e.g. lora.alpha=16."
         )
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise ConfigError(f"lora.dropout={dropout} must be a number in [0, 1); use e.g. lora.dropout=0.1.")
-    if not _is_int(bits) or bits not in BITS:
+    if not is_int(bits) or bits not in BITS:
         raise ConfigError(
             f"lora.{method}.bits={bits} is not supported (the frozen base is stored as 4- or 8-bit codes); "
             f"use lora.{method}.bits=4 or 8."
         )
-    if not _is_int(group_size) or group_size < 1:
+    if not is_int(group_size) or group_size < 1:
         raise ConfigError(
             f"lora.{method}.group_size={group_size} must be a positive integer (inputs per scale and zero point); "
             f"use e.g. lora.{method}.group_size={GROUP_SIZE}."

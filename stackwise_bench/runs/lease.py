@@ -50,6 +50,7 @@ from stackwise_bench.runs import stopping
 from stackwise_bench.runs.contract import LEASE
 from stackwise_bench.runs.files import check_writable
 from stackwise_bench.runs.lease_file import describe, examine, read, write
+from stackwise_bench.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def acquire(run_dir: str | os.PathLike, timeout_s: float = 120.0, on_busy: str =
     """
     if on_busy not in ON_BUSY:
         raise ConfigError(f"{key}.on_busy={on_busy} is not known; use {key}.on_busy=skip or {key}.on_busy=wait.")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+    if not is_number(timeout_s) or not 0 < timeout_s < float("inf"):
         raise ConfigError(
             f"{key}.timeout_s={timeout_s} must be a positive number of seconds; use e.g. {key}.timeout_s=120."
         )

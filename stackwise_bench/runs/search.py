@@ -42,6 +42,7 @@ from stackwise_bench.runs.search_config import (
 )
 from stackwise_bench.runs.search_store import RETRIED, count, end_stale_trials, log_best, open_study, resume_unfinished
 from stackwise_bench.runs.study import outcome_path, read_record
+from stackwise_bench.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def objective_value(run_dir: Path, key: str) -> float | None:
         return None
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+    if not is_number(node) or not math.isfinite(node):
         return None
     return float(node)
 

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.values import is_int, is_number
 
 PLUGIN_TARGET = "hydra_plugins.stackwise_bench_search.sweeper.OptunaSearchSweeper"
 OBJECTIVE = "train.best_val_top1"
@@ -49,13 +50,13 @@ def check_search(sweeper: DictConfig | dict) -> None:
             f"e.g. hydra.sweeper.objective={OBJECTIVE}, and report the best trial's test accuracy."
         )
     n = s.get("n_trials")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ConfigError(f"hydra.sweeper.n_trials={n} must be a positive integer (the study's total), e.g. 20.")
     jobs = s.get("n_jobs")
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+    if jobs is not None and (not is_int(jobs) or jobs < 1):
         raise ConfigError(f"hydra.sweeper.n_jobs={jobs} must be a positive integer or null (the launcher's n_jobs).")
     rate = s.get("max_failure_rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+    if not is_number(rate) or not 0 <= rate <= 1:
         raise ConfigError(f"hydra.sweeper.max_failure_rate={rate} must be a number in [0, 1], e.g. 1.0.")
 
 

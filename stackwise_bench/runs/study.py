@@ -35,6 +35,7 @@ from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
 from stackwise_bench.runs.lease import describe, live_holder
 from stackwise_bench.runs.provenance import fingerprint, git_sha
 from stackwise_bench.runs.record import same_run
+from stackwise_bench.values import is_int
 
 log = logging.getLogger(__name__)
 STUDY_DIR = ".study"
@@ -221,7 +222,7 @@ def check_launcher(launcher: DictConfig) -> None:
     if "n_jobs" not in launcher:  # Slurm's launcher: array_parallelism
         return
     n = launcher.n_jobs
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ConfigError(
             f"hydra.launcher.n_jobs={n} must be a positive integer (the jobs run at once), e.g. "
             "hydra.launcher.n_jobs=2; leave it out for one job per GPU, else up to 4 CPU jobs."

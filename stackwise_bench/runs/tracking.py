@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stackwise_bench.runs.lease import LeaseLost
+from stackwise_bench.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def numbers(flat: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a flat dict (None, text, lists, NaN and booleans are no tracker's metric)."""
     out = {}
     for key, value in flat.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             continue
         if math.isfinite(value):
             out[key] = float(value)

@@ -39,6 +39,8 @@ def migrate(state: dict) -> dict:
     The diagnostics' interval moved from ``progress`` to the part's own key; the best epoch's score was kept as
     ``best_val_top1``/``best_val_loss`` only (every run was image classification then: top-1, ties to the loss).
     """
+    if not isinstance(state.get("progress"), dict):  # not a trainer's checkpoint: loading it says so
+        return state
     progress = dict(state["progress"])
     if "diagnostics" in progress:
         state = {**state, "diagnostics": state.get("diagnostics", progress.pop("diagnostics"))}

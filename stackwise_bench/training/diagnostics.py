@@ -33,6 +33,7 @@ from stackwise_bench.training.layer_stats import (  # noqa: F401  (re-exported: 
     strip_wrappers,
     to_float,
 )
+from stackwise_bench.values import is_int
 
 WEIGHT_STATS = ("norm", "mean", "std", "max_abs", "near_zero_frac")
 _HOOKS_SILENT = (
@@ -66,7 +67,7 @@ class Diagnostics:
     def __init__(
         self, every_n_steps: int = 50, layer_grads: bool = True, weights: bool = False, activations: bool = False
     ):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if not is_int(every_n_steps) or every_n_steps < 1:
             raise ConfigError(
                 f"diagnostics.every_n_steps={every_n_steps!r} must be a positive integer; "
                 "use e.g. diagnostics.every_n_steps=50."

@@ -42,6 +42,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from stackwise_bench.values import is_int
+
 # Dense (no sparsity) peak TFLOP/s from vendor datasheets: bf16/fp16 tensor cores with fp32 accumulation (what
 # PyTorch's half-precision matmuls use; equal to bf16 on every part listed), and plain FP32 (no TF32).
 # First match of the substring in the device name (torch.cuda.get_device_name) wins: specific names come first.
@@ -148,7 +150,7 @@ def eval_flops_per_image(model: nn.Module, input_shape: tuple[int, int, int], ba
 
 def _count(model: nn.Module, input_shape, batch: int, train: bool, num_classes: int | None) -> float:
     shape = _image_shape(input_shape)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if not is_int(batch) or batch < 1:
         raise ValueError(f"batch={batch!r} must be a positive integer")
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the same module, uncompiled
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
@@ -270,7 +272,7 @@ class FlopMeter:
 
     def add(self, images: int, per_image: float) -> float:
         """Account ``images`` trained at ``per_image`` FLOPs each; returns the new total."""
-        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        if not is_int(images) or images < 0:
             raise ValueError(f"images={images!r} must be a non-negative integer")
         if not math.isfinite(per_image) or per_image < 0:
             raise ValueError(f"per_image={per_image!r} must be a finite non-negative number of FLOPs")

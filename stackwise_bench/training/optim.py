@@ -7,6 +7,7 @@ import math
 import torch
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.values import is_number
 
 # Embeddings that ViTs learn as free tensors: decaying them towards zero hurts (DeiT, timm).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
@@ -91,9 +92,7 @@ def build_optimizer(
     """
     if not lr or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number; use e.g. optimizer.lr=1e-3.")
-    if layer_decay is not None and (
-        isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1
-    ):
+    if layer_decay is not None and (not is_number(layer_decay) or not 0 < layer_decay <= 1):
         raise ConfigError(
             f"optimizer.layer_decay={layer_decay} must be a number in (0, 1], or null (off); "
             "use e.g. optimizer.layer_decay=0.75."

@@ -35,6 +35,7 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.growth import INITS, MODES, Growth, block_lists, depth_of, grow, truncate
 from stackwise_bench.nn.resnet import CifarResNet
 from stackwise_bench.training.optim import decays
+from stackwise_bench.values import is_int, is_number
 
 SCOPES = ("rackwise", "stackwise")
 OPTIMIZER_STATES = ("copy", "reset")
@@ -151,7 +152,7 @@ class DepthTime:
         seed: int = 0,
     ):
         self.stacks = _listed(stacks, "stacks", "[1,2,4]")
-        if not self.stacks or not all(_is_int(s) and s >= 1 for s in self.stacks) or _unsorted(self.stacks):
+        if not self.stacks or not all(is_int(s) and s >= 1 for s in self.stacks) or _unsorted(self.stacks):
             raise ConfigError(
                 f"regime.stacks={self.stacks} must be a non-empty list of positive integers in strictly increasing "
                 "order; use e.g. regime.stacks=[1,2,4]."
@@ -162,7 +163,7 @@ class DepthTime:
                 f"regime.boundaries={self.boundaries} has {len(self.boundaries)} entries but regime.stacks="
                 f"{self.stacks} needs {len(self.stacks) - 1}, one per stage after the first."
             )
-        if not all(_is_number(b) and 0 < b < 1 for b in self.boundaries) or _unsorted(self.boundaries):
+        if not all(is_number(b) and 0 < b < 1 for b in self.boundaries) or _unsorted(self.boundaries):
             raise ConfigError(
                 f"regime.boundaries={self.boundaries} must be fractions of training strictly between 0 and 1, in "
                 "strictly increasing order; use e.g. regime.boundaries=[0.25,0.5]."
@@ -172,7 +173,7 @@ class DepthTime:
         self.init = _choice(init, INITS, "init")
         self.scope = _choice(scope, SCOPES, "scope")
         self.optimizer_state = _choice(optimizer_state, OPTIMIZER_STATES, "optimizer_state")
-        if not _is_number(old_lr_factor) or not 0 <= old_lr_factor <= 1:
+        if not is_number(old_lr_factor) or not 0 <= old_lr_factor <= 1:
             raise ConfigError(
                 f"regime.old_lr_factor={old_lr_factor} must be a number in [0, 1] (0 freezes the old blocks); "
                 "use e.g. regime.old_lr_factor=0.1."
@@ -183,12 +184,12 @@ class DepthTime:
                 "the full rate); set regime.scope=stackwise or regime.old_lr_factor=1."
             )
         self.old_lr_factor = float(old_lr_factor)
-        if not _is_int(lr_rewarm_steps) or lr_rewarm_steps < 0:
+        if not is_int(lr_rewarm_steps) or lr_rewarm_steps < 0:
             raise ConfigError(
                 f"regime.lr_rewarm_steps={lr_rewarm_steps} must be a non-negative integer (0 = no rewarm); "
                 "use e.g. regime.lr_rewarm_steps=100."
             )
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ConfigError(f"regime.seed={seed} must be an integer; use e.g. regime.seed=0.")
         self.lr_rewarm_steps, self.seed = int(lr_rewarm_steps), int(seed)
         self.growth_steps: list[int] | None = None  # set by plan() or load_state_dict()
@@ -222,7 +223,7 @@ class DepthTime:
 
         Each must lie in ``[1, total_steps - 1]`` and be distinct, else ConfigError. Kept as ``growth_steps``.
         """
-        if not _is_int(total_steps) or total_steps < 1:
+        if not is_int(total_steps) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be a positive integer")
         steps = [math.floor(b * total_steps + 0.5) for b in self.boundaries]
         if any(not 1 <= s < total_steps for s in steps) or len(set(steps)) < len(steps):
@@ -286,7 +287,7 @@ class DepthTime:
         Structure only (no optimizer state is copied): the checkpoint's model/optimizer/scheduler states are loaded
         over it next, and the groups come out in the order of the uninterrupted run, so they fit.
         """
-        if not _is_int(stage) or not self.stage <= stage < len(self.stacks):
+        if not is_int(stage) or not self.stage <= stage < len(self.stacks):
             raise ValueError(f"cannot replay to stage {stage} from stage {self.stage} of stacks {self.stacks}")
         while self.stage < stage:
             self._grow(model, optimizer, scheduler, copy_state=False)
@@ -381,14 +382,6 @@ class DepthTime:
             "lr_rewarm_steps": self.lr_rewarm_steps,
             "seed": self.seed,
         }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _unsorted(values: list) -> bool:

@@ -17,6 +17,7 @@ import torch
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.models import is_convnet
 from stackwise_bench.training.precision import autocast, check_precision, make_scaler, resolve_device
+from stackwise_bench.values import is_int
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Runtime:
         Raises:
             ConfigError: an unknown or unavailable device, a precision the device cannot run, bad threads.
         """
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not is_int(threads) or threads < 1):
             raise ConfigError(
                 f"trainer.threads={threads} must be a positive integer or null (torch's default); "
                 "use e.g. trainer.threads=1."
