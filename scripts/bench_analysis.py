@@ -248,7 +248,7 @@ def main() -> int:
 def measure_coverage(draws: int, n_boot: int) -> None:
     """How often the 95% bootstrap intervals of α, E and A contain the truth, over synthetic studies
     (ranks 1-32, 5 seeds per level, 5% log-normal noise; the same design the test states a share for)."""
-    from stackwise_bench.analysis.power_law import bootstrap_fit
+    from stackwise_bench.analysis.stats.power_law import bootstrap_fit
 
     truth = {"E": 3.0, "A": 8.0, "alpha": 0.7}
     x = np.repeat(np.array([1.0, 2, 4, 8, 16, 32]), 5)

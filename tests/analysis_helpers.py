@@ -122,6 +122,7 @@ def write_run(
     error: dict | None = None,
     n_classes: int = 3,
     config_values: dict | None = None,
+    task: dict | None = None,
 ) -> Path:
     """One run folder ``root/job`` with the given numbers; returns its path.
 
@@ -129,7 +130,8 @@ def write_run(
     set the choice, dotted ones (``lora.rank=8``) set the config value, deletions
     (``~monitors.hardware=null``, as a sweep job records them) remove the key.
     ``config_values`` (dotted key -> value) change the config without an override,
-    as a config group or an experiment preset does.
+    as a config group or an experiment preset does. ``task``: the record's ``task`` section (its metrics and
+    their directions); without it the record is an image classifier's, whose test metrics are filled in.
     """
     run_dir = Path(root) / job
     (run_dir / ".hydra").mkdir(parents=True)
@@ -181,8 +183,10 @@ def write_run(
         record.log_epoch(row)
     for row in hardware or []:
         record.log_hardware(row)
-    sections = {"params": params, "train": train, "resources": resources}
-    if test is not None:
+    sections = {"params": params, "train": train, "resources": resources, "task": task}
+    if test is not None and task is not None:
+        sections["test"] = test
+    elif test is not None:
         cm = [[10 if i == j else 1 for j in range(n_classes)] for i in range(n_classes)]
         sections["test"] = {
             "top5": 100.0,

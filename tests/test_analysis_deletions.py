@@ -7,8 +7,8 @@ import json
 import pandas as pd
 
 from stackwise_bench.analysis import analyze_runs, collect_runs, default_group_by, write_report
-from stackwise_bench.analysis.run_row import DELETED
-from stackwise_bench.analysis.study import StudyAnalysis
+from stackwise_bench.analysis.pipeline import StudyAnalysis
+from stackwise_bench.analysis.read.run_row import DELETED
 
 from analysis_helpers import finished_run
 

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from stackwise_bench.analysis import analyze_runs, write_report
-from stackwise_bench.analysis.tables import headline_table, markdown_table
+from stackwise_bench.analysis.read.formatting import markdown_table
+from stackwise_bench.analysis.report.headline import headline_table
 
 from analysis_helpers import finished_run
 

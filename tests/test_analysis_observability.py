@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 
 from stackwise_bench.analysis import analyze_runs, collect_diagnostics, collect_hardware, collect_runs, write_report
-from stackwise_bench.analysis.curves import hardware_figure, hardware_panels, hardware_series
-from stackwise_bench.analysis.diagnostics import merge_orders
-from stackwise_bench.analysis.energy import energy_highlight, energy_note
-from stackwise_bench.analysis.layer_plots import grad_norm_figure, grad_norm_grids, grad_norm_heatmap
-from stackwise_bench.analysis.tables import column_digits, headline_table
+from stackwise_bench.analysis.plots.curves import hardware_figure, hardware_panels, hardware_series
+from stackwise_bench.analysis.plots.layers import grad_norm_figure, grad_norm_grids, grad_norm_heatmap
+from stackwise_bench.analysis.read.diagnostics import merge_orders
+from stackwise_bench.analysis.read.formatting import column_digits
+from stackwise_bench.analysis.report.headline import headline_table
+from stackwise_bench.analysis.studies.energy import energy_highlight, energy_note
 from stackwise_bench.analyze import main
 from stackwise_bench.runs.record import RunRecord
 

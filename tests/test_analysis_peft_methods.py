@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from stackwise_bench.analysis import analyze_runs, write_report
-from stackwise_bench.analysis.peft import peft_study as peft_view
-from stackwise_bench.analysis.peft_plot import peft_pareto
+from stackwise_bench.analysis.plots.peft import peft_pareto
+from stackwise_bench.analysis.studies.peft import peft_study as peft_view
 from stackwise_bench.runs.contract import SUMMARY
 
 from analysis_helpers import finished_run

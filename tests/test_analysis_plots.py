@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stackwise_bench.analysis import collect_epochs, collect_runs
-from stackwise_bench.analysis.curves import learning_curves_figure, lr_schedule_figure
+from stackwise_bench.analysis.plots.curves import learning_curves_figure, lr_schedule_figure
 
 from analysis_helpers import curve, finished_run
 

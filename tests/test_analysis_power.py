@@ -10,15 +10,10 @@ import pandas as pd
 import pytest
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from stackwise_bench.analysis.compare import COLUMNS, compare_cells
-from stackwise_bench.analysis.power import (
-    fmt_seeds,
-    fmt_sig,
-    independent_power,
-    paired_power,
-    seeds_needed,
-)
-from stackwise_bench.analysis.report_sections import comparisons_md
+from stackwise_bench.analysis.read.formatting import fmt_sig
+from stackwise_bench.analysis.report.sections import comparisons_md
+from stackwise_bench.analysis.stats.compare import COLUMNS, compare_cells
+from stackwise_bench.analysis.stats.stat_power import fmt_seeds, independent_power, paired_power, seeds_needed
 from stackwise_bench.analyze import main, parse_args
 from stackwise_bench.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""Depth as time vs classical (analysis/regimes.py): FLOPs to target, ratios, the equal-compute tests, report, plot."""
+"""Depth as time vs classical (analysis/studies/regimes.py): FLOPs to target, ratios, equal-compute tests, report."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from stackwise_bench.analysis.regime_plot import accuracy_vs_flops_figure
-from stackwise_bench.analysis.stats import ratio_interval
-from stackwise_bench.analysis.study import analyze_runs
+from stackwise_bench.analysis.pipeline import analyze_runs
+from stackwise_bench.analysis.plots.regimes import accuracy_vs_flops_figure
+from stackwise_bench.analysis.stats.seeds import ratio_interval
 from stackwise_bench.analyze import main
 
 from analysis_helpers import curve, write_run

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackwise_bench.analysis.report import write_report
-from stackwise_bench.analysis.robust import iqm, probability_of_improvement, stratified_bootstrap
-from stackwise_bench.analysis.study import analyze_runs
+from stackwise_bench.analysis.pipeline import analyze_runs
+from stackwise_bench.analysis.report.write import write_report
+from stackwise_bench.analysis.stats.robust import iqm, probability_of_improvement, stratified_bootstrap
 
 from analysis_helpers import finished_run
 

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackwise_bench.analysis.power_law import bootstrap_fit, fit_power_law, huber_loss_and_grad, refit_batch
-from stackwise_bench.analysis.scaling import analyze_scaling, strata_keys
-from stackwise_bench.analysis.study import analyze_runs
+from stackwise_bench.analysis.pipeline import analyze_runs
+from stackwise_bench.analysis.stats.power_law import bootstrap_fit, fit_power_law, huber_loss_and_grad, refit_batch
+from stackwise_bench.analysis.studies.scaling import analyze_scaling, strata_keys
 from stackwise_bench.analyze import main
 from stackwise_bench.errors import ConfigError
 

@@ -8,6 +8,10 @@ Reads files only and never imports torch. Names are imported on first use, so
     a = analyze_runs("multirun/peft_baseline", baseline="lora.rank=0")
     write_report(a)   # -> multirun/peft_baseline/analysis/report.md, ...
 
+The modules are grouped by stage, each importing only the stages below it (pyproject's contract):
+``read/`` (run folders -> tables, directions, formatting) < ``stats/`` < ``studies/`` (one view and report
+section per study) < ``pipeline`` (:func:`analyze_runs`) < ``plots/`` < ``report/``.
+
 Evaluation records next to the runs (``<run>/eval/<name>/``, from ``stackwise_bench.evaluate``)
 are not runs; their quantized ones become ``a.quantization`` (per cell and format). Per-layer
 diagnostics (``diagnostics.jsonl``) become ``a.diagnostics`` (:func:`collect_diagnostics`, long format).
@@ -16,22 +20,24 @@ diagnostics (``diagnostics.jsonl``) become ``a.diagnostics`` (:func:`collect_dia
 from importlib import import_module
 
 _EXPORTS = {
-    "collect": ("collect_runs", "collect_epochs", "collect_hardware", "override_keys", "finished", "FINISHED"),
-    "diagnostics": ("collect_diagnostics",),
+    "read.collect": ("collect_runs", "collect_epochs", "collect_hardware", "override_keys", "finished", "FINISHED"),
+    "read.diagnostics": ("collect_diagnostics",),
     "stackwise_bench.runs.folders": ("find_run_dirs", "find_eval_dirs", "is_eval_record"),
     "stackwise_bench.runs.contract": ("read_summary",),
-    "grouping": ("default_group_by", "varying_keys", "parse_selector"),
-    "stats": ("seed_stats", "t_interval", "cohens_d", "holm", "describe"),
-    "compare": ("compare_to_baseline", "compare_cells", "resolve_baseline"),
-    "dynamics": ("run_dynamics",),
-    "studies": ("precision_study", "optimizer_study", "StudyView"),
-    "peft": ("peft_study",),
-    "expectations": ("load_expectations", "check_expectations"),
-    "quantization": ("collect_evaluations", "quantized_evaluations", "quantization_table"),
-    "regimes": ("analyze_regimes", "RegimeAnalysis"),
-    "study": ("analyze_runs", "StudyAnalysis"),
-    "report": ("write_report", "new_output_dir"),
-    "plots": ("make_plots",),
+    "read.grouping": ("default_group_by", "varying_keys", "parse_selector"),
+    "stats.seeds": ("seed_stats", "t_interval", "cohens_d", "holm", "describe"),
+    "stats.compare": ("compare_to_baseline", "compare_cells", "resolve_baseline"),
+    "read.dynamics": ("run_dynamics",),
+    "studies.precision": ("precision_study",),
+    "studies.optimizer": ("optimizer_study",),
+    "studies.view": ("StudyView",),
+    "studies.peft": ("peft_study",),
+    "studies.expectations": ("load_expectations", "check_expectations"),
+    "studies.quantization": ("collect_evaluations", "quantized_evaluations", "quantization_table"),
+    "studies.regimes": ("analyze_regimes", "RegimeAnalysis"),
+    "pipeline": ("analyze_runs", "StudyAnalysis"),
+    "report.write": ("write_report", "new_output_dir"),
+    "plots.figures": ("make_plots",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -41,7 +47,8 @@ def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module 'stackwise_bench.analysis' has no attribute {name!r}")
     module = _WHERE[name]
-    value = getattr(import_module(module if "." in module else f"stackwise_bench.analysis.{module}"), name)
+    where = module if module.startswith("stackwise_bench.") else f"stackwise_bench.analysis.{module}"
+    value = getattr(import_module(where), name)
     globals()[name] = value
     return value
 
