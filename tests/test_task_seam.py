@@ -121,6 +121,7 @@ def test_a_regression_task_trains_through_the_unchanged_trainer(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     trainer = Trainer(Runtime(torch.device("cpu")), max_epochs=4, batch_size=32, grad_clip=None, progress="log")
     record = RunRecord(tmp_path / "run")
+    record.start(run={"seed": 0, "overrides": [], "fingerprint": "toy"}, config={"seed": 0})
     counter = CountSteps()
 
     result = trainer.fit(model, loaders, optimizer, scheduler, sink=record, task=Regression(), parts=[counter])
@@ -139,3 +140,13 @@ def test_a_regression_task_trains_through_the_unchanged_trainer(tmp_path):
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert last["count"] == {"steps": 32} and last["progress"]["best_score"] == [-min(mses)]
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+    # What the analysis reads of it: the task's own metric and direction, from the record (not from a name).
+    from stackwise_bench.analysis import collect_runs
+    from stackwise_bench.analysis.read.directions import direction_of, task_metrics
+
+    record.finish(result.status, train=result.train, test=result.test, **result.sections)
+    runs = collect_runs([tmp_path])
+    assert runs.loc[0, "status"] == "completed" and runs.loc[0, "test.mse"] == result.test["mse"]
+    assert direction_of(runs, "test.mse") == "min" and direction_of(runs, "train.best_val_mse") == "min"
+    assert task_metrics(runs) == ["mse"]
