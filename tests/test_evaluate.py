@@ -120,8 +120,9 @@ def test_checkpoint_from_a_different_model_is_one_sentence(study, tmp_path):
 
 def test_bad_arguments(study, tmp_path):
     _, run_dir = study
-    stray = tmp_path / "stray.pt"
-    shutil.copy(run_dir / "checkpoints" / "best.pt", stray)
+    stray = tmp_path / "stray.pt"  # outside any run folder, and unstamped (written before checkpoints named their run)
+    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "run"}, stray)
     with pytest.raises(ConfigError, match="is not inside a run folder"):
         evaluate_checkpoint(stray)
     with pytest.raises(ConfigError, match="does not exist"):

@@ -47,7 +47,7 @@ def fig_peft(b: Budget, work: Path) -> list[dict]:
                 opt.step()
                 counter["step"] += 1
                 if schedule is not None:
-                    schedule.after_step(counter["step"], 0)
+                    schedule.reallocate(counter["step"], 0)
             return steps * batch / (time.perf_counter() - t0)
 
         arms[method] = arm
