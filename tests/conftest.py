@@ -74,7 +74,7 @@ def pytest_configure(config):
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     # trackio fixes its folder when it is imported: a scratch one, so no test writes to a user's trackio projects
     os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="trackio-tests-")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")
+    # the markers (gpu, slow) are declared in pyproject.toml; --strict-markers refuses any other
 
 
 def pytest_collection_modifyitems(config, items):

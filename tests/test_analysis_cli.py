@@ -23,6 +23,7 @@ def _run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_study_with_baseline(precision_studies, tmp_path):
     runs = "[" + ",".join(str(p) for p in precision_studies) + "]"
     out = tmp_path / "report"
@@ -41,6 +42,7 @@ def test_cli_study_with_baseline(precision_studies, tmp_path):
         (["baseline=precison=fp32"], "baseline key 'precison' is not a config choice or override"),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_sentence(peft_study, args, message):
     res = _run(f"runs={peft_study}", "plots=false", *args)
     assert res.returncode == 2
@@ -65,6 +67,7 @@ def test_cli_bad_input_in_process(tmp_path, peft_study, capsys):
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_cli_expectation_failure_exits_1(optimizer_study, tmp_path, capsys):
     spec = tmp_path / "e.yaml"
     spec.write_text(
@@ -89,6 +92,7 @@ def test_parse_args():
         parse_args(["plots=maybe", "runs=a"])
 
 
+@pytest.mark.slow
 def test_torch_is_never_imported(peft_study, tmp_path):
     code = (
         "import sys\n"

@@ -16,6 +16,7 @@ from fixtures_analysis import PEFT_TOP1, lora_trainable
 N_FINISHED = sum(len(v) for v in PEFT_TOP1.values())
 
 
+@pytest.mark.slow
 def test_one_row_per_run_with_override_columns_and_flat_metrics(peft_study):
     df = collect_runs(peft_study)
     assert len(df) == N_FINISHED + 2  # + the failed and the interrupted run

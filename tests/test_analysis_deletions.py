@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from stackwise_bench.analysis import analyze_runs, collect_runs, default_group_by, write_report
 from stackwise_bench.analysis.pipeline import StudyAnalysis
@@ -30,6 +31,7 @@ def _by_seed(study) -> pd.DataFrame:
     return df.set_index("seed")
 
 
+@pytest.mark.slow
 def test_deleted_key_is_a_column_and_monitors_do_not_split_cells(tmp_path):
     study = _study(tmp_path, "~monitors.hardware=null")
     run = study / "seed=1,~monitors.hardware=null"
@@ -59,6 +61,7 @@ def test_deleted_config_group_is_one_column(tmp_path):
     write_report(a, tmp_path / "report", plots=False)
 
 
+@pytest.mark.slow
 def test_deleting_a_training_key_is_a_treatment(tmp_path):
     """A deletion that changes what is trained groups like any other override, baseline included."""
     study = _study(tmp_path, "~scheduler.warmup_epochs")

@@ -76,6 +76,7 @@ def test_the_directions_come_from_the_record_and_old_records_are_image_classific
     assert direction_of(old, "test.loss") == MIN
 
 
+@pytest.mark.slow
 def test_the_lower_error_arm_is_the_better_one_everywhere(tmp_path):
     study = two_arms(tmp_path / "multirun" / "opt", "optimizer", {"A": "sgd", "B": "adamw"})
     a = analyze_runs(study, n_boot=200)
@@ -103,6 +104,7 @@ def test_the_lower_error_arm_is_the_better_one_everywhere(tmp_path):
     assert f"Best cell: optimizer=adamw ({np.mean(MSE['B']):.2f} test.mse; lower is better)." in report
 
 
+@pytest.mark.slow
 def test_flops_to_target_and_the_equal_compute_verdict_read_lower_as_better(tmp_path):
     study = two_arms(tmp_path / "multirun" / "dt", "regime", {"A": "classical_matched", "B": "depth_time"})
     r = analyze_runs(study, n_boot=200).regimes

@@ -47,6 +47,7 @@ def test_dynamics_fall_back_to_the_summary_without_a_curve(tmp_path):
     assert np.isnan(r["convergence_epoch"])
 
 
+@pytest.mark.slow
 def test_dynamics_per_group(peft_study):
     a = analyze_runs(peft_study)
     s = a.dynamics_summary.set_index(["lora.rank", "metric"])
@@ -56,6 +57,7 @@ def test_dynamics_per_group(peft_study):
     assert s.loc[(4, "convergence_epoch"), "mean"] == 3.0
 
 
+@pytest.mark.slow
 def test_precision_view(precision_studies):
     a = analyze_runs(precision_studies, baseline="precision=fp32")
     view = next(v for v in a.views if v.title.startswith("Precision"))
@@ -83,6 +85,7 @@ def test_precision_view(precision_studies):
     assert "best accuracy" in text and "best generalisation" in text
 
 
+@pytest.mark.slow
 def test_peft_view(peft_study):
     a = analyze_runs(peft_study)
     view = next(v for v in a.views if v.title.startswith("PEFT"))
@@ -104,6 +107,7 @@ def test_peft_view(peft_study):
     assert set(t.index[t["on_frontier"]]) == frontier
 
 
+@pytest.mark.slow
 def test_optimizer_view_paired_test(optimizer_study):
     a = analyze_runs(optimizer_study, metric="test.top1")
     assert a.baseline == {"optimizer": "sgd"}

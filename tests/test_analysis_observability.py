@@ -178,6 +178,7 @@ def test_layer_order_follows_the_model_and_a_grown_stack():
     assert merge_orders([vit, vit]) == vit  # blocks.10 after blocks.9, not after blocks.1
 
 
+@pytest.mark.slow
 def test_grad_norm_heatmap_one_panel_per_cell_in_model_order(study, tmp_path):
     runs = collect_runs(study)
     diag = collect_diagnostics(runs)
@@ -203,6 +204,7 @@ def test_grad_norm_heatmap_one_panel_per_cell_in_model_order(study, tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_hardware_figure_draws_sampled_panels_and_never_averages_nulls_as_zero(study):
     hardware = collect_hardware(collect_runs(study))
     assert {"gpu_power_w", "gpu_temp_c", "seq", "cpu_temp_c"} <= set(hardware.columns)
@@ -266,6 +268,7 @@ def test_energy_highlight_needs_two_cells_and_small_values_keep_their_digits():
     assert column_digits([91.5, 0.01]) == 2 and column_digits([1500.0, 0.5]) == 0  # as before
 
 
+@pytest.mark.slow
 def test_no_energy_readings_no_energy_columns_and_one_sentence(tmp_path):
     for seed in (1, 2):
         run = finished_run(tmp_path / "null", str(seed), seed=seed, top1=90.0, choices={"precision": "fp16"})
@@ -281,6 +284,7 @@ def test_no_energy_readings_no_energy_columns_and_one_sentence(tmp_path):
         assert energy_note(a.runs) in md
 
 
+@pytest.mark.slow
 def test_analyze_writes_both_figures_and_the_report_lists_them(study, tmp_path, capsys):
     out = tmp_path / "analysis"
     assert main([f"runs={study}", f"out={out}"]) == 0

@@ -120,6 +120,7 @@ def _cells():
     return [("full", 0)] + [(m, r) for m in METHODS for r in RANKS]
 
 
+@pytest.mark.slow
 def test_method_table_has_a_row_per_method_and_rank(method_study):
     a, view, _ = method_study
     assert set(a.group_by) == {"lora.method", "lora.rank"}
@@ -142,6 +143,7 @@ def test_method_table_has_a_row_per_method_and_rank(method_study):
         assert row["trainable_pct"] == pytest.approx(100 * trainable(method, rank) / FULL_PARAMS)
 
 
+@pytest.mark.slow
 def test_throughput_against_lora_at_the_same_rank(method_study):
     t = method_study[1].table
     for method, rank in _cells():
@@ -154,6 +156,7 @@ def test_throughput_against_lora_at_the_same_rank(method_study):
         assert got == pytest.approx(cell / lora)
 
 
+@pytest.mark.slow
 def test_frontier_is_the_brute_force_pareto_front(method_study):
     t = method_study[1].table
     points = {c: (trainable(*c), np.mean(TOP1[c])) for c in _cells()}
@@ -214,6 +217,7 @@ def test_pareto_figure_is_written_and_linked(method_study):
     assert "plots/peft_pareto.png" in report and "## PEFT study (method × rank)" in report
 
 
+@pytest.mark.slow
 def test_rank_sweep_table_is_unchanged(peft_study, tmp_path):
     a = analyze_runs(peft_study)
     view = next(v for v in a.views if v.title.startswith("PEFT"))

@@ -122,6 +122,7 @@ def test_report_sentence_only_for_underpowered_comparisons():
     assert "cannot be told from seed noise" not in text and "Comparisons against the baseline" in text
 
 
+@pytest.mark.slow
 def test_plan_seeds_prints_seeds_needed_and_writes_no_report(peft_study, tmp_path, capsys):
     out = tmp_path / "o"
     assert main([f"runs={peft_study}", "plan_seeds=true", f"out={out}"]) == 0

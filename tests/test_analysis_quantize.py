@@ -89,6 +89,7 @@ def test_every_record_is_collected_with_its_numbers(quantization_study):
     assert (e["run_dir"].map(lambda d: d.rsplit("/", 1)[-1]).astype(int) < 6).all()
 
 
+@pytest.mark.slow
 def test_quantization_table_matches_independent_statistics(analysis):
     t = analysis.quantization
     assert len(t) == 5  # 2 precisions x 2 formats + fp32's activation-quantized E4M3
@@ -118,6 +119,7 @@ def test_quantization_table_matches_independent_statistics(analysis):
     assert "1 of the cell's 3 finished runs evaluated" in act["note"]
 
 
+@pytest.mark.slow
 def test_the_report_section(analysis, tmp_path):
     out = write_report(analysis, tmp_path / "analysis")
     md = (out / "report.md").read_text()
@@ -153,6 +155,7 @@ def test_the_report_section(analysis, tmp_path):
     assert "quantization.csv" in md[md.index("## Files") :]
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_the_section(quantization_study, tmp_path, capsys):
     assert main([f"runs={quantization_study}", "plots=false", f"out={tmp_path / 'o'}"]) == 0
     screen = capsys.readouterr().out
@@ -162,6 +165,7 @@ def test_the_command_line_prints_the_section(quantization_study, tmp_path, capsy
     assert re.search(rf"precision=fp32\s+fp8_e5m2\s+weights, head kept\s+3\s+.*{drop}", block), block
 
 
+@pytest.mark.slow
 def test_no_section_without_records(peft_study, tmp_path):
     a = analyze_runs(peft_study)
     assert a.quantization.empty and a.evaluations.empty

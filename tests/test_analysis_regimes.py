@@ -116,6 +116,7 @@ def row_of(a, arm: str) -> pd.Series:
     return t[t["regime"] == arm].iloc[0]
 
 
+@pytest.mark.slow
 def test_flops_and_time_to_target_per_run_are_the_hand_computed_values(analysis):
     r = analysis.regimes
     assert r is not None and r.key == "regime"
@@ -135,12 +136,14 @@ def test_flops_and_time_to_target_per_run_are_the_hand_computed_values(analysis)
         assert row["flops_vs_classical"] == pytest.approx(FLOPS[profile(arm)][-1] / 60)
 
 
+@pytest.mark.slow
 def test_growths_are_placed_at_interpolated_flops(analysis):
     g = analysis.regimes.growth
     assert len(g) == 9 and set(g["step"]) == {GROWTH_STEP}  # 3 depth-time arms x 3 seeds, one growth each
     np.testing.assert_allclose(g["flops"], 12.5 * U)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ["depth_time", "depth_time_prepend", "depth_time_interleave", "classical_matched"])
 def test_ratio_and_interval_match_a_direct_computation(analysis, arm):
     """Paired by seed over the seeds that reached the target in both arms: t-interval of the log ratios."""
@@ -199,6 +202,7 @@ def test_sentences_say_plainly_who_beat_classical_at_equal_flops(analysis):
     assert analysis.regimes.notes == []
 
 
+@pytest.mark.slow
 def test_matched_classical_is_the_automatic_baseline(regime_study):
     a = analyze_runs(regime_study)
     assert a.baseline == {"regime": "classical_matched"} and a.baseline_auto
@@ -224,6 +228,7 @@ def test_figure_draws_each_arm_the_target_and_the_growths(analysis):
     assert x[0] == pytest.approx(10 * U) and x[-1] == pytest.approx(60 * U)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_section_the_csv_and_the_figure(regime_study, tmp_path, capsys):
     out = tmp_path / "report"
     assert main([f"runs={regime_study}", "baseline=regime=classical_matched", f"out={out}"]) == 0
@@ -244,6 +249,7 @@ def test_cli_writes_the_section_the_csv_and_the_figure(regime_study, tmp_path, c
     assert "### Accuracy vs training FLOPs" in report and "regimes.csv (" in report
 
 
+@pytest.mark.slow
 def test_a_study_without_regimes_has_no_section(optimizer_study, tmp_path, capsys):
     a = analyze_runs(optimizer_study)
     assert a.regimes is None and a.baseline == {"optimizer": "sgd"}
@@ -253,6 +259,7 @@ def test_a_study_without_regimes_has_no_section(optimizer_study, tmp_path, capsy
     assert not (out / "regimes.csv").exists()
 
 
+@pytest.mark.slow
 def test_runs_without_flops_and_without_a_classical_arm_get_one_sentence_each(tmp_path):
     study = build_regime_study(tmp_path, arms=["classical_matched", "depth_time"], flops=False)
     r = analyze_runs(study).regimes

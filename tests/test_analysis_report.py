@@ -33,6 +33,7 @@ def report(peft_study, tmp_path_factory):
     return write_report(analyze_runs(peft_study), out)
 
 
+@pytest.mark.slow
 def test_every_plot_is_written_and_linked(report):
     md = (report / "report.md").read_text()
     linked = set(re.findall(r"!\[[^\]]+\]\(([^)]+)\)", md))
@@ -43,6 +44,7 @@ def test_every_plot_is_written_and_linked(report):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_report_tables_and_csvs(report):
     runs = pd.read_csv(report / "runs.csv")
     assert len(runs) == N_RUNS and {"failed", "interrupted"} <= set(runs["status"])
@@ -66,6 +68,7 @@ def test_report_tables_and_csvs(report):
     assert "incomplete (missing seeds 4 5 6 7 8 9)" in md
 
 
+@pytest.mark.slow
 def test_table_tex_is_booktabs(report):
     tex = (report / "table.tex").read_text()
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
@@ -75,6 +78,7 @@ def test_table_tex_is_booktabs(report):
     assert "lora.rank" in tex and r"$\pm$" in tex and "95\\%" in tex
 
 
+@pytest.mark.slow
 def test_output_folder_is_never_overwritten(peft_study, tmp_path):
     a = analyze_runs(peft_study)
     first = write_report(a, tmp_path / "analysis", plots=False)
@@ -97,6 +101,7 @@ def test_one_never_overwrite_helper_numbers_both_kinds_of_folder(tmp_path):
     assert [new_output_dir(tmp_path / "analysis").name for _ in range(2)] == ["analysis", "analysis_3"]
 
 
+@pytest.mark.slow
 def test_default_output_folder_is_next_to_the_runs(peft_study):
     out = write_report(analyze_runs(peft_study), plots=False)
     try:
@@ -134,6 +139,7 @@ def _expect_file(tmp_path, trainable_head=HEAD, low=80):
     return path
 
 
+@pytest.mark.slow
 def test_expectations_pass_and_fail(peft_study, tmp_path):
     a = analyze_runs(peft_study, expect=_expect_file(tmp_path))
     v = a.validation
@@ -165,6 +171,7 @@ def test_expectation_files_are_checked(tmp_path):
         load_expectations(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_a_single_run_folder(tmp_path):
     from analysis_helpers import finished_run
 

@@ -88,6 +88,7 @@ def test_probability_of_improvement_averages_tasks_equally():
     assert np.isnan(probability_of_improvement([1.0], [2.0], ["a"], ["b"])[0])  # no shared task
 
 
+@pytest.mark.slow
 def test_aggregate_iqm_in_the_analysis_and_report(tmp_path):
     """group_by=[optimizer] pools two datasets: the IQM's bootstrap resamples within each dataset."""
     study = tmp_path / "s"
@@ -119,6 +120,7 @@ def test_aggregate_iqm_in_the_analysis_and_report(tmp_path):
     assert pd.read_csv(out / "iqm.csv").shape[0] == 2
 
 
+@pytest.mark.slow
 def test_default_aggregate_shows_no_iqm(tmp_path):
     study = tmp_path / "s"
     for seed in range(3):

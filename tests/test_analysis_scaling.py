@@ -59,6 +59,7 @@ def test_fit_recovers_known_parameters(levels, E, A, alpha):
     assert f.loss <= exact.loss + 1e-9
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_cover_the_truth_in_most_draws():
     """Stated share: over 30 synthetic studies (6 levels x 5 seeds, 5% noise), the 95% intervals of α, E and A
     each cover the truth in at least 24 (80%). A percentile bootstrap over 5 seeds per level is a little
@@ -76,6 +77,7 @@ def test_bootstrap_intervals_cover_the_truth_in_most_draws():
     assert min(covered.values()) >= 24, covered
 
 
+@pytest.mark.slow
 def test_batched_refits_reach_the_multi_start_minimum():
     """The bootstrap's vectorised refits land where 25-start L-BFGS does, resample by resample."""
     x, y = draw(np.random.default_rng(5))
@@ -137,6 +139,7 @@ def _truth_top1(rank, seed):
     return 100.0 - (3.0 + 8.0 * max(rank, 0.01) ** -0.7) * (1 + 0.02 * (seed - 2))
 
 
+@pytest.mark.slow
 def test_study_fit_along_lora_rank_and_trainable_parameters(tmp_path):
     study = _rank_runs(tmp_path, (0, 1, 2, 4, 8, 16), _truth_top1)
     a = analyze_runs(study, scaling="lora.rank", n_boot=100)
@@ -153,6 +156,7 @@ def test_study_fit_along_lora_rank_and_trainable_parameters(tmp_path):
     assert by_params.table.loc[0, "levels"] == 6  # rank 0 has 50 trainable parameters: a level here
 
 
+@pytest.mark.slow
 def test_one_fit_per_other_key_and_a_sentence_where_levels_are_too_few(tmp_path):
     study = _rank_runs(tmp_path, (1, 2, 4, 8), _truth_top1, other="optimizer=adamw")
     _rank_runs(tmp_path / "b", (1, 2, 4), _truth_top1, other="optimizer=sgd")
@@ -177,6 +181,7 @@ def test_a_perfect_accuracy_is_refused_in_one_sentence(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_report_csv_and_plot(tmp_path, capsys):
     study = _rank_runs(tmp_path, (1, 2, 4, 8, 16), _truth_top1)
     code = main([f"runs={study}", "scaling=lora.rank", "bootstrap=100", f"out={tmp_path / 'out'}"])

@@ -50,6 +50,7 @@ def test_incomplete_cells_are_flagged(peft_study):
     assert s.loc[8, "n_runs"] == 4
 
 
+@pytest.mark.slow
 def test_comparisons_match_scipy_and_holm_matches_statsmodels(peft_study):
     runs = collect_runs(peft_study)
     c = compare_to_baseline(runs, "test.top1", {"lora.rank": 0}, ["lora.rank"]).set_index("lora.rank")
@@ -118,6 +119,7 @@ def test_too_few_seeds_are_said_plainly(tmp_path):
     assert any("fewer than 3 seeds" in w for w in a.warnings)
 
 
+@pytest.mark.slow
 def test_baseline_matches_the_twin_cell_across_experiments(precision_studies):
     a = analyze_runs(precision_studies, baseline="precision=fp32")
     assert a.group_by == ["precision", "augmentation"]
@@ -148,6 +150,7 @@ def test_unknown_metric_is_bad_input(peft_study):
         analyze_runs(peft_study, group_by=["lora.rnak"])
 
 
+@pytest.mark.slow
 def test_partly_shared_seeds_pair_on_the_shared_ones(tmp_path):
     base = {1: 90.0, 2: 91.5, 3: 89.0, 4: 90.2, 5: 92.0}
     cell = {1: 88.0, 2: 90.1, 3: 88.2, 4: 88.9, 6: 95.0}  # seed 6 has no partner; 5 has none either

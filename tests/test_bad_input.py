@@ -519,6 +519,7 @@ def cli(args: list[str], cwd) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_refused_run_prints_one_line_and_leaves_no_folder(tmp_path):
     """VeRA on a ResNet is refused after peft (and, through transformers, torchao) was imported: no torch
     deprecation lines before the sentence, and no ``multirun/single-runs/<date>/<time>/`` folder marked failed."""
@@ -529,6 +530,7 @@ def test_refused_run_prints_one_line_and_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_refusals_without_a_record_or_in_a_used_folder(tmp_path):
     """``train experiment=FP8Test`` made a folder with no summary.json; a refused run in a folder that held
     something before keeps that folder."""
@@ -543,6 +545,7 @@ def test_refusals_without_a_record_or_in_a_used_folder(tmp_path):
     assert (used / "notes.txt").read_text() == "kept" and read_summary(used)["error"]["reason"] == "config"
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_is_one_sentence_before_hydra_writes(tmp_path):
     """A file where a folder of hydra.run.dir should be (what a read-only or full disk does to a mkdir, for root
     too): Hydra's OSError traceback from writing .hydra/ before; now one sentence naming the folder and the key."""

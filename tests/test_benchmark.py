@@ -54,6 +54,7 @@ def test_step_clock_times_any_optimizer_between_steps():
         clock.img_s(batch=10, warmup=3)
 
 
+@pytest.mark.slow
 def test_framework_and_bare_arms_train_the_same_setup(tmp_path):
     overrides = harness.train_overrides("resnet8", "fp32", TINY)
     cfg = harness.compose(overrides)
@@ -75,6 +76,7 @@ def test_flops_and_peak_table(monkeypatch):
     assert gpu.peak_flops(None, "bf16") is None
 
 
+@pytest.mark.slow
 def test_knob_figures_measure_each_arm():
     cpu = torch.device("cpu")
     adamw = knobs._adamw_knob(TINY, cpu, model="resnet8")
@@ -110,12 +112,14 @@ def test_main_writes_json_and_table(tmp_path, monkeypatch, capsys):
         cli.main(["--only", "nonsense"])
 
 
+@pytest.mark.slow
 def test_diagnostics_isolated_cost_rows():
     rows = overhead._diagnostics_isolated("resnet8", 8, every=50)
     assert [r["setting"].split(":")[0] for r in rows] == ["isolated"] * 2
     assert all(0 < r["ratio"] <= 1 and r["logging_step_ms"] >= 0 and r["per_step_ms"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_int4_figure_compares_packed_and_reference(tmp_path):
     rows = peft.fig_int4(TINY, tmp_path)
     cpu = rows[0]
@@ -123,12 +127,14 @@ def test_int4_figure_compares_packed_and_reference(tmp_path):
     assert cpu["a"] == "int4_packed" and cpu["b"] == "reference" and cpu["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_peft_figure_times_every_method_against_lora(tmp_path):
     rows = peft.fig_peft(TINY, tmp_path)
     assert [r["a"] for r in rows] == [m for m in peft.PEFT_METHODS if m != "lora"]
     assert all(r["b"] == "lora" and r["ratio"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_imagefolder_figure_compares_the_cache_with_torchvision(tmp_path):
     rows = pipelines.fig_imagefolder(TINY, tmp_path)
     assert [(r["a"], r["b"]) for r in rows] == [("cached", "imagefolder"), ("build", "imagefolder")] * 2

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY
 
 
@@ -27,6 +29,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_multirun_over_seeds(tmp_path):
     """`--multirun seed=...` writes one stable, readable folder per job; relaunching trains nothing."""
     args = ["--multirun", "seed=1,2", *TINY, "trainer.max_epochs=1", "study=cli"]
@@ -44,6 +47,7 @@ def test_multirun_over_seeds(tmp_path):
     assert {j: (study / j / "summary.json").stat().st_mtime_ns for j in jobs} == mtimes
 
 
+@pytest.mark.slow
 def test_bad_input_exits_with_one_sentence(tmp_path):
     out = train(["lora.rank=-1", *TINY], tmp_path)
     assert out.returncode == 2

@@ -39,6 +39,7 @@ def budget_run(tmp_path_factory):
     return per_img, budget, summary, read_metrics(run_dir)
 
 
+@pytest.mark.slow
 def test_every_epoch_row_and_the_summary_carry_training_flops(tmp_path):
     per_img = flops_by_hand(compose())
     summary = run(compose(), tmp_path / "r")
@@ -50,6 +51,7 @@ def test_every_epoch_row_and_the_summary_carry_training_flops(tmp_path):
     assert summary["train"]["mfu"] is None  # no known peak for a CPU
 
 
+@pytest.mark.slow
 def test_a_flop_budget_ends_training_at_its_step_with_the_schedule_at_its_floor(budget_run):
     per_img, budget, summary, rows = budget_run
     steps = int(budget // (per_img * BATCH))

@@ -104,6 +104,7 @@ def test_launcher_yaml_typo_is_caught(launcher):
         signature_of(resolve_target(node["_target_"])).bind_partial(timeout_minutes=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option, cfg_factory):
     if group == "experiment":
@@ -123,6 +124,7 @@ def test_every_option_composes(group, option, cfg_factory):
                 assert composed[key] == value, (group, option, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", GROUPS["model"])
 def test_every_model_instantiates(option, cfg_factory):
     import torch
@@ -171,6 +173,7 @@ def test_optimizer_and_scheduler_instantiate(optimizer, scheduler, cfg_factory):
     assert lr == pytest.approx(0.0, abs=1e-12) if scheduler == "cosine" else lr == pytest.approx(cfg.optimizer.lr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", GROUPS["precision"])
 def test_trainer_and_monitors_instantiate(precision, cfg_factory):
 

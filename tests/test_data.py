@@ -211,6 +211,7 @@ def test_synthetic_is_determined_by_seed():
     assert a.train_x.shape == (460, 3, 32, 32) and a.num_classes == 4
 
 
+@pytest.mark.slow
 def test_synthetic_is_learnable_by_a_tiny_convnet():
     torch.manual_seed(0)
     d = make_synthetic()

@@ -45,6 +45,7 @@ def grown_run(tmp_path_factory):
     return run_dir, summary, read_metrics(run_dir)
 
 
+@pytest.mark.slow
 def test_the_model_grows_at_the_planned_step_and_flops_follow_each_depth(grown_run):
     _, summary, rows = grown_run
     total = 3 * STEPS_PER_EPOCH
@@ -63,6 +64,7 @@ def test_the_model_grows_at_the_planned_step_and_flops_follow_each_depth(grown_r
     assert summary["params"]["total"] == sum(p.numel() for p in build_model(cfg, 4)[0].parameters())
 
 
+@pytest.mark.slow
 def test_kill_after_a_growth_then_resume_matches_the_uninterrupted_run(grown_run, tmp_path, monkeypatch):
     full_dir, full_summary, _ = grown_run
     calls = {"n": 0}
@@ -136,6 +138,7 @@ QUICK = [  # scripts/depth_time.sh's QUICK=1 form, 3 epochs
 ]
 
 
+@pytest.mark.slow
 def test_the_preset_trains_in_its_quick_form_and_the_matched_arm_spends_the_same_flops(tmp_path):
     grown = run(compose([*QUICK, "regime=depth_time_interleave"]), tmp_path / "grown")
     matched = run(compose([*QUICK, "regime=classical_matched"]), tmp_path / "matched")
@@ -148,6 +151,7 @@ def test_the_preset_trains_in_its_quick_form_and_the_matched_arm_spends_the_same
     assert read_metrics(tmp_path / "matched")[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # its schedule ended
 
 
+@pytest.mark.slow
 def test_evaluate_rebuilds_the_grown_network_and_reproduces_the_test_metrics(grown_run):
     from stackwise_bench.evaluation import evaluate_checkpoint
 
@@ -157,6 +161,7 @@ def test_evaluate_rebuilds_the_grown_network_and_reproduces_the_test_metrics(gro
     assert again["test"]["top1"] == summary["test"]["top1"] and again["test"]["matches_recorded"] is True
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_depth_time_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     """SIGKILL leaves the last epoch's checkpoint (stage 0 here, or 1); the resume regrows to it and, where the
     kill came before the growth, grows again at the same step: the same numbers as a run never killed."""
@@ -191,6 +196,7 @@ def test_kill_9_during_a_depth_time_run_then_resume_gives_the_uninterrupted_metr
     assert resumed["test"]["confusion_matrix"] == reference["test"]["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_the_lr_rewarms_over_the_steps_after_a_growth(tmp_path, monkeypatch):
     """regime.lr_rewarm_steps=4: the LR each optimizer step uses is 1/4, 2/4, 3/4 of the schedule's from the growth
     on, then the schedule's own (compared with the same run without rewarm: the schedule does not depend on it)."""

@@ -130,6 +130,7 @@ def test_resnet_layers_are_stem_blocks_head():
     assert diag.layer_names == ["stem", *(f"stage{s}.{b}" for s in (1, 2, 3) for b in (0, 1)), "head"]
 
 
+@pytest.mark.slow
 def test_timm_vit_and_its_peft_lora_wrapper():
     timm, peft = pytest.importorskip("timm"), pytest.importorskip("peft")
     torch.manual_seed(0)

@@ -42,6 +42,7 @@ def strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_at_its_last_step_is_failed_in_one_sentence(tmp_path):
     """Before: exit 0, status completed, bare NaN in summary.json and metrics.jsonl, analyze averaged its 25%."""
     from test_cli import train  # the real entrypoint, in a subprocess
@@ -97,6 +98,7 @@ def test_an_old_completed_record_holding_nan_is_diverged_in_the_analysis(tmp_pat
     assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_dir,status,diverged,")
 
 
+@pytest.mark.slow
 def test_last_epoch_diverging_after_a_finite_best_pt_is_still_diverged(tmp_path, cfg_factory, monkeypatch):
     """best.pt (epoch 1) is finite and would test fine: the run diverged all the same, and says where."""
     real = Trainer._train_epoch

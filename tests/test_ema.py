@@ -58,6 +58,7 @@ def test_average_equals_a_hand_computed_ema(warmup_power):
     assert not torch.equal(ema["0.weight"], model.state_dict()["0.weight"])
 
 
+@pytest.mark.slow
 def test_bad_settings_are_config_errors():
     """The knobs are checked in one place (stackwise_bench/knobs), before anything is built."""
     from stackwise_bench.knobs import check_config
@@ -77,6 +78,7 @@ def recipe_run(tmp_path_factory):
     return run_dir, summary
 
 
+@pytest.mark.slow
 def test_a_run_validates_the_average_and_keeps_it_in_best_pt(recipe_run):
     run_dir, summary = recipe_run
     rows = read_metrics(run_dir)
@@ -93,6 +95,7 @@ def test_a_run_validates_the_average_and_keeps_it_in_best_pt(recipe_run):
     assert evaluate_checkpoint(run_dir)["test"]["top1"] == summary["test"]["top1"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_with_the_recipe_is_bit_identical(recipe_run, tmp_path, monkeypatch):
     """SIGINT at step 2 of epoch 2: last.pt holds the average; the resumed run mixes, augments, averages and
     tests exactly as the uninterrupted one."""

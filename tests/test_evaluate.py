@@ -38,6 +38,7 @@ def copy_run(run_dir, dest):
     return shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("eval"))
 
 
+@pytest.mark.slow
 def test_reevaluating_best_reproduces_the_recorded_test_metrics(study):
     _, run_dir = study
     recorded = read_summary(run_dir)["test"]
@@ -58,6 +59,7 @@ def test_reevaluating_best_reproduces_the_recorded_test_metrics(study):
     assert read_summary(run_dir)["test"] == recorded  # the run's own record is untouched
 
 
+@pytest.mark.slow
 def test_a_pt_path_inside_the_run(study, tmp_path):
     _, run_dir = study
     summary = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", name="last_epoch")
@@ -66,6 +68,7 @@ def test_a_pt_path_inside_the_run(study, tmp_path):
     assert summary["source"]["checkpoint_epoch"] == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_weights_lose_little_and_the_report_says_how_much(study, fmt):
     _, run_dir = study
@@ -85,6 +88,7 @@ def test_fp8_weights_lose_little_and_the_report_says_how_much(study, fmt):
     assert 0 < q["weight_rel_error"] < (0.05 if fmt == "fp8_e4m3" else 0.1)
 
 
+@pytest.mark.slow
 def test_activation_quantization_is_recorded(study):
     _, run_dir = study
     s = evaluate_checkpoint(run_dir, quantize="fp8_e4m3", activations=True, keep_head=False)
@@ -163,6 +167,7 @@ def test_study_goes_on_past_a_bad_run_and_then_says_so(study, tmp_path):
     assert read_summary(good / "eval" / "best_fp8_e4m3")["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_study_reads_a_shared_dataset_once(study, tmp_path, monkeypatch):
     import stackwise_bench.data as data
 
@@ -177,6 +182,7 @@ def test_study_reads_a_shared_dataset_once(study, tmp_path, monkeypatch):
     assert len(calls) == 1  # both runs share dataset=synthetic with the same settings
 
 
+@pytest.mark.slow
 def test_analysis_reports_real_fp8_evaluations(study, tmp_path):
     """Real E4M3/E5M2 records of a trained run, read back by the (torch-free) analysis: the numbers the records hold."""
     from stackwise_bench.analysis import analyze_runs, find_run_dirs, write_report
@@ -208,6 +214,7 @@ def cli(module, args, cwd, timeout=300):
     )
 
 
+@pytest.mark.slow
 def test_cli(study, tmp_path, capsys):
     """The issue's own command (an '=' inside the value), and exit status 2 with one line for a bad checkpoint."""
     from stackwise_bench.evaluate import main
@@ -226,6 +233,7 @@ def test_cli(study, tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_fp8test_preset_evaluates_the_augmfp16_runs(study):
     """python -m stackwise_bench.evaluate --multirun experiment=FP8Test: both formats, for every AugmFP16 run."""
     cwd, run_dir = study

@@ -46,6 +46,7 @@ def lost_to_someone(run_dir: Path) -> str:
     return rf"^{re.escape(str(run_dir))} is no longer this process's to write: pid {os.getpid()} on host "
 
 
+@pytest.mark.slow
 def test_a_run_stopped_past_its_lease_writes_nothing_over_the_relaunch_that_finished_it(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "stackwise_bench.train", *JOB, "trainer.threads=1", "lease.timeout_s=2"]
@@ -77,6 +78,7 @@ def test_a_run_stopped_past_its_lease_writes_nothing_over_the_relaunch_that_fini
     assert said.endswith("it ends without writing there.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("then", ["carries on", "crashes", "is requeued"])
 def test_a_run_that_lost_its_lease_records_nothing_however_it_ends(then, tmp_path, monkeypatch):
     """The folder is taken over mid-epoch; the run goes on to its next write, or fails, or is asked to exit:

@@ -98,6 +98,7 @@ def test_per_image_count_is_flop_counter_mode_by_hand(name, batch):
     assert counted == train_flops_per_image(model, shape)  # per image, whatever the batch
 
 
+@pytest.mark.slow
 def test_vit_count_is_analytic_and_linear_in_depth():
     counts = {d: train_flops_per_image(vit(d), VIT_SHAPE) for d in (2, 4, 8)}
     # every block trains and gets input gradients (the patch embedding below it trains): 3x its forward. The
@@ -152,6 +153,7 @@ def test_frozen_blocks_cost_less():
     assert train_flops_per_image(bottom, VIT_SHAPE) == expected == by_hand(bottom, VIT_SHAPE)
 
 
+@pytest.mark.slow
 def test_lora_counts_its_real_backward():
     from stackwise_bench.nn.lora import apply_lora
 

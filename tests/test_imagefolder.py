@@ -609,6 +609,7 @@ def test_a_run_trains_on_the_folder_and_records_it(tmp_path):
     assert read_summary(refused)["error"]["reason"] == "config"
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_class_folder_was_added_says_which(tmp_path, monkeypatch):
     """Refused before, as a "corrupt" last.pt (its classifier has 3 outputs): now it names the class folder."""
     import signal

@@ -48,6 +48,7 @@ def wheel(tmp_path_factory):
     return built
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_config_tree(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {n.removeprefix("stackwise_bench/conf/") for n in names if n.startswith("stackwise_bench/conf/")}
@@ -85,6 +86,7 @@ def share_running_packages(python: str, cwd: Path) -> None:
     (Path(own) / "_running_environment.pth").write_text(lines)
 
 
+@pytest.mark.slow
 def test_installed_wheel_trains_from_an_empty_folder(installed, tmp_path):
     """pip install <wheel> into a fresh environment (reusing the installed dependencies), then train one epoch."""
     venv, python = installed
@@ -112,6 +114,7 @@ def test_installed_wheel_trains_from_an_empty_folder(installed, tmp_path):
     assert summary["config"]["dataset"]["_target_"] == "stackwise_bench.data.load_digits"
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_the_benchmark_from_an_empty_folder(installed, tmp_path):
     """``python -m stackwise_bench.bench --quick --only overhead`` from the wheel, on the tiniest budget.
 

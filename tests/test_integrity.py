@@ -87,6 +87,7 @@ def full(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_folder_with_run_files_but_no_summary_is_refused(full, tmp_path):
     """Item 2: another config launched into a finished run's folder whose summary.json was deleted."""
     folder = Path(shutil.copytree(full, tmp_path / "run"))
@@ -116,6 +117,7 @@ def test_a_folder_with_run_files_but_no_summary_is_refused(full, tmp_path):
     assert [r["epoch"] for r in read_metrics(fresh)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_following_the_advice_for_a_corrupt_last_pt_gives_a_clean_restart(full, tmp_path, monkeypatch):
     """Item 3: corrupt last.pt -> the command refuses it -> delete it as told -> epochs 1..N once, as uninterrupted."""
     run_dir = interrupted(tmp_path / "run", monkeypatch)
@@ -142,6 +144,7 @@ def test_following_the_advice_for_a_corrupt_last_pt_gives_a_clean_restart(full, 
     assert summary["test"]["top1"] == read_summary(full)["test"]["top1"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_and_evaluates_only_with_its_own_run(full, tmp_path, monkeypatch):
     """Item 4: another run's last.pt is refused naming that run; an unstamped (older) one still resumes; evaluate
     names the run a checkpoint came from."""
@@ -181,6 +184,7 @@ def test_a_checkpoint_resumes_and_evaluates_only_with_its_own_run(full, tmp_path
     assert not (run_dir / "eval").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_on_changed_images_is_refused_naming_the_files(tmp_path, monkeypatch):
     """Item 5: between the kill and the resume, images of an ImageFolder move to another class and one is deleted."""
     from test_imagefolder import write_folder
@@ -202,6 +206,7 @@ def test_a_resume_on_changed_images_is_refused_naming_the_files(tmp_path, monkey
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_a_changed_or_damaged_split_json(tmp_path, monkeypatch):
     """Item 5, the built-in datasets: the recorded indices are compared, and a damaged split.json is one sentence."""
     run_dir = interrupted(tmp_path / "run", monkeypatch)
@@ -221,6 +226,7 @@ def test_a_resume_refuses_a_changed_or_damaged_split_json(tmp_path, monkeypatch)
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
 
+@pytest.mark.slow
 def test_a_refusal_at_launch_leaves_the_runs_hydra_files_alone(full, tmp_path):
     """Another config launched into a finished run's folder is refused before Hydra rewrites its .hydra/ and log."""
     folder = Path(shutil.copytree(full, tmp_path / "run"))

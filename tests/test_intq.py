@@ -206,6 +206,7 @@ def trained(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_with_integer_weights(trained):
     from stackwise_bench.evaluation import evaluate_checkpoint
 
@@ -231,6 +232,7 @@ def test_evaluate_checkpoint_with_integer_weights(trained):
         evaluate_checkpoint(trained, quantize="int4", group_size=0)
 
 
+@pytest.mark.slow
 def test_the_analysis_lists_int_formats_beside_fp8(trained, tmp_path):
     from stackwise_bench.analysis import analyze_runs, write_report
     from stackwise_bench.evaluation import evaluate_checkpoint

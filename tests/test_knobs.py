@@ -90,6 +90,7 @@ def composed():
     return compose_options(CONF)
 
 
+@pytest.mark.slow
 def test_every_knob_has_a_spec(composed):
     missing = unspecified(composed)
     assert not missing, (
@@ -100,6 +101,7 @@ def test_every_knob_has_a_spec(composed):
     assert sorted(k for k in leaves(raw) if k not in EVALUATE_KNOBS) == []
 
 
+@pytest.mark.slow
 def test_no_stale_specs(composed):
     """Every key of the tables is a key some config has: a renamed or removed knob takes its spec with it."""
     seen = {app: set() for app in TABLES}
@@ -126,6 +128,7 @@ def test_a_new_knob_without_a_spec_fails_the_coverage(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_every_option_and_training_preset_passes(composed):
     """What ships is valid: each group option and each experiment preset, on the real defaults."""
     for where, (app, cfg) in composed.items():
@@ -135,6 +138,7 @@ def test_every_option_and_training_preset_passes(composed):
             check_evaluate_study_config(cfg)
 
 
+@pytest.mark.slow
 def test_every_preset_passes_with_each_option(composed):
     """Presets combined with the options a study sweeps over (the presets' own grids) stay valid."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

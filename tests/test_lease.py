@@ -88,6 +88,7 @@ def test_a_stale_lease_is_taken_over_and_says_why(fields, why, tmp_path, monkeyp
         assert re.search(why, held.took_over["why"]), held.took_over["why"]
 
 
+@pytest.mark.slow
 def test_wait_waits_for_the_holder_to_let_go(tmp_path):
     first = leases.acquire(tmp_path / "run", timeout_s=120)
     threading.Timer(0.5, first.release).start()
@@ -97,6 +98,7 @@ def test_wait_waits_for_the_holder_to_let_go(tmp_path):
     assert time.monotonic() - t0 >= 0.4
 
 
+@pytest.mark.slow
 def test_a_run_refuses_a_busy_folder_without_touching_it(tmp_path, cfg_factory):
     from stackwise_bench.train import run
 
@@ -107,6 +109,7 @@ def test_a_run_refuses_a_busy_folder_without_touching_it(tmp_path, cfg_factory):
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE]
 
 
+@pytest.mark.slow
 def test_a_run_takes_over_a_dead_writers_folder_and_records_it(tmp_path, cfg_factory):
     from stackwise_bench.train import run
 

@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from stackwise_bench.train import run
 
 from conftest import compose, read_metrics
@@ -24,6 +26,7 @@ def numbers(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_binding_resumes_bit_for_bit(tmp_path):
     run_dir = tmp_path / "legacy"
     shutil.copytree(FIXTURE, run_dir, ignore=shutil.ignore_patterns("expected.json"))

@@ -178,6 +178,7 @@ def _scalars(acc) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_values_resume_and_config(tmp_path):
     from stackwise_bench.training.loggers.tensorboard_logger import TensorBoardLogger
 
@@ -223,6 +224,7 @@ def _mlflow_series(client, run_id: str, keys) -> dict[str, list[tuple[int, float
     return out
 
 
+@pytest.mark.slow
 def test_mlflow_values_params_and_resume(mlflow_study):
     from mlflow import MlflowClient
 
@@ -257,6 +259,7 @@ def test_mlflow_values_params_and_resume(mlflow_study):
     fresh.close("failed")
 
 
+@pytest.mark.slow
 def test_mlflow_keeps_everything_of_a_study_inside_its_folder(mlflow_study, tmp_path, monkeypatch):
     """MLflow's default artifact root is <cwd>/mlruns: the study's experiment points inside the study folder."""
     from mlflow import MlflowClient
@@ -358,6 +361,7 @@ def _wandb_series(files) -> tuple[dict[str, list[tuple[int, float]]], list[int]]
     return {key: sorted(series) for key, series in out.items()}, steps
 
 
+@pytest.mark.slow
 def test_wandb_offline_values_and_resume(tmp_path):
     import wandb
 
@@ -412,6 +416,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow
 def test_parallel_jobs_share_one_mlflow_store_and_one_trackio_project(tmp_path, trackio_dir):
     from mlflow import MlflowClient
     from trackio.sqlite_storage import SQLiteStorage

@@ -98,6 +98,7 @@ def test_resnet_stages_can_be_hooked():
     }
 
 
+@pytest.mark.slow
 def test_resnet_run_imports_neither_timm_nor_peft():
     code = (
         "import sys; from stackwise_bench.nn.models import create_model; "

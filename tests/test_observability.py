@@ -50,6 +50,7 @@ def full_run(tmp_path_factory):
     return run_dir, summary
 
 
+@pytest.mark.slow
 def test_diagnostics_change_nothing_in_training(full_run, tmp_path):
     """diagnostics=none and full (hooks, weight snapshots, per-layer norms every 2 steps) train bit-identically."""
     run_dir, summary = full_run
@@ -59,6 +60,7 @@ def test_diagnostics_change_nothing_in_training(full_run, tmp_path):
     assert not (tmp_path / "plain" / DIAGNOSTICS).exists()
 
 
+@pytest.mark.slow
 def test_diagnostics_rows_cover_every_logging_step(full_run):
     run_dir, summary = full_run
     rows = read_jsonl(run_dir / DIAGNOSTICS)
@@ -77,6 +79,7 @@ def test_diagnostics_rows_cover_every_logging_step(full_run):
         assert 0 < row["activations"]["stage1.0"]["zero_frac"] < 1  # after a ReLU
 
 
+@pytest.mark.slow
 def test_a_resume_continues_diagnostics_and_hardware_without_repeats(full_run, tmp_path, monkeypatch):
     """Killed mid-epoch 2: the resumed run's diagnostics equal the uninterrupted run's; hardware seqs never repeat."""
     full_dir, _ = full_run
@@ -160,6 +163,7 @@ def tracked_run(tmp_path_factory):
     return run_dir, summary
 
 
+@pytest.mark.slow
 def test_each_tracker_holds_what_the_record_wrote(tracked_run, full_run):
     """TensorBoard's EventAccumulator, MlflowClient and trackio's storage give back metrics.jsonl, value for value."""
     run_dir, summary = tracked_run
@@ -190,6 +194,7 @@ def test_each_tracker_holds_what_the_record_wrote(tracked_run, full_run):
     assert [v for _, v in trackio["hardware/rss_mb"]] == [r["rss_mb"] for r in hardware]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_each_tracker_run_without_repeating_steps(tracked_run, tmp_path, monkeypatch):
     full_dir, full = tracked_run
     run_dir = tmp_path / "tracked"  # the same name in another study folder: its own tracker runs
@@ -238,6 +243,7 @@ def test_a_logger_whose_package_is_missing_is_refused_before_training(tmp_path, 
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_parallel_jobs_write_one_mlflow_store_and_one_trackio_project_without_loss(tmp_path):
     """A real --multirun, 2 jobs at once into one MLflow database and one trackio project: all jobs read back whole."""
     import subprocess
@@ -352,6 +358,7 @@ def test_a_tracker_that_hangs_is_left_behind_at_close(tmp_path):
     assert reports[-1]["stuck"]["error"].startswith("TimeoutError: still writing after 0 s")
 
 
+@pytest.mark.slow
 def test_trackers_get_the_grad_norm_without_clipping_too(tmp_path):
     """trainer.grad_clip=null: the reported steps measure the norm themselves; it equals the diagnostics' one."""
     import numpy as np

@@ -83,6 +83,7 @@ def micro_shape():
 METHODS = ["lora", "dora", "rslora", "pissa", "adalora", "loha", "lokr", "ia3", "vera", "oft", "qalora", "qlora"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_records_exact_counts(method, micro_shape, tmp_path):
     summary = run(compose([*TWO_STEPS, f"lora.method={method}", f"lora.rank={RANK}"], tiny=False), tmp_path / method)
@@ -150,6 +151,7 @@ def adalora_run(tmp_path_factory):
     return run_dir, run(compose(ADALORA, tiny=False), run_dir)
 
 
+@pytest.mark.slow
 def test_adalora_schedule_spans_the_real_run(adalora_run):
     _, summary = adalora_run
     steps = 3 * (540 // 32)
@@ -171,6 +173,7 @@ def test_adalora_ranks_change_and_are_recorded(adalora_run):
     assert summary["test"]["top1"] >= 0
 
 
+@pytest.mark.slow
 def test_adalora_resume_is_bit_identical(adalora_run, tmp_path, monkeypatch):
     """SIGINT inside the pruning window (step 20 of 48); the resumed run ends with the same numbers and ranks."""
     full_dir, full = adalora_run

@@ -55,6 +55,7 @@ def finished_run(tmp_path_factory):
 
 
 # ---- 1. a full disk --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one(cfg_factory, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
@@ -156,6 +157,7 @@ def test_torch_serialisation_error_without_an_os_error_is_io_and_others_are_not(
     assert record.checkpoint_path("last").read_bytes() == before and not leftovers(record.dir)
 
 
+@pytest.mark.slow
 def test_full_disk_at_summary_json_keeps_the_old_one_and_the_original_error(cfg_factory, tmp_path, monkeypatch, caplog):
     """The disk fills after epoch 1: epoch 2's heartbeat fails, and so does recording the failure (logged, once)."""
     run_dir = tmp_path / "run"
@@ -293,6 +295,7 @@ def test_existing_folder_that_denies_writes_is_refused(tmp_path, monkeypatch):
 
 
 # ---- 3. a resumed run never repeats rows ------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_trims_metrics_and_hardware_to_the_checkpoint(finished_run, cfg_factory, tmp_path):
     run_dir = Path(shutil.copytree(finished_run, tmp_path / "killed"))
     saved_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["saved_at"]

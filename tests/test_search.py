@@ -85,6 +85,7 @@ def killed_and_resumed(tmp_path_factory):
     return cwd, study, first, stdout + stderr
 
 
+@pytest.mark.slow
 def test_a_killed_search_continues_to_its_total_without_retraining(killed_and_resumed):
     _, study, first, _ = killed_and_resumed
     s = stored(study)
@@ -113,6 +114,7 @@ def test_a_killed_search_continues_to_its_total_without_retraining(killed_and_re
     assert 1e-4 <= min(p[0] for p in params) and max(p[0] for p in params) <= 1e-1
 
 
+@pytest.mark.slow
 def test_relaunching_a_complete_search_trains_nothing_and_plan_says_so(killed_and_resumed):
     cwd, study, _, _ = killed_and_resumed
     before = {name: (study / name / "summary.json").read_text() for name in finished(study)}
@@ -123,6 +125,7 @@ def test_relaunching_a_complete_search_trains_nothing_and_plan_says_so(killed_an
     assert {name: (study / name / "summary.json").read_text() for name in finished(study)} == before
 
 
+@pytest.mark.slow
 def test_the_analysis_reports_the_search(killed_and_resumed, tmp_path):
     from stackwise_bench.analysis import analyze_runs, write_report
 
@@ -203,6 +206,7 @@ def test_a_trial_left_running_by_a_dead_launcher_is_asked_again_with_its_params(
     assert [t.state.name for t in s.trials] == ["COMPLETE", "FAIL", "RUNNING"]
 
 
+@pytest.mark.slow
 def test_importances_need_three_complete_trials(tmp_path):
     from stackwise_bench.analysis.studies.search import search_views
 
@@ -221,6 +225,7 @@ def test_importances_need_three_complete_trials(tmp_path):
     assert json.loads(view.trials.to_json())["best so far"] == {"0": 40.0, "1": 60.0}
 
 
+@pytest.mark.slow
 def test_a_search_database_that_is_not_one_is_refused_in_one_sentence(tmp_path):
     """A garbage optuna.db was an 85-line SQLAlchemy traceback on launch; now one sentence naming the file."""
     study = tmp_path / "multirun" / "broken"

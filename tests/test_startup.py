@@ -46,6 +46,7 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 """
 
 
+@pytest.mark.slow
 def test_default_run_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", DEFAULT_PATH], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -78,6 +78,7 @@ def relaunch_finishes(args: list[str], cwd: Path, study: Path, jobs: int) -> Non
     one_row_per_epoch(study)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_study_and_no_pending_job_starts(tmp_path):
     args = ["seed=1,2,3", *JOB, "study=ctrlc", "hydra.launcher.n_jobs=1"]
     study = tmp_path / "multirun" / "ctrlc"
@@ -93,6 +94,7 @@ def test_ctrl_c_stops_the_study_and_no_pending_job_starts(tmp_path):
     relaunch_finishes(args, tmp_path, study, jobs=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
 def test_a_stopped_or_killed_launcher_leaves_no_worker_and_a_relaunch_finishes(signum, tmp_path):
     args = ["seed=1,2,3", *JOB, f"study=s{signum}", "hydra.launcher.n_jobs=2"]
@@ -111,6 +113,7 @@ def test_a_stopped_or_killed_launcher_leaves_no_worker_and_a_relaunch_finishes(s
     relaunch_finishes(args, tmp_path, study, jobs=3)
 
 
+@pytest.mark.slow
 def test_two_launches_of_one_study_train_each_run_once(tmp_path):
     # One thread each: two launches of two threads on a 2-core machine would thrash (the suite runs on 2 cores).
     args = ["seed=1,2,3", *JOB, "study=twice", "hydra.launcher.n_jobs=1", "trainer.threads=1"]
@@ -131,6 +134,7 @@ def test_two_launches_of_one_study_train_each_run_once(tmp_path):
     assert "busy" in err1 + err2  # the end-of-sweep table lists them
 
 
+@pytest.mark.slow
 def test_a_single_run_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
     run_dir = tmp_path / "single"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -154,6 +158,7 @@ def test_a_single_run_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
     assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.slow
 def test_preemption_under_submitit_requeues_and_ends_where_an_uninterrupted_run_does(tmp_path):
     """SIGUSR2 to a submitit_local job: it saves, submitit requeues it, and it resumes to the same numbers."""
     from stackwise_bench.train import run

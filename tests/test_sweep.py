@@ -58,6 +58,7 @@ def four_jobs(tmp_path_factory):
     return cwd, args, first
 
 
+@pytest.mark.slow
 def test_four_jobs_in_parallel_complete(four_jobs):
     cwd, _, first = four_jobs
     study = cwd / "multirun" / "four"
@@ -75,6 +76,7 @@ def test_four_jobs_in_parallel_complete(four_jobs):
     assert "n_jobs=2" in first.stderr + first.stdout
 
 
+@pytest.mark.slow
 def test_relaunch_trains_nothing(four_jobs):
     cwd, args, first = four_jobs
     study = cwd / "multirun" / "four"
@@ -86,6 +88,7 @@ def test_relaunch_trains_nothing(four_jobs):
     assert "already completed with the same config" in again.stderr + again.stdout
 
 
+@pytest.mark.slow
 def test_plan_lists_states_and_trains_nothing(four_jobs):
     cwd, args, _ = four_jobs
     plan = multirun([a.replace("seed=1,2", "seed=1,2,3") for a in args] + ["plan=true"], cwd)
@@ -97,6 +100,7 @@ def test_plan_lists_states_and_trains_nothing(four_jobs):
     assert not any("seed=3" in d.name for d in job_dirs(cwd / "multirun" / "four"))
 
 
+@pytest.mark.slow
 def test_changed_config_against_existing_folder_is_refused(four_jobs):
     """Same folder name (lr excluded from the name here), different config: refused, nothing overwritten."""
     cwd, _, _ = four_jobs
@@ -122,6 +126,7 @@ def test_changed_config_against_existing_folder_is_refused(four_jobs):
     assert (target / "summary.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_failing_job_does_not_stop_the_others(tmp_path):
     out = multirun(["optimizer.lr=0.002,1e30", *SWEEP, "study=faulty", "hydra.launcher.n_jobs=2"], tmp_path)
     assert out.returncode == 1
@@ -133,6 +138,7 @@ def test_failing_job_does_not_stop_the_others(tmp_path):
     assert failed["error"]["reason"] == "diverged" and "Traceback" in failed["error"]["traceback"]
 
 
+@pytest.mark.slow
 def test_interrupted_job_is_resumed(tmp_path, monkeypatch):
     """A job folder left interrupted mid-epoch is resumed by relaunching the sweep, ending as an uninterrupted run."""
     import signal
@@ -181,6 +187,7 @@ def test_interrupted_job_is_resumed(tmp_path, monkeypatch):
     assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
 
 
+@pytest.mark.slow
 def test_deletion_override_is_recorded_and_a_launch_that_cannot_be_recorded_stops(tmp_path):
     """`~monitors.hardware` in a sweep is part of its launch record; a failing launch record stops the sweep."""
     deleting = [o for o in SWEEP if o != "monitors=none"] + ["~monitors.hardware", "study=deleting"]
@@ -204,6 +211,7 @@ def test_deletion_override_is_recorded_and_a_launch_that_cannot_be_recorded_stop
     assert not (tmp_path / "multirun" / "newer" / job_name(["seed=1", *SWEEP])).exists()
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     out = multirun(["hydra/launcher=submitit_local", "seed=1,2", *SWEEP, "study=slurmish"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -216,6 +224,7 @@ def test_submitit_local_sweep(tmp_path):
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "FP8Test")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_tiny_variant_trains(preset, tmp_path):
     """Each study preset composes as written and its tiny offline variant trains (in-process)."""
@@ -242,6 +251,7 @@ def test_preset_tiny_variant_trains(preset, tmp_path):
     assert summary["config"]["augmentation"] == dict(full.augmentation)
 
 
+@pytest.mark.slow
 def test_analysis_of_a_real_sweep(four_jobs, tmp_path):
     """The analysis reads a real sweep: cells by optimizer.lr, means and paired test from the summaries themselves."""
     import numpy as np
@@ -272,6 +282,7 @@ def test_analysis_of_a_real_sweep(four_jobs, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_jobs", ["0", "-1"])
 def test_launcher_n_jobs_below_one_is_refused_before_the_launch_record(n_jobs, tmp_path):
     """joblib raised on 0 after the launch record was written (a traceback), and ran a negative value silently."""

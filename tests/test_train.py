@@ -32,6 +32,7 @@ def baseline_run(tmp_path_factory):
     return cfg, run_dir, summary
 
 
+@pytest.mark.slow
 def test_run_record_contract(baseline_run):
     _, run_dir, summary = baseline_run
     assert summary == read_summary(run_dir)
@@ -58,17 +59,20 @@ def test_run_record_contract(baseline_run):
     assert "train_idx" in split and "sha256" in split
 
 
+@pytest.mark.slow
 def test_synthetic_is_learned(baseline_run):
     _, _, summary = baseline_run
     assert summary["test"]["top1"] > 60.0  # 4 classes: chance is 25%
 
 
+@pytest.mark.slow
 def test_rerun_is_bit_identical(baseline_run, tmp_path, cfg_factory):
     cfg, first_dir, _ = baseline_run
     run(cfg, tmp_path / "again")
     assert numbers(read_metrics(tmp_path / "again")) == numbers(read_metrics(first_dir))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(baseline_run, tmp_path, monkeypatch):
     """SIGINT in the middle of epoch 2 → interrupted with last.pt; resuming ends where the uninterrupted run did."""
     cfg, full_dir, full_summary = baseline_run
@@ -100,6 +104,7 @@ def test_kill_and_resume_matches_uninterrupted(baseline_run, tmp_path, monkeypat
     assert resumed["test"]["confusion_matrix"] == full_summary["test"]["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_finished_run_folder_is_never_overwritten(baseline_run, cfg_factory):
     cfg, run_dir, summary = baseline_run
     before = (run_dir / "summary.json").read_text()
@@ -167,6 +172,7 @@ def test_fp16_on_a_cpu_warns_and_points_to_bf16(caplog):
     assert "use precision=bf16" in record.message
 
 
+@pytest.mark.slow
 def test_compile_time_is_not_training_speed(tmp_path, cfg_factory, monkeypatch):
     """trainer.compile=true: the first step (which compiles) is timed apart and left out of train_img_s."""
     import time
@@ -216,6 +222,7 @@ def pinned_for(version: str) -> tuple[dict, float | None]:
     return PINNED[nearest], ACROSS_RELEASES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("diagnostics", ["none", "full"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_pinned_loss(precision, diagnostics, tmp_path, cfg_factory):
@@ -249,6 +256,7 @@ def signal_at_step(monkeypatch, signum: int, at: int) -> None:
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_signal)
 
 
+@pytest.mark.slow
 def test_preemption_saves_mid_epoch_then_hands_over_to_submitit(baseline_run, tmp_path, monkeypatch):
     """SIGUSR2 under a scheduler's handler: last.pt at this step and the record first, then its handler (requeue)."""
     cfg, full_dir, full_summary = baseline_run
@@ -275,6 +283,7 @@ def test_preemption_saves_mid_epoch_then_hands_over_to_submitit(baseline_run, tm
     assert resumed["test"]["confusion_matrix"] == full_summary["test"]["confusion_matrix"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["validation", "test"])
 def test_sigterm_in_validation_or_the_test_phase_is_saved_and_resumes(phase, baseline_run, tmp_path, monkeypatch):
     import stackwise_bench.training.tasks as task_module  # the task evaluates, in validation and at test
@@ -308,6 +317,7 @@ def compose_resume(extra: list[str] | None = None):
     return compose(["trainer.max_epochs=3", "trainer.resume=true", *(extra or [])])
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_thread_count_it_started_with(tmp_path, monkeypatch, caplog):
     """Interrupted as a 1-thread sweep job, resumed as a 2-thread one: it continues on 1 thread, bit for bit."""
     from conftest import compose
