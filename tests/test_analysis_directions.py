@@ -142,3 +142,14 @@ def test_runs_that_disagree_on_a_metric_s_direction_are_refused_in_one_sentence(
         "metric=test.mse is higher is better in 3 run(s) (up) and lower is better in 3 run(s) (down): these runs "
         "disagree on what better means; analyse each task's runs apart (runs=...) or choose another metric=."
     )
+
+
+def test_a_difference_its_test_did_not_find_is_no_verdict():
+    """A sign is not a finding: only a significant difference is called better or worse."""
+    from stackwise_bench.analysis.read.directions import verdict
+
+    assert verdict(0.28, "max", "optimizer=sgd", significant=False) == (
+        "no difference from optimizer=sgd detected (higher is better)"
+    )
+    assert verdict(0.28, "max", "optimizer=sgd", significant=True) == "better than optimizer=sgd (higher is better)"
+    assert verdict(0.28, "min", "optimizer=sgd", significant=True) == "worse than optimizer=sgd (lower is better)"

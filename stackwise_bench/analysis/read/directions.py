@@ -177,11 +177,14 @@ def diff_unit(column: str) -> str:
     return "points" if metric_name(column) in PERCENT else column
 
 
-def verdict(diff: float, direction: str | None, baseline: str) -> str:
-    """``better than optimizer=sgd (lower is better)`` for a difference (cell − baseline) in ``direction``."""
+def verdict(diff: float, direction: str | None, baseline: str, significant: bool = True) -> str:
+    """``better than optimizer=sgd (lower is better)`` for a difference (cell − baseline) in ``direction``; a
+    difference its test did not find significant is ``no difference detected`` (a sign is not a finding)."""
     word = WORDS.get(direction, "read as higher is better")
-    if is_missing(diff) or diff == 0:
-        return "" if is_missing(diff) else f"as good as {baseline} ({word})"
+    if is_missing(diff):
+        return ""
+    if diff == 0 or not significant:
+        return f"no difference from {baseline} detected ({word})"
     better = diff < 0 if direction == MIN else diff > 0
     return f"{'better' if better else 'worse'} than {baseline} ({word})"
 

@@ -29,7 +29,7 @@ def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, grou
             p = row.get("p_value")
             test = f"{row['test']}, p = {p:.3g}" if pd.notna(p) else "no test"
             line = f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} {unit} ({test})"
-            said = verdict(row["diff"], direction, row["baseline"])
+            said = verdict(row["diff"], direction, row["baseline"], bool(row.get("significant", False)))
             highlights.append(f"{line}: {said}" if said else line)
     highlights += [
         f"{group}: no optimizer={ref} cell with the same other settings to compare with" for group in unmatched
