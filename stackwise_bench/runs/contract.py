@@ -29,6 +29,23 @@ EVAL_KIND = "evaluate"  # summary["kind"] of an evaluation record
 # ---- files of a study folder -----------------------------------------------------------------------
 SEARCH_DB = "optuna.db"  # a hyperparameter search's Optuna storage (runs/search.py writes, analysis/search.py reads)
 
+# ---- the task a run learns (summary.json's ``task`` section) ------------------------------------------
+# Image classification as the trainer records it (training/tasks.py), and the task of every record written
+# before runs named theirs (the analysis reads metric directions from it: analysis/read/directions.py).
+IMAGE_CLASSIFICATION = {
+    "name": "image_classification",
+    "unit": "img",
+    "metric": "top1",
+    "directions": {
+        "loss": "min",
+        "top1": "max",
+        "top5": "max",
+        "f1_macro": "max",
+        "precision_macro": "max",
+        "recall_macro": "max",
+    },
+}
+
 # ---- statuses ------------------------------------------------------------------------------------
 STATUSES = ("running", "completed", "early_stopped", "failed", "interrupted")
 # A run that trained to its end: its metrics and best.pt are final.

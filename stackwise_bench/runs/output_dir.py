@@ -55,8 +55,8 @@ def check_existing(folder: str | os.PathLike, config) -> None:
         return
     from omegaconf import OmegaConf
 
+    from stackwise_bench.runs.folder_policy import refuse_other_run
     from stackwise_bench.runs.provenance import fingerprint
-    from stackwise_bench.runs.record import refuse_other_run
 
     try:
         job = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)

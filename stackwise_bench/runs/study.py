@@ -31,10 +31,10 @@ from stackwise_bench.errors import ConfigError, short_error
 from stackwise_bench.runs import jsonsafe, output_dir
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
 from stackwise_bench.runs.files import atomic_write_text
+from stackwise_bench.runs.folder_policy import same_run
 from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
 from stackwise_bench.runs.lease import describe, live_holder
 from stackwise_bench.runs.provenance import fingerprint, git_sha
-from stackwise_bench.runs.record import same_run
 from stackwise_bench.values import is_int
 
 log = logging.getLogger(__name__)

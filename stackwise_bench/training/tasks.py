@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_bench.data.mixup import step_generator
+from stackwise_bench.runs.contract import IMAGE_CLASSIFICATION
 from stackwise_bench.training.metrics import evaluate
 
 
@@ -47,17 +48,8 @@ class Output:
 class ImageClassification:
     """Images and class labels: cross-entropy, top-1 (top-5, macro F1, a confusion matrix at test), images/s."""
 
-    name = "image_classification"
-    unit = "img"
-    metric = "top1"
-    directions = {
-        "loss": "min",
-        "top1": "max",
-        "top5": "max",
-        "f1_macro": "max",
-        "precision_macro": "max",
-        "recall_macro": "max",
-    }
+    name, unit, metric = (IMAGE_CLASSIFICATION[k] for k in ("name", "unit", "metric"))
+    directions = IMAGE_CLASSIFICATION["directions"]
     tallies = ("correct",)
 
     def __init__(self, num_classes: int, autocast, device, label_smoothing: float = 0.0, mixing=None, seed: int = 0):

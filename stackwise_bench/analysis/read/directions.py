@@ -20,23 +20,9 @@ import pandas as pd
 
 from stackwise_bench.analysis.read.numeric import is_missing
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import FINISHED
+from stackwise_bench.runs.contract import FINISHED, IMAGE_CLASSIFICATION  # the task of records without one
 
 MAX, MIN = "max", "min"
-# The task of every record without a ``task`` section: they were all written by the image classifier.
-IMAGE_CLASSIFICATION = {
-    "name": "image_classification",
-    "unit": "img",
-    "metric": "top1",
-    "directions": {
-        "loss": MIN,
-        "top1": MAX,
-        "top5": MAX,
-        "f1_macro": MAX,
-        "precision_macro": MAX,
-        "recall_macro": MAX,
-    },
-}
 # Image classification's higher-is-better metrics are percentages: their differences are percentage points.
 PERCENT = tuple(m for m, d in IMAGE_CLASSIFICATION["directions"].items() if d == MAX)
 # How sentences and headers write image classification's accuracy; other metrics keep their names.

@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from stackwise_bench.analysis.read.collect import override_keys
+from stackwise_bench.analysis.read.numeric import is_missing
 from stackwise_bench.analysis.read.run_row import parse_value
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import PLACE_KEYS, is_volatile
@@ -108,8 +109,8 @@ def parse_selector(spec: str | Mapping | None) -> dict[str, Any]:
 
 def same_value(a: Any, b: Any) -> bool:
     """Equality that lets ``0`` match ``"0"`` and ``fp32`` match ``"fp32"``."""
-    if _is_na(a) or _is_na(b):
-        return _is_na(a) and _is_na(b)
+    if is_missing(a) or is_missing(b):
+        return is_missing(a) and is_missing(b)
     try:
         return float(a) == float(b)
     except (TypeError, ValueError):
@@ -117,7 +118,7 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def format_value(v: Any) -> str:
-    if _is_na(v):
+    if is_missing(v):
         return "null"
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
         return str(int(v))
@@ -149,12 +150,5 @@ def _flatten_mapping(tree: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _is_na(v: Any) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def _none_if_na(v: Any) -> Any:
-    return None if _is_na(v) else v
+    return None if is_missing(v) else v
