@@ -88,7 +88,7 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     steps = cfg.trainer.max_epochs * (len(data.train_y) // trainer.batch_size)  # AdaLoRA's, until the plan below
     model, shape, fp8_layers = build_model(cfg, data.num_classes, total_steps=steps)
     regime = instantiate(cfg.regime)  # classical, or depth_time: which starts the model at its first stack
-    regime.setup(model)
+    regime.setup(model, cfg.model.name)  # stacks left null: derived from the model's depth (refused if it cannot grow)
     model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
     optimizer = instantiate(cfg.optimizer, model=model)

@@ -126,7 +126,8 @@ def run(
                 raise
             if result.status == "interrupted":
                 record.summary["run"]["stopped_by"] = stop.requested
-            if built.regime.name != "classical":  # the model grew: record what it ended as
+            if built.regime.name != "classical":  # the model grew: record what it ended as, the tested model (best.pt
+                # is chosen at the final depth; test.checkpoint_params counts the same model)
                 record.update(
                     params=count_parameters(built.model, cfg.lora.head) | model_shape(built.model, cfg.lora.head)
                 )

@@ -1,5 +1,5 @@
 """regime=depth_time end to end: growth at the planned step, FLOPs at each depth's rate, kill + resume after a
-growth, best.pt from before a growth, and the refusals."""
+growth, a best.pt from before a growth (older runs) loading into the grown model, and the refusals."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def test_the_model_grows_at_the_planned_step_and_flops_follow_each_depth(grown_r
     full = rate(cfg, 2) * total * BATCH
     assert summary["train"]["flops"] < 0.8 * full  # the point of growing: less compute than classical training
     assert summary["params"]["total"] == sum(p.numel() for p in build_model(cfg, 4)[0].parameters())
+    assert summary["test"]["checkpoint_depth"] == 2 and summary["test"]["checkpoint_epoch"] in (2, 3)  # final depth
+    assert summary["test"]["checkpoint_params"]["total"] == summary["params"]["total"]
 
 
 @pytest.mark.slow
@@ -114,7 +116,11 @@ def test_a_checkpoint_from_before_a_growth_loads_into_the_grown_model():
             r"trainer.max_flops applies to regime=classical",
         ),
         (["model=resnet14", "regime=depth_time", "regime.stacks=[1,3]"], r"regime.stacks"),
-        (["regime=depth_time", "regime.boundaries=[0.5,0.7]"], r"regime.boundaries=\[0.5, 0.7\] has 2 entries"),
+        (
+            ["model=resnet14", "regime=depth_time", "regime.boundaries=[0.5,0.7]"],
+            r"^regime.boundaries=\[0.5, 0.7\] has 2 entries but regime.stacks=\[1, 2\] \(derived from the model's "
+            r"depth 2; set regime.stacks to choose\) needs 1",
+        ),
     ],
 )
 def test_combinations_that_make_no_sense_are_refused_in_one_sentence(tmp_path, overrides, message):

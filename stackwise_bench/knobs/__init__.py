@@ -121,14 +121,14 @@ KNOBS: dict[str, Spec] = {
     "dataset.workers": Int("8", min=1, null=True, note="null = the CPUs this process may use"),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
     "regime.stacks": ListOf(
-        "[1,2]", Int("1", min=1), increasing=True, null=True, note="classical: only with regime.match=true"
+        "[1,2]", Int("1", min=1), increasing=True, null=True, note="null = halved back from the model's depth"
     ),
     "regime.boundaries": ListOf(
         "[0.5]",
         Number("0.5", lo=0, hi=1, lo_open=True, hi_open=True),
         increasing=True,
         null=True,
-        note="classical: only with regime.match=true",
+        note="null = equal shares per stage",
     ),
     "regime.match": Bool("true"),
     "regime.building_mode": Choice(("append", "prepend", "interleave"), "append"),

@@ -32,6 +32,17 @@ class Progress:
     partial: dict = dataclasses.field(default_factory=dict)  # running sums of an interrupted epoch
     compute: dict | None = None  # training FLOPs so far (Compute.state)
 
+    def best_step(self) -> int:
+        """The global step at which the best epoch ended (0 when its row does not say)."""
+        row = next((r for r in self.history if r.get("epoch") == self.best_epoch), {})
+        return row.get("step", 0)
+
+    def forget_best(self) -> None:
+        """No best epoch: the next evaluation that may become best.pt does (patience starts over)."""
+        fresh = Progress()
+        self.best_score, self.best_epoch, self.bad_evals = None, 0, 0
+        self.best_val_top1, self.best_val_loss = fresh.best_val_top1, fresh.best_val_loss
+
 
 def migrate(state: dict) -> dict:
     """A checkpoint written before the step parts, in today's layout (its tensors untouched).

@@ -9,6 +9,9 @@ The trainer drives a regime through a handful of hooks (the same on both classes
 - in every checkpoint: ``state_dict()``; on resume, BEFORE the model/optimizer/scheduler states are loaded:
   ``load_state_dict(saved)`` then ``replay(saved["stage"], model, optimizer, scheduler)``. Use the saved
   ``stage``, not ``stage_at(global_step)``: a checkpoint taken right before a growth step is one stage behind.
+- what is tested (:attr:`tested`): the best validation among the epochs at the final depth; ``at_final_depth(step)``
+  says which epochs those are (every epoch of a classical run; a depth-time run's from its last growth on), so an
+  arm is compared as what it delivers at the end of its budget, never as the shallower network of an earlier stage.
 
 Optimizer layout after a growth (the groups are rebuilt from the model, in model order, at every growth):
 ``rackwise``: ``[decayed, not decayed]``, exactly :func:`~stackwise_bench.training.optim.param_groups` of the grown
@@ -39,36 +42,38 @@ from stackwise_bench.values import is_int, is_number
 
 SCOPES = ("rackwise", "stackwise")
 OPTIMIZER_STATES = ("copy", "reset")
+# The checkpoint a run is tested with (summary.json's test.checkpoint_policy): the trainer picks best.pt among the
+# epochs at the final depth only, counts early-stopping patience there only, and always evaluates the last epoch.
+TESTED = "best validation epoch at the final depth"
 
 
 class Classical:
     """Fixed depth, today's behaviour: every hook is a no-op.
 
     ``match=True`` makes it the *matched* classical arm of a depth-as-time study: its FLOP budget is what a
-    :class:`DepthTime` run with ``stacks`` and ``boundaries`` spends over the same ``trainer.max_epochs``, and its
-    schedule spans that budget (Kaddour et al., 2023: the fair baseline decays its learning rate within the smaller
-    budget; it is not a full-length run cut short). With ``match=False`` the stacks are only recorded: a study sets
-    one schedule on every arm, and the full-budget classical arm keeps its full budget.
+    :class:`DepthTime` run with ``stacks`` and ``boundaries`` (None: derived as DepthTime derives them) spends over
+    the same ``trainer.max_epochs``, and its schedule spans that budget (Kaddour et al., 2023: the fair baseline
+    decays its learning rate within the smaller budget; it is not a full-length run cut short). With ``match=False``
+    the stacks are only recorded: a study sets one schedule on every arm, and the full-budget classical arm keeps its
+    full budget.
     """
 
     name = "classical"
     stage = 0
+    tested = TESTED  # every epoch is at the final depth: the best validation epoch
 
     def __init__(self, stacks: list[int] | None = None, boundaries: list[float] | None = None, match: bool = False):
         if not isinstance(match, bool):
             raise ConfigError(f"regime.match={match} must be true or false; use e.g. regime.match=true.")
-        if match and (stacks is None or boundaries is None):
-            raise ConfigError(
-                f"regime.match=true needs regime.stacks and regime.boundaries (the depth-time schedule whose FLOPs "
-                f"this run spends), not {stacks} and {boundaries}; set both, e.g. regime.stacks=[1,2] "
-                "regime.boundaries=[0.5]."
-            )
-        schedule = DepthTime(stacks, boundaries, init="identity") if stacks is not None else None
+        # match=true without stacks/boundaries: depth_time's own defaults, derived from the model in setup()
+        schedule = DepthTime(stacks, boundaries, init="identity") if match or stacks is not None else None
+        if schedule is not None:
+            schedule.called = "regime.match=true spends the FLOPs of a depth_time run, which"  # in its refusals
         self.matched = schedule if match else None
 
-    def setup(self, model) -> None:
-        if self.matched is not None:
-            self.matched.setup(copy.deepcopy(model))  # checks the stacks end at the model's depth; truncates a copy
+    def setup(self, model, model_name: str | None = None) -> None:
+        if self.matched is not None:  # checks (or derives) the stacks at the model's depth on a truncated copy
+            self.matched.setup(copy.deepcopy(model), model_name)
 
     def plan(self, total_steps: int) -> list[int]:
         return []
@@ -83,6 +88,10 @@ class Classical:
     def acts_at(self, global_step: int) -> bool:
         """Whether :meth:`before_step` has anything to do before the step after ``global_step``: never here."""
         return False
+
+    def at_final_depth(self, global_step: int) -> bool:
+        """Whether the model after ``global_step`` steps is the one the run ends with: always here."""
+        return True
 
     def grows_at(self, global_step: int) -> bool:
         return False
@@ -104,6 +113,7 @@ class Classical:
         pass
 
     def describe(self) -> dict:
+        """The schedule actually used (``matched_*``: the derived one, where the config left it null)."""
         if self.matched is None:
             return {"regime": self.name}
         return {
@@ -115,6 +125,10 @@ class Classical:
 
 class DepthTime:
     """Depth as time: train ``stacks[0]`` blocks, grow to ``stacks[i]`` at ``boundaries[i-1]`` of training.
+
+    ``stacks=None`` (the YAML's null) derives them from the model in :meth:`setup` (:func:`default_stacks`);
+    ``boundaries=None`` splits training into equal shares (:func:`equal_shares`); :meth:`describe` records the
+    schedule actually used.
 
     Stages are numbered from 0: stage ``i`` trains ``stacks[i]`` blocks (per stage, for a CIFAR ResNet) and begins
     at global step ``plan[i-1]``; growth ``i`` (to stage ``i``) happens in ``before_step`` of that step, before
@@ -138,11 +152,12 @@ class DepthTime:
     """
 
     name = "depth_time"
+    tested = TESTED  # best.pt is chosen among the epochs after the last growth (:meth:`at_final_depth`)
 
     def __init__(
         self,
-        stacks: list[int],
-        boundaries: list[float],
+        stacks: list[int] | None = None,
+        boundaries: list[float] | None = None,
         building_mode: str = "append",
         init: str = "copy",
         scope: str = "rackwise",
@@ -151,24 +166,27 @@ class DepthTime:
         lr_rewarm_steps: int = 0,
         seed: int = 0,
     ):
-        self.stacks = _listed(stacks, "stacks", "[1,2,4]")
-        if not self.stacks or not all(is_int(s) and s >= 1 for s in self.stacks) or _unsorted(self.stacks):
+        # None until setup() derives them from the model (default_stacks, equal shares), where the config left null
+        self.stacks: list[int] | None = None if stacks is None else _listed(stacks, "stacks", "[1,2,4]")
+        if self.stacks is not None and (
+            not self.stacks or not all(is_int(s) and s >= 1 for s in self.stacks) or _unsorted(self.stacks)
+        ):
             raise ConfigError(
                 f"regime.stacks={self.stacks} must be a non-empty list of positive integers in strictly increasing "
                 "order; use e.g. regime.stacks=[1,2,4]."
             )
-        self.boundaries = _listed(boundaries, "boundaries", "[0.25,0.5]")
-        if len(self.boundaries) != len(self.stacks) - 1:
-            raise ConfigError(
-                f"regime.boundaries={self.boundaries} has {len(self.boundaries)} entries but regime.stacks="
-                f"{self.stacks} needs {len(self.stacks) - 1}, one per stage after the first."
-            )
-        if not all(is_number(b) and 0 < b < 1 for b in self.boundaries) or _unsorted(self.boundaries):
-            raise ConfigError(
-                f"regime.boundaries={self.boundaries} must be fractions of training strictly between 0 and 1, in "
-                "strictly increasing order; use e.g. regime.boundaries=[0.25,0.5]."
-            )
-        self.boundaries = [float(b) for b in self.boundaries]
+        self.boundaries = None if boundaries is None else _listed(boundaries, "boundaries", "[0.25,0.5]")
+        if self.boundaries is not None:
+            if self.stacks is not None:
+                self._check_boundary_count()
+            if not all(is_number(b) and 0 < b < 1 for b in self.boundaries) or _unsorted(self.boundaries):
+                raise ConfigError(
+                    f"regime.boundaries={self.boundaries} must be fractions of training strictly between 0 and 1, "
+                    "in strictly increasing order; use e.g. regime.boundaries=[0.25,0.5]."
+                )
+            self.boundaries = [float(b) for b in self.boundaries]
+        elif self.stacks is not None:
+            self.boundaries = equal_shares(len(self.stacks))
         self.building_mode = _choice(building_mode, MODES, "building_mode")
         self.init = _choice(init, INITS, "init")
         self.scope = _choice(scope, SCOPES, "scope")
@@ -193,7 +211,15 @@ class DepthTime:
             raise ConfigError(f"regime.seed={seed} must be an integer; use e.g. regime.seed=0.")
         self.lr_rewarm_steps, self.seed = int(lr_rewarm_steps), int(seed)
         self.growth_steps: list[int] | None = None  # set by plan() or load_state_dict()
+        self.called = "regime=depth_time"  # what the refusal of a model that cannot grow names
         self._reset()
+
+    def _check_boundary_count(self, derived: str = "") -> None:
+        if len(self.boundaries) != len(self.stacks) - 1:
+            raise ConfigError(
+                f"regime.boundaries={self.boundaries} has {len(self.boundaries)} entries but regime.stacks="
+                f"{self.stacks}{derived} needs {len(self.stacks) - 1}, one per stage after the first."
+            )
 
     def _reset(self) -> None:
         self.stage = 0  # the stage the model is built for now
@@ -202,9 +228,16 @@ class DepthTime:
         self._base_lr: float | None = None  # the full rate: scheduler.base_lrs[0] when first regrouped
 
     # ------------------------------------------------------------------ schedule
-    def setup(self, model) -> None:
-        """Check that ``stacks[-1]`` is the model's depth, then truncate it to ``stacks[0]`` (before the optimizer)."""
+    def setup(self, model, model_name: str | None = None) -> None:
+        """Check that ``stacks[-1]`` is the model's depth, then truncate it to ``stacks[0]`` (before the optimizer).
+
+        Stacks left null are derived from the model's depth (:func:`default_stacks`), boundaries left null split
+        training into equal shares; a model of one block (per stage) cannot grow and is refused, naming
+        ``model_name`` (the config's ``model.name``) where given.
+        """
         depth = depth_of(model)
+        if self.stacks is None:
+            self._derive(depth, model, model_name)
         if depth != self.stacks[-1]:
             raise ConfigError(
                 f"regime.stacks={self.stacks} ends at depth {self.stacks[-1]} but the model has depth {depth}; make "
@@ -217,6 +250,24 @@ class DepthTime:
             )
         truncate(model, self.stacks[0])
         self._reset()
+
+    def _derive(self, depth: int, model, model_name: str | None) -> None:
+        stacks = default_stacks(depth)
+        if len(stacks) < 2:
+            model_key = f"model={model_name}" if model_name else f"the model ({type(model).__name__})"
+            if isinstance(model, CifarResNet):
+                raise ConfigError(
+                    f"{self.called} grows a model block by block, and {model_key} has {depth} block per stage: "
+                    "pick model=resnet14 or a ViT (vit_micro_p4, vit_tiny_p4, deit_tiny), or regime=classical."
+                )
+            raise ConfigError(
+                f"{self.called} grows a model block by block, and {model_key} has {depth} block: raise "
+                "model.depth (e.g. model.depth=2), or use regime=classical."
+            )
+        self.stacks = stacks
+        if self.boundaries is None:
+            self.boundaries = equal_shares(len(stacks))
+        self._check_boundary_count(f" (derived from the model's depth {depth}; set regime.stacks to choose)")
 
     def plan(self, total_steps: int) -> list[int]:
         """The global steps at which stages 1.. begin: ``floor(b * total_steps + 0.5)`` (halves round up).
@@ -262,6 +313,12 @@ class DepthTime:
     def acts_at(self, global_step: int) -> bool:
         """Whether :meth:`before_step` has anything to do then: a growth, or the LR rewarm after one."""
         return bool(self.lr_rewarm_steps) or self.grows_at(global_step)
+
+    def at_final_depth(self, global_step: int) -> bool:
+        """Whether the model after ``global_step`` steps has its final depth: no growth is still to come (a growth
+        planned at ``global_step`` itself happens before the next step, so that model is not final yet)."""
+        plan = self._plan()
+        return not plan or plan[-1] < global_step
 
     def before_step(self, global_step: int, model, optimizer, scheduler) -> dict | None:
         """Apply every growth due by ``global_step`` (in order) and the rewarm LR; describe the growth, if any.
@@ -382,6 +439,27 @@ class DepthTime:
             "lr_rewarm_steps": self.lr_rewarm_steps,
             "seed": self.seed,
         }
+
+
+def default_stacks(depth: int) -> list[int]:
+    """The stacks of a model of ``depth`` blocks (per stage) when ``regime.stacks`` is null.
+
+    Halving back from the depth while it is even: 12 -> [3, 6, 12], 8 -> [1, 2, 4, 8], 4 -> [1, 2, 4], 2 -> [1, 2].
+    An odd depth ``d > 1`` grows once, from its larger half ``(d + 1) // 2``: 3 -> [2, 3], 5 -> [3, 5], 7 -> [4, 7].
+    That start is at least 2, so every building mode and init accepts it (init=copy refuses a CifarResNet that
+    starts at 1, whose only block per stage is never copied). Depth 1 gives [1]: nothing to grow.
+    """
+    if depth % 2:
+        return [depth] if depth == 1 else [(depth + 1) // 2, depth]
+    stacks = [depth]
+    while stacks[0] % 2 == 0:
+        stacks.insert(0, stacks[0] // 2)
+    return stacks
+
+
+def equal_shares(stages: int) -> list[float]:
+    """The boundaries of ``stages`` stages of equal length (``regime.boundaries`` null): ``[1/n, ..., (n-1)/n]``."""
+    return [i / stages for i in range(1, stages)]
 
 
 def _unsorted(values: list) -> bool:

@@ -3,7 +3,8 @@
 It knows no file, no Hydra, no task and no part by name: it emits metric dicts and checkpoint states to a ``sink``
 (the run record) and returns a :class:`FitResult`. What is learned is its ``task`` (:mod:`.tasks`), what joins a
 step its ``parts`` (:mod:`.parts`), where it computes its :class:`Runtime`; the regime (:mod:`.regime`) may grow
-the model before a step.
+the model before a step, and says which epochs may become ``best.pt``: those at the final depth (``tested``), so a
+depth-as-time run is tested as the network it ends with.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from stackwise_bench.nn.growth import match_depth
+from stackwise_bench.nn.lora import count_parameters
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.training.compute import Compute, current_depth
 from stackwise_bench.training.divergence import TrainingDiverged, check_loss, check_weights, divergence_fix  # noqa: F401
@@ -110,6 +111,11 @@ class Trainer:
             progress.compute = self.compute.state()
             sink.save_checkpoint("last", self._checkpoint(progress))
 
+        if self._forget_early_best(progress) and progress.epoch >= self.max_epochs:  # nothing left to choose from:
+            self._validate(forward, loaders.val, progress, {})  # the last epoch (the final depth) becomes best.pt
+            sink.save_checkpoint("best", self.parts.best_checkpoint(self._checkpoint(progress)))
+            save_last()
+
         status = "early_stopped" if self._patience_spent(progress) else "completed"  # a resume after the last epoch
         self.images = 0  # this attempt's samples
         for monitor in monitors:
@@ -179,6 +185,15 @@ class Trainer:
             self.parts.attach(self.fit_ctx)
             what = (step, grown["depth"], grown["stage"], grown["new_params"])
             log.info("step %d: grew to depth %d (stage %d, %d new parameter tensors)", *what)
+
+    def _forget_early_best(self, progress: Progress) -> bool:
+        """A resumed checkpoint of older code may name a best epoch from before the last growth: forget it, so the
+        first epoch at the final depth becomes best.pt (``regime.tested``); True when it did."""
+        if not progress.best_epoch or self.regime.at_final_depth(progress.best_step()):
+            return False
+        log.info("trainer.resume: best epoch %d is from before the last growth; choosing again", progress.best_epoch)
+        progress.forget_best()
+        return True
 
     def _patience_spent(self, progress: Progress) -> bool:
         return bool(self.patience) and progress.bad_evals >= self.patience
@@ -277,6 +292,8 @@ class Trainer:
                 what, row[key], f"after epoch {progress.epoch} (step {progress.global_step})", self._divergence_fix()
             )
         row["eval_time_s"] = time.perf_counter() - t0
+        if not self.regime.at_final_depth(progress.global_step):  # not what the run ends with: never best.pt, and
+            return False  # no patience spent (the run cannot stop before its last growth)
         score = self.task.score(val)
         if progress.best_score is None or score > tuple(progress.best_score):
             progress.best_score, progress.best_epoch, progress.bad_evals = list(score), progress.epoch, 0
@@ -286,14 +303,18 @@ class Trainer:
         return False
 
     def _test(self, model, forward, loader, sink) -> dict | None:
-        """Full metrics on the test split with the best checkpoint's weights; None when ``stop`` cut it short."""
+        """Full metrics on the test split with the best checkpoint's weights (at the final depth: ``_validate``);
+        None when ``stop`` cut it short. ``checkpoint_*`` say which checkpoint that was and what it holds."""
         best = sink.load_checkpoint("best", map_location=self.device)
-        match_depth(model, best["model"])  # a depth-as-time best.pt from before a growth holds fewer blocks
         model.load_state_dict(best["model"])
         test = self.task.evaluate(forward, loader, full=True, stop=self.stop)
         if test is None:
             return None
+        counts = count_parameters(model)
         test["checkpoint_epoch"] = best["progress"]["epoch"]
+        test["checkpoint_depth"] = current_depth(model)
+        test["checkpoint_params"] = {"total": counts["total"], "trainable": counts["trainable"]}
+        test["checkpoint_policy"] = self.regime.tested
         when = f"with best.pt (epoch {test['checkpoint_epoch']})"
         check_loss("the test loss", test["loss"], when, self._divergence_fix())
         log.info("test: %s  (best epoch %d)", self.task.describe(test), test["checkpoint_epoch"])
