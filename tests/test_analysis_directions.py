@@ -91,7 +91,8 @@ def test_the_lower_error_arm_is_the_better_one_everywhere(tmp_path):
 
     [view] = [v for v in a.views if v.title.startswith("Optimizer study")]
     assert "optimizer=adamw vs optimizer=sgd" in view.highlights[0]
-    assert view.highlights[0].endswith("better than optimizer=sgd (lower is better)")
+    assert "test.mse (lower is better): better than optimizer=sgd (p = " in view.highlights[0]
+    assert row["verdict"] == "better"
 
     dyn = a.dynamics.set_index("seed")
     best = a.dynamics.groupby("optimizer")["best_val_mse"].mean()
@@ -101,7 +102,7 @@ def test_the_lower_error_arm_is_the_better_one_everywhere(tmp_path):
     out = write_report(a, tmp_path / "report", plots=False)
     report = (out / "report.md").read_text()
     assert "- headline metric: test.mse (lower is better)" in report
-    assert f"Best cell: optimizer=adamw ({np.mean(MSE['B']):.2f} test.mse; lower is better)." in report
+    assert f"Lowest mean test.mse: optimizer=adamw ({np.mean(MSE['B']):.2f}; lower is better): better than " in report
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_flops_to_target_and_the_equal_compute_verdict_read_lower_as_better(tmp_
     assert per_arm.loc["depth_time", "n_reached"] == 3 and per_arm.loc["classical_matched", "n_reached"] == 0
     assert per_arm.loc["depth_time", "flops_to_target_mean"] == FLOPS[2]
     [sentence] = r.sentences
-    assert sentence.endswith("significant: it beat classical at equal FLOPs."), sentence
+    assert ": it beat classical at equal FLOPs (p = " in sentence and sentence.endswith(", paired t)."), sentence
 
 
 def test_the_peft_frontier_keeps_the_lower_error_for_fewer_parameters(tmp_path):
@@ -145,11 +146,20 @@ def test_runs_that_disagree_on_a_metric_s_direction_are_refused_in_one_sentence(
 
 
 def test_a_difference_its_test_did_not_find_is_no_verdict():
-    """A sign is not a finding: only a significant difference is called better or worse."""
-    from stackwise_bench.analysis.read.directions import verdict
+    """A sign is not a finding: better or worse only where the test is significant and the interval of the
+    difference lies on that side of zero, in the metric's direction; else the smallest effect it could see."""
+    from stackwise_bench.analysis.stats.verdicts import verdict
 
-    assert verdict(0.28, "max", "optimizer=sgd", significant=False) == (
-        "no difference from optimizer=sgd detected (higher is better)"
+    row = {"diff": 0.28, "diff_ci95_low": -0.1, "diff_ci95_high": 0.66, "p_value": 0.07, "test": "Welch t"}
+    row |= {"n": 3, "n_baseline": 3, "mde_points": 4.13, "metric": "test.top1", "baseline": "optimizer=sgd"}
+    assert verdict(row, "max") == (
+        "no difference from optimizer=sgd detected (p = 0.070, Welch t; with n = 3 seeds per cell the smallest "
+        "effect this test would detect at 80% power is 4.1 points)"
     )
-    assert verdict(0.28, "max", "optimizer=sgd", significant=True) == "better than optimizer=sgd (higher is better)"
-    assert verdict(0.28, "min", "optimizer=sgd", significant=True) == "worse than optimizer=sgd (lower is better)"
+    sig = row | {"p_value": 0.01, "diff_ci95_low": 0.1}
+    assert verdict(sig, "max") == "better than optimizer=sgd (p = 0.010, Welch t)"
+    assert verdict(sig, "min") == "worse than optimizer=sgd (p = 0.010, Welch t)"
+    # significant before Holm, not after: no verdict
+    assert verdict(sig | {"p_holm": 0.09}, "max").startswith("no difference from optimizer=sgd detected (p = 0.010")
+    mse = row | {"metric": "test.mse", "mde_points": 0.0123}
+    assert verdict(mse, "min").endswith("is 0.012 (test.mse))")

@@ -80,9 +80,9 @@ def test_precision_view(precision_studies):
     ):
         assert col in t.columns
     text = " ".join(view.highlights)
-    assert "fastest: precision=fp16, augmentation=basic (" in text
+    assert "shortest mean training time: precision=fp16, augmentation=basic (" in text
     assert "speed-up of precision=fp16, augmentation=basic over fp32: ×2.00" in text
-    assert "best accuracy" in text and "best generalisation" in text
+    assert "highest mean accuracy" in text and "smallest mean generalisation gap" in text
 
 
 @pytest.mark.slow

@@ -188,7 +188,7 @@ def test_best_method_per_rank(method_study):
     for rank in RANKS:
         means = {m: np.mean(TOP1[m, rank]) for m in METHODS}
         best = max(means, key=means.get)
-        assert f"best method at r={rank}: {best} ({means[best]:.2f} test.top1" in text
+        assert f"highest mean at r={rank}: {best} ({means[best]:.2f} test.top1" in text
 
 
 def test_old_runs_without_method_count_as_lora(method_study):
@@ -276,4 +276,4 @@ def test_rankless_methods_pool_their_ranks_and_adalora_reports_its_budget():
     text = "\n".join(view.highlights)
     # init_r not recorded: the default, ceil(1.5 * r) = 12 per layer
     assert "adalora r=8: final rank budget 30 from 72 at the start (6 layers × init_r=12; target 6 × r=8)" in text
-    assert "best method at r=8: lora (" in text
+    assert "highest mean at r=8: lora (" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -194,11 +196,26 @@ def test_sentences_say_plainly_who_beat_classical_at_equal_flops(analysis):
     assert list(s) == ["depth_time", "depth_time_interleave", "depth_time_prepend"]
     p = sps.ttest_rel(TOP1["depth_time_prepend"], TOP1["classical_matched"]).pvalue
     assert s["depth_time_prepend"].startswith(
-        f"depth_time_prepend: 89.70 vs 88.17 for classical at equal FLOPs, +1.53 points, p = {p:.3f} (Holm "
+        "depth_time_prepend: 89.70 vs 88.17 for classical at equal FLOPs, +1.53 points: it beat classical at "
+        f"equal FLOPs (p = {p:.3f}, Holm "
     )
-    assert s["depth_time_prepend"].endswith("paired t): significant: it beat classical at equal FLOPs.")
-    assert s["depth_time"].endswith("not significant: it did not beat classical at equal FLOPs.")
-    assert "-0.13 points" in s["depth_time_interleave"] and "did not beat" in s["depth_time_interleave"]
+    assert s["depth_time_prepend"].endswith(", paired t).")
+    # Not significant: no verdict, the p-value and the smallest effect the test could have seen (statsmodels).
+    from statsmodels.stats.power import TTestPower
+
+    for arm in ("depth_time", "depth_time_interleave"):
+        d = np.subtract(TOP1[arm], TOP1["classical_matched"])
+        mde = TTestPower().solve_power(effect_size=None, nobs=3, alpha=0.05, power=0.8) * d.std(ddof=1)
+        p = sps.ttest_rel(TOP1[arm], TOP1["classical_matched"]).pvalue
+        assert f": no difference detected (p = {p:.3f}" in s[arm]
+        said = re.search(
+            r"paired t; with n = 3 paired seeds the smallest effect this test would detect at 80% "
+            r"power is ([0-9.]+) points\)\.$",
+            s[arm],
+        )
+        assert said and float(said.group(1)) == pytest.approx(mde, rel=0.05)
+        assert "did not beat" not in s[arm] and "worse" not in s[arm]
+    assert "-0.13 points" in s["depth_time_interleave"]
     assert analysis.regimes.notes == []
 
 

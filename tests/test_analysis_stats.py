@@ -34,7 +34,11 @@ def test_seed_stats_match_scipy(peft_study):
     for rank, by_seed in PEFT_TOP1.items():
         x = np.array(list(by_seed.values()), dtype=float)
         row = s.loc[rank]
-        low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+        # top-1 is a percentage: the t-interval of the seeds' logits, back-transformed (it stays in [0, 100])
+        z = np.log(x / (100 - x))
+        zl, zh = stats.t.interval(0.95, len(z) - 1, loc=z.mean(), scale=stats.sem(z))
+        low, high = 100 / (1 + np.exp(-zl)), 100 / (1 + np.exp(-zh))
+        assert row["ci95_method"] == "logit t" and row["ci95_clipped"] == ""
         assert row["n"] == len(x)
         assert row["mean"] == pytest.approx(x.mean())
         assert row["std"] == pytest.approx(x.std(ddof=1))

@@ -16,8 +16,15 @@ from stackwise_bench.analysis.read.collect import (
     override_keys,
 )
 from stackwise_bench.analysis.read.diagnostics import collect_diagnostics
-from stackwise_bench.analysis.read.directions import check_direction, direction_of, task_metrics, task_units
+from stackwise_bench.analysis.read.directions import (
+    check_direction,
+    direction_of,
+    range_of,
+    task_metrics,
+    task_units,
+)
 from stackwise_bench.analysis.read.dynamics import dynamics_columns, run_dynamics
+from stackwise_bench.analysis.read.formatting import count
 from stackwise_bench.analysis.read.grouping import check_group_by, default_group_by, format_value
 from stackwise_bench.analysis.stats.compare import MIN_SEEDS, compare_to_baseline, resolve_baseline
 from stackwise_bench.analysis.stats.power_law import N_BOOT
@@ -170,7 +177,7 @@ def analyze_runs(
         summary=summary,
         comparisons=comparisons,
         dynamics=dynamics,
-        dynamics_summary=seed_stats(dynamics, dyn_cols, group_by),
+        dynamics_summary=seed_stats(dynamics, dyn_cols, group_by, ranges={c: range_of(runs, c) for c in dyn_cols}),
         duplicates=duplicates,
         aggregate=aggregate,
         scaling=scaled,
@@ -221,19 +228,33 @@ def choose_metric(runs: pd.DataFrame, metric: str | None) -> str:
     return metric
 
 
+def mixed_architecture_warnings(summary: pd.DataFrame) -> list[str]:
+    """One sentence per cell whose runs were tested with models of different sizes (``mixed_params``)."""
+    if "mixed_params" not in summary:
+        return []
+    return [
+        f"cell {r['group']} averages runs tested with different architectures: {r['mixed_params']} parameters "
+        "(test.checkpoint_params.total, else params.total); its mean and interval mix models: analyse them "
+        "apart (group_by=...) or check which checkpoint each run tested."
+        for _, r in summary.iterrows()
+        if r["mixed_params"]
+    ]
+
+
 def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
     out = duplicate_warnings(a.duplicates)
     if len(a.diverged):
         out.append(
-            f"{len(a.diverged)} run(s) diverged (a NaN or infinite loss or weight): listed under 'Diverged runs', "
-            "left out of the statistics."
+            f"{count(len(a.diverged), 'run')} diverged (a NaN or infinite loss or weight): listed under "
+            "'Diverged runs', left out of the statistics."
         )
     others = a.unfinished.drop(index=a.diverged.index)
     if len(others):
         counts = others["status"].value_counts()
         what = ", ".join(f"{n} {s}" for s, n in counts.items())
         out.append(
-            f"{len(others)} run(s) not finished ({what}): listed under 'Runs not included', left out of the statistics."
+            f"{count(len(others), 'run')} not finished ({what}): listed under 'Runs not included', left out of "
+            "the statistics."
         )
     s = a.summary[a.summary["metric"] == a.metric] if len(a.summary) else a.summary
     if len(s) and s["n"].max() == 0:
@@ -252,21 +273,26 @@ def _warnings(a: StudyAnalysis, explicit_baseline: bool) -> list[str]:
                 + "."
             )
         if s["n"].max() < MIN_SEEDS:
+            every = "every cell has" if len(s) > 1 else "the cell has"
             out.append(
-                f"every cell has fewer than {MIN_SEEDS} seeds: intervals are very wide and the tests "
+                f"{every} fewer than {MIN_SEEDS} seeds: intervals are very wide and the tests "
                 "cannot tell real differences from seed noise; run more seeds."
             )
-    if not a.baseline and len(s) > 1:
-        out.append(
-            "no baseline: set baseline=key=value (e.g. baseline=precision=fp32) to compare cells."
-            if not explicit_baseline
-            else "baseline is empty: no comparisons."
-        )
+        out += mixed_architecture_warnings(s)
+    if not a.baseline:
+        if len(s) > 1:
+            out.append(
+                "no baseline: set baseline=key=value (e.g. baseline=precision=fp32) to compare cells."
+                if not explicit_baseline
+                else "baseline is empty: no comparisons."
+            )
     elif a.comparisons.empty:
         key = ", ".join(f"{k}={format_value(v)}" for k, v in a.baseline.items())
         out.append(f"baseline {key}: no other cell to compare with.")
     elif "note" in a.comparisons:
         few = a.comparisons["note"].fillna("").str.contains("seeds on one side|seed on one side")
         if few.any():
-            out.append(f"{int(few.sum())} comparison(s) have too few seeds to mean anything (see the notes).")
+            n = int(few.sum())
+            have = "has" if n == 1 else "have"
+            out.append(f"{count(n, 'comparison')} {have} too few seeds to mean anything (see the notes).")
     return out + evaluation_warnings(a.evaluations, a.quantized, a.runs)

@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1
 # ---- files of a run folder (DESIGN.md, "The run record") ---------------------------------------
 SUMMARY = "summary.json"  # atomic; the single source of truth
 METRICS = "metrics.jsonl"  # one line per epoch
+STEPS = "steps.jsonl"  # training steps 1 and every trainer.log_every_n_steps: step, epoch, loss, lr, grad_norm
 HARDWARE = "hardware.jsonl"  # monitor samples
 DIAGNOSTICS = "diagnostics.jsonl"  # per-layer gradient/weight/activation statistics on logging steps
 SPLIT = "split.json"  # the exact train/val indices
@@ -43,6 +44,16 @@ IMAGE_CLASSIFICATION = {
         "f1_macro": "max",
         "precision_macro": "max",
         "recall_macro": "max",
+    },
+    # The values each metric can take (None: unbounded): accuracies are percentages, the loss a
+    # cross-entropy. Confidence intervals stay inside them (analysis/read/directions.py, analysis/stats/seeds.py).
+    "ranges": {
+        "loss": {"low": 0, "high": None},
+        "top1": {"low": 0, "high": 100},
+        "top5": {"low": 0, "high": 100},
+        "f1_macro": {"low": 0, "high": 100},
+        "precision_macro": {"low": 0, "high": 100},
+        "recall_macro": {"low": 0, "high": 100},
     },
 }
 

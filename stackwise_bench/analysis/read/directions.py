@@ -59,6 +59,12 @@ FIXED = (
     ("*mfu*", MAX),
 )
 WORDS = {MAX: "higher is better", MIN: "lower is better"}
+# The values a metric can take, (low, high), None for an open end; a metric outside every range is unbounded.
+Range = tuple  # (float | None, float | None)
+UNBOUNDED: Range = (None, None)
+RANGES = "task.ranges."
+# Columns outside every task that cannot be negative: every cost and rate of FIXED (not the gaps, which can be).
+FIXED_RANGES = tuple((pattern, (0.0, None)) for pattern, _ in FIXED if not pattern.endswith(("gap", "overfitting")))
 
 
 def metric_name(column: str) -> str:
@@ -86,8 +92,44 @@ def tasks(runs: pd.DataFrame) -> list[tuple[dict, int]]:
         row = dict(zip(cols, values))
         directions = {c[len(DIRECTIONS) :]: str(v) for c, v in row.items() if c.startswith(DIRECTIONS) and v}
         task = {k: row.get(f"{TASK}{k}") for k in ("name", "unit", "metric")}
-        out.append(({**task, "directions": directions}, n))
+        out.append(({**task, "directions": directions, "ranges": _recorded_ranges(row, task["name"])}, n))
     return out
+
+
+def _recorded_ranges(row: dict, name) -> dict:
+    """``{metric: {"low": .., "high": ..}}`` a task record carries (``task.ranges.top1.low``); a record of image
+    classification that carries none has :data:`IMAGE_CLASSIFICATION`'s."""
+    ranges: dict[str, dict] = {}
+    for col, value in row.items():
+        if col.startswith(RANGES) and col.count(".") == 3:
+            metric, end = col[len(RANGES) :].split(".")
+            ranges.setdefault(metric, {})[end] = value
+    if not ranges and name == IMAGE_CLASSIFICATION["name"]:
+        return IMAGE_CLASSIFICATION["ranges"]
+    return ranges
+
+
+def range_of(runs: pd.DataFrame, column: str) -> Range:
+    """``(low, high)`` the values of ``column`` can take (None: no bound); :data:`UNBOUNDED` when unknown.
+
+    Like :func:`direction_of`: the runs' tasks' ranges for the metric they name (``test.top1`` -> ``top1``:
+    (0, 100) for image classification), else the fixed one of a cost or rate (times, energy, FLOPs, parameter
+    counts, losses, throughput: (0, None)). Tasks that name the metric but disagree on (or give no) range, and
+    columns nobody knows, are unbounded: their intervals stay plain t-intervals.
+    """
+    name = metric_name(column)
+    seen = set()
+    for task, _ in tasks(runs):
+        if name in task["directions"]:
+            given = task.get("ranges", {}).get(name) or {}
+            seen.add(tuple(_bound(given.get(end)) for end in ("low", "high")))
+    if seen:
+        return next(iter(seen)) if len(seen) == 1 else UNBOUNDED
+    return next((r for pattern, r in FIXED_RANGES if fnmatchcase(column, pattern)), UNBOUNDED)
+
+
+def _bound(value) -> float | None:
+    return None if is_missing(value) else float(value)
 
 
 def seen_directions(runs: pd.DataFrame, column: str) -> dict[str, dict[str, int]]:
@@ -161,18 +203,6 @@ def task_metrics(runs: pd.DataFrame) -> list[str]:
 def diff_unit(column: str) -> str:
     """What a difference of ``column`` is counted in: ``points`` for a percentage, else the column's name."""
     return "points" if metric_name(column) in PERCENT else column
-
-
-def verdict(diff: float, direction: str | None, baseline: str, significant: bool = True) -> str:
-    """``better than optimizer=sgd (lower is better)`` for a difference (cell − baseline) in ``direction``; a
-    difference its test did not find significant is ``no difference detected`` (a sign is not a finding)."""
-    word = WORDS.get(direction, "read as higher is better")
-    if is_missing(diff):
-        return ""
-    if diff == 0 or not significant:
-        return f"no difference from {baseline} detected ({word})"
-    better = diff < 0 if direction == MIN else diff > 0
-    return f"{'better' if better else 'worse'} than {baseline} ({word})"
 
 
 def task_units(runs: pd.DataFrame) -> list[str]:

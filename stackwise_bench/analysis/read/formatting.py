@@ -170,3 +170,8 @@ def fmt_sig(x: float, digits: int = 2) -> str:
     if abs(rounded) >= 10 ** (digits - 1):
         return np.format_float_positional(rounded, trim="-")
     return f"{rounded:#.{digits}g}"
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 run``, ``3 runs``, ``0 runs``: a number with its noun agreeing (``plural`` for irregular nouns)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -152,3 +152,27 @@ def _flatten_mapping(tree: Mapping, prefix: str = "") -> dict:
 
 def _none_if_na(v: Any) -> Any:
     return None if is_missing(v) else v
+
+
+# The parameter count of the model a run was tested with: the tested checkpoint's where the record has it (a
+# depth-time run's best.pt may hold a shallower network than it ends with), else the trained model's.
+TESTED_PARAMS = ("test.checkpoint_params.total", "params.total")
+
+
+def tested_params(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the parameter count of the model its test metrics come from (NaN where none is recorded)."""
+    out = pd.Series(float("nan"), index=runs.index)
+    for col in reversed(TESTED_PARAMS):
+        if col in runs:
+            values = pd.to_numeric(runs[col], errors="coerce")
+            out = values.where(values.notna(), out)
+    return out
+
+
+def mixed_params_text(params: pd.Series) -> str:
+    """``1,234 (2 runs), 2,345 (1 run)`` when the runs of one cell were tested with models of different sizes;
+    ``""`` when they agree (or record no count)."""
+    counts = params.dropna().value_counts().sort_index()
+    if len(counts) < 2:
+        return ""
+    return ", ".join(f"{int(v):,} ({n} run{'s' if n != 1 else ''})" for v, n in counts.items())

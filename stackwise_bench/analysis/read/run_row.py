@@ -19,6 +19,10 @@ JOINED_LISTS = ("resources.throttle_reasons",)
 STUDY_KEYS = ("lora.rank", "lora.method", "optimizer.lr", "trainer.max_epochs", "trainer.batch_size")
 # The value of a key (or config group) a run deleted with ``~key``: a treatment of its own, not a missing value.
 DELETED = "deleted"
+# Config groups chosen as lists of options (``logger=[tensorboard,mlflow]``): a column of their names joined with
+# "+", NO_OPTION for none (the group's ``none`` option resolves to an empty mapping).
+LIST_GROUPS = ("logger",)
+NO_OPTION = "none"
 # Besides every ``test.*`` number: what a finished run holds non-finite only when it diverged. Records written
 # before runs were checked for it say ``completed`` beside them (python's json reads their bare NaN).
 DIVERGENCE_KEYS = ("train.final_train_loss", "train.final_val_loss", "train.best_val_top1")
@@ -105,8 +109,12 @@ def _override_values(overrides: list[str], choices: dict, config: dict) -> dict:
             values[key] = DELETED
             continue
         from_config = lookup(config, key)
+        if raw.strip().startswith("[") and isinstance(from_config, dict):  # logger=[tensorboard,mlflow]
+            values[key] = "+".join(n.strip().strip("'\"") for n in raw.strip()[1:-1].split(",") if n.strip())
+            values[key] = values[key] or NO_OPTION
+            continue
         values[key] = parse_value(raw) if from_config is _MISSING else from_config
-    return {k: cell_value(v) for k, v in values.items()}
+    return {k: options_text(k, v) for k, v in values.items()}
 
 
 def _read_hydra(run_dir: Path, overrides, choices) -> tuple[list, dict]:
@@ -152,7 +160,19 @@ def _flatten(tree: dict, prefix: str, out: dict) -> None:
 def config_cell(config: dict, dotted: str) -> Any:
     """The resolved config's value at ``dotted`` as a table cell (None where the config lacks it)."""
     value = lookup(config, dotted)
-    return None if value is _MISSING else cell_value(value)
+    return None if value is _MISSING else options_text(dotted, value)
+
+
+def options_text(key: str, value: Any) -> Any:
+    """A table cell for ``value``; a config group chosen as a list of options (``logger=[tensorboard,mlflow]``
+    resolves to ``{"tensorboard": {"_target_": ...}, "mlflow": {...}}``) becomes its names, ``tensorboard+mlflow``,
+    and an empty one of :data:`LIST_GROUPS` ``none``; anything else :func:`cell_value`."""
+    if isinstance(value, dict):
+        if not value and key in LIST_GROUPS:
+            return NO_OPTION
+        if value and all(isinstance(v, dict) and "_target_" in v for v in value.values()):
+            return "+".join(str(k) for k in value)
+    return cell_value(value)
 
 
 def cell_value(value: Any) -> Any:

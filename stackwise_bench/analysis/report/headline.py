@@ -9,6 +9,7 @@ from stackwise_bench.analysis.read.directions import MIN, WORDS
 from stackwise_bench.analysis.read.formatting import column_digits, fmt, fmt_p, mean_std
 from stackwise_bench.analysis.read.grouping import format_value, same_value
 from stackwise_bench.analysis.read.numeric import is_missing
+from stackwise_bench.analysis.stats.verdicts import verdict
 from stackwise_bench.analysis.studies.energy import energy_columns
 
 
@@ -43,8 +44,7 @@ def headline_table(
         row = {k: format_value(r[k]) for k in group_by}
         row["n"] = str(int(r["n"]))
         row["mean ± std"] = mean_std(r["mean"], r["std"], digits) if r["n"] > 1 else fmt(r["mean"], digits)
-        ci = f"[{fmt(r['ci95_low'], digits)}, {fmt(r['ci95_high'], digits)}]"
-        row["95% CI"] = ci if r["n"] > 1 else "–"
+        row["95% CI"] = ci_text(r, digits) if r["n"] > 1 else "–"
         if iqm is not None and len(iqm):
             row["IQM [95% CI]"] = _iqm_cell(iqm, r["group"], digits)
         if baseline:
@@ -56,9 +56,27 @@ def headline_table(
         if r["n_unfinished"]:
             diverged = int(r.get("n_diverged") or 0)
             flags.append(f"{int(r['n_unfinished'])} unfinished" + (f" ({diverged} diverged)" if diverged else ""))
+        if r.get("mixed_params"):
+            flags.append(f"mixed architectures (tested params {r['mixed_params']})")
         row["flags"] = "; ".join(flags)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+CLIPPED = "*"  # marks an interval end cut at its metric's range (seeds.range_interval)
+CLIPPED_NOTE = (
+    f"`{CLIPPED}`: an interval end cut at the metric's range: a seed lies on the bound (100%, a zero), where the "
+    "logit or log scale is undefined, or the sample is too skewed for it, so the plain t-interval is shown, cut "
+    "at the bound."
+)
+
+
+def ci_text(r, digits: int) -> str:
+    """``[96.25, 100.00*]``: a summary row's 95% interval, an end cut at the metric's range marked."""
+    cut = str(r.get("ci95_clipped") or "")
+    low = fmt(r["ci95_low"], digits) + (CLIPPED if cut in ("low", "both") else "")
+    high = fmt(r["ci95_high"], digits) + (CLIPPED if cut in ("high", "both") else "")
+    return f"[{low}, {high}]"
 
 
 def _iqm_cell(iqm: pd.DataFrame, group: str, digits: int) -> str:
@@ -85,16 +103,33 @@ def _delta_cells(r: pd.Series, comp: pd.DataFrame, group_by: list[str], baseline
     return {"Δ vs baseline": delta, "test": str(c.get("test", "")), "p (Holm)": p, "d": fmt(c.get("cohens_d"))}
 
 
-def best_cell_sentence(summary: pd.DataFrame, metric: str, direction: str | None) -> str:
-    """``Best cell: lora.rank=8 (91.20 test.top1; higher is better).``; empty with fewer than two cells.
+def best_cell_sentence(
+    summary: pd.DataFrame, metric: str, direction: str | None, comparisons: pd.DataFrame | None = None
+) -> str:
+    """``Highest mean test.top1: lora.rank=8 (91.20; higher is better).``; empty with fewer than two cells.
 
+    A highest mean is not a finding: where the cell was tested against the baseline the sentence adds that
+    verdict (:mod:`~stackwise_bench.analysis.stats.verdicts`); where it is the baseline, it says so.
     ``direction`` (``max`` / ``min``, from the runs' task records) says which end is best; None reads as max.
     """
     s = summary[(summary["metric"] == metric) & summary["mean"].notna()] if len(summary) else summary
     if len(s) < 2:
         return ""
     best = s["mean"].min() if direction == MIN else s["mean"].max()
-    tied = s.loc[np.isclose(s["mean"], best), "group"]
-    who = tied.iloc[0] if len(tied) == 1 else "tie between " + "; ".join(tied)
+    tied = list(s.loc[np.isclose(s["mean"], best), "group"])
+    if len(tied) == len(s):
+        return f"Every cell has the same mean {metric} ({fmt(best, column_digits(s['mean']))}).\n"
+    who = tied[0] if len(tied) == 1 else "a tie between " + " and ".join(tied)
     word = WORDS.get(direction, "read as higher is better")
-    return f"Best cell: {who} ({fmt(best, column_digits(s['mean']))} {metric}; {word}).\n"
+    end = "Lowest" if direction == MIN else "Highest"
+    text = f"{end} mean {metric}: {who} ({fmt(best, column_digits(s['mean']))}; {word})"
+    rows = (
+        comparisons[(comparisons["group"] == tied[0]) & (comparisons["metric"] == metric)]
+        if (len(tied) == 1 and comparisons is not None and len(comparisons) and "group" in comparisons)
+        else pd.DataFrame()
+    )
+    if len(rows) == 1:
+        text += f": {verdict(rows.iloc[0], direction)}"
+    elif comparisons is not None and "baseline" in comparisons and tied[0] in set(comparisons["baseline"]):
+        text += ", the baseline"
+    return text + ".\n"

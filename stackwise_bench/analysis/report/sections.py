@@ -10,6 +10,7 @@ from stackwise_bench.analysis.read.dynamics import CONVERGENCE_TOLERANCE
 from stackwise_bench.analysis.read.formatting import fmt_p, fmt_sig, markdown_table, mean_std, metric_digits
 from stackwise_bench.analysis.stats.compare import ALPHA, MIN_WILCOXON_PAIRS, PAIRED_FRACTION
 from stackwise_bench.analysis.stats.stat_power import TARGET_POWER, fmt_seeds, is_underpowered, underpowered_sentence
+from stackwise_bench.analysis.stats.verdicts import verdict
 
 # Dynamics columns shown, with their headers; {m}: the task metric (top1, mse).
 DYNAMICS_SHOWN = {
@@ -44,6 +45,7 @@ def comparisons_md(a: StudyAnalysis) -> str:
         "cohens_d",
         "significant",
         "better",
+        "verdict",
         "effect_size",
         "power",
         "mde_points",
@@ -75,10 +77,20 @@ def comparisons_md(a: StudyAnalysis) -> str:
         f"{MIN_WILCOXON_PAIRS} pairs "
         f"(with fewer it cannot reach p < {ALPHA}). `significant` uses the Holm-adjusted p < {ALPHA}. "
         "Cohen's d is the mean difference over the pooled standard deviation. `better`: the cell's mean beats "
-        f"the baseline's ({_direction_text(a)}), significant or not.\n"
-        + (_P_IMPROVE_NOTE if robust else "")
-        + _power_md(a.comparisons)
+        f"the baseline's ({_direction_text(a)}), significant or not; `verdict` says better or worse only where "
+        "the test is significant and the difference's 95% interval lies on that side of zero, else no difference "
+        "detected.\n" + (_P_IMPROVE_NOTE if robust else "") + _verdicts_md(a) + _power_md(a.comparisons)
     )
+
+
+def _verdicts_md(a: StudyAnalysis) -> str:
+    """One sentence per comparison: better / worse / no difference detected with its minimum detectable effect."""
+    rows = [r for _, r in a.comparisons.iterrows() if r.get("baseline")]
+    if not rows:
+        return ""
+    runs = getattr(a, "runs", None)
+    lines = "".join(f"- {r['group']} ({r['metric']}): {verdict(r, _direction(runs, r['metric']))}.\n" for r in rows)
+    return f"\n{'Verdicts' if len(rows) > 1 else 'Verdict'}:\n\n{lines}"
 
 
 _P_IMPROVE_NOTE = (
@@ -86,6 +98,10 @@ _P_IMPROVE_NOTE = (
     "value beats a higher one where lower is better; ties count half; averaged over tasks), with a 95% interval "
     "from resampling runs within each task; 0.5 means no difference.\n"
 )
+
+
+def _direction(runs, metric: str) -> str | None:
+    return None if runs is None else MIN if lower_is_better(runs, metric) else MAX
 
 
 def _direction_text(a) -> str:
@@ -116,7 +132,8 @@ def _power_md(comparisons: pd.DataFrame) -> str:
     )
     weak = [row for _, row in comparisons.iterrows() if is_underpowered(row)]
     if weak:
-        text += f"\nUnderpowered comparisons (power < {TARGET_POWER:.0%}):\n\n" + "".join(
+        what = "comparisons" if len(weak) > 1 else "comparison"
+        text += f"\nUnderpowered {what} (power < {TARGET_POWER:.0%}):\n\n" + "".join(
             f"- {row['group']} vs {row['baseline']} ({row['metric']}): {underpowered_sentence(row)}\n" for row in weak
         )
     return text

@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 
 from stackwise_bench.analysis.pipeline import StudyAnalysis
-from stackwise_bench.analysis.read.directions import WORDS
+from stackwise_bench.analysis.read.directions import WORDS, range_of
 from stackwise_bench.analysis.read.formatting import booktabs_table, markdown_table
 from stackwise_bench.analysis.read.grouping import format_value
-from stackwise_bench.analysis.report.headline import best_cell_sentence, headline_table
+from stackwise_bench.analysis.report.headline import CLIPPED, CLIPPED_NOTE, best_cell_sentence, headline_table
 from stackwise_bench.analysis.report.sections import comparisons_md, dynamics_md, other_metrics_md, unfinished_md
 from stackwise_bench.analysis.studies.energy import energy_md
 from stackwise_bench.analysis.studies.expectations import validation_md
@@ -90,9 +90,9 @@ def render_markdown(
         _warnings_md(a),
         f"## {a.metric} per cell\n\n"
         + markdown_table(headline)
-        + f"\nmean ± std and 95% t-interval over seeds; Δ is cell − baseline [95% interval]; "
-        f"p is the raw p-value (Holm–Bonferroni adjusted across all {len(a.comparisons)} comparisons).\n"
-        + best_cell_sentence(a.summary, a.metric, a.direction)
+        + "\n"
+        + methods_line(a, headline)
+        + _paragraph(best_cell_sentence(a.summary, a.metric, a.direction, a.comparisons))
         + (IQM_NOTE if len(a.iqm) else "")
         + energy_md(a.runs, headline),
         scaling_md(a.scaling) if a.scaling is not None else "",
@@ -104,6 +104,38 @@ def render_markdown(
     parts += [view_md(v) for v in a.views] + [quantization_md(a.quantization, a.quantized, a.group_by)]
     parts += [other_metrics_md(a), validation_md(a.validation), _figures_md(figures, out_dir), _files_md(a)]
     return "\n".join(p for p in parts if p)
+
+
+def _paragraph(text: str) -> str:
+    return f"\n{text}" if text else ""
+
+
+def methods_line(a: StudyAnalysis, headline: pd.DataFrame) -> str:
+    """What the headline table's numbers are: the interval's method for this metric, Δ and p where shown."""
+    text = "mean ± std over seeds; 95% CI: " + interval_method(range_of(a.runs, a.metric))
+    n = len(a.comparisons)
+    if n:
+        holm = f"Holm–Bonferroni adjusted across all {n} comparisons" if n > 1 else "one comparison: no adjustment"
+        text += f"; Δ is cell − baseline [95% t-interval]; p is the raw p-value ({holm})"
+    text += ".\n"
+    if "95% CI" in headline and headline["95% CI"].astype(str).str.contains(CLIPPED, regex=False).any():
+        text += f"\n{CLIPPED_NOTE}\n"
+    return text
+
+
+def interval_method(bounds) -> str:
+    """How :func:`~stackwise_bench.analysis.stats.seeds.range_interval` makes a metric's interval, in words."""
+    low, high = bounds
+    if low is None and high is None:
+        return "t-interval of the mean (the metric's range is not known)"
+    if low is not None and high is not None:
+        scale, where = "logits", f"[{low:g}, {high:g}]"
+    else:
+        scale, where = "logs", f"≥ {low:g}" if low is not None else f"≤ {high:g}"
+    return (
+        f"t-interval of the seeds' {scale}, back-transformed, so it stays within the metric's range ({where}); "
+        "it centres on the mean on that scale, close to the arithmetic mean"
+    )
 
 
 def _header(a: StudyAnalysis, command: str | None) -> str:
@@ -169,7 +201,7 @@ def _files_md(a: StudyAnalysis) -> str:
 
 def _caption(a: StudyAnalysis) -> str:
     base = ", ".join(f"{k}={format_value(v)}" for k, v in a.baseline.items())
-    text = f"{a.metric} per cell: mean ± std over seeds and 95% t-interval"
+    text = f"{a.metric} per cell: mean ± std over seeds and 95% interval within the metric's range"
     if base:
         text += f"; Δ to the baseline ({base}) with its 95% interval, test and p (Holm-adjusted)"
     return text + "."

@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from stackwise_bench.analysis.read.collect import override_keys
-from stackwise_bench.analysis.read.directions import lower_is_better
+from stackwise_bench.analysis.read.directions import MAX, MIN, lower_is_better
 from stackwise_bench.analysis.read.grouping import (
     format_value,
     group_label,
@@ -31,7 +31,8 @@ from stackwise_bench.analysis.read.grouping import (
 from stackwise_bench.analysis.read.numeric import mean_of
 from stackwise_bench.analysis.stats.robust import probability_of_improvement, task_labels
 from stackwise_bench.analysis.stats.seeds import CONFIDENCE, cohens_d, holm
-from stackwise_bench.analysis.stats.stat_power import independent_power, paired_power
+from stackwise_bench.analysis.stats.stat_power import ALPHA, independent_power, paired_power
+from stackwise_bench.analysis.stats.verdicts import verdict_kind
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED
 
@@ -41,7 +42,6 @@ AUTO_BASELINES = (("regime", "classical_matched"), ("lora.rank", 0), ("precision
 MIN_SEEDS = 3  # with fewer per cell a t-test can only detect enormous effects
 # With n pairs the smallest two-sided exact Wilcoxon p is 2/2**n: n < 6 can never reach 0.05.
 MIN_WILCOXON_PAIRS = 6
-ALPHA = 0.05
 COLUMNS = (
     "group",
     "baseline",
@@ -63,6 +63,7 @@ COLUMNS = (
     "p_holm",
     "significant",
     "better",  # the cell beats the baseline on its mean, in the metric's direction (read.directions)
+    "verdict",  # better / worse (significant, interval on that side of 0) / no difference detected / no test
     "effect_size",  # paired: mean / std of the differences; independent: Cohen's d
     "power",  # achieved power of the test used at the observed |effect_size| (alpha 0.05, two-sided)
     "mde_sigma",  # smallest effect detectable with 80% power at this n, in standard deviations
@@ -149,6 +150,7 @@ def compare_to_baseline(
         table["p_holm"] = holm(table["p_value"])
         table["significant"] = table["p_holm"] < ALPHA
         table["better"] = table["better"].astype("boolean")
+        table["verdict"] = [verdict_kind(r, MIN if lower[r["metric"]] else MAX) for _, r in table.iterrows()]
         table["seeds_needed"] = pd.to_numeric(table["seeds_needed"], errors="coerce").astype("Int64")
     return table
 

@@ -1,17 +1,30 @@
-"""Statistics over seeds: per-cell summaries, t-intervals, Cohen's d, Holm–Bonferroni."""
+"""Statistics over seeds: per-cell summaries, t-intervals within each metric's range, Cohen's d, Holm–Bonferroni.
+
+A cell's 95% interval stays inside the values its metric can take (:func:`range_interval`; the range comes from
+:func:`~stackwise_bench.analysis.read.directions.range_of`): an accuracy in [0, 100] gets the t-interval of its
+seeds' logits, back-transformed; a time, energy, FLOP count or loss (≥ 0) that of their logs. Where the
+transform is undefined (a seed on the bound: 100%, a zero) or the back-transformed interval misses the cell's
+mean (a sample too skewed for it), the interval is the plain t-interval of the mean cut at the range: the mean
+lies in the range, so the cut keeps its coverage, and ``ci95_clipped`` says which end was cut. A metric of
+unknown range keeps the plain t-interval.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import special
 from scipy import stats as sps
 
-from stackwise_bench.analysis.read.grouping import format_value, with_group_labels
+from stackwise_bench.analysis.read.directions import UNBOUNDED, Range, range_of
+from stackwise_bench.analysis.read.grouping import format_value, mixed_params_text, tested_params, with_group_labels
 from stackwise_bench.runs.contract import FINISHED
 
 CONFIDENCE = 0.95
+# ci95_method values: which interval a row got (summary.csv; the report's methods line explains them).
+PLAIN, LOGIT, LOG, CUT = "t", "logit t", "log t", "t cut at range"
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -23,18 +36,64 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple
     return (float(x.mean() - half), float(x.mean() + half))
 
 
-def describe(values: Sequence[float]) -> dict:
-    """n, mean, std (ddof=1), 95% t-interval, min, max of one cell's seeds."""
+def range_interval(
+    values: Sequence[float], bounds: Range = UNBOUNDED, confidence: float = CONFIDENCE
+) -> tuple[float, float, str, str]:
+    """The 95% interval of a cell's mean that stays within ``bounds`` (low, high; None: open).
+
+    Returns:
+        ``(low, high, method, clipped)``: ``method`` is ``t`` (no bounds, or seeds outside them: the range
+        does not fit these values and nothing is cut), ``logit t`` (both bounds: the t-interval of
+        logit((x − low)/(high − low)), back-transformed), ``log t`` (one bound: of log(x − low) or
+        log(high − x)), or ``t cut at range`` (a seed on a bound, or a mean outside the back-transformed
+        interval: the plain t-interval cut at the bounds); ``clipped`` is ``""``, ``low``, ``high`` or
+        ``both``: the ends that were cut. NaNs (and ``t``, ``""``) with fewer than two values.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    plain = t_interval(x, confidence)
+    lo, hi = bounds
+    if len(x) < 2 or (lo is None and hi is None):
+        return (*plain, PLAIN, "")
+    if (lo is not None and x.min() < lo) or (hi is not None and x.max() > hi):
+        return (*plain, PLAIN, "")
+    if (lo is None or x.min() > lo) and (hi is None or x.max() < hi):
+        low, high, method = _transformed(x, lo, hi, confidence)
+        tol = 1e-9 * max(1.0, abs(x.mean()))
+        if low - tol <= x.mean() <= high + tol:
+            return low, high, method, ""
+    cut_low, cut_high = lo is not None and plain[0] < lo, hi is not None and plain[1] > hi
+    low, high = (lo if cut_low else plain[0]), (hi if cut_high else plain[1])
+    clipped = "both" if cut_low and cut_high else "low" if cut_low else "high" if cut_high else ""
+    return float(low), float(high), CUT, clipped
+
+
+def _transformed(x: np.ndarray, lo: float | None, hi: float | None, confidence: float) -> tuple[float, float, str]:
+    """The t-interval of ``x`` on the logit (both bounds) or log (one bound) scale, back on ``x``'s scale."""
+    if lo is not None and hi is not None:
+        zl, zh = t_interval(special.logit((x - lo) / (hi - lo)), confidence)
+        return float(lo + (hi - lo) * special.expit(zl)), float(lo + (hi - lo) * special.expit(zh)), LOGIT
+    if lo is not None:
+        zl, zh = t_interval(np.log(x - lo), confidence)
+        return float(lo + np.exp(zl)), float(lo + np.exp(zh)), LOG
+    zl, zh = t_interval(np.log(hi - x), confidence)
+    return float(hi - np.exp(zh)), float(hi - np.exp(zl)), LOG
+
+
+def describe(values: Sequence[float], bounds: Range = UNBOUNDED) -> dict:
+    """n, mean, std (ddof=1), 95% interval within ``bounds`` (:func:`range_interval`), min, max of one cell."""
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     nan = float("nan")
-    low, high = t_interval(x)
+    low, high, method, clipped = range_interval(x, bounds)
     return {
         "n": len(x),
         "mean": float(x.mean()) if len(x) else nan,
         "std": float(x.std(ddof=1)) if len(x) > 1 else nan,
         "ci95_low": low,
         "ci95_high": high,
+        "ci95_method": method,
+        "ci95_clipped": clipped,
         "min": float(x.min()) if len(x) else nan,
         "max": float(x.max()) if len(x) else nan,
     }
@@ -101,13 +160,27 @@ SUMMARY_COLUMNS = (
     "n_diverged",
     "ci95_low",
     "ci95_high",
+    "ci95_method",
+    "ci95_clipped",
     "incomplete",
     "missing_seeds",
+    "mixed_params",
 )
 
 
-def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[str]) -> pd.DataFrame:
-    """Per cell and metric: n, mean, std, 95% t-interval, min, max over finished runs.
+def seed_stats(
+    runs: pd.DataFrame,
+    metrics: str | Sequence[str],
+    group_by: list[str],
+    ranges: Mapping[str, Range] | None = None,
+) -> pd.DataFrame:
+    """Per cell and metric: n, mean, std, 95% interval within the metric's range, min, max over finished runs.
+
+    ``ranges``: ``{metric: (low, high)}``; a metric not in it gets :func:`~..read.directions.range_of` of
+    ``runs`` (pass them for a table without the runs' ``task.*`` columns, e.g. the dynamics).
+    ``ci95_method`` and ``ci95_clipped`` say how each interval was made (:func:`range_interval`).
+    ``mixed_params`` names the parameter counts of a cell whose finished runs were tested with models of
+    different sizes (:func:`~..read.grouping.tested_params`; ``""`` when they agree): its mean mixes architectures.
 
     A cell is flagged ``incomplete`` when it has fewer values than the fullest
     cell of that metric; ``missing_seeds`` names the seeds other cells have.
@@ -133,6 +206,8 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
     )
     labels = with_group_labels(base.index.to_frame(index=False), group_by)["group"].to_numpy()
     done = runs[runs["_done"]]
+    mixed = _grouped(done.assign(_params=tested_params(done)), keys)["_params"].agg(mixed_params_text)
+    base["mixed_params"] = mixed.reindex(base.index).fillna("")
     tables = []
     for metric in metrics:
         values = pd.to_numeric(done[metric], errors="coerce") if metric in done else pd.Series(np.nan, done.index)
@@ -142,13 +217,18 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
             {"n": g.count(), "mean": g.mean(), "std": g.std(ddof=1), "min": g.min(), "max": g.max()}
         ).reindex(base.index)
         seeds = _grouped(frame[frame["_v"].notna()], keys)["_seed"].agg(lambda s: set(s.dropna()))
-        t = pd.DataFrame({**agg, **base, "metric": metric, "group": labels, "_seeds": seeds.reindex(base.index)})
+        bounds = (ranges or {}).get(metric) or range_of(runs, metric)
+        cis = g.agg(lambda v, b=bounds: range_interval(v.to_numpy(), b)).reindex(base.index)
+        cis = [c if isinstance(c, tuple) else (np.nan, np.nan, PLAIN, "") for c in cis]
+        ci = dict(zip(("ci95_low", "ci95_high", "ci95_method", "ci95_clipped"), zip(*cis)))
+        ci = {k: list(v) for k, v in ci.items()}
+        t = pd.DataFrame(
+            {**agg, **base, **ci, "metric": metric, "group": labels, "_seeds": seeds.reindex(base.index)},
+            index=base.index,
+        )
         tables.append(t)
     table = pd.concat(tables).reset_index()
     table["n"] = table["n"].fillna(0).astype(int)
-    half = sps.t.ppf(0.5 + CONFIDENCE / 2, (table["n"] - 1).clip(lower=1)) * table["std"] / np.sqrt(table["n"])
-    half[table["n"] < 2] = np.nan
-    table["ci95_low"], table["ci95_high"] = table["mean"] - half, table["mean"] + half
     table["incomplete"] = table["n"] < table.groupby("metric")["n"].transform("max")
     table["_seeds"] = [s if isinstance(s, set) else set() for s in table["_seeds"]]
     all_seeds = table.groupby("metric")["_seeds"].agg(lambda s: set().union(*s))
@@ -165,6 +245,8 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
         "std",
         "ci95_low",
         "ci95_high",
+        "ci95_method",
+        "ci95_clipped",
         "min",
         "max",
         "n_runs",
@@ -172,6 +254,7 @@ def seed_stats(runs: pd.DataFrame, metrics: str | Sequence[str], group_by: list[
         "n_diverged",
         "incomplete",
         "missing_seeds",
+        "mixed_params",
     ]
     return table[cols]
 

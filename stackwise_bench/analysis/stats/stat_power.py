@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from stackwise_bench.analysis.read.directions import diff_unit
 from stackwise_bench.analysis.read.formatting import fmt_sig
 
 ALPHA = 0.05
@@ -175,9 +176,14 @@ def is_underpowered(row) -> bool:
 def underpowered_sentence(row) -> str:
     """The plain sentence the report adds for a comparison with power below 80%."""
     return (
-        f"n = {power_n(row)}: differences smaller than {fmt_sig(row['mde_points'])} points "
-        "cannot be told from seed noise."
+        f"n = {power_n(row)}: differences smaller than {amount(row['mde_points'], row)} cannot be told from seed noise."
     )
+
+
+def amount(value: float, row, digits: int = 2) -> str:
+    """``4.1 points`` for a percentage metric's difference, ``0.012 (test.mse)`` for any other's."""
+    unit = diff_unit(str(row.get("metric", "")))
+    return f"{fmt_sig(value, digits)} points" if unit == "points" else f"{fmt_sig(value, digits)} ({unit})"
 
 
 def seed_plan_lines(comparisons: pd.DataFrame) -> list[str]:
@@ -193,7 +199,8 @@ def seed_plan_lines(comparisons: pd.DataFrame) -> list[str]:
         need = row.get("seeds_needed")
         need_text = f"{fmt_seeds(need)} {unit}" if need is not None and pd.notna(need) else "cannot be sized"
         lines.append(
-            f"{head}: observed {diff:+.3g} points ({effect:+.2f} σ, {row['test']}, n = {power_n(row)}, "
+            f"{head}: observed {'+' if diff > 0 else ''}{amount(diff, row, 3)} ({effect:+.2f} σ, {row['test']}, "
+            f"n = {power_n(row)}, "
             f"power {row['power']:.2f}); seeds needed for {TARGET_POWER:.0%} power: {need_text}"
         )
     return lines

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from stackwise_bench.analysis.read.directions import diff_unit, direction_of, verdict
+from stackwise_bench.analysis.read.directions import WORDS, diff_unit, direction_of
 from stackwise_bench.analysis.read.grouping import group_label, same_value
 from stackwise_bench.analysis.stats.compare import compare_to_baseline
-from stackwise_bench.analysis.studies.view import StudyView
+from stackwise_bench.analysis.stats.verdicts import verdict
+from stackwise_bench.analysis.studies.view import StudyView, ci_columns
+
+READ_AS = "no recorded direction: read as higher is better"
 
 
 def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
@@ -16,7 +19,7 @@ def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, grou
     if "optimizer" not in group_by:
         return None
     table = summary[summary["metric"] == metric].reset_index(drop=True)
-    table = table[[*group_by, "metric", "n", "mean", "std", "ci95_low", "ci95_high", "min", "max", "incomplete"]]
+    table = table[[*group_by, "metric", "n", "mean", "std", *ci_columns(table), "min", "max", "incomplete"]]
     values = [v for v in runs["optimizer"].dropna().unique()]
     ref = "sgd" if any(same_value(v, "sgd") for v in values) else sorted(map(str, values))[0]
     comparisons = compare_to_baseline(runs, metric, {"optimizer": ref}, group_by)
@@ -26,11 +29,8 @@ def optimizer_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, grou
     highlights = []
     for _, row in comparisons.iterrows():
         if pd.notna(row.get("diff")):
-            p = row.get("p_value")
-            test = f"{row['test']}, p = {p:.3g}" if pd.notna(p) else "no test"
-            line = f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} {unit} ({test})"
-            said = verdict(row["diff"], direction, row["baseline"], bool(row.get("significant", False)))
-            highlights.append(f"{line}: {said}" if said else line)
+            head = f"{row['group']} vs {row['baseline']}: {row['diff']:+.2f} {unit} ({WORDS.get(direction, READ_AS)})"
+            highlights.append(f"{head}: {verdict(row, direction)}")
     highlights += [
         f"{group}: no optimizer={ref} cell with the same other settings to compare with" for group in unmatched
     ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.read.directions import lower_is_better
+from stackwise_bench.analysis.read.directions import lower_is_better, range_of
 from stackwise_bench.analysis.read.grouping import format_value, group_label, iter_groups
 from stackwise_bench.analysis.read.numeric import is_missing, mean_of
 from stackwise_bench.analysis.stats.seeds import describe
@@ -42,7 +42,7 @@ from stackwise_bench.analysis.studies.adapters import (
     frontier,
     method_order,
 )
-from stackwise_bench.analysis.studies.view import StudyView, ratio_to_reference
+from stackwise_bench.analysis.studies.view import StudyView, ci_columns, ratio_to_reference
 from stackwise_bench.runs.contract import FINISHED
 
 
@@ -75,8 +75,7 @@ def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by:
             "n",
             "mean",
             "std",
-            "ci95_low",
-            "ci95_high",
+            *ci_columns(table),
             "trainable",
             "lora_params",
             "trainable_pct",
@@ -93,10 +92,11 @@ def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by:
 def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
     others = [k for k in group_by if k not in (METHOD, RANK)]
     done = _canonical(runs[runs["status"].isin(FINISHED)], others)
+    bounds = range_of(runs, metric)
     rows = []
     for values, cell in iter_groups(done, ["method", RANK, *others]):
-        s = describe(pd.to_numeric(cell[metric], errors="coerce") if metric in cell else [])
-        row = {**values, **{k: s[k] for k in ("n", "mean", "std", "ci95_low", "ci95_high")}}
+        s = describe(pd.to_numeric(cell[metric], errors="coerce") if metric in cell else [], bounds)
+        row = {**values, **{k: s[k] for k in ("n", "mean", "std", "ci95_low", "ci95_high", "ci95_clipped")}}
         row["group"] = _row_label(values, others)
         row["trainable"] = mean_of(cell["params.trainable"]) if "params.trainable" in cell else np.nan
         row["adapter_params"] = mean_of(adapter_counts(cell))
@@ -141,8 +141,7 @@ def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> Study
         "n",
         "mean",
         "std",
-        "ci95_low",
-        "ci95_high",
+        *ci_columns(table),
         "trainable",
         "adapter_params",
         "trainable_pct",
@@ -222,7 +221,7 @@ def _method_highlights(table: pd.DataFrame, metric: str, others: list[str], lowe
             rest = ", ".join(f"{m} {v:.2f}" for m, v in zip(at["method"], at["mean"]) if m not in tied)
             who = tied[0] if len(tied) == 1 else "tie between " + " and ".join(tied)
             out.append(
-                f"best method at r={format_value(rank)}{where}: {who} ({best:.2f} {metric}"
+                f"highest mean at r={format_value(rank)}{where}: {who} ({best:.2f} {metric}"
                 + (f"; {rest})" if rest else ")")
             )
     for _, row in table.iterrows():

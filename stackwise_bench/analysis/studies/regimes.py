@@ -30,11 +30,19 @@ import numpy as np
 import pandas as pd
 
 from stackwise_bench.analysis.read.collect import finished
-from stackwise_bench.analysis.read.directions import SPOKEN, diff_unit, lower_is_better, metric_name, task_metrics
-from stackwise_bench.analysis.read.formatting import fmt_p
+from stackwise_bench.analysis.read.directions import (
+    MAX,
+    MIN,
+    SPOKEN,
+    diff_unit,
+    lower_is_better,
+    metric_name,
+    task_metrics,
+)
 from stackwise_bench.analysis.read.grouping import format_value, group_label, iter_groups, same_value
 from stackwise_bench.analysis.stats.compare import ALPHA, compare_cells
 from stackwise_bench.analysis.stats.seeds import holm, ratio_interval
+from stackwise_bench.analysis.stats.verdicts import BETTER, NO_TEST, WORSE, mde_text, p_text, verdict_kind
 from stackwise_bench.runs.contract import UnreadableSummary, read_summary
 
 REGIME, TRAIN_REGIME = "regime", "train.regime"
@@ -66,6 +74,7 @@ class RegimeAnalysis:
     notes: list[str] = field(default_factory=list)
     metric: str = "test.top1"  # the test metric compared; its validation curve (val_top1) decides the target
     lower: bool = False  # the metric is lower-is-better (the runs' task record says so)
+    checkpoint: str = ""  # which checkpoint the runs were tested with (test.checkpoint_policy), as a sentence
 
     @property
     def name(self) -> str:
@@ -98,6 +107,7 @@ def analyze_regimes(
     curves = {d: c.sort_values("epoch") for d, c in epochs.groupby("run_dir")} if len(epochs) else {}
     a = RegimeAnalysis(key, fraction, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), notes=_notes(done, key))
     a.metric, a.lower = metric, lower_is_better(runs, metric)
+    a.checkpoint = checkpoint_sentence(done)
     share = 2 - fraction if a.lower else fraction  # within 1% of the reference, on the worse side
     rows, per_run, growth, tests = [], [], [], []
     for values, stratum in iter_groups(done, others):
@@ -221,21 +231,49 @@ def _tests(table: pd.DataFrame, tests: list[tuple[int, str, dict]], a: RegimeAna
 
 
 def _sentence(name: str, t: dict, p_holm: float, a: RegimeAnalysis) -> str:
-    """``depth_time: 97.10 vs 96.40 for classical at equal FLOPs, +0.70 points, p = 0.040 (Holm 0.120, paired t):
-    not significant: it did not beat classical at equal FLOPs.`` (beating: lower, for a lower-is-better metric)"""
+    """``depth_time: 97.10 vs 96.40 for classical at equal FLOPs, +0.70 points: no difference detected (p = 0.070,
+    Holm 0.120, paired t; with n = 3 paired seeds the smallest effect this test would detect at 80% power is 4.1
+    points).`` It beat (or did worse than) classical only where the test is significant and the interval of the
+    difference lies on that side of zero (:mod:`~stackwise_bench.analysis.stats.verdicts`)."""
     diff = t.get("diff", NAN)
     head = f"{name}: {t['mean']:.2f} vs {t['mean_baseline']:.2f} for classical at equal FLOPs, {diff:+.2f} "
     head += diff_unit(a.metric)
-    if not np.isfinite(t.get("p_value", NAN)):
+    row = {**t, "p_holm": p_holm, "metric": a.metric}
+    kind = verdict_kind(row, MIN if a.lower else MAX)
+    if kind == NO_TEST:
         why = t.get("note") or "too few seeds"
         return f"{head}; no test ({why}): whether it beat classical at equal FLOPs cannot be said."
-    if p_holm >= ALPHA:
-        verdict = "not significant: it did not beat classical at equal FLOPs"
-    elif (diff < 0) if a.lower else (diff > 0):
-        verdict = "significant: it beat classical at equal FLOPs"
-    else:
-        verdict = "significant: it did worse than classical at equal FLOPs"
-    return f"{head}, p = {fmt_p(t['p_value'])} (Holm {fmt_p(p_holm)}, {t['test']}): {verdict}."
+    if kind == BETTER:
+        return f"{head}: it beat classical at equal FLOPs ({p_text(row)})."
+    if kind == WORSE:
+        return f"{head}: it did worse than classical at equal FLOPs ({p_text(row)})."
+    mde = mde_text(row)
+    return f"{head}: no difference detected ({p_text(row)}{'; ' + mde if mde else ''})."
+
+
+POLICY = "test.checkpoint_policy"
+
+
+def checkpoint_sentence(done: pd.DataFrame) -> str:
+    """``Tested checkpoint (test.checkpoint_policy): best validation epoch at the final depth, in all 12 runs.``;
+    the policies with their counts where runs differ; what is known where the records do not say."""
+    policies = done[POLICY].dropna().astype(str) if POLICY in done else pd.Series(dtype=str)
+    missing = len(done) - len(policies)
+    if policies.empty:
+        return (
+            "Tested checkpoint: not recorded (no test.checkpoint_policy: records from before it). These runs were "
+            "tested with their best.pt, which in a depth-time run may be an epoch before its last growth, a "
+            "shallower network than the one it trained to: see the warnings on mixed architectures."
+        )
+    counts = policies.value_counts()
+    if len(counts) == 1 and not missing:
+        n = int(counts.iloc[0])
+        every = f"all {n} runs" if n > 2 else "both runs" if n == 2 else "the one run"
+        return f"Tested checkpoint ({POLICY}): {counts.index[0]}, in {every}."
+    parts = [f"{policy} in {n} run{'s' if n != 1 else ''}" for policy, n in counts.items()]
+    if missing:
+        parts.append(f"not recorded in {missing} run{'s' if missing != 1 else ''}")
+    return f"Tested checkpoint ({POLICY}) differs between runs: " + "; ".join(parts) + "."
 
 
 def _notes(done: pd.DataFrame, key: str) -> list[str]:

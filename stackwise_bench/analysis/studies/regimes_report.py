@@ -35,6 +35,8 @@ def regimes_md(r: RegimeAnalysis) -> str:
         parts.append("".join(f"- {s}\n" for s in r.sentences))
     if r.notes:
         parts.append("".join(f"- {n}\n" for n in r.notes))
+    if r.checkpoint:
+        parts.append(f"{r.checkpoint}\n")
     parts.append(
         f"Target: {share} of the mean final {test} of the classical full-budget arm "
         f"(regime={CLASSICAL}; the best arm where there is none): {targets} {val}. FLOPs to target: the "
@@ -45,9 +47,12 @@ def regimes_md(r: RegimeAnalysis) -> str:
         "of the log ratios (paired by seed; the ratio of geometric means with a Welch interval where fewer than "
         "two seeds pair). Runs that never reach the target are left out of these and counted under `never`. "
         f"Equal compute: each depth-time arm against {MATCHED} on {test}, a paired t-test over the shared "
-        f"seeds (where at least {PAIRED_FRACTION:.0%} pair; Welch's otherwise), Holm-adjusted over the "
-        f"{n_tests} depth-time arm(s); significant at Holm p < {ALPHA}. Not significant means these seeds cannot "
-        "tell the arms apart, not that they are equal. Per-arm numbers: regimes.csv.\n"
+        f"seeds (where at least {PAIRED_FRACTION:.0%} pair; Welch's otherwise), "
+        + (f"Holm-adjusted over the {n_tests} depth-time arms" if n_tests > 1 else "one test, so no adjustment")
+        + f"; an arm beat (or did worse than) classical only where that is "
+        f"significant at Holm p < {ALPHA} and the difference's 95% interval lies on that side of zero; otherwise "
+        "no difference is detected, with the smallest effect the test could detect at 80% power: these seeds "
+        "cannot tell the arms apart, which does not make them equal. Per-arm numbers: regimes.csv.\n"
     )
     return "\n".join(parts)
 

@@ -33,6 +33,13 @@ def view_md(v: StudyView) -> str:
     return md
 
 
+def ci_columns(table: pd.DataFrame) -> list[str]:
+    """The interval's columns of a seed-statistics table, ``ci95_clipped`` only where some end was cut at the
+    metric's range (:func:`~stackwise_bench.analysis.stats.seeds.range_interval`)."""
+    cut = "ci95_clipped" in table and table["ci95_clipped"].fillna("").astype(bool).any()
+    return ["ci95_low", "ci95_high", *(["ci95_clipped"] if cut else [])]
+
+
 def ratio_to_reference(
     table: pd.DataFrame, group_by: list[str], key: str, ref, col: str, invert: bool = False
 ) -> pd.Series:
