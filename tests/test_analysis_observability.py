@@ -159,8 +159,8 @@ def test_collect_diagnostics_reads_values_back_and_skips_a_torn_line(study):
         whole = diag[diag["layer"].isna() & (diag["metric"] == "grad_norm")]
         whole = whole[whole["run_dir"] == _run_dir(runs, prec, seed)]
         assert sorted(whole["step"]) == [50, 150] and set(whole["value"]) == {2.0 * seed}  # null left out
-        assert d.loc[("weights", 150, "head", "weights_norm"), "value"] == 14.0
-        assert d.loc[("weights", 150, "stem", "weights_trainable"), "value"] == 0.0
+        assert d.loc[("weights", 150, "head", "weight_norm"), "value"] == 14.0
+        assert d.loc[("weights", 150, "stem", "weight_trainable"), "value"] == 0.0
     # A run folder (not a DataFrame) works too, and a study without any file gives an empty table with the columns.
     assert len(collect_diagnostics(study)) == len(diag)
     empty = collect_diagnostics(runs[runs["run_dir"] == _run_dir(runs, *NO_DIAGNOSTICS)])
@@ -211,7 +211,7 @@ def test_hardware_figure_draws_sampled_panels_and_never_averages_nulls_as_zero(s
     panels = [c for c, _ in hardware_panels(hardware)]
     assert panels == ["cpu_percent", "rss_mb", "gpu_util", "gpu_mem_mb", "gpu_power_w", "gpu_temp_c"]  # no CPU temp
     data = hardware_series(hardware, ["precision"])
-    bf16 = data[data["group"] == "precision=bf16"].groupby("t_bin")["gpu_power_w"].mean()
+    bf16 = data[data["group"] == "precision=bf16"].groupby("t_grid")["gpu_power_w"].mean()
     expected = [np.mean([POWER["bf16", s] + i for s in (1, 2)]) for i in range(6)]  # seed 3 has no GPU: not a 0
     assert bf16.to_numpy() == pytest.approx(expected)
     fig = hardware_figure(hardware, ["precision"])

@@ -1,16 +1,31 @@
-"""What the learning-curve figure draws: visible one-epoch curves, whole-epoch ticks, seed bands with eval_every > 1."""
+"""What the figures draw, read back from their Figure objects: visible one-epoch curves, whole-epoch ticks, seed bands
+with eval_every > 1, the loss panels and the task's metric, the LR per step, hardware averaged on a time grid,
+readable single-step heatmaps, sampled values in their significant digits, a style per group."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from stackwise_bench.analysis import collect_epochs, collect_runs
-from stackwise_bench.analysis.plots.curves import learning_curves_figure, lr_schedule_figure
+from stackwise_bench.analysis.plots import drawing
+from stackwise_bench.analysis.plots.curves import (
+    hardware_figure,
+    hardware_series,
+    hardware_title,
+    learning_curves_figure,
+    lr_schedule_figure,
+)
+from stackwise_bench.analysis.plots.layers import grad_norm_figure
+from stackwise_bench.analysis.plots.search import search_figure
 
 from analysis_helpers import curve, finished_run
 
-PANELS = ("Train top-1 accuracy", "Validation top-1 accuracy", "Validation loss")
+PANELS = ("Train top-1 accuracy", "Validation top-1 accuracy", "Training loss", "Validation loss")
 
 
 def _figure(root, group_by=("lora.rank",)):
@@ -91,3 +106,171 @@ def test_validation_bands_use_the_evaluated_epochs(tmp_path):
     assert np.ptp(at4) == pytest.approx(2 * spread)
     train = axes["Train top-1 accuracy"]  # logged every epoch: still every epoch
     assert list(_curves(train)[0].get_xdata()) == [1, 2, 3, 4, 5, 6]
+
+
+# ---- learning curves: the training loss, and the metric the record names -----------------------------------------
+def test_learning_curves_draw_the_training_loss_and_the_tasks_own_metric():
+    rows = [
+        {"run_dir": f"r{seed}", "status": "completed", "epoch": e, "train_loss": 1.0 / e + seed, "val_loss": 2.0 / e}
+        | {"train_mse": 0.5 / e, "val_mse": 0.6 / e + seed}
+        for seed in (0, 1)
+        for e in (1, 2, 3)
+    ]
+    epochs = pd.DataFrame(rows)
+    fig = learning_curves_figure(epochs, [], metrics=["mse"])
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert set(axes) == {"Train mse", "Validation mse", "Training loss", "Validation loss"}
+    (line,) = _curves(axes["Training loss"])
+    expected = epochs.groupby("epoch")["train_loss"].mean()
+    assert list(line.get_xdata()) == [1, 2, 3]
+    np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
+    (line,) = _curves(axes["Validation mse"])
+    np.testing.assert_allclose(line.get_ydata(), epochs.groupby("epoch")["val_mse"].mean().to_numpy())
+    # Without the task's metric names, top-1 is looked for: a regression run's curves are still its losses.
+    assert {ax.get_title() for ax in learning_curves_figure(epochs, []).axes} == {"Training loss", "Validation loss"}
+
+
+# ---- the learning rate per step ------------------------------------------------------------------------------------
+def _warmup_cosine(step: int, warmup: int = 10, total: int = 100, peak: float = 1e-3) -> float:
+    if step <= warmup:
+        return peak * step / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_lr_schedule_is_drawn_per_step_and_per_epoch_for_older_runs():
+    logged = [1, *range(5, 101, 5)]
+    steps = pd.DataFrame(
+        [{"run_dir": "new", "status": "completed", "step": s, "lr": _warmup_cosine(s)} for s in logged]
+    )
+    epochs = pd.DataFrame(
+        [{"run_dir": d, "status": "completed", "epoch": e, "lr": 1e-3 / e} for d in ("new", "old") for e in (1, 2)]
+    )
+    fig = lr_schedule_figure(epochs, [], steps)
+    per_step, per_epoch = fig.axes
+    (line,) = _curves(per_step)
+    assert list(line.get_xdata()) == logged  # step 1 and every 5th: the warmup from its start
+    np.testing.assert_allclose(line.get_ydata(), [_warmup_cosine(s) for s in logged])
+    assert np.argmax(line.get_ydata()) == logged.index(10)  # the warmup's peak shows, not a straight line
+    (line,) = _curves(per_epoch)  # only the run recorded without steps.jsonl
+    np.testing.assert_allclose(line.get_ydata(), [1e-3, 5e-4])
+    # Only new runs: one panel, per step; only old runs: one panel, per epoch (as before).
+    assert len(lr_schedule_figure(epochs[epochs["run_dir"] == "new"], [], steps).axes) == 1
+    (ax,) = lr_schedule_figure(epochs, [], steps.iloc[:0]).axes
+    assert ax.get_xlabel() == "Epoch"
+
+
+# ---- hardware: a mean over runs on a common time grid --------------------------------------------------------------
+def _hardware(runs: dict[str, tuple[np.ndarray, np.ndarray]], **keys) -> pd.DataFrame:
+    rows = []
+    for run_dir, (t, rss) in runs.items():
+        rows += [{"run_dir": run_dir, "status": "completed", **keys, "t": a, "rss_mb": b} for a, b in zip(t, rss)]
+    return pd.DataFrame(rows)
+
+
+def test_hardware_mean_of_runs_sampled_out_of_phase_is_smooth():
+    """Two runs sampled once a second, half a second apart: the mean lies between them and never alternates."""
+    t_a, t_b = np.arange(0.0, 23.0), np.arange(0.5, 23.5)
+    a, b = 950 + 2 * t_a, 1015 + 2 * t_b
+    fig = hardware_figure(_hardware({"a": (t_a, a), "b": (t_b, b)}), [])
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == "Resident memory"]
+    (line,) = _curves(ax)
+    x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    assert np.median(np.diff(x)) == pytest.approx(1.0)  # the grid follows the sampling interval
+    run_a, run_b = np.interp(x, t_a, a), np.interp(x, t_b, b)  # each run between its own samples
+    both = (x >= 0.5) & (x <= 22.0)
+    np.testing.assert_allclose(y[both], (run_a[both] + run_b[both]) / 2)
+    assert np.all(y >= np.minimum(run_a, run_b) - 1e-9) and np.all(y <= np.maximum(run_a, run_b) + 1e-9)
+    assert np.all(np.diff(y[both]) > 0)  # rising like both runs: no zig-zag between 950 and 1015
+    band = _bands(ax)[0]
+    at = band[np.isclose(band[:, 0], x[both][3])][:, 1]
+    assert np.ptp(at) == pytest.approx(2 * np.std([run_a[both][3], run_b[both][3]], ddof=1))
+
+
+def test_hardware_keeps_every_run_and_never_extrapolates():
+    """Runs of one sample each still show; a run that stopped early leaves the later grid to the others."""
+    short = (np.array([0.3]), np.array([700.0]))
+    long_a = (np.arange(0.0, 10.0), np.full(10, 900.0))
+    data = hardware_series(_hardware({"s": short, "l": long_a}), [])
+    s = data[data["run_dir"] == "s"].dropna(subset=["rss_mb"])
+    assert len(s) == 1 and s["rss_mb"].item() == 700.0 and s["t_grid"].item() == 0.0
+    assert data.loc[data["run_dir"] == "l", "rss_mb"].notna().sum() == 10
+
+
+@pytest.mark.parametrize(
+    ("keys", "title"),
+    [
+        ([], "Hardware use over time (mean over all runs, band = ±1 std)"),
+        (["precision"], "Hardware use over time per precision (mean over its runs, band = ±1 std)"),
+        (["model", "precision"], "Hardware use over time per model and precision (mean over its runs, band = ±1 std)"),
+    ],
+)
+def test_hardware_title_reads_for_no_one_and_several_keys(keys, title):
+    assert hardware_title(keys) == title
+
+
+# ---- per-layer gradient norms: one logged step ---------------------------------------------------------------------
+def test_grad_norm_heatmap_of_one_logged_step_has_a_readable_axis():
+    rows = pd.DataFrame(
+        [
+            {"run_dir": "r", "status": "completed", "kind": "step", "step": 50, "epoch": 1, "layer": name}
+            | {"layer_pos": i, "metric": "grad_norm", "value": 10.0**-i}
+            for i, name in enumerate(("stem", "stage1.0", "head"))
+        ]
+    )
+    fig = grad_norm_figure(rows, [])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["50"]
+    lo, hi = ax.get_xlim()
+    assert lo < 50 < hi
+    mesh = ax.collections[0]
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).ravel(), [0.0, -1.0, -2.0])  # log10, model order
+
+
+# ---- sampled values in their significant digits; a look per group ---------------------------------------------------
+def test_group_labels_show_sampled_values_in_their_significant_digits():
+    df = pd.DataFrame({"optimizer.lr": [0.0018662266976517971, 0.002054762512591136, 0.001], "seed": [1, 2, 3]})
+    labels = drawing.labelled(df, ["optimizer.lr"])["group"].tolist()
+    assert labels == ["optimizer.lr=0.001866", "optimizer.lr=0.002055", "optimizer.lr=0.001"]
+    close = pd.DataFrame({"optimizer.lr": [0.00100001, 0.00100002]})
+    assert drawing.labelled(close, ["optimizer.lr"])["group"].nunique() == 2  # more digits rather than one cell
+
+
+def test_each_group_has_its_own_line_style_and_marker_even_where_lines_coincide():
+    epochs = pd.DataFrame(
+        [
+            {"run_dir": f"r{arm}", "status": "completed", "arm": arm, "epoch": e, "lr": 1.0}
+            for arm in "abc"
+            for e in (1, 2)
+        ]
+    )
+    fig = lr_schedule_figure(epochs, ["arm"])
+    lines = _curves(fig.axes[0])
+    assert len(lines) == 3
+    looks = {(str(line.get_linestyle()), line.get_marker()) for line in lines}
+    assert len(looks) == 3 and all(marker not in (None, "None", "") for _, marker in looks)
+    assert all(list(line.get_ydata()) == [1.0, 1.0] for line in lines)
+
+
+def test_search_figure_shows_sampled_values_readably():
+    trials = pd.DataFrame(
+        {
+            "trial": [0, 1, 2, 3],
+            "state": ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"],
+            "param.optimizer.lr": [0.0018662266976517971, 0.07780155576901421, 0.00015613372459644638, 0.01],
+            "objective": [80.0, 70.0, 50.0, np.nan],
+        }
+    )
+    trials["best so far"] = trials["objective"].cummax().ffill()
+    best = {"trial": 0, "value": 80.0, "params": {"param.optimizer.lr": 0.0018662266976517971}}
+    view = SimpleNamespace(trials=trials, best=best, objective="val_top1", direction="maximize")
+    fig = search_figure(view)
+    fig.canvas.draw()
+    per_trial, lr = fig.axes
+    dots, star = [line for line in lr.get_lines() if len(line.get_xdata())]
+    np.testing.assert_allclose(dots.get_xdata(), trials["param.optimizer.lr"][:3])
+    np.testing.assert_allclose(dots.get_ydata(), [80.0, 70.0, 50.0])
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (best["params"]["param.optimizer.lr"], 80.0)
+    assert lr.get_xscale() == "log"
+    labels = [t.get_text() for t in lr.get_xticklabels() if t.get_text()]
+    assert labels and all(len(text) <= 6 for text in labels), labels  # 0.001, 0.01: no 17-digit tails

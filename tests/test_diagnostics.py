@@ -453,3 +453,31 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+def test_one_tag_family_per_statistic_for_trackers_and_the_analysis(tmp_path):
+    """The logging steps' per-layer weight_norm and the final weights' norm share one name (TensorBoard showed both
+    ``weight_norm`` and ``weights_norm``); the analysis reads the unchanged file under the same names."""
+    from stackwise_bench.analysis.read.diagnostics import collect_diagnostics
+    from stackwise_bench.runs.tracking import by_statistic
+
+    step = {"kind": "step", "step": 2, "epoch": 1, "grad_norm": 1.0, "layers": {"head": {"weight_norm": 3.0}}}
+    final = {"kind": "weights", "step": 4, "layers": {"head": {"trainable": True, "norm": 3.5, "std": 0.1}}}
+    assert by_statistic(step) == {"step": 2, "grad_norm": 1.0, "weight_norm/head": 3.0}
+    assert by_statistic(final) == {
+        "step": 4,
+        "weight_trainable/head": True,
+        "weight_norm/head": 3.5,
+        "weight_std/head": 0.1,
+    }
+    families = {key.split("/")[0] for row in (step, final) for key in by_statistic(row) if "/" in key}
+    assert "weights_norm" not in families and "weight_norm" in families
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "diagnostics.jsonl").write_text(json.dumps(step) + "\n" + json.dumps(final) + "\n")
+    import pandas as pd
+
+    runs = pd.DataFrame({"run_dir": [str(run_dir)], "status": ["completed"]})
+    runs.attrs["override_keys"] = []
+    table = collect_diagnostics(runs).set_index(["kind", "layer", "metric"])["value"]
+    assert table[("step", "head", "weight_norm")] == 3.0 and table[("weights", "head", "weight_norm")] == 3.5

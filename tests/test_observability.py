@@ -180,10 +180,11 @@ def test_each_tracker_holds_what_the_record_wrote(tracked_run, full_run):
     assert mlflow_series(summary, want) == want
     trackio = trackio_series(summary)
     assert {k: trackio[k] for k in want} == want
-    # every log_every_n_steps-th step's loss and rate; the diagnostics by statistic and layer; the test at the end
+    # step 1's and every log_every_n_steps-th step's loss and rate; the diagnostics by statistic and layer; the test
     steps = list(range(2, summary["train"]["steps"] + 1, 2))
     for series in (board, trackio):
-        assert [s for s, _ in series["train/loss"]] == steps == [s for s, _ in series["diagnostics/grad_norm/head"]]
+        assert [s for s, _ in series["train/loss"]] == [1, *steps]
+        assert [s for s, _ in series["diagnostics/grad_norm/head"]] == steps
         assert series["test/top1"] == [(summary["train"]["steps"], summary["test"]["top1"])]
         assert_one_value_per_step(series)
     diag = read_jsonl(run_dir / DIAGNOSTICS)
@@ -213,7 +214,7 @@ def test_a_resumed_run_continues_each_tracker_run_without_repeating_steps(tracke
     mlflow = mlflow_series(resumed, [*want, "train/loss", "diagnostics/grad_norm/head"])
     for series in (board, trackio, mlflow):
         assert_one_value_per_step(series)
-        assert [s for s, _ in series["train/loss"]] == list(range(2, resumed["train"]["steps"] + 1, 2))
+        assert [s for s, _ in series["train/loss"]] == [1, *range(2, resumed["train"]["steps"] + 1, 2)]
     assert mlflow["train/loss"] == trackio["train/loss"] == trackio_series(full)["train/loss"]
     assert {k: mlflow[k] for k in want} == want
 
@@ -367,6 +368,6 @@ def test_trackers_get_the_grad_norm_without_clipping_too(tmp_path):
     summary = run(compose(overrides), tmp_path / "noclip")
     board = tensorboard_series(tmp_path / "noclip")
     diag = {r["step"]: r["grad_norm"] for r in read_jsonl(tmp_path / "noclip" / DIAGNOSTICS) if r["kind"] == "step"}
-    assert [s for s, _ in board["train/grad_norm"]] == list(range(2, summary["train"]["steps"] + 1, 2))
-    for step, value in board["train/grad_norm"]:
+    assert [s for s, _ in board["train/grad_norm"]] == [1, *range(2, summary["train"]["steps"] + 1, 2)]
+    for step, value in board["train/grad_norm"][1:]:  # step 1 is logged, not a diagnostics step
         assert value == pytest.approx(float(np.float32(diag[step])), rel=1e-5)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stackwise_bench.errors import ConfigError, short_error
-from stackwise_bench.runs.contract import CHECKPOINTS, DIAGNOSTICS, HARDWARE, METRICS, SPLIT
+from stackwise_bench.runs.contract import CHECKPOINTS, DIAGNOSTICS, HARDWARE, METRICS, SPLIT, STEPS
 
 STAMP = "run"  # the checkpoint's key
 # What to do about a split.json that cannot be compared (its checkpoint's stamp still carries the split's sha256).
@@ -160,7 +160,7 @@ def earlier_run_files(run_dir: Path) -> list[str]:
     taking the lease and writing its first summary leaves only those.
     """
     run_dir = Path(run_dir)
-    found = [name for name in (METRICS, SPLIT, DIAGNOSTICS, HARDWARE) if (run_dir / name).exists()]
+    found = [name for name in (METRICS, STEPS, SPLIT, DIAGNOSTICS, HARDWARE) if (run_dir / name).exists()]
     checkpoints = run_dir / CHECKPOINTS
     if checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir()):
         found.insert(0, f"{CHECKPOINTS}/")

@@ -1,7 +1,7 @@
 """RunRecord: the one module that writes a run directory, and its never-overwrite policy.
 
 Layout (:mod:`stackwise_bench.runs.contract`): ``summary.json`` (atomic, carries the
-status from start to end), ``metrics.jsonl``, ``hardware.jsonl``, ``split.json`` and
+status from start to end), ``metrics.jsonl``, ``steps.jsonl``, ``hardware.jsonl``, ``split.json`` and
 ``checkpoints/{last,best}.pt``. Every whole-file write goes through a temporary file
 and ``os.replace``, so a crash never leaves a half-written summary or checkpoint behind;
 a write that fails (a full disk, a quota, a read-only mount) removes its temporary file,
@@ -35,6 +35,7 @@ from stackwise_bench.runs.contract import (
     SCHEMA_VERSION,
     SPLIT,
     STATUSES,
+    STEPS,
     SUMMARY,
     read_summary,
 )
@@ -90,8 +91,8 @@ class RunRecord:
 
     @property
     def wants_steps(self) -> bool:
-        """Whether anyone takes the per-step training rows (:meth:`log_step`): a tracker is attached."""
-        return bool(self.trackers)
+        """Whether anyone takes the per-step training rows (:meth:`log_step`): always, ``steps.jsonl`` does."""
+        return True
 
     def _tracker_run(self) -> TrackerRun:
         return run_of(self.dir, self.summary, self.resume_step)
@@ -231,7 +232,11 @@ class RunRecord:
         self.trackers.log("epoch", row, row.get("step") or 0)
 
     def log_step(self, row: dict) -> None:
-        """A training step's loss, learning rate and grad norm: for the trackers only (metrics.jsonl is per epoch)."""
+        """Append a training step's loss, learning rate and grad norm to ``steps.jsonl``, and hand it to the trackers.
+
+        The learning curve per step (metrics.jsonl is per epoch): the analysis draws the schedule from it.
+        """
+        self._append(STEPS, row)
         self.trackers.log("train", row, row["step"])
 
     def log_diagnostics(self, row: dict) -> None:
@@ -275,7 +280,8 @@ class RunRecord:
     def trim_to_checkpoint(self, state: dict) -> None:
         """On resume: cut the logs back to the checkpoint ``state`` the run continues from, so no row repeats.
 
-        ``metrics.jsonl`` becomes exactly the checkpoint's history; ``hardware.jsonl`` keeps the samples
+        ``metrics.jsonl`` becomes exactly the checkpoint's history; ``steps.jsonl`` and ``diagnostics.jsonl`` keep
+        the rows of steps at or before the checkpoint's global step; ``hardware.jsonl`` keeps the samples
         stamped at or before its ``saved_at`` (and those without a ``time``), and drops an unreadable (half-
         written) line. A checkpoint without ``saved_at`` (written before it was stamped) leaves the samples alone.
         """
@@ -283,6 +289,8 @@ class RunRecord:
         self.resume_step = state["progress"].get("global_step")
         if self.resume_step is not None:
             self._trim_diagnostics(self.resume_step)
+            step = self.resume_step
+            self._keep_rows(STEPS, lambda row: isinstance(row, dict) and (row.get("step") or 0) <= step)
         saved_at = state.get("saved_at")
         if saved_at is not None:
 
@@ -322,12 +330,13 @@ class RunRecord:
     def restart_logs(self) -> None:
         """A run that starts over in its folder, with no ``last.pt`` to continue from: the one way it starts over.
 
-        The logs of its earlier attempts go (metrics, diagnostics, hardware samples), and so does their ``best.pt``:
-        the new attempt's rows from epoch 1 are the only ones, and its best epoch is its own.
+        The logs of its earlier attempts go (metrics, steps, diagnostics, hardware samples), and so does their
+        ``best.pt``: the new attempt's rows from epoch 1 are the only ones, and its best epoch is its own.
         """
         self.fence()
         with self._lock:
-            for path in (self.dir / METRICS, self.dir / DIAGNOSTICS, self.dir / HARDWARE, self.checkpoint_path("best")):
+            old_logs = (METRICS, STEPS, DIAGNOSTICS, HARDWARE)
+            for path in (*(self.dir / name for name in old_logs), self.checkpoint_path("best")):
                 try:
                     path.unlink(missing_ok=True)
                 except OSError as exc:

@@ -45,7 +45,16 @@ log = logging.getLogger(__name__)
 
 STREAMS = ("train", "epoch", "diagnostics", "hardware", "test")
 # Which keys of a hardware sample are not measurements (they are the sample's place in time).
-NOT_METRICS = {"hardware": ("t", "time", "seq"), "epoch": (), "train": ("step",), "diagnostics": ("step", "time")}
+NOT_METRICS = {
+    "hardware": ("t", "time", "seq"),
+    "epoch": (),
+    "train": ("step", "epoch"),
+    "diagnostics": ("step", "time"),
+}
+# The end-of-run weight statistics (diagnostics' ``kind: weights`` row: norm, mean, std, ...) go under this prefix:
+# ``weight_norm`` is then the same tag family as the logging steps' per-layer ``weight_norm``, one chart per statistic.
+# (Before, they were ``weights_norm`` and so on: two near-duplicate families.)
+FINAL_WEIGHTS_PREFIX = "weight_"
 
 
 @dataclasses.dataclass
@@ -111,10 +120,11 @@ def run_of(run_dir: Path, summary: dict, resume_step: int | None) -> TrackerRun:
 def by_statistic(row: Mapping[str, Any]) -> dict:
     """A diagnostics row keyed for trackers by statistic, then layer: ``grad_norm/stage1.0``, ``act_rms/head``.
 
-    A tracker then shows one chart per statistic with a line per layer.
+    A tracker then shows one chart per statistic with a line per layer; the final weights' ``norm`` joins the
+    logging steps' ``weight_norm`` (:data:`FINAL_WEIGHTS_PREFIX`).
     """
     out = {k: v for k, v in row.items() if k not in ("layers", "activations", "kind", "epoch")}
-    prefix = "weights_" if row.get("kind") == "weights" else ""
+    prefix = FINAL_WEIGHTS_PREFIX if row.get("kind") == "weights" else ""
     for section, tag in (("layers", prefix), ("activations", "act_")):
         for layer, stats in (row.get(section) or {}).items():
             for stat, value in stats.items():

@@ -1,4 +1,4 @@
-"""Step parts that only watch training: the diagnostics' measurements and the trackers' step rows.
+"""Step parts that only watch training: the diagnostics' measurements and the training step rows.
 
 Neither changes what is trained (tests/test_diagnostics.py and tests/test_loggers.py prove it): they ask for
 true gradients or a gradient norm on their steps, and write rows through the run record.
@@ -67,8 +67,13 @@ class DiagnosticsPart(StepPart):
 
 
 class TrackerRows(StepPart):
-    """Every ``every_n_steps``-th step's loss, learning rate and gradient norm to the trackers (``sink.log_step``),
-    where a tracker is attached (``sink.wants_steps``); the norm is measured on those steps even without clipping."""
+    """The training step rows: step 1's and every ``every_n_steps``-th step's loss, learning rate and gradient norm
+    to the run record (``sink.log_step``: ``steps.jsonl`` and the trackers' ``train/*``).
+
+    Step 1 is logged so a warmup is visible from its start. The norm is measured on those steps even without
+    clipping; reading the gradients changes nothing that is trained (tests/test_steps_record.py).
+    A sink without ``wants_steps`` (a test's stand-in) gets no rows.
+    """
 
     def __init__(self, every_n_steps: int = 20):
         self.every_n_steps = every_n_steps
@@ -78,15 +83,18 @@ class TrackerRows(StepPart):
         self.sink, self.optimizer = fit.sink, fit.optimizer
         self.on = bool(getattr(fit.sink, "wants_steps", False))
 
-    def needs_grads(self, step: int) -> bool:
-        return self.on and step % self.every_n_steps == 0
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based, global) is logged."""
+        return self.on and (step == 1 or step % self.every_n_steps == 0)
 
-    wants_norm = needs_grads
+    needs_grads = due  # the norm of the true (unscaled) gradients
+    wants_norm = due
 
     def after_backward(self, info: StepInfo) -> None:
-        self.lr = base_lr(self.optimizer) if self.needs_grads(info.step) else None  # before the scheduler moves it
+        self.lr = base_lr(self.optimizer) if self.due(info.step) else None  # before the scheduler moves it
 
     def after_step(self, info: StepInfo) -> None:
-        if self.needs_grads(info.step):
+        if self.due(info.step):
             grad = None if info.grad_norm is None else float(info.grad_norm)
-            self.sink.log_step({"step": info.step, "loss": float(info.loss), "lr": self.lr, "grad_norm": grad})
+            row = {"step": info.step, "epoch": info.epoch + 1, "loss": float(info.loss), "lr": self.lr}
+            self.sink.log_step({**row, "grad_norm": grad})

@@ -11,9 +11,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stackwise_bench.analysis.read.grouping import format_value, with_group_labels
+from stackwise_bench.analysis.read.numeric import is_missing
+from stackwise_bench.values import short_number
+
 MAX_LEGEND = 12  # more groups than this: the legend goes and the title says how many
 MAX_BANDS = 8  # more overlapping ±std bands than this hide the lines
-MAX_MARKED = 12  # series this short get a marker per point: a one-epoch curve is a dot, not an invisible line
+MAX_MARKED = 12  # series this short get a marker per point (a one-epoch curve is a dot); longer ones every n-th
+# Cycled per group with the colours: lines that coincide (two arms of one study) still tell apart.
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "D", "P", "X", "*", "h")  # no "v": it marks growths (plots/regimes.py)
 
 
 def seaborn():
@@ -35,32 +42,74 @@ def figure(rows: int, cols: int, width: float = 6.0, height: float = 4.2):
 
 
 def line(ax, data: pd.DataFrame, x: str, y: str, band: bool) -> None:
-    """Mean line per group with a ±1 std band; aggregated here (seaborn's per-point
-    aggregation takes seconds on 1,000 runs), drawn with seaborn."""
+    """Mean line per group with a ±1 std band, aggregated here (seaborn's per-point aggregation takes seconds on
+    1,000 runs); each group in its own colour, line style and marker (:func:`styles`), so a line drawn over
+    another still shows."""
     order = group_order(data)
     agg = data.groupby(["group", x], sort=False)[y].agg(["mean", "std"]).reset_index()
     # Points without a value (validation every n epochs leaves val_* null in between) are dropped, so
     # the line and its band join the points that have one instead of breaking at every gap.
     agg = agg.dropna(subset=["mean"])
-    longest = agg.groupby("group").size().max() if len(agg) else 0
-    colors = dict(zip(order, seaborn().color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
-    seaborn().lineplot(
-        data=agg,
-        x=x,
-        y="mean",
-        hue="group",
-        hue_order=order,
-        palette=colors,
-        errorbar=None,
-        marker="o" if longest <= MAX_MARKED else None,
-        ax=ax,
-        legend=len(order) <= MAX_LEGEND,
-    )
-    if band and len(order) <= MAX_BANDS:
-        for name, part in agg.groupby("group", sort=False):
-            _band(ax, part.sort_values(x), x, colors[name])
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
+    looks = styles(order)
+    labelled = len(order) <= MAX_LEGEND
+    for name in order:
+        part = agg[agg["group"] == name].sort_values(x)
+        if part.empty:
+            continue
+        look = looks[name]
+        every = 1 if len(part) <= MAX_MARKED else max(1, len(part) // MAX_MARKED)  # a long line: a marker now and then
+        ax.plot(part[x], part["mean"], **look, markevery=every, label=name if labelled else "_nolegend_")
+        if band and len(order) <= MAX_BANDS:
+            _band(ax, part, x, look["color"])
+
+
+def styles(order: list[str]) -> dict[str, dict]:
+    """Per group: colour, line style and marker, all three cycling, so two groups never look alike in print."""
+    colors = seaborn().color_palette("tab10" if len(order) <= 10 else "husl", len(order))
+    return {
+        name: {
+            "color": colors[i],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "markersize": 5,
+            "linewidth": 1.6,
+        }
+        for i, name in enumerate(order)
+    }
+
+
+def labelled(df: pd.DataFrame, keys: list[str], column: str = "group") -> pd.DataFrame:
+    """A copy of ``df`` with a ``column`` naming each row's cell, its sampled numbers in their significant digits.
+
+    ``optimizer.lr=0.001866``, not ``optimizer.lr=0.0018662266976517971`` (a search's sampled value): each float
+    to 4 significant digits (:func:`~stackwise_bench.values.short_number`), more where two cells would otherwise
+    print alike.
+    """
+    out = with_group_labels(df, keys, column)
+    if not keys or out.empty:
+        return out
+    cells = out.drop_duplicates(column)
+    for digits in (4, 6, 8, 17):
+        short = {
+            exact: ", ".join(f"{k}={short_value(row[k], digits)}" for k in keys)
+            for exact, row in zip(cells[column], cells.to_dict("records"))
+        }
+        if len(set(short.values())) == len(short):
+            break
+    out[column] = out[column].map(short)
+    return out
+
+
+def short_label(values, keys: list[str]) -> str:
+    """One cell's label (:func:`~stackwise_bench.analysis.read.grouping.group_label`) with short numbers."""
+    return ", ".join(f"{k}={short_value(values[k])}" for k in keys) if keys else "all runs"
+
+
+def short_value(value, digits: int = 4) -> str:
+    """A key's value as a legend shows it: a float in ``digits`` significant digits, anything else as the tables do."""
+    if isinstance(value, float) and not is_missing(value) and not value.is_integer():
+        return short_number(value, digits)
+    return format_value(value)
 
 
 def _band(ax, part: pd.DataFrame, x: str, color) -> None:
@@ -86,7 +135,11 @@ def group_order(data: pd.DataFrame) -> list[str]:
 def legend(fig, axes, data: pd.DataFrame, column: str = "group") -> None:
     """One figure legend right of the panels; above ``MAX_LEGEND`` groups the title says how many instead."""
     n = data[column].nunique()
-    handles, labels = axes[0].get_legend_handles_labels()
+    found: dict = {}  # every panel's handles, each label once (panels may draw different groups)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            found.setdefault(label, handle)
+    handles, labels = list(found.values()), list(found)
     if handles and 1 < n <= MAX_LEGEND:
         fig.legend(handles, labels, loc="outside right center", fontsize=8, title=None)
     elif n > MAX_LEGEND:

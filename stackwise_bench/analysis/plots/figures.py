@@ -21,8 +21,9 @@ from stackwise_bench.analysis.plots.peft import peft_pareto
 from stackwise_bench.analysis.plots.regimes import accuracy_vs_flops
 from stackwise_bench.analysis.plots.scaling import scaling_figure
 from stackwise_bench.analysis.plots.search import search_objective
-from stackwise_bench.analysis.read.directions import best_index, lower_is_better
-from stackwise_bench.analysis.read.grouping import format_value, group_label, with_group_labels
+from stackwise_bench.analysis.read.collect import collect_steps
+from stackwise_bench.analysis.read.directions import best_index, lower_is_better, task_metrics
+from stackwise_bench.analysis.read.grouping import format_value
 from stackwise_bench.analysis.studies.quantization_report import format_label, settings_label
 from stackwise_bench.runs.contract import FINISHED, read_summary
 
@@ -39,8 +40,12 @@ def make_plots(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
     peft = next((v for v in a.views if v.title.startswith("PEFT")), None)
     search = next((v for v in a.views if hasattr(v, "importances")), None)
     jobs = {
-        "Learning curves": lambda: learning_curves(done(a.epochs), group_by, out_dir / "learning_curves.png"),
-        "Learning-rate schedule": lambda: lr_schedule(done(a.epochs), group_by, out_dir / "lr_schedule.png"),
+        "Learning curves": lambda: learning_curves(
+            done(a.epochs), group_by, out_dir / "learning_curves.png", metrics=task_metrics(a.runs)
+        ),
+        "Learning-rate schedule": lambda: lr_schedule(
+            done(a.epochs), group_by, out_dir / "lr_schedule.png", steps=collect_steps(done(a.runs))
+        ),
         "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(
             summary, metric, group_by, out_dir / "accuracy_vs_rank.png", lower=lower
         ),
@@ -89,17 +94,18 @@ def accuracy_vs_rank(
     if s["lora.rank"].nunique() < 2:
         return None
     others = [k for k in group_by if k != "lora.rank"]
-    s = with_group_labels(s, others, "series")
+    s = drawing.labelled(s, others, "series")
     s["rank_num"] = pd.to_numeric(s["lora.rank"], errors="coerce")
     ranks = sorted(s["rank_num"].dropna().unique())
     pos = {r: i for i, r in enumerate(ranks)}
     fig, axes = drawing.figure(1, 1, width=7)
     ax = axes[0]
+    looks = drawing.styles(list(dict.fromkeys(s["series"])))
     for series, part in s.groupby("series", sort=False):
         part = part.sort_values("rank_num")
         x = part["rank_num"].map(pos).to_numpy(dtype=float)
         err = drawing.yerr(part)
-        ax.errorbar(x, part["mean"], yerr=err, marker="o", capsize=4, label=series)
+        ax.errorbar(x, part["mean"], yerr=err, capsize=4, label=series, **looks[series])
     ax.set_xticks(range(len(ranks)), ["0\n(full FT)" if r == 0 else f"{r:g}" for r in ranks])
     ax.set(xlabel="LoRA rank r", ylabel=drawing.metric_label(metric, lower))
     drawing.legend(fig, [ax], s, column="series")
@@ -118,14 +124,15 @@ def accuracy_vs_params(
     if "params.trainable" not in runs or summary.empty or runs["params.trainable"].nunique() < 2:
         return None
     s = summary[(summary["metric"] == metric) & summary["mean"].notna()].copy()
-    params = with_group_labels(runs, group_by).groupby("group")["params.trainable"].mean()
+    params = drawing.labelled(runs, group_by).groupby("group")["params.trainable"].mean()
+    s = drawing.labelled(s, group_by)  # the same labels as params' (the summary's own are unshortened)
     s["trainable"] = s["group"].map(params)
     s = s.dropna(subset=["trainable"]).sort_values("trainable")
     if len(s) < 2:
         return None
     by_rank = "lora.rank" in group_by
     series_keys = [k for k in group_by if k != "lora.rank"] if by_rank else []
-    s = with_group_labels(s, series_keys, "series")
+    s = drawing.labelled(s, series_keys, "series")
     colors = drawing.seaborn().color_palette("tab10", max(1, s["series"].nunique()))
     fig, axes = drawing.figure(1, 1, width=7.5)
     ax = axes[0]
@@ -192,7 +199,7 @@ def confusion_matrix(
         cbar_kws={"label": "Share of true class (%)"},
     )
     axes[0].set(xlabel="Predicted class", ylabel="True class")
-    name = group_label(best, group_by) + f", seed {format_value(best['seed'])}"
+    name = drawing.short_label(best, group_by) + f", seed {format_value(best['seed'])}"
     return drawing.save(fig, path, f"Test confusion matrix of the best run ({name}: {metric} = {best[metric]:.2f})")
 
 
@@ -200,7 +207,7 @@ def quantization_degradation(quantized: pd.DataFrame | None, group_by: list[str]
     """Top-1 points lost per quantization setting and cell (bars = mean, whiskers = ±1 std over seeds)."""
     if quantized is None or quantized.empty:
         return None
-    data = with_group_labels(quantized, group_by)
+    data = drawing.labelled(quantized, group_by)
     data = data.sort_values(["quantize", "activations", "keep_head"], ascending=[True, True, False], kind="stable")
     data["setting"] = [
         "\n".join([format_label(r["quantize"], r.get("group_size")), *settings_label(r).split(", ")])

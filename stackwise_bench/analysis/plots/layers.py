@@ -16,10 +16,10 @@ import pandas as pd
 
 from stackwise_bench.analysis.plots import drawing
 from stackwise_bench.analysis.read.diagnostics import layer_order
-from stackwise_bench.analysis.read.grouping import with_group_labels
 
 PANEL_COLUMNS = 3  # more cells than this wrap onto further rows
 MAX_LAYER_LABELS = 40  # deeper stacks label every n-th layer
+MAX_STEP_TICKS = 8  # this few logged steps: a tick on each; more get matplotlib's whole-number ticks
 
 
 def grad_norm_grids(diagnostics: pd.DataFrame, group_by: list[str]) -> dict[str, pd.DataFrame]:
@@ -37,7 +37,7 @@ def grad_norm_grids(diagnostics: pd.DataFrame, group_by: list[str]) -> dict[str,
     rows = rows[rows["value"].map(math.isfinite)]
     if rows.empty:
         return {}
-    data = with_group_labels(rows, group_by)
+    data = drawing.labelled(rows, group_by)
     grids = {}
     for group in drawing.group_order(data):
         cell = data[data["group"] == group]
@@ -87,8 +87,20 @@ def _panel(ax, grid: pd.DataFrame, vmin: float, vmax: float):
     ax.set_yticks(ticks, [grid.index[i] for i in ticks], fontsize=8)
     ax.set_ylim(len(grid) - 0.5, -0.5)  # the first layer on top
     ax.set(xlabel="Optimizer step", ylabel="Layer")
+    _step_ticks(ax, steps)
     ax.grid(False)
     return mesh
+
+
+def _step_ticks(ax, steps: np.ndarray) -> None:
+    """Ticks on the logged steps themselves where they are few (one step: ``50``, not ``49.6 … 50.4``),
+    else whole steps chosen by matplotlib."""
+    from matplotlib.ticker import MaxNLocator
+
+    if len(steps) <= MAX_STEP_TICKS:
+        ax.set_xticks(steps, [f"{s:g}" for s in steps])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _edges(centres: np.ndarray) -> np.ndarray:

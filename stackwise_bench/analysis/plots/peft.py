@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from stackwise_bench.analysis.plots import drawing
-from stackwise_bench.analysis.read.grouping import format_value, group_label, iter_groups
+from stackwise_bench.analysis.read.grouping import format_value, iter_groups
 from stackwise_bench.analysis.studies.adapters import FULL, RANK, method_order, methods_of, other_keys
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "8")
@@ -46,7 +46,7 @@ def peft_pareto(view, metric: str, path: Path, lower: bool = False) -> Path | No
         _panel(ax, part, styles)
         ax.set(xlabel="Trainable parameters (count, log scale)", ylabel=drawing.metric_label(metric, lower))
         if others:
-            ax.set_title(group_label(values, others), fontsize=9)
+            ax.set_title(drawing.short_label(values, others), fontsize=9)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.legend(handles=_legend_handles(styles), loc="outside right center", fontsize=8)

@@ -50,12 +50,15 @@ def accuracy_vs_flops_figure(r: RegimeAnalysis | None, epochs: pd.DataFrame | No
     if data.empty:
         return None
     arms = [a for a in dict.fromkeys(r.table["arm"]) if a in set(data["arm"])]
-    colors = drawing.seaborn().color_palette("tab10" if len(arms) <= 10 else "husl", len(arms))
+    looks = drawing.styles(arms)  # colour, line style and marker per arm: an arm on top of another still shows
     fig, (ax,) = drawing.figure(1, 1, width=7.5, height=4.8)
     marked = False
-    for arm, color in zip(arms, colors):
+    for i, arm in enumerate(arms):
+        look, color = looks[arm], looks[arm]["color"]
         grid, mean, std = mean_curve(data[data["arm"] == arm])
-        ax.plot(grid, mean, color=color, label=arm, marker="o" if len(grid) <= drawing.MAX_MARKED else None)
+        # Markers every n-th grid point, staggered per arm, so coinciding arms do not hide each other's markers.
+        every = 1 if len(grid) <= drawing.MAX_MARKED else (i * 3 % 17, max(1, len(grid) // drawing.MAX_MARKED))
+        ax.plot(grid, mean, **look, label=arm, markevery=every)
         if np.isfinite(std).any():
             ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         growths = r.growth[r.growth["arm"] == arm].groupby("growth")["flops"].mean().dropna()

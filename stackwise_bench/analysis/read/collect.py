@@ -1,4 +1,4 @@
-"""Walk run directories into tidy DataFrames: one row per run, one row per epoch.
+"""Walk run directories into tidy DataFrames: one row per run, one row per epoch (or logged step).
 
 A run directory is any folder holding a ``summary.json`` (the run record's
 source of truth); runs are found at any depth below the folders given, and a
@@ -24,7 +24,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.read.run_row import SECTIONS, STUDY_KEYS, config_cell, run_row
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS
+from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS, STEPS
 from stackwise_bench.runs.folders import PathsLike, as_path_list, find_records
 
 # The adapter of runs whose config has no lora.method (recorded before methods could be chosen).
@@ -156,6 +156,20 @@ def collect_epochs(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:
         return [by_epoch[e] for e in sorted(by_epoch)]
 
     return _long_table(runs, rows_of, "epoch")
+
+
+def collect_steps(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:
+    """Long per-step table from every run's steps.jsonl (step, epoch, loss, lr, grad_norm), with override columns.
+
+    The rows of step 1 and every ``trainer.log_every_n_steps``-th step; a re-logged step keeps its last line.
+    Runs recorded before steps.jsonl existed have no rows (the LR schedule then falls back to metrics.jsonl).
+    """
+
+    def rows_of(run_dir: str) -> list[dict]:
+        by_step = {r["step"]: r for r in read_jsonl(Path(run_dir) / STEPS) if "step" in r}
+        return [by_step[s] for s in sorted(by_step)]
+
+    return _long_table(runs, rows_of, "step")
 
 
 def collect_hardware(runs: PathsLike | pd.DataFrame) -> pd.DataFrame:

@@ -5,9 +5,10 @@ The trainer's diagnostics (``diagnostics=basic|full``) write one line per loggin
 ``kind: weights`` line with the trained weights' statistics at the end. A run with ``diagnostics=none``
 has no file; a run that crashed mid-write has a torn last line, which is skipped.
 
-Metric names follow the trackers' (:func:`stackwise_bench.runs.record.by_statistic`): a layer's step
+Metric names follow the trackers' (:func:`stackwise_bench.runs.tracking.by_statistic`): a layer's step
 statistics as written (``grad_norm``, ``weight_norm``, ``update_ratio``), activation statistics as
-``act_<stat>``, the final weight statistics as ``weights_<stat>``. The per-layer gradient-norm heatmap is
+``act_<stat>``, the final weight statistics as ``weight_<stat>`` (``weight_norm``, ``weight_std``, ...; the
+``kind`` column tells them from the logging steps'). The per-layer gradient-norm heatmap is
 :mod:`stackwise_bench.analysis.plots.layers`.
 """
 
@@ -20,11 +21,17 @@ import pandas as pd
 from stackwise_bench.analysis.read.collect import collect_runs, override_keys, read_jsonl
 from stackwise_bench.runs.contract import DIAGNOSTICS
 from stackwise_bench.runs.folders import PathsLike
+from stackwise_bench.runs.tracking import FINAL_WEIGHTS_PREFIX
 
 # The long table's own columns, after the run's run_dir, status and override keys.
 COLUMNS = ("kind", "step", "epoch", "layer", "layer_pos", "metric", "value")
 # Sections of a row that hold {layer: {statistic: value}}, with the prefix their statistics get.
-LAYER_SECTIONS = {"step": (("layers", ""), ("activations", "act_")), "weights": (("layers", "weights_"),)}
+# The final weights' statistics take the trackers' prefix: their ``norm`` is ``weight_norm``, as on logging steps
+# (the file is unchanged, so older folders read the same way; before, the analysis called them ``weights_*``).
+LAYER_SECTIONS = {
+    "step": (("layers", ""), ("activations", "act_")),
+    "weights": (("layers", FINAL_WEIGHTS_PREFIX),),
+}
 NOT_METRICS = ("kind", "step", "epoch", "layers", "activations")
 
 

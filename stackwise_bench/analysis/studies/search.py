@@ -20,6 +20,7 @@ from stackwise_bench.analysis.read.directions import task_metrics
 from stackwise_bench.analysis.studies.view import StudyView
 from stackwise_bench.runs.contract import SEARCH_DB
 from stackwise_bench.runs.folders import PathsLike, as_path_list
+from stackwise_bench.values import short_number
 
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA fits a forest on the complete trials: fewer than this says nothing
 TITLE = "Hyperparameter search"
@@ -139,7 +140,7 @@ def param_importances(study, n_complete: int, n_params: int) -> tuple[dict, str 
 
 
 def display_table(trials: pd.DataFrame, objective: str, test: str = "test.top1") -> pd.DataFrame:
-    """The trials for people: params in 4 significant digits (learning rates), objectives as numbers."""
+    """The trials for people: params in their significant digits (learning rates), objectives as numbers."""
     out = pd.DataFrame({"trial": trials["trial"].astype(str), "state": trials["state"]})
     for col in param_columns(trials):
         out[col.removeprefix("param.")] = [_value(v) for v in trials[col]]
@@ -179,9 +180,10 @@ def highlights(v: SearchView, importance_note: str | None) -> list[str]:
 
 
 def _value(v) -> str:
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    """A sampled value in its significant digits (``0.001866``; :func:`~stackwise_bench.values.short_number`)."""
+    if isinstance(v, float) and math.isnan(v):
+        return "–"
+    return short_number(v)
 
 
 def _number(v) -> str:
