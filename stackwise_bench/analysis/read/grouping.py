@@ -12,12 +12,14 @@ from stackwise_bench.analysis.read.numeric import is_missing
 from stackwise_bench.analysis.read.run_row import parse_value
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import PLACE_KEYS, is_volatile
+from stackwise_bench.values import short_number
 
 # Keys that never define a group by default: the seed is what we average over, volatile keys
 # (runs/contract.py) don't change what is trained, and place keys say where data or weights live.
 NON_GROUPING = ("seed", *PLACE_KEYS)
 # Labels that only restate other keys (experiment=BaseFP16 is precision=fp16 + augmentation=basic).
 LABEL_KEYS = ("experiment",)
+LABEL_DIGITS = 6  # significant digits of a float in a cell label (format_value)
 
 
 def varying_keys(runs: pd.DataFrame) -> list[str]:
@@ -118,10 +120,15 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def format_value(v: Any) -> str:
+    """A cell key's value in labels and tables: ``null``, whole floats as integers, other floats to 6 significant
+    digits (a search's sampled ``optimizer.lr=0.00186623``, not its 17 digits; cells are grouped by the exact values,
+    so two samples alike in 6 digits still are two cells)."""
     if is_missing(v):
         return "null"
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
         return str(int(v))
+    if isinstance(v, float):
+        return short_number(v, LABEL_DIGITS)
     return str(v)
 
 
