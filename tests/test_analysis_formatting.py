@@ -80,3 +80,16 @@ def test_markdown_table_formats_a_float_column_alike():
     assert [r[0].strip("| ") for r in rows] == ["99,999", "100,001"]
     assert [r[1] for r in rows] == ["90.12", "91.00"]
     assert [r[2].strip("| ") for r in rows] == ["3", "3"]
+
+
+def test_sampled_floats_label_cells_in_six_significant_digits():
+    """A search's sampled value names its cell readably; two samples alike in 6 digits stay two cells."""
+    import pandas as pd
+
+    from stackwise_bench.analysis.read.grouping import format_value, iter_groups, with_group_labels
+
+    assert format_value(0.0018662266976517971) == "0.00186623"
+    assert format_value(3e-4) == "0.0003" and format_value(2.0) == "2" and format_value(None) == "null"
+    df = pd.DataFrame({"optimizer.lr": [0.0018662266976517971, 0.0018662266976517971, 0.001866226], "x": [1, 2, 3]})
+    assert list(with_group_labels(df, ["optimizer.lr"])["group"])[0] == "optimizer.lr=0.00186623"
+    assert len(list(iter_groups(df, ["optimizer.lr"]))) == 2
