@@ -27,6 +27,7 @@ from stackwise_bench.configs import CONF_DIR
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.evaluation import evaluate_checkpoint, evaluate_study
 from stackwise_bench.knobs import check_evaluate_config, check_evaluate_study_config
+from stackwise_bench.runs.folders import shown_path
 from stackwise_bench.runs.job import run_job  # also registers the ${sb.n_jobs:} resolver the launcher config uses
 
 CONF = Path(CONF_DIR) / "evaluate.yaml"
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary["run"]["dir"])
+    print(shown_path(summary["run"]["dir"]))
     return 0
 
 

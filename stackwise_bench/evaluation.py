@@ -23,7 +23,13 @@ from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, group_size_problem, 
 from stackwise_bench.runs import identity, jsonsafe
 from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, SUMMARY, read_summary
 from stackwise_bench.runs.files import atomic_write_text, claim_new_dir
-from stackwise_bench.runs.folders import find_evaluation, find_run_dirs, recorded_config, resolve_checkpoint
+from stackwise_bench.runs.folders import (
+    find_evaluation,
+    find_run_dirs,
+    recorded_config,
+    resolve_checkpoint,
+    shown_path,
+)
 from stackwise_bench.runs.provenance import file_sha256, fingerprint
 from stackwise_bench.runs.record import RunRecord, now_iso
 
@@ -51,7 +57,7 @@ def evaluate_checkpoint(
             symmetric) or ``int4`` (group-wise asymmetric) integer weights.
         keep_head: Keep the classifier head in its trained precision when quantizing.
         activations: Also quantize layer inputs (dynamic, per tensor) when quantizing (FP8 formats only).
-        name: Folder name under ``eval/``; taken names get ``-2``, ``-3``, ...
+        name: Folder name under ``eval/``; taken names get ``_2``, ``_3``, ...
         device: None = the run's ``trainer.device``.
         dataset: ``{"root": ..., "download": ...}``; None values keep the run's own.
         skip_done: Return an existing completed evaluation with the same checkpoint bytes and settings
@@ -88,17 +94,24 @@ def evaluate_checkpoint(
     fp = hashlib.sha256(json.dumps([digest, settings, config], sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations, group_size)
     if skip_done and (done := find_evaluation(run_dir, base, fp)) is not None:
-        log.info("%s: already evaluated with the same checkpoint and settings", done["run"]["dir"])
+        log.info("%s: already evaluated with the same %s and settings", shown_path(done["run"]["dir"]), ckpt.name)
         return done
     if source.get("status") not in FINISHED:
         log.warning(
             "%s: the run's status is %s, not completed: %s holds the weights of wherever its training stopped",
-            run_dir,
+            shown_path(run_dir),
             source.get("status") or "unrecorded",
             ckpt.name,
         )
     built = rebuild(config, ckpt, datasets)
-    record = RunRecord(claim_new_dir(run_dir / EVAL_DIR / base, sep="-"))
+    record = RunRecord(claim_new_dir(run_dir / EVAL_DIR / base, sep=NAME_SEP))
+    log.info(
+        "evaluating %s (epoch %s%s) into %s",
+        shown_path(ckpt),
+        built.epoch,
+        "" if ckpt.name == "best.pt" else f": {ckpt.name}, not the best.pt the run's test metrics came from",
+        shown_path(record.dir),
+    )
     tested = ckpt.resolve() == (run_dir / CHECKPOINTS / "best.pt").resolve()  # what the run's test metrics came from
     recorded = (source.get("test") or {}).get("top1") if tested else None
     src_run = source.get("run", {})
@@ -163,7 +176,7 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
         merged = test(built.model)
         log.info(
             "%s: test top1 %.2f%% -> %.2f%% merged (%d-bit)",
-            record.dir,
+            shown_path(record.dir),
             baseline["top1"],
             merged["top1"],
             merge["bits"],
@@ -173,7 +186,7 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
     if quantize is None:
         record.finish("completed", test=baseline)
         shown = "" if recorded is None else f" (the run recorded {recorded:.2f}%)"
-        log.info("%s: test top1 %.2f%%%s", record.dir, baseline["top1"], shown)
+        log.info("%s: test top1 %.2f%%%s", shown_path(record.dir), baseline["top1"], shown)
         return
     from stackwise_bench.quant.ptq import degradation, quantize_model
 
@@ -184,7 +197,7 @@ def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, r
     record.finish("completed", baseline=baseline, test=after, quantize=report, degradation=degradation(baseline, after))
     log.info(
         "%s: test top1 %.2f%% -> %.2f%% in %s (%+.2f points); weights %.3f MB -> %.3f MB",
-        record.dir,
+        shown_path(record.dir),
         baseline["top1"],
         after["top1"],
         quantize,
@@ -232,7 +245,8 @@ def _locate(checkpoint) -> tuple[Path, Path]:
             raise
         home = Path(stamped["dir"]) if stamped.get("dir") else None
         if home is not None and (home / SUMMARY).is_file():
-            log.info("%s lies outside any run folder: evaluating it as %s", path, identity.describe(stamped))
+            shown = shown_path(path)
+            log.info("%s lies outside any run folder: evaluating it as %s", shown, identity.describe(stamped))
             return home, path
         raise ConfigError(f"{str(exc).rstrip('.')}: it came from {identity.describe(stamped)}.") from exc
 
@@ -273,14 +287,20 @@ def _with_overrides(config: dict, device: str | None, dataset: dict) -> dict:
     return config
 
 
+# Between the parts of an eval folder's name and before its number: best_fp8_e4m3, last_2 (earlier versions
+# numbered last-2: runs.folders.find_evaluation still finds those).
+NAME_SEP = "_"
+
+
 def _default_name(
     ckpt: Path, quantize: str | None, keep_head: bool, activations: bool, group_size: int = GROUP_SIZE_DEFAULT
 ) -> str:
     """``<checkpoint>[_<quantize>][_g<group_size> for int4][_act][_qhead]``, e.g. ``best_int4_g32``."""
-    if quantize is None:
-        return ckpt.stem
-    fmt = f"{quantize}_g{group_size}" if quantize == "int4" else quantize
-    return ckpt.stem + f"_{fmt}" + ("_act" if activations else "") + ("" if keep_head else "_qhead")
+    parts = [ckpt.stem]
+    if quantize is not None:
+        parts.append(f"{quantize}_g{group_size}" if quantize == "int4" else quantize)
+        parts += ["act"] * activations + ["qhead"] * (not keep_head)
+    return NAME_SEP.join(parts)
 
 
 def _check_name(name) -> str:
@@ -359,7 +379,7 @@ def evaluate_study(
                 degradation_points=(s.get("degradation") or {}).get("top1_points"),
             )
         except Exception as exc:  # recorded here (and in its eval folder, if it got one); the others go on
-            log.error("%s: %s", run_dir, exc)
+            log.error("%s: %s", shown_path(run_dir), exc)
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         rows.append(row)
     ok = [r for r in rows if r["status"] == "completed"]

@@ -54,7 +54,7 @@ def test_reevaluating_best_reproduces_the_recorded_test_metrics(study):
     assert first["run"]["dir"] == str(eval_dir.resolve()) and read_summary(eval_dir) == first
     before = (eval_dir / "summary.json").read_text()
     second = evaluate_checkpoint(run_dir)  # never over an existing folder
-    assert second["run"]["dir"] == str((run_dir / "eval" / "best-2").resolve())
+    assert second["run"]["dir"] == str((run_dir / "eval" / "best_2").resolve())
     assert (eval_dir / "summary.json").read_text() == before
     assert read_summary(run_dir)["test"] == recorded  # the run's own record is untouched
 
@@ -226,7 +226,9 @@ def test_cli(study, tmp_path, capsys):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = read_summary(run_dir / "eval" / "from_cli")
     assert summary["status"] == "completed" and "quantize=fp8_e4m3" in summary["run"]["command"]
-    assert "points)" in out.stderr and out.stdout.strip().endswith("eval/from_cli")
+    assert "points)" in out.stderr and out.stdout.strip() == "multirun/AugmFP16/seed=42/eval/from_cli"  # relative
+    assert "evaluating multirun/AugmFP16/seed=42/checkpoints/best.pt (epoch " in out.stderr
+    assert str(cwd) not in out.stderr  # every path one way: relative to the current folder, under it
     for args in ([f"checkpoint={tmp_path}/missing.pt"], [f"checkpoint={run_dir}", "quantise=fp8_e4m3"], []):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
@@ -245,6 +247,12 @@ def test_fp8test_preset_evaluates_the_augmfp16_runs(study):
         assert row["status"] == "completed" and row["run"].endswith("seed=42")
         assert read_summary(row["eval_dir"])["quantize"]["format"] == fmt
     assert not (cwd / "multirun" / "FP8Test" / "evaluate.quantize=fp8_e4m3" / "summary.json").exists()
+    table = out.stdout[out.stdout.index("study multirun/FP8Test: 2 jobs\n") :].splitlines()
+    assert [row.split()[:2] for row in table[2:4]] == [
+        ["evaluate.quantize=fp8_e4m3", "completed"],
+        ["evaluate.quantize=fp8_e5m2", "completed"],
+    ]
+    assert table[4] == "analyse the study: python -m stackwise_bench.analyze runs=multirun/AugmFP16"
 
 
 def test_train_refuses_the_evaluation_preset(tmp_path, cfg_factory):
@@ -270,6 +278,10 @@ def test_last_pt_and_unfinished_runs_say_what_they_are(study, tmp_path, caplog):
         last = evaluate_checkpoint(run / "checkpoints" / "last.pt")
     assert last["test"]["matches_recorded"] is None
     assert f"test top1 {last['test']['top1']:.2f}%" in caplog.text and "None" not in caplog.text
+    # the log names the checkpoint it evaluated, and that it is not the one the run's test metrics came from
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluating ")]
+    assert f"{run / 'checkpoints' / 'last.pt'} (epoch 5: last.pt, not the best.pt" in line
+    assert line.endswith(f"into {run / 'eval' / 'last'}")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     caplog.clear()
     summary = read_summary(run)

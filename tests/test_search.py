@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs import search_config, search_store
+from stackwise_bench.values import short_number
 
 from conftest import ROOT, TINY_DATA, read_summary
 
@@ -87,7 +89,8 @@ def killed_and_resumed(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_killed_search_continues_to_its_total_without_retraining(killed_and_resumed):
-    _, study, first, _ = killed_and_resumed
+    _, study, first, out = killed_and_resumed
+    assert not re.search(r"\d{9}", out)  # no 17-digit float in the logs, the launcher's lines or the closing table
     s = stored(study)
     complete = [t for t in s.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4  # n_trials is the study's total, not a launch's
@@ -109,6 +112,10 @@ def test_a_killed_search_continues_to_its_total_without_retraining(killed_and_re
         assert summary["config"]["optimizer"]["lr"] == t.params["optimizer.lr"]
         assert summary["config"]["optimizer"]["weight_decay"] == t.params["optimizer.weight_decay"]
         assert "hparams_search" not in t.user_attrs["job"] and "study=" not in t.user_attrs["job"]
+        # named by the searched values to their significant digits (the job trains the exact value)
+        lr, wd = t.params["optimizer.lr"], t.params["optimizer.weight_decay"]
+        assert t.user_attrs["job"] == f"optimizer.lr={short_number(lr)},optimizer.weight_decay={short_number(wd)}"
+    assert len({t.user_attrs["job"] for t in complete}) == 4
     params = {(t.params["optimizer.lr"], t.params["optimizer.weight_decay"]) for t in complete}
     assert len(params) == 4  # the relaunch drew new points (seed + trials so far), not the first launch's again
     assert 1e-4 <= min(p[0] for p in params) and max(p[0] for p in params) <= 1e-1

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stackwise_bench.runs.job import cores_per_job
+from stackwise_bench.values import short_number
 
 from conftest import ROOT, TINY, compose, read_metrics, read_summary
 
@@ -68,12 +69,29 @@ def test_four_jobs_in_parallel_complete(four_jobs):
         summary = read_summary(d)
         assert summary["status"] == "completed"
         assert summary["env"]["threads"] == cores_per_job(2)  # cores // 2 jobs: never oversubscribed
-        assert f"seed={summary['run']['seed']}" in d.name  # readable, stable names from the job's overrides
+    # named by the keys that vary; the shared overrides are in the launch record
+    names = [f"optimizer.lr={lr},seed={seed}" for lr in ("0.002", "0.004") for seed in (1, 2)]
+    assert [d.name for d in dirs] == names
     launch = json.loads((study / ".study" / "current.json").read_text())
-    assert sorted(launch["jobs"]) == [d.name for d in dirs]
+    assert sorted(launch["jobs"]) == names
     record = json.loads(next((study / ".study" / "launches").glob("*/launch.json")).read_text())
     assert record["grid"]["seed"] == "1,2" and "git_sha" in record
-    assert "n_jobs=2" in first.stderr + first.stdout
+    shared = record["shared"]
+    assert shared["dataset"] == "dataset=synthetic" and shared["trainer.max_epochs"] == "trainer.max_epochs=1"
+    assert "optimizer.lr" not in shared and "study" not in shared
+    out = first.stderr + first.stdout
+    assert "n_jobs=2" in out and "study multirun/four: 4 jobs: 4 to run, 0 already done" in out
+    assert " is launching " not in out  # Hydra's count, which includes jobs that will be skipped
+    for name in names:  # each job's lines name it: parallel jobs interleave
+        assert f"[{name}] " in out and f"[{name}] " + "[" in out
+    # the closing table: every job, its status, its test top1 and time; then the command that analyses the study
+    table = first.stdout[first.stdout.index("study multirun/four: 4 jobs\n") :].splitlines()
+    assert table[1].split() == ["job", "status", "test", "top1", "time"]
+    rows = {row.split()[0]: row.split()[1:] for row in table[2:6]}
+    for d in dirs:
+        assert rows[d.name][:2] == ["completed", short_number(read_summary(d)["test"]["top1"])]
+        assert rows[d.name][2].endswith("s")
+    assert table[6] == "analyse the study: python -m stackwise_bench.analyze runs=multirun/four"
 
 
 @pytest.mark.slow
@@ -86,6 +104,32 @@ def test_relaunch_trains_nothing(four_jobs):
     assert {d.name: (d / "summary.json").read_text() for d in job_dirs(study)} == before
     assert set(outcomes(study).values()) == {"skipped"} and len(outcomes(study)) == 4
     assert "already completed with the same config" in again.stderr + again.stdout
+    assert "study multirun/four: 4 jobs: 0 to run, 4 already done" in again.stderr + again.stdout
+    assert again.stdout.count("skipped (already done)") == 4
+
+
+@pytest.mark.slow
+def test_a_study_named_the_old_way_keeps_its_folders_on_relaunch(four_jobs):
+    """A study launched before folders were named by what varies: its full-name folders are found, nothing retrains."""
+    import shutil
+
+    cwd, args, _ = four_jobs
+    old = cwd / "multirun" / "old"
+    shutil.copytree(cwd / "multirun" / "four", old)
+    (old / ".study" / "folders.json").unlink()  # an older version wrote none
+    from stackwise_bench.runs.contract import FOLDER_ONLY_KEYS, VOLATILE_KEYS
+    from stackwise_bench.runs.naming import parse_jobs
+
+    for d in job_dirs(old):  # Hydra's override_dirname: every override but the contract's keys, as written
+        (identity,) = parse_jobs([read_summary(d)["run"]["overrides"]], [*VOLATILE_KEYS, *FOLDER_ONLY_KEYS])
+        d.rename(old / identity)
+    before = {d.name: (d / "summary.json").read_text() for d in job_dirs(old)}
+    assert all(len(name) > 100 for name in before)
+    again = multirun([a.replace("study=four", "study=old") for a in args], cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {d.name: (d / "summary.json").read_text() for d in job_dirs(old)} == before
+    assert set(outcomes(old).values()) == {"skipped"} and len(outcomes(old)) == 4
+    assert json.loads((old / ".study" / "folders.json").read_text())["scheme"] == "full"
 
 
 @pytest.mark.slow
@@ -102,15 +146,14 @@ def test_plan_lists_states_and_trains_nothing(four_jobs):
 
 @pytest.mark.slow
 def test_changed_config_against_existing_folder_is_refused(four_jobs):
-    """Same folder name (lr excluded from the name here), different config: refused, nothing overwritten."""
+    """Same job as far as its folder goes (label smoothing left out of its name here), different config: refused."""
+    from stackwise_bench.runs.contract import FOLDER_ONLY_KEYS, VOLATILE_KEYS
+
     cwd, _, _ = four_jobs
     study = cwd / "multirun" / "four"
-    target = next(d for d in job_dirs(study) if "optimizer.lr=0.002" in d.name and "seed=1" in d.name)
+    target = study / "optimizer.lr=0.002,seed=1"
     before = (target / "summary.json").read_text()
-    exclude = (
-        "[experiment,study,plan,trainer.resume,trainer.progress,trainer.log_every_n_steps,monitors,"
-        "hydra.launcher.n_jobs,trainer.label_smoothing]"
-    )
+    exclude = "[" + ",".join([*VOLATILE_KEYS, *FOLDER_ONLY_KEYS, "trainer.label_smoothing"]) + "]"
     args = [
         "seed=1",
         "optimizer.lr=0.002",

@@ -12,6 +12,7 @@ found next to their runs (:func:`find_eval_dirs`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -72,16 +73,27 @@ def find_records(paths: PathsLike) -> tuple[list[Path], list[Path]]:
 
 
 def find_evaluation(run_dir: Path, name: str, fingerprint: str) -> dict | None:
-    """A completed evaluation of ``run_dir`` named ``name`` (or ``name-2``, ...) with this fingerprint: its summary."""
+    """A completed evaluation of ``run_dir`` named ``name`` (or numbered ``name_2``, or ``name-2`` as earlier versions
+    numbered them) with this fingerprint: its summary."""
     parent = Path(run_dir) / EVAL_DIR
     if not parent.is_dir():
         return None
+    numbered = re.compile(rf"{re.escape(name)}([_-]\d+)?")
     for path in sorted(parent.iterdir()):
-        if path.name == name or path.name.startswith(name + "-"):
+        if numbered.fullmatch(path.name):
             summary = read_summary(path) or {}
             if summary.get("status") == "completed" and summary.get("run", {}).get("fingerprint") == fingerprint:
                 return summary
     return None
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as the logs print it: relative to the current folder when under it, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(absolute)
 
 
 def _eval_records_of(run_dir: Path) -> list[Path]:

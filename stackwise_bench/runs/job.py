@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,10 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs import noise, output_dir, stopping
-from stackwise_bench.runs.contract import FINISHED, read_summary
+from stackwise_bench.runs.contract import FINISHED, IMAGE_CLASSIFICATION, read_summary
 from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.launch import Launch, current, exit_code, watch
 from stackwise_bench.runs.lease import RunBusy, pid_alive
+from stackwise_bench.runs.naming import SINGLE
 from stackwise_bench.runs.provenance import fingerprint
 from stackwise_bench.runs.study import (
     LAUNCH_FILE,
@@ -43,6 +45,7 @@ from stackwise_bench.runs.study import (
     outcome_path,
     read_record,
 )
+from stackwise_bench.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
     sweeping = hc.mode == RunMode.MULTIRUN
     job = Job(
         run_dir=Path(hc.runtime.output_dir),
-        name=hc.job.override_dirname if sweeping else "",
+        name=folder_name(hc.runtime.output_dir, hc.sweep.dir) if sweeping else "",
         overrides=list(hc.overrides.task),
         choices=OmegaConf.to_container(hc.runtime.choices),
         sweeping=sweeping,
@@ -124,6 +127,8 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
         return None
     watchdog.busy = True
     status, reason, summary, before = "failed", "", {}, {}
+    started = time.monotonic()
+    prefix = log_prefix(job.name or SINGLE)
     try:
         before = read_summary(job.run_dir) or {}  # what the folder held before this job: done, or to resume
         refused = check_launch_record(launch.dir, job.name, fingerprint(cfg))
@@ -152,7 +157,8 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
             log.exception("job %s failed", job.name)
     finally:
         release_memory()
-    record_outcome(launch.dir, job.name, status, reason)
+        prefix.close()
+    record_outcome(launch.dir, job.name, status, reason, headline(summary), time.monotonic() - started)
     watchdog.busy = False
     if watchdog.orphaned:  # its launcher is gone: the job saved and recorded itself; nobody will send another
         log.warning("the launcher of this study is gone: this worker ends")
@@ -184,11 +190,69 @@ def check_launch_record(launch_dir: Path, job_name: str, fp: str) -> str | None:
     )
 
 
-def record_outcome(launch_dir: Path, job_name: str, status: str, reason: str = "") -> None:
-    """How the job ended, for its launch's end-of-sweep table (``StudyCallback.on_multirun_end``)."""
+def record_outcome(
+    launch_dir: Path,
+    job_name: str,
+    status: str,
+    reason: str = "",
+    metric: dict | None = None,
+    wall_s: float | None = None,
+) -> None:
+    """How the job ended, for its launch's closing table (``StudyCallback.on_multirun_end``).
+
+    ``metric``: ``{"name": "test.top1", "value": ...}``, the task's headline metric; ``wall_s``: this job's time.
+    """
     path = outcome_path(launch_dir, job_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"status": status, "reason": reason}) + "\n")
+    outcome = {"status": status, "reason": reason, "metric": metric, "wall_s": wall_s}
+    atomic_write_text(path, json.dumps(outcome, default=str) + "\n")
+
+
+def headline(summary: dict) -> dict | None:
+    """The task's headline test metric of a job's summary (``test.<task.metric>``), or None where it has none."""
+    metric = (summary.get("task") or {}).get("metric") or IMAGE_CLASSIFICATION["metric"]
+    value = (summary.get("test") or {}).get(metric)
+    return {"name": f"test.{metric}", "value": value} if is_number(value) else None
+
+
+def folder_name(output_dir: str | os.PathLike, sweep_dir: str | os.PathLike) -> str:
+    """The job's folder relative to its study, as Hydra made it (``hydra.sweep.subdir``); "" for the study itself."""
+    name = os.path.relpath(os.path.abspath(output_dir), os.path.abspath(sweep_dir))
+    return "" if name == "." else name
+
+
+class _Prefixed(logging.Formatter):
+    """A console handler's own format, each record's first line led by the job's name."""
+
+    def __init__(self, inner: logging.Formatter | None, prefix: str):
+        super().__init__()
+        self.inner, self.prefix = inner or logging.Formatter(), prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefix + self.inner.format(record)
+
+
+class log_prefix:  # noqa: N801 (used like a function: started now, closed in a finally)
+    """Name the job on every console log line while it runs: parallel jobs' lines interleave.
+
+    Joblib reuses worker processes: the handlers' own formatters come back at :meth:`close`, so the next job (whose
+    logging Hydra may or may not set up afresh) never carries this one's name. The job's log file is left as is.
+    """
+
+    def __init__(self, name: str):
+        root = logging.getLogger()
+        self.saved = [
+            (h, h.formatter)
+            for h in root.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        for handler, formatter in self.saved:
+            handler.setFormatter(_Prefixed(formatter, f"[{name}] "))
+
+    def close(self) -> None:
+        for handler, formatter in self.saved:
+            handler.setFormatter(formatter)
+        self.saved = []
 
 
 def one_line(exc: BaseException) -> str:

@@ -111,6 +111,46 @@ def exit_code(stopped_by: str | None) -> int:
         return 1
 
 
+class LauncherLines(logging.Filter):
+    """Hydra's launcher lines in the study's words: each job by its folder, no count of jobs that will be skipped.
+
+    Joblib's launcher says "is launching N jobs" and lists each job's full overrides; the study's own line says how
+    many of them run and how many are already done, so the count goes and each job is named by its folder
+    (``labels``: the overrides as the launcher prints them -> the folder, filled at launch and by the search).
+    """
+
+    LOGGERS = ("hydra_plugins.hydra_joblib_launcher._core", "hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+
+    def __init__(self):
+        super().__init__()
+        self.labels: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Launching jobs, sweep output dir") or " sweep output dir : " in message:
+            return False  # the study's own line names the folder
+        if message.startswith("Joblib.Parallel(") and " is launching " in message:
+            record.msg, record.args = message.split(" is launching ")[0], ()
+        elif message.startswith("\t#") and " : " in message:
+            number, overrides = message.split(" : ", 1)
+            if overrides in self.labels:
+                record.msg, record.args = f"{number} : {self.labels[overrides]}", ()
+        return True
+
+
+_lines: LauncherLines | None = None
+
+
+def launcher_lines() -> LauncherLines:
+    """In the launcher: the filter on Hydra's launcher loggers (installed on first use)."""
+    global _lines
+    if _lines is None:
+        _lines = LauncherLines()
+        for name in LauncherLines.LOGGERS:
+            logging.getLogger(name).addFilter(_lines)
+    return _lines
+
+
 # ---- the job's side -----------------------------------------------------------------------------
 class Watchdog:
     """In a job's process: watches the launch for a stop request and the launcher for its death.

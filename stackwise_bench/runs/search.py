@@ -27,12 +27,14 @@ import os
 import socket
 from pathlib import Path
 
+from hydra.core.utils import filter_overrides
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.runs import naming
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
-from stackwise_bench.runs.launch import current
+from stackwise_bench.runs.launch import current, launcher_lines
 from stackwise_bench.runs.search_config import (
     SearchSweeperConf,
     check_search,
@@ -42,7 +44,7 @@ from stackwise_bench.runs.search_config import (
 )
 from stackwise_bench.runs.search_store import RETRIED, count, end_stale_trials, log_best, open_study, resume_unfinished
 from stackwise_bench.runs.study import outcome_path, read_record
-from stackwise_bench.values import is_number
+from stackwise_bench.values import is_number, short_number
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,11 @@ class SearchSweeper(Sweeper):
         while to_go > 0 and not (launch and launch.stopped_by()):
             trials = [study.ask(space) for _ in range(min(batch, to_go))]
             jobs = [[*fixed.values(), *(f"{k}={override_value(v)}" for k, v in t.params.items())] for t in trials]
-            for trial, overrides in zip(trials, jobs):
-                trial.set_user_attr("job", job_name(self.config, overrides))
+            folders = trial_folders(self.config, trials, jobs)
+            for trial, overrides, folder in zip(trials, jobs, folders):
+                trial.set_user_attr("job", folder)
                 trial.set_user_attr("launcher", {"host": socket.gethostname(), "pid": os.getpid()})
+                launcher_lines().labels[" ".join(filter_overrides(overrides))] = folder
             returns = self.launcher.launch(jobs, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             failed = sum(self._tell(study, t, r, sweep_dir, launch) for t, r in zip(trials, returns))
@@ -124,7 +128,7 @@ class SearchSweeper(Sweeper):
         value = objective_value(run_dir, self.settings["objective"]) if status in DONE else None
         if value is not None:
             study.tell(trial, value)
-            log.info("trial %d: %s = %.4g (%s)", trial.number, self.settings["objective"], value, job)
+            log.info("trial %d: %s = %s (%s)", trial.number, self.settings["objective"], short_number(value), job)
             return False
         outcome = status if status in RETRIED else ("no objective" if status in DONE else "failed")
         trial.set_user_attr("outcome", outcome)
@@ -172,8 +176,21 @@ def objective_value(run_dir: Path, key: str) -> float | None:
     return float(node)
 
 
+def trial_folders(config: DictConfig, trials: list, jobs: list[list[str]]) -> list[str]:
+    """Each trial's job folder: its sampled values to their significant digits, more where two would share a name.
+
+    Kept in the study's names (:mod:`stackwise_bench.runs.naming`): a trial asked again gets its folder back.
+    """
+    sweep_dir = config.hydra.sweep.dir
+    identities = [job_name(config, overrides) for overrides in jobs]
+    tries = {i: naming.search_candidates(t.params, override_value) for i, t in zip(identities, trials)}
+    with naming.names_lock(sweep_dir) as names:
+        folders = naming.assign(names, sweep_dir, tries)
+    return [folders[i] for i in identities]
+
+
 def job_name(config: DictConfig, overrides: list[str]) -> str:
-    """The job's folder name, as Hydra builds it (``hydra.job.override_dirname``)."""
+    """The job's identity, as Hydra builds it (``hydra.job.override_dirname``): its folder in studies named that way."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -114,7 +114,10 @@ def probe_overrides(space: dict, fixed: dict[str, str]) -> list[str]:
 
 
 def override_value(value) -> str:
-    """A sampled value as an override: floats in full (repr), so the folder name is the exact value trained."""
+    """A sampled value as an override: floats in full (repr), so the job trains the exact value Optuna asked.
+
+    Folder names and logs show it to its significant digits (:func:`stackwise_bench.runs.naming.search_candidates`).
+    """
     return repr(value) if isinstance(value, float) else str(value)
 
 

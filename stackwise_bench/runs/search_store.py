@@ -18,6 +18,7 @@ from stackwise_bench.errors import ConfigError, short_error
 from stackwise_bench.runs.contract import SEARCH_DB
 from stackwise_bench.runs.lease import pid_alive
 from stackwise_bench.runs.stores import check_sqlite, sqlite_path
+from stackwise_bench.values import short_number
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,20 @@ def log_best(study, sweep_dir: Path) -> None:
     if done:
         best = study.best_trial
         log.info(
-            "search %s: %d complete trials; best trial %d: %s = %.4g, %s",
+            "search %s: %d complete trials; best trial %d (%s): %s = %s, %s",
             sweep_dir,
             len(done),
             best.number,
+            best.user_attrs.get("job"),
             study.user_attrs.get("objective"),
-            best.value,
-            best.params,
+            short_number(best.value),
+            shown_params(best.params),
         )
+
+
+def shown_params(params: dict) -> str:
+    """Sampled values to their significant digits (``optimizer.lr=0.001866``), not Optuna's 17-digit floats."""
+    return ", ".join(f"{k}={short_number(v)}" for k, v in params.items())
 
 
 def search_plan(config: DictConfig) -> str:
@@ -146,6 +153,7 @@ def search_plan(config: DictConfig) -> str:
     lines.append("  " + ", ".join(f"{n} {s.lower()}" for s, n in states.items()))
     if states["COMPLETE"]:
         best = study.best_trial
-        lines.append(f"  best: trial {best.number}, {sweeper.objective} = {best.value:.4g}, {best.params}")
+        shown = f"{sweeper.objective} = {short_number(best.value)}, {shown_params(best.params)}"
+        lines.append(f"  best: trial {best.number} ({best.user_attrs.get('job')}), {shown}")
     lines.append(f"  a launch runs {max(0, sweeper.n_trials - states['COMPLETE'])} more trial(s)")
     return "\n".join(lines)

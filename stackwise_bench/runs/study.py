@@ -15,26 +15,30 @@ sentence (exit 2) instead. What each job does with the record is in :mod:`stackw
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import filter_overrides
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError, short_error
-from stackwise_bench.runs import jsonsafe, output_dir
+from stackwise_bench.runs import jsonsafe, naming, output_dir
 from stackwise_bench.runs.contract import FINISHED, UnreadableSummary, read_summary
 from stackwise_bench.runs.files import atomic_write_text
 from stackwise_bench.runs.folder_policy import same_run
-from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals
+from stackwise_bench.runs.launch import announce, exit_code, handle_stop_signals, launcher_lines
 from stackwise_bench.runs.lease import describe, live_holder
 from stackwise_bench.runs.provenance import fingerprint, git_sha
+from stackwise_bench.runs.study_report import analyze_command, print_plan, results_table
 from stackwise_bench.values import is_int
 
 log = logging.getLogger(__name__)
@@ -65,20 +69,27 @@ def sweep_grid(config: DictConfig) -> dict[str, str]:
 
 
 def job_names(config: DictConfig) -> dict[str, list[str]]:
-    """Every job of the sweep as ``{folder name: overrides}``, exactly as Hydra's BasicSweeper expands them."""
-    from hydra._internal.config_loader_impl import get_overrides_dirname
+    """Every job of the sweep as ``{identity: overrides}``, exactly as Hydra's BasicSweeper expands them.
+
+    The identity is Hydra's ``override_dirname`` (:mod:`stackwise_bench.runs.naming`); :func:`job_folders` names them.
+    """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(sweep_arguments(config)), None)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(sweep_arguments(config)), None)
     dirname_cfg = config.hydra.job.config.override_dirname
     jobs = {}
     for overrides in batches[0]:
-        parsed = parser.parse_overrides(overrides)
-        name = get_overrides_dirname(parsed, list(dirname_cfg.exclude_keys), dirname_cfg.item_sep, dirname_cfg.kv_sep)
-        jobs[name] = list(overrides)
+        (identity,) = naming.parse_jobs([overrides], dirname_cfg.exclude_keys, dirname_cfg.item_sep, dirname_cfg.kv_sep)
+        jobs[identity] = list(overrides)
     return jobs
+
+
+def job_folders(config: DictConfig, jobs: dict[str, list[str]], names: dict) -> dict[str, str]:
+    """``{identity: folder}`` of the grid's jobs: named by the keys that vary (``names`` is updated)."""
+    d = config.hydra.job.config.override_dirname
+    parsed = naming.parse_jobs(jobs.values(), d.exclude_keys, d.item_sep, d.kv_sep)
+    return naming.assign(names, config.hydra.sweep.dir, naming.grid_candidates(names, parsed))
 
 
 def compose_job(overrides: list[str], config_name: str) -> DictConfig:
@@ -133,17 +144,29 @@ class StudyCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         config_name = config.hydra.job.config_name
-        planned = {}
+        planned, shared = {}, {}
         if not basic_sweeper(config):  # a search picks its jobs as it goes: no grid to plan or pin at launch
             plan_search(config)
+            if not config.get("plan"):
+                with study_names(sweep_dir):  # settles the study's naming scheme before this launch's folder exists
+                    pass
         else:
-            for name, overrides in job_names(config).items():
-                job_cfg = OmegaConf.to_container(compose_job(overrides, config_name), resolve=True)
-                fp = fingerprint(job_cfg)
-                planned[name] = {
+            jobs = job_names(config)
+            configs = {i: OmegaConf.to_container(compose_job(o, config_name), resolve=True) for i, o in jobs.items()}
+            if config.get("plan"):
+                folders = job_folders(config, jobs, naming.read_names(sweep_dir))  # what a launch would name them
+            else:
+                with study_names(sweep_dir) as names:
+                    folders = job_folders(config, jobs, names)
+            d = config.hydra.job.config.override_dirname
+            shared = naming.shared_overrides(naming.parse_jobs(jobs.values(), d.exclude_keys).values())
+            for identity, overrides in jobs.items():
+                fp = fingerprint(configs[identity])
+                planned[folders[identity]] = {
                     "overrides": overrides,
+                    "identity": identity,
                     "fingerprint": fp,
-                    "state": job_state(sweep_dir / name, job_cfg, fp),
+                    "state": job_state(sweep_dir / folders[identity], configs[identity], fp),
                 }
         if config.get("plan"):
             print_plan(sweep_dir, planned)
@@ -153,6 +176,7 @@ class StudyCallback(Callback):
             "launched_at": stamp,
             "argv": sys.argv,
             "grid": sweep_grid(config),
+            "shared": shared,  # the overrides every job has alike: what the folder names leave out
             "git_sha": git_sha(),
             "launcher": {"host": socket.gethostname(), "pid": os.getpid()},
             "jobs": planned,
@@ -161,10 +185,7 @@ class StudyCallback(Callback):
         try:
             launch_dir.mkdir(parents=True)
         except OSError as exc:
-            raise ConfigError(
-                f"hydra.sweep.dir={sweep_dir} cannot be written ({exc.strerror}); point hydra.sweep.dir "
-                "(or study) at a writable folder."
-            ) from exc
+            raise _unwritable(sweep_dir, exc) from exc
         atomic_write_text(launch_dir / LAUNCH_FILE, jsonsafe.dumps(record, indent=2) + "\n")
         (launch_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=False))
         atomic_write_text(current_path(sweep_dir), jsonsafe.dumps({"launch": stamp, "jobs": planned}, indent=2))
@@ -173,10 +194,12 @@ class StudyCallback(Callback):
         self.launch = announce(launch_dir, local=local)
         handle_stop_signals(self.launch)
         todo = sum(p["state"] != "done" for p in planned.values())
+        for name, p in planned.items():
+            skipped = " (already done: skipped)" if p["state"] == "done" else ""
+            launcher_lines().labels[" ".join(filter_overrides(p["overrides"]))] = name + skipped
         if planned:
-            log.info(
-                "study %s: %d jobs, %d already done, %d to run", sweep_dir, len(planned), len(planned) - todo, todo
-            )
+            done = len(planned) - todo
+            log.info("study %s: %d jobs: %d to run, %d already done", sweep_dir, len(planned), todo, done)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         launch = getattr(self, "launch", None)
@@ -189,32 +212,48 @@ class StudyCallback(Callback):
             log.error("%s", exc)
             jobs = reported_jobs(launch.dir)
         stopped_by = launch.stopped_by()
-        listed = []
-        for name in jobs:
-            outcome = read_outcome(outcome_path(launch.dir, name))
-            if outcome["status"] not in (*FINISHED, "skipped"):
-                listed.append((name, outcome))
+        outcomes = {name: read_outcome(outcome_path(launch.dir, name)) for name in jobs}
+        if outcomes:
+            print(results_table(sweep_dir, outcomes), flush=True)
+        listed = [(name, o) for name, o in outcomes.items() if o["status"] not in (*FINISHED, "skipped")]
         failed = [name for name, o in listed if o["status"] != "busy"]
-        if not listed:
-            log.info("study %s: all %d jobs finished", sweep_dir, len(jobs))
-            return
-        width = max(len(name) for name, _ in listed)
-        head = (
-            f"the study was stopped ({stopped_by}); {len(listed)} of {len(jobs)} jobs did not complete in {sweep_dir}"
-            if stopped_by
-            else f"{len(listed)} of {len(jobs)} jobs did not complete in {sweep_dir}"
-        )
-        lines = [head + ":", f"  {'job'.ljust(width)}  status       reason"]
-        lines += [f"  {name.ljust(width)}  {o['status']:<11}  {o.get('reason', '')}" for name, o in listed]
-        if len(failed) < len(listed):
-            lines.append(
-                "  busy: another launch is training that job; it was left to it (lease.on_busy=wait waits for it)."
+        if listed:
+            head = (
+                f"the study was stopped ({stopped_by}); {len(listed)} of {len(jobs)} jobs did not complete in "
+                f"{sweep_dir}"
+                if stopped_by
+                else f"{len(listed)} of {len(jobs)} jobs did not complete in {sweep_dir}"
             )
-        print("\n".join(lines), file=sys.stderr)
+            width = max(len(name) for name, _ in listed)
+            lines = [head + ":", f"  {'job'.ljust(width)}  status       reason"]
+            lines += [f"  {name.ljust(width)}  {o['status']:<11}  {o.get('reason', '')}" for name, o in listed]
+            if len(failed) < len(listed):
+                lines.append(
+                    "  busy: another launch is training that job; it was left to it (lease.on_busy=wait waits for it)."
+                )
+            print("\n".join(lines), file=sys.stderr, flush=True)
+        print(f"analyse the study: {analyze_command(config)}", flush=True)
         if stopped_by:
             sys.exit(exit_code(stopped_by))
         if failed:
             sys.exit(1)
+
+
+@contextlib.contextmanager
+def study_names(sweep_dir: Path) -> Iterator[dict]:
+    """The study's job-folder names (:func:`stackwise_bench.runs.naming.names_lock`); a sentence where unwritable."""
+    try:
+        with naming.names_lock(sweep_dir) as names:
+            yield names
+    except OSError as exc:
+        raise _unwritable(sweep_dir, exc) from exc
+
+
+def _unwritable(sweep_dir: Path, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"hydra.sweep.dir={sweep_dir} cannot be written ({exc.strerror or exc}); point hydra.sweep.dir "
+        "(or study) at a writable folder."
+    )
 
 
 def check_launcher(launcher: DictConfig) -> None:
@@ -304,15 +343,3 @@ def _stop(message: str) -> None:
     """End the launch with one sentence: SystemExit passes through Hydra's callback wrapper, which warns on the rest."""
     print(message, file=sys.stderr)
     sys.exit(2)
-
-
-def print_plan(sweep_dir: Path, planned: dict) -> None:
-    width = max([len(n) for n in planned] + [3])
-    print(f"plan for {sweep_dir} ({len(planned)} jobs):")
-    print(f"  {'job'.ljust(width)}  state")
-    for name, job in planned.items():
-        print(f"  {name.ljust(width)}  {job['state']}")
-    counts: dict[str, int] = {}
-    for job in planned.values():
-        counts[job["state"]] = counts.get(job["state"], 0) + 1
-    print("  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
