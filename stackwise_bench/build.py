@@ -51,7 +51,7 @@ class Assembly(NamedTuple):
     loggers: list
     regime: Any  # training.regime.Classical or DepthTime
     task: Any  # training.tasks.ImageClassification: batches, objective, metrics, throughput unit
-    parts: list  # training.parts.StepPart: what joins each step (weight average, AdaLoRA, diagnostics, tracker rows)
+    parts: list  # training.parts.StepPart: what joins each step (weight average, AdaLoRA, diagnostics, step rows)
 
 
 def instantiate(node, *args, **kwargs):
@@ -139,7 +139,7 @@ def build_parts(cfg: DictConfig, model, total_steps: int) -> list:
     """The step parts, in the order their rows reach the record: the weight average (``trainer.ema``), AdaLoRA's
     schedule, the diagnostics, the trackers' step rows (:mod:`stackwise_bench.training.parts`)."""
     from stackwise_bench.training.ema import AveragePart
-    from stackwise_bench.training.observers import DiagnosticsPart, TrackerRows
+    from stackwise_bench.training.observers import DiagnosticsPart, StepRows
 
     parts = []
     if cfg.trainer.get("ema") is not None:
@@ -149,7 +149,7 @@ def build_parts(cfg: DictConfig, model, total_steps: int) -> list:
     parts.append(build_adapter_schedule(cfg, model, total_steps))
     if cfg.get("diagnostics"):
         parts.append(DiagnosticsPart(instantiate(cfg.diagnostics), compiled=bool(cfg.trainer.get("compile"))))
-    parts.append(TrackerRows(cfg.trainer.get("log_every_n_steps", 20)))
+    parts.append(StepRows(cfg.trainer.get("log_every_n_steps", 20)))
     return [part for part in parts if part is not None]
 
 

@@ -23,6 +23,7 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.evaluation import is_quantized_lora, merged_test
 from stackwise_bench.knobs import check_config
 from stackwise_bench.runs import lease
+from stackwise_bench.runs.folders import shown_path
 from stackwise_bench.runs.job import Job, run_job
 from stackwise_bench.runs.provenance import env_info, fingerprint, git_sha
 from stackwise_bench.runs.record import ADDITIVE, RunRecord, now_iso
@@ -97,7 +98,7 @@ def run(
                     built.data.name,
                     cfg.precision.name,
                     built.runtime.device,
-                    record.dir,
+                    shown_path(record.dir),
                 )
                 result = built.trainer.fit(
                     built.model,

@@ -13,7 +13,7 @@ import torch
 from stackwise_bench.analysis import collect_runs
 from stackwise_bench.analysis.read.collect import collect_steps
 from stackwise_bench.runs.record import STEPS, RunRecord
-from stackwise_bench.training.observers import TrackerRows
+from stackwise_bench.training.observers import StepRows
 from stackwise_bench.training.parts import Fit, StepInfo
 
 from conftest import compose, read_metrics
@@ -85,7 +85,7 @@ class Sink:
 def test_step_rows_log_step_one_and_every_nth_with_the_rate_the_step_used():
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    part, sink = TrackerRows(every_n_steps=3), Sink()
+    part, sink = StepRows(every_n_steps=3), Sink()
     part.attach(Fit(model, optimizer, sink))
     assert [s for s in range(1, 11) if part.needs_grads(s) and part.wants_norm(s)] == [1, 3, 6, 9]
     for step in range(1, 11):
@@ -99,7 +99,7 @@ def test_step_rows_log_step_one_and_every_nth_with_the_rate_the_step_used():
     assert [r["lr"] for r in sink.rows] == pytest.approx([0.1, 0.3, 0.6, 0.9])
     assert [r["loss"] for r in sink.rows] == pytest.approx([1.0, 1 / 3, 1 / 6, 1 / 9])
     assert all(r["grad_norm"] == 2.0 for r in sink.rows)
-    quiet = TrackerRows(every_n_steps=3)
+    quiet = StepRows(every_n_steps=3)
     quiet.attach(Fit(model, optimizer, object()))  # a sink that takes no steps
     assert not any(quiet.needs_grads(s) for s in range(1, 11))
 

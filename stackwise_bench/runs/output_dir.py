@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import CHECKPOINTS, METRICS, read_summary
+from stackwise_bench.runs.contract import CHECKPOINTS, METRICS, STEPS, read_summary
 from stackwise_bench.runs.files import check_writable
 
 # The folders this process created for its run: the run folder -> the topmost folder created with it.
@@ -75,7 +75,7 @@ def discard(folder: str | os.PathLike) -> bool:
     top = _created.pop(folder, None)
     if top is None or not folder.is_dir():
         return False
-    if (folder / CHECKPOINTS).exists() or (folder / METRICS).exists():  # work done: not a refusal's leftovers
+    if any((folder / name).exists() for name in (CHECKPOINTS, METRICS, STEPS)):  # work done: not a refusal's leftovers
         return False
     shutil.rmtree(folder, ignore_errors=True)
     _remove_empty(folder.parent, top)

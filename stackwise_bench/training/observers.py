@@ -66,7 +66,7 @@ class DiagnosticsPart(StepPart):
             self._hook_guards = None
 
 
-class TrackerRows(StepPart):
+class StepRows(StepPart):
     """The training step rows: step 1's and every ``every_n_steps``-th step's loss, learning rate and gradient norm
     to the run record (``sink.log_step``: ``steps.jsonl`` and the trackers' ``train/*``).
 
