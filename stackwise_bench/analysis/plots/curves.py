@@ -150,7 +150,8 @@ def throughput_figure(dynamics: pd.DataFrame, runs: pd.DataFrame, group_by: list
         drawing.seaborn().barplot(data=data, **axis, hue=hue, errorbar="sd", ax=ax, legend=hue is not None, order=order)
         ax.set_title(label.split(" (")[0])
         if lying:
-            ax.set(xlabel=label, ylabel=" and ".join(group_by) if i == 0 else "")
+            unit = label[label.index("(") + 1 : -1]  # the title names the quantity; the bars' labels name the keys
+            ax.set(xlabel=unit, ylabel="")
             if i:
                 ax.tick_params(axis="y", labelleft=False)  # the first panel names the bars
         else:
