@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import special, stats
+from scipy import stats
 from statsmodels.stats.power import TTestIndPower
 
 from stackwise_bench.analysis.pipeline import analyze_runs
@@ -48,26 +48,25 @@ def _patch(run: Path, **sections) -> None:
 # ---- intervals within the range ------------------------------------------------------------------------
 
 
-def test_an_accuracy_near_100_gets_the_logit_interval_pinned_against_scipy():
+def test_an_accuracy_near_100_gets_the_t_interval_cut_at_100_pinned_against_scipy():
     assert _t(NEAR_100)[1] > 100  # the bug: a plain interval leaves [0, 100]
     low, high, method, clipped = range_interval(NEAR_100, (0.0, 100.0))
-    z = special.logit(np.asarray(NEAR_100) / 100)
-    want = 100 * special.expit(np.array(_t(z)))
-    assert (low, high) == pytest.approx(tuple(want))
+    assert (low, high) == pytest.approx((_t(NEAR_100)[0], 100.0))
     assert 0 <= low < np.mean(NEAR_100) < high <= 100
-    assert (method, clipped) == ("logit t", "")
+    assert (method, clipped) == ("t cut at range", "high")
+    inside = [97.0, 98.0, 98.5]  # an interval within the range is the plain one, nothing marked
+    assert range_interval(inside, (0.0, 100.0)) == pytest.approx((*_t(inside), "t", ""))
 
 
-def test_a_time_gets_the_log_interval_pinned_against_scipy():
+def test_a_time_gets_the_t_interval_cut_at_zero_pinned_against_scipy():
     assert _t(TIMES)[0] < 0
     low, high, method, clipped = range_interval(TIMES, (0.0, None))
-    want = np.exp(np.array(_t(np.log(TIMES))))
-    assert (low, high) == pytest.approx(tuple(want))
-    assert 0 < low < np.mean(TIMES) < high and (method, clipped) == ("log t", "")
+    assert (low, high) == pytest.approx((0.0, _t(TIMES)[1]))
+    assert 0 == low < np.mean(TIMES) < high and (method, clipped) == ("t cut at range", "low")
 
 
 def test_seeds_on_the_bound_get_the_t_interval_cut_and_marked():
-    x = [100.0, 99.0, 98.0]  # logit(100%) is infinite
+    x = [100.0, 99.0, 98.0]  # a seed on the bound
     low, high, method, clipped = range_interval(x, (0.0, 100.0))
     assert (low, high) == pytest.approx((_t(x)[0], 100.0)) and (method, clipped) == ("t cut at range", "high")
     assert range_interval([100.0, 100.0, 100.0], (0.0, 100.0))[:2] == (100.0, 100.0)  # no spread: the point
@@ -107,10 +106,10 @@ def test_seed_tables_stay_in_range_and_mark_cut_ends(near_100_cell, tmp_path):
     runs = collect_runs(near_100_cell)
     s = seed_stats(runs, ["test.top1", "train.time_s"], ["optimizer"]).set_index(["optimizer", "metric"])
     adamw = s.loc[("adamw", "test.top1")]
-    z = special.logit(np.asarray(NEAR_100) / 100)
-    assert (adamw["ci95_low"], adamw["ci95_high"]) == pytest.approx(tuple(100 * special.expit(np.array(_t(z)))))
+    assert (adamw["ci95_low"], adamw["ci95_high"]) == pytest.approx((_t(NEAR_100)[0], 100.0))
+    assert adamw["ci95_clipped"] == "high"
     time = s.loc[("adamw", "train.time_s")]
-    assert (time["ci95_low"], time["ci95_high"]) == pytest.approx(tuple(np.exp(_t(np.log(TIMES)))))
+    assert (time["ci95_low"], time["ci95_high"]) == pytest.approx((0.0, _t(TIMES)[1]))
     assert s.loc[("sgd", "test.top1"), "ci95_high"] == 100.0 and s.loc[("sgd", "test.top1"), "ci95_clipped"] == "high"
     assert (s["ci95_low"] >= 0).all() and (s.xs("test.top1", level="metric")["ci95_high"] <= 100).all()
 
@@ -118,7 +117,7 @@ def test_seed_tables_stay_in_range_and_mark_cut_ends(near_100_cell, tmp_path):
     table = headline_table(a.summary, a.comparisons, a.metric, a.group_by, a.baseline)
     assert table.set_index("optimizer").loc["sgd", "95% CI"].endswith(", 100.00*]")
     report = (write_report(a, tmp_path / "out", plots=False) / "report.md").read_text()
-    assert "95% CI: t-interval of the seeds' logits, back-transformed, so it stays within the metric's range" in report
+    assert "95% CI: t-interval of the mean, cut at the metric's range ([0, 100]; a cut end is marked *)" in report
     assert "`*`: an interval end cut at the metric's range" in report
     view = next(v for v in a.views if v.title.startswith("Optimizer"))
     assert "ci95_clipped" in view.table and (view.table["ci95_high"] <= 100).all()

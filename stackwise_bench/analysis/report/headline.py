@@ -65,9 +65,8 @@ def headline_table(
 
 CLIPPED = "*"  # marks an interval end cut at its metric's range (seeds.range_interval)
 CLIPPED_NOTE = (
-    f"`{CLIPPED}`: an interval end cut at the metric's range: a seed lies on the bound (100%, a zero), where the "
-    "logit or log scale is undefined, or the sample is too skewed for it, so the plain t-interval is shown, cut "
-    "at the bound."
+    f"`{CLIPPED}`: an interval end cut at the metric's range (a t-interval reaching past 100% or below 0): the "
+    "true mean lies in the range, so the cut interval keeps its 95% coverage."
 )
 
 

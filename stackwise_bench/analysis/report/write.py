@@ -129,13 +129,10 @@ def interval_method(bounds) -> str:
     if low is None and high is None:
         return "t-interval of the mean (the metric's range is not known)"
     if low is not None and high is not None:
-        scale, where = "logits", f"[{low:g}, {high:g}]"
+        where = f"[{low:g}, {high:g}]"
     else:
-        scale, where = "logs", f"≥ {low:g}" if low is not None else f"≤ {high:g}"
-    return (
-        f"t-interval of the seeds' {scale}, back-transformed, so it stays within the metric's range ({where}); "
-        "it centres on the mean on that scale, close to the arithmetic mean"
-    )
+        where = f"≥ {low:g}" if low is not None else f"≤ {high:g}"
+    return f"t-interval of the mean, cut at the metric's range ({where}; a cut end is marked *)"
 
 
 def _header(a: StudyAnalysis, command: str | None) -> str:
