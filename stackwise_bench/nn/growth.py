@@ -1,7 +1,9 @@
 """Depth growth ("depth as time"): grow a model's block stacks in place and say where each new weight came from.
 
-Supported models: timm ``VisionTransformer``s (ViT, DeiT), whose one growing container is ``model.blocks``, and
-:class:`~stackwise_bench.nn.resnet.CifarResNet`, whose containers are ``stage1..stage3``. A ResNet's depth is its
+Supported models: timm ``VisionTransformer``s (ViT, DeiT), whose one growing container is ``model.blocks``,
+:class:`~stackwise_bench.nn.resnet.CifarResNet`, whose containers are ``stage1..stage3``, and transformers' causal
+language models GPT-2 (``transformer.h``) and LLaMA (``model.layers``), whose KV-cache layer indices and config depth
+are renumbered after every change (:mod:`stackwise_bench.nn.lm_growth`). A ResNet's depth is its
 blocks per stage; every stage grows alike, and block 0 of a stage (the one that may change shape) is never
 copied, moved or duplicated: the layouts below apply to the stride-1 blocks after it.
 
@@ -23,10 +25,13 @@ Inits of a new block:
 - ``identity``: the source's structure with fresh weights (as ``random``), then the last layer of each residual
   branch zeroed, so the network computes the same function at the growth step: a ViT block's ``attn.proj`` and
   ``mlp.fc2`` (weight and bias; a layer scale keeps its init value), a ``BasicBlock``'s ``bn2`` weight and bias
-  (its output is then ``relu(x + 0) = x``, as ``x >= 0`` after the previous ReLU).
+  (its output is then ``relu(x + 0) = x``, as ``x >= 0`` after the previous ReLU), a GPT-2 block's ``attn.c_proj``
+  and ``mlp.c_proj``, a LLaMA block's ``self_attn.o_proj`` and ``mlp.down_proj``.
 - ``random``: fresh weights the way the family initialises them: a ViT through timm's own init function for
   the model's ``weight_init_mode`` (plus the ``fix_init`` rescale by the new block's index when set); a ResNet
-  block with kaiming-normal (fan_out) convs and BatchNorm at weight 1, bias 0, fresh running statistics.
+  block with kaiming-normal (fan_out) convs and BatchNorm at weight 1, bias 0, fresh running statistics; a GPT-2 or
+  LLaMA block through the model's own ``_init_weights`` at the grown depth (GPT-2's residual projections at
+  ``initializer_range / sqrt(2 * new depth)``).
 
 Fresh weights are drawn on the CPU in float32 from a seed taken from ``generator`` (the global RNG when None;
 with a generator the global RNG is left untouched), then copied onto the source's device, dtype and memory
@@ -50,6 +55,7 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn import lm_growth
 from stackwise_bench.nn.resnet import BasicBlock, CifarResNet
 from stackwise_bench.values import is_int
 
@@ -80,6 +86,9 @@ def _family(model: nn.Module) -> str:
     is_vit = any(c.__name__ == "VisionTransformer" and c.__module__.startswith("timm.") for c in type(model).__mro__)
     if is_vit and isinstance(getattr(model, "blocks", None), nn.Sequential):
         return "vit"
+    family = lm_growth.lm_family(model)  # gpt2 / llama; None for a model not from transformers
+    if family is not None:
+        return family
     raise ConfigError(
         f"model: depth growth supports timm VisionTransformer/DeiT models and CifarResNet, not "
         f"{type(model).__name__}; use e.g. model=vit_micro_p4 or model=resnet14 (the raw model, before any wrapper)."
@@ -87,14 +96,18 @@ def _family(model: nn.Module) -> str:
 
 
 def block_lists(model: nn.Module) -> list[nn.Sequential]:
-    """The containers that grow: ``[model.blocks]`` for a timm ViT, ``[stage1, stage2, stage3]`` for CifarResNet."""
-    if _family(model) == "vit":
+    """The containers that grow: ``[model.blocks]`` for a timm ViT, ``[stage1, stage2, stage3]`` for CifarResNet,
+    ``[transformer.h]`` for GPT-2, ``[model.layers]`` for LLaMA."""
+    family = _family(model)
+    if family == "vit":
         return [model.blocks]
+    if family in lm_growth.LM_FAMILIES:
+        return [lm_growth.lm_blocks(model)]
     return [model.stage1, model.stage2, model.stage3]
 
 
 def depth_of(model: nn.Module) -> int:
-    """``len(model.blocks)`` for a ViT; blocks per stage for a CifarResNet."""
+    """``len(model.blocks)`` for a ViT; blocks per stage for a CifarResNet; the block list's length for an LM."""
     return len(block_lists(model)[0])
 
 
@@ -120,6 +133,7 @@ def truncate(model: nn.Module, depth: int) -> None:
     for container in block_lists(model):
         _replace(container, list(container)[:depth])
     _sync_feature_info(model)
+    _sync_lm(model)
 
 
 def match_depth(model: nn.Module, state: dict) -> None:
@@ -163,7 +177,8 @@ def grow(model: nn.Module, depth: int, mode: str, init: str, generator: torch.Ge
     """Grow every container of ``model`` in place to ``depth`` blocks.
 
     Args:
-        model: A timm ViT/DeiT or a CifarResNet (unwrapped: not compiled, not DDP, not a peft model).
+        model: A timm ViT/DeiT, a CifarResNet, a GPT2LMHeadModel or a LlamaForCausalLM (unwrapped: not compiled,
+            not DDP, not a peft model).
         depth: The new depth (>= the current one; equal is a no-op).
         mode: ``append``, ``prepend`` or ``interleave``: where the new blocks go.
         init: ``copy``, ``identity`` or ``random``: how they are initialised.
@@ -194,6 +209,9 @@ def grow(model: nn.Module, depth: int, mode: str, init: str, generator: torch.Ge
         raise ConfigError(
             f"regime.init=identity: the blocks of {name} lack attn.proj or mlp.fc2 to zero; use regime.init=copy."
         )
+    if family in lm_growth.LM_FAMILIES:
+        lm_growth.check_growable(model)
+        lm_growth.set_depth(model, depth)  # first: the family's init reads the depth (GPT-2's residual scale)
     before = {id(p): k for k, p in model.named_parameters()}
     sources: list[tuple[nn.Module, nn.Module]] = []
     for container in containers:
@@ -212,6 +230,7 @@ def grow(model: nn.Module, depth: int, mode: str, init: str, generator: torch.Ge
             grown.append(block)
         _replace(container, grown)
     _sync_feature_info(model)
+    _sync_lm(model)
     after = {id(p): k for k, p in model.named_parameters()}
     copied = {
         after[id(p)]: after[id(s)] for block, src in sources for p, s in zip(block.parameters(), src.parameters())
@@ -236,6 +255,19 @@ def _sync_feature_info(model: nn.Module) -> None:
     info = getattr(model, "feature_info", None)
     if _family(model) == "vit" and isinstance(info, list) and info and info[0].get("module") == "blocks.0":
         model.feature_info = [dict(info[0], module=f"blocks.{i}") for i in range(len(model.blocks))]
+
+
+def _sync_lm(model: nn.Module) -> None:
+    """A language model's config depth, KV-cache layer indices, block configs and hooks (nn/lm_growth.py)."""
+    if _family(model) in lm_growth.LM_FAMILIES:
+        lm_growth.sync_blocks(model)
+
+
+def _last_layers(family: str, block: nn.Module) -> tuple[nn.Module, ...]:
+    """The layers an identity init zeroes: the last of each residual branch (a BasicBlock's ``bn2``)."""
+    if family == "vit":
+        return block.attn.proj, block.mlp.fc2
+    return (block.bn2,) if family == "resnet" else lm_growth.branch_ends(family, block)
 
 
 def _branch_ends(block: nn.Module) -> bool:
@@ -282,6 +314,8 @@ def _reinit(model: nn.Module, family: str, block: nn.Module, init: str, index: i
             if getattr(model, "fix_init", False):  # timm's rescale of each block's branch outputs by its index
                 for layer in (work.attn.proj, work.mlp.fc2):
                     layer.weight.div_(math.sqrt(2.0 * (index + 1)))
+        elif family in lm_growth.LM_FAMILIES:
+            lm_growth.init_block(model, work)
         else:
             for m in work.modules():
                 if isinstance(m, nn.Conv2d):
@@ -289,8 +323,7 @@ def _reinit(model: nn.Module, family: str, block: nn.Module, init: str, index: i
                 elif isinstance(m, nn.BatchNorm2d):
                     m.reset_parameters()
         if init == "identity":
-            last = (work.attn.proj, work.mlp.fc2) if family == "vit" else (work.bn2,)
-            for layer in last:
+            for layer in _last_layers(family, work):
                 for p in (layer.weight, layer.bias):
                     if p is not None:
                         p.zero_()
