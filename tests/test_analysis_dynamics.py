@@ -129,3 +129,16 @@ def test_dynamics_with_validation_every_other_epoch(tmp_path):
     r = run_dynamics(runs, collect_epochs(runs)).iloc[0]
     assert (r["best_val_top1"], r["best_epoch"], r["convergence_epoch"]) == (70.0, 4, 4)
     assert r["final_val_top1"] == 70.0 and r["final_train_top1"] == 75.0
+
+
+def test_a_depth_time_runs_best_is_at_its_final_depth(tmp_path):
+    """As the trainer chooses best.pt: an epoch before the last growth (depth 2) never is the best, however high."""
+    val = [50.0, 97.0, 90.0, 93.0, 92.0]  # epoch 2 is the highest, at depth 2
+    epochs = curve(5, val=val, train=[60.0, 90.0, 88.0, 93.0, 94.0])
+    for row, depth in zip(epochs, [2, 2, 4, 4, 4]):
+        row["depth"] = depth
+    finished_run(tmp_path, "0", seed=1, top1=92.0, epochs=epochs)
+    runs = collect_runs(tmp_path)
+    r = run_dynamics(runs, collect_epochs(runs)).iloc[0]
+    assert r["best_val_top1"] == 93.0 and r["best_epoch"] == 4
+    assert r["overfitting"] == pytest.approx(93.0 - 92.0)  # the growth is not counted as overfitting

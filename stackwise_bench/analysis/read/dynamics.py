@@ -91,8 +91,14 @@ def _from_curves(epochs: pd.DataFrame, m: str, sign: float) -> pd.DataFrame:
     g = e.groupby("run_dir", sort=False)
     out = pd.DataFrame({"epochs": g["epoch"].max()})
     ev = e[e[val].notna()].assign(_score=lambda d: sign * pd.to_numeric(d[val], errors="coerce"))
-    gv = ev.groupby("run_dir", sort=False)
-    best = ev.loc[gv["_score"].idxmax()].set_index("run_dir")
+    # The best is chosen as the trainer chose best.pt: among epochs at the run's final depth (a depth-as-time run's
+    # earlier, shallower epochs never become best.pt); rows without a depth (older records) all count.
+    final = ev
+    if "depth" in ev:
+        depth = pd.to_numeric(ev["depth"], errors="coerce")
+        last = depth.groupby(ev["run_dir"]).transform("last")
+        final = ev[depth.isna() | last.isna() | (depth == last)]
+    best = final.loc[final.groupby("run_dir", sort=False)["_score"].idxmax()].set_index("run_dir")
     out[f"best_val_{m}"], out["best_epoch"] = best[val], best["epoch"]
     near = ev[ev["_score"] >= ev["run_dir"].map(sign * out[f"best_val_{m}"]) - CONVERGENCE_TOLERANCE]
     out["convergence_epoch"] = near.groupby("run_dir")["epoch"].min()
