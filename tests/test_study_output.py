@@ -221,3 +221,39 @@ def test_a_names_record_that_is_garbage_stops_the_launch_in_one_sentence(tmp_pat
         name_grid(tmp_path, grid(["seed=1"]))
     assert naming.names_path(tmp_path).read_text() == '{"folders": {"a": '  # never overwritten
     assert naming.job_folder(tmp_path, "seed=1") == "seed=1"
+
+
+def test_a_job_outside_the_planned_folders_is_refused(tmp_path):
+    """A job whose folder the launch did not plan (its name missing from folders.json) would train where no table
+    looks, and again at every relaunch: it is refused in one sentence. A search's launch plans no folders."""
+    import json
+
+    from stackwise_bench.runs.job import check_launch_record
+    from stackwise_bench.runs.study import LAUNCH_FILE
+
+    launch = tmp_path / ".study" / "launches" / "t"
+    launch.mkdir(parents=True)
+    planned = {"seed=1": {"overrides": ["seed=1"], "identity": "seed=1", "fingerprint": "fp", "state": "pending"}}
+    (launch / LAUNCH_FILE).write_text(json.dumps({"jobs": planned}))
+    assert check_launch_record(launch, "seed=1", "fp") is None
+    why = check_launch_record(launch, "model.depth=4,seed=1", "fp")
+    assert why.startswith("job folder model.depth=4,seed=1 is not one this launch planned") and why.endswith(
+        "relaunch the study."
+    )
+    (launch / LAUNCH_FILE).write_text(json.dumps({"jobs": {}}))
+    assert check_launch_record(launch, "optimizer.lr=0.001866", "fp") is None
+
+
+def test_a_lost_folders_record_is_rebuilt_from_the_launch_records(tmp_path):
+    """Without .study/folders.json, a study named by its varying keys is not mistaken for an old-style one (which
+    would retrain every job under its full name): its launch records say which folder each job had."""
+    folders = name_grid(tmp_path, grid(["model.depth=4", "model.depth=8"], ["seed=1", "seed=2"]))
+    launch = tmp_path / ".study" / "launches" / "t"
+    launch.mkdir(parents=True)
+    jobs = {folder: {"identity": identity, "fingerprint": "fp"} for identity, folder in folders.items()}
+    (launch / "launch.json").write_text(json.dumps({"jobs": jobs}))
+    for folder in folders.values():
+        (tmp_path / folder).mkdir()
+    naming.names_path(tmp_path).unlink()
+    assert name_grid(tmp_path, grid(["model.depth=4", "model.depth=8"], ["seed=1", "seed=2"])) == folders
+    assert json.loads(naming.names_path(tmp_path).read_text())["scheme"] == "varying"

@@ -181,7 +181,13 @@ def check_launch_record(launch_dir: Path, job_name: str, fp: str) -> str | None:
     path = Path(launch_dir) / LAUNCH_FILE
     if not path.exists():
         return None
-    planned = (read_record(path, "jobs", RELAUNCH)["jobs"] or {}).get(job_name)
+    jobs = read_record(path, "jobs", RELAUNCH)["jobs"] or {}
+    planned = jobs.get(job_name)
+    if planned is None and jobs:  # a grid planned its folders: a job outside them would train unseen, and again
+        return (
+            f"job folder {job_name} is not one this launch planned (its name is missing from the study's "
+            ".study/folders.json, or the preset changed hydra.job.config.override_dirname); relaunch the study."
+        )
     if planned is None or planned["fingerprint"] == fp:
         return None
     return (

@@ -9,9 +9,11 @@ nothing varies; the shared overrides are in the launch record (``launch.json``'s
 ``<study>/.study/folders.json`` maps each identity to its folder, append-only: a name once given is never given
 to another job nor changed, so a relaunch (the same grid, a wider one, a resumed search trial) finds the same
 folders. A study that has folders or launches but no such file was named the old way: it keeps the old names
-(scheme ``full``). Each job resolves its own folder from the file (``hydra.sweep.subdir: ${sb.job_folder:...}``,
+(scheme ``full``), unless its launch records name each job's folder (the file was lost): then they rebuild it.
+Each job resolves its own folder from the file (``hydra.sweep.subdir: ${sb.job_folder:...}``,
 conf/hydra/output/study.yaml), so this works for any launcher (joblib, submitit, Slurm) and for the search
-sweeper; an identity the file lacks keeps its old, full name.
+sweeper; an identity the file lacks keeps its old, full name, and a grid job outside the folders its launch
+planned is refused (runs/job.py: check_launch_record).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def read_names(sweep_dir: str | os.PathLike) -> dict:
     """
     path = names_path(sweep_dir)
     if not path.exists():
+        recorded = _recorded_folders(Path(sweep_dir))
+        if recorded:  # the record is gone but the launches remember which folder each job had
+            return {"scheme": VARYING, "keys": [], "folders": recorded}
         return {"scheme": FULL if _has_jobs(Path(sweep_dir)) else VARYING, "keys": [], "folders": {}}
     try:
         data = json.loads(path.read_text())
@@ -59,6 +64,22 @@ def read_names(sweep_dir: str | os.PathLike) -> dict:
             "without it a relaunch would not find the folders it names."
         )
     return {"scheme": VARYING, "keys": [], **data}
+
+
+def _recorded_folders(sweep_dir: Path) -> dict[str, str]:
+    """``{identity: folder}`` from the study's launch records (``launch.json``'s planned jobs, oldest first), for a
+    study named by its varying keys whose ``folders.json`` went missing; empty for launches made before names were
+    recorded (their jobs carry no identity) or unreadable ones."""
+    folders: dict[str, str] = {}
+    for launch in sorted((sweep_dir / ".study" / "launches").glob("*/launch.json")):
+        try:
+            jobs = json.loads(launch.read_text()).get("jobs") or {}
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        for folder, job in jobs.items() if isinstance(jobs, dict) else ():
+            if isinstance(job, dict) and isinstance(job.get("identity"), str):
+                folders.setdefault(job["identity"], folder)
+    return folders
 
 
 def _has_jobs(sweep_dir: Path) -> bool:
