@@ -72,7 +72,7 @@ def test_a_run_that_diverges_at_its_last_step_is_failed_in_one_sentence(tmp_path
     assert (top1["n"], top1["mean"], top1["n_diverged"]) == (1, 90.0, 1)
     md = (write_report(a, tmp_path / "analysis", plots=False) / "report.md").read_text()
     diverged = md[md.index("## Diverged runs") :]
-    assert str(run_dir) in diverged.split("\n## ")[0] and "1 run(s) diverged" in md
+    assert str(run_dir) in diverged.split("\n## ")[0] and "1 run diverged" in md
 
 
 def test_an_old_completed_record_holding_nan_is_diverged_in_the_analysis(tmp_path):
