@@ -298,3 +298,16 @@ def test_analyze_writes_both_figures_and_the_report_lists_them(study, tmp_path, 
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| energy (J) | energy (J/img) | thermal throttling |" in md
     assert "No energy readings" not in md
+
+
+def test_the_energy_note_reads_right_for_one_run_and_many():
+    import pandas as pd
+
+    from stackwise_bench.analysis.studies.energy import energy_note
+
+    one = pd.DataFrame({"status": ["completed"], "resources.energy_j": [None]})
+    assert energy_note(one).startswith("No energy readings: the run had no GPU power counter")
+    assert energy_note(pd.concat([one, one])).startswith("No energy readings: the runs had no GPU power counter")
+    old = pd.DataFrame({"status": ["completed"]})
+    assert "the run's record has no resources.energy_j" in energy_note(old)
+    assert "the runs' records have no resources.energy_j" in energy_note(pd.concat([old, old]))

@@ -122,14 +122,16 @@ def energy_note(runs: pd.DataFrame) -> str:
     done = runs[runs["status"].isin(FINISHED)]
     if done.empty or has_energy(runs):
         return ""
+    one = len(done) == 1
     if ENERGY in runs:
         return (
-            "No energy readings: the runs had no GPU power counter (NVML) and no readable RAPL counter, "
-            "so resources.energy_j is null."
+            f"No energy readings: {'the run' if one else 'the runs'} had no GPU power counter (NVML) and no "
+            "readable RAPL counter, so resources.energy_j is null."
         )
+    whose = "the run's record has" if one else "the runs' records have"
     return (
-        "No energy readings: the runs' records have no resources.energy_j (hardware monitor off, or "
-        "written before energy was measured)."
+        f"No energy readings: {whose} no resources.energy_j (hardware monitor off, or written before energy was "
+        "measured)."
     )
 
 
