@@ -80,6 +80,8 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     runtime.apply()
     trainer = build_trainer(cfg, runtime, resume)
     data = instantiate(cfg.dataset)
+    if getattr(data, "kind", "images") == "text":  # dataset=shakespeare, text, wikitext103
+        return build_lm_run(cfg, runtime, trainer, data)
     if trainer.batch_size > len(data.train_y):
         raise ConfigError(
             f"trainer.batch_size={trainer.batch_size} is larger than the training split of {data.name} "
@@ -117,6 +119,55 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
         regime=regime,
         task=task,
         parts=build_parts(cfg, model, total_steps),
+    )
+
+
+def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
+    """A causal language model's run (``model=gpt_micro dataset=shakespeare``): the model sized to the tokenizer,
+    refused before any tokenizing when it cannot read the data, then the token windows and the causal-LM task."""
+    from stackwise_bench.data.text.dataset import text_loaders
+    from stackwise_bench.nn.lm_models import adapt_lm, check_fits, lm_shape
+    from stackwise_bench.training.lm_task import CausalLM, WindowsPart
+
+    if cfg.precision.name == "fp8":
+        raise ConfigError("precision=fp8 is not wired for language models yet; use precision=bf16 or precision=fp32.")
+    vocab = cfg.model.get("vocab_size") or data.vocab_size
+    model = instantiate(cfg.model, vocab_size=vocab)
+    check_fits(model, cfg.model.name, data.tokenizer.name, data.vocab_size, data.seq_len)
+    shape = lm_shape(model)
+    lora = OmegaConf.to_container(cfg.lora, resolve=True)
+    model = adapt_lm(model, lora, cfg.trainer.max_epochs * data.steps_per_epoch, cfg.model.name)
+    regime = instantiate(cfg.regime)
+    regime.setup(model, cfg.model.name)  # depth_time: the model starts at its first stack
+    model = model.to(runtime.device)
+    train, val, test = text_loaders(data, trainer.batch_size, trainer.eval_batch_size, runtime.seed, runtime.device)
+    optimizer = instantiate(cfg.optimizer, model=model)
+    task = CausalLM(runtime.autocast, runtime.device)
+    trainer.compute.priced_by(task.flops_per_sample, data.seq_len)  # FLOPs per token: 6N + 12·L·H·Q·T
+    total_steps = trainer.plan(model, train, regime, task)
+    regime.plan(total_steps)
+    scheduler = instantiate(
+        cfg.scheduler,
+        optimizer=optimizer,
+        steps_per_epoch=len(train),
+        max_epochs=trainer.max_epochs,
+        total_steps=total_steps,
+    )
+    return Assembly(
+        runtime=runtime,
+        trainer=trainer,
+        data=data,
+        model=model,
+        model_shape=shape,
+        fp8_layers=None,
+        loaders=Loaders(train, val, test, data.vocab_size),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        monitors=[instantiate(node) for node in cfg.monitors.values()],
+        loggers=build_loggers(cfg),
+        regime=regime,
+        task=task,
+        parts=[WindowsPart(train, task), *build_parts(cfg, model, total_steps)],  # first: see WindowsPart
     )
 
 
@@ -261,6 +312,10 @@ def adapter_record(cfg: DictConfig, model) -> dict:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = cfg.lora.target_modules
     targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+    if targets is None:
+        from stackwise_bench.nn.lm_models import default_targets  # a causal LM's family targets (c_attn, ...)
+
+        targets = default_targets(inner)
     targets = resolve_targets(inner, targets) if targets is not None else resolve_targets(inner, None)
     return {
         "method": method,
@@ -272,6 +327,10 @@ def adapter_record(cfg: DictConfig, model) -> dict:
 
 def model_shape(model, head_name: str | None) -> dict:
     """Inputs of the LoRA parameter formula (48·d·r + head): the width, depth and head size."""
+    from stackwise_bench.nn.lm_models import is_causal_lm, lm_shape
+
+    if is_causal_lm(model):
+        return lm_shape(model)
     head = model.get_submodule(head_name) if head_name and hasattr(model, head_name) else None
     blocks = getattr(model, "blocks", None)
     return {

@@ -22,6 +22,8 @@ NEEDS = {"data", "gpu", "network", "server", "slurm", "time"}  # what a marked c
 # One epoch of 64 training images at a small size: a run in seconds, whatever the command asked for.
 TINY = ["trainer.max_epochs=1", "trainer.batch_size=32", "trainer.progress=log"]
 TINY_DIGITS = ["dataset.train_size=64"]
+# A text dataset: a few random-window steps, a slice of validation and test tokens.
+TINY_TEXT = ["dataset.steps_per_epoch=5", "dataset.val_tokens=4096", "dataset.test_tokens=4096"]
 # A small image per model family; the 12-block timm ViTs keep 2 blocks (a model.* key timm takes: `+` adds it).
 TINY_MODEL = {
     "deit": ["model.img_size=32", "+model.depth=2"],
@@ -153,6 +155,8 @@ def tiny_run_overrides(argv: list[str]) -> list[str]:
     dataset = _value(argv, "dataset")
     if dataset in (None, "digits") and not _value(argv, "experiment"):
         extra += TINY_DIGITS
+    if dataset in ("shakespeare", "text"):
+        extra += TINY_TEXT
     model = _value(argv, "model") or "resnet8"
     extra += next((v for prefix, v in TINY_MODEL.items() if model.startswith(prefix)), [])
     if "--multirun" in argv and "hydra/launcher" not in keys:

@@ -129,6 +129,12 @@ def test_every_option_composes(group, option, cfg_factory):
 def test_every_model_instantiates(option, cfg_factory):
     import torch
 
+    if "causal_lm" in OmegaConf.load(CONF / "model" / f"{option}.yaml")["_target_"]:  # a language model
+        cfg = cfg_factory([f"model={option}", "dataset=shakespeare"])
+        model = instantiate(cfg.model, vocab_size=256)
+        with torch.no_grad():
+            assert model.eval()(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, 256)
+        return
     cfg = cfg_factory([f"model={option}", "model.pretrained=false"])
     model = instantiate(cfg.model, num_classes=10)
     x = torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)

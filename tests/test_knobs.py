@@ -62,13 +62,18 @@ def compose_options(conf: Path, groups: set[str] | None = None) -> dict[tuple[st
         for group, option in options(conf):
             if groups is not None and group not in groups:
                 continue
-            cfg = compose(config_name="config", overrides=[f"{group}={option}"])
+            cfg = compose(config_name="config", overrides=[f"{group}={option}", *PAIRED.get((group, option), [])])
             app = "config"
             if "evaluate" in cfg:
                 app, cfg = "evaluate_study", compose(config_name="evaluate_study", overrides=[f"{group}={option}"])
             composed[(group, option)] = (app, cfg)
     return composed
 
+
+# Options that only compose into a valid run with a partner: a language model reads text, text needs one.
+LM = ("gpt_micro", "gpt_mini", "gpt2_small", "llama_micro")
+PAIRED = {("model", m): ["dataset=shakespeare"] for m in LM}
+PAIRED |= {("dataset", "shakespeare"): ["model=gpt_micro"], ("dataset", "text"): ["model=gpt_micro", "dataset.root=."]}
 
 TABLES = {"config": (KNOBS, EXEMPT), "evaluate_study": (EVALUATE_STUDY_KNOBS, {})}
 

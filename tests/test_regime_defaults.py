@@ -43,8 +43,22 @@ def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# The causal language models' options and their derived stacks (regime=depth_time on gpt_micro:
+# tests/test_lm_train.py).
+LM_DERIVED = {"gpt_micro": [1, 2, 4], "gpt_mini": [3, 6], "gpt2_small": [3, 6, 12], "llama_micro": [1, 2, 4]}
+
+
 def test_every_model_option_is_listed():
-    assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted(DERIVED)
+    assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted({**DERIVED, **LM_DERIVED})
+
+
+@pytest.mark.parametrize("name", sorted(LM_DERIVED))
+def test_language_models_derive_their_stacks(name):
+    from stackwise_bench.nn.causal_lm import build_named
+
+    regime = DepthTime(**{k: v for k, v in compose(["regime=depth_time"]).regime.items() if k != "_target_"})
+    regime.setup(build_named(name, vocab_size=256, device="meta"), name)
+    assert regime.stacks == LM_DERIVED[name]
 
 
 @pytest.mark.parametrize("name", [n for n, stacks in DERIVED.items() if stacks])

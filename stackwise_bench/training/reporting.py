@@ -56,16 +56,18 @@ def update_bar(bar, step: int, meter, task) -> None:
 
 
 def log_epoch(row: dict, max_epochs: int, metric: str = "top1", unit: str = "img") -> None:
-    """The epoch's line in the run log."""
+    """The epoch's line in the run log (a task whose metric is the loss, a language model's, shows it once)."""
+    extra = "" if metric == "loss" else f"  train_{metric} {row[f'train_{metric}']:.4g}"
     val_metric = row.get(f"val_{metric}")
-    val = "" if val_metric is None else f"  val_loss {row['val_loss']:.4f}  val_{metric} {val_metric:.4g}"
+    val = "" if val_metric is None else f"  val_loss {row['val_loss']:.4f}"
+    if val_metric is not None and metric != "loss":
+        val += f"  val_{metric} {val_metric:.4g}"
     log.info(
-        "epoch %d/%d  train_loss %.4f  train_%s %.4g%s  %.0f %s/s  %.1fs",
+        "epoch %d/%d  train_loss %.4f%s%s  %.0f %s/s  %.1fs",
         row["epoch"],
         max_epochs,
         row["train_loss"],
-        metric,
-        row[f"train_{metric}"],
+        extra,
         val,
         row[f"train_{unit}_s"],
         unit,
