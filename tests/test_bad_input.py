@@ -139,6 +139,22 @@ def test_negative_grad_clip(tmp_path, cfg_factory):
 # Composed with the TINY overrides (tests/conftest.py) and checked with check_config directly: no torch work.
 BAD_KNOBS = [
     ("seed=-1", r"non-negative integer"),
+    # the language-model knobs, on gpt_micro and shakespeare
+    ("model=gpt_micro dataset=shakespeare dataset.bpe_vocab_size=0", r"integer >= 257"),
+    ("model=gpt_micro dataset=shakespeare dataset.corpus=hamlet", r"one of shakespeare, text"),
+    ("model=gpt_micro dataset=shakespeare dataset.seq_len=0", r"positive integer"),
+    ("model=gpt_micro dataset=shakespeare dataset.steps_per_epoch=0", r"positive integer"),
+    ("model=gpt_micro dataset=shakespeare dataset.test_tokens=-1", r"integer >= 2, or null"),
+    ("model=gpt_micro dataset=shakespeare dataset.tokenizer=words", r"one of byte, gpt2, bpe"),
+    ("model=gpt_micro dataset=shakespeare dataset.tokenizer_files=''", r"folder path, or null"),
+    ("model=gpt_micro dataset=shakespeare dataset.val_tokens=-5", r"integer >= 2, or null"),
+    ("model=gpt_micro dataset=shakespeare model.context=0", r"positive integer"),
+    ("model=gpt_micro dataset=shakespeare model.dropout=1.5", r"number in \[0, 1\)"),
+    ("model=gpt_micro dataset=shakespeare model.family=bert", r"gpt2 or llama"),
+    ("model=gpt_micro dataset=shakespeare model.n_embd=0", r"positive integer"),
+    ("model=gpt_micro dataset=shakespeare model.n_head=0", r"positive integer"),
+    ("model=gpt_micro dataset=shakespeare model.n_layer=0", r"positive integer"),
+    ("model=gpt_micro dataset=shakespeare model.vocab_size=0", r"integer >= 2, or null"),
     ("seed=1.5", r"non-negative integer"),
     ("plan=maybe", r"true or false"),
     ("study=a/b", r"plain folder name"),

@@ -116,7 +116,12 @@ def test_a_study_named_the_old_way_keeps_its_folders_on_relaunch(four_jobs):
     cwd, args, _ = four_jobs
     old = cwd / "multirun" / "old"
     shutil.copytree(cwd / "multirun" / "four", old)
-    (old / ".study" / "folders.json").unlink()  # an older version wrote none
+    (old / ".study" / "folders.json").unlink()  # an older version wrote none, and its launches named no identity
+    for record in (old / ".study" / "launches").glob("*/launch.json"):
+        launch = json.loads(record.read_text())
+        for job in launch["jobs"].values():
+            job.pop("identity", None)
+        record.write_text(json.dumps(launch))
     from stackwise_bench.runs.contract import FOLDER_ONLY_KEYS, VOLATILE_KEYS
     from stackwise_bench.runs.naming import parse_jobs
 
