@@ -42,7 +42,10 @@ SCRIPT_EXTRA = {
     "peft_methods.sh": ["seed=42"],
     "lora_rank_scaling.sh": ["lora.rank=1,2,4,8", "seed=42,123"],
     "depth_time.sh": ["trainer.batch_size=16", "seed=42"],  # 4 steps: room for its two growths
+    "lm_depth_time.sh": ["seed=1"],
 }
+# A script on text data gets the text knobs instead of the digits ones.
+SCRIPT_TEXT = {"lm_depth_time.sh"}
 SKIP = {
     "pip": "the test environment has the package and its extras installed",
     "pytest": "the suite itself (this test is part of it)",
@@ -194,7 +197,9 @@ def form(cmd: Command) -> Form:
     if prog == "bash" and len(argv) > 1 and argv[1].startswith("scripts/"):
         if cmd.needs:
             return Form(cmd, ["bash", "-n", argv[1]], "parse", lane="runs")
-        extra = SCRIPT_TINY + SCRIPT_EXTRA.get(Path(argv[1]).name, [])
+        script = Path(argv[1]).name
+        base = TINY + TINY_TEXT + [IN_PROCESS] if script in SCRIPT_TEXT else SCRIPT_TINY
+        extra = base + SCRIPT_EXTRA.get(script, [])
         return Form(cmd, argv + extra, "run", lane=lane)
     if prog != "python" or len(argv) < 2:
         raise ValueError(f"README.md:{cmd.line}: no rule runs {cmd.text!r}")

@@ -153,11 +153,11 @@ def test_a_significant_worse_comparison_still_says_worse(tmp_path):
     runs = _arm(tmp_path, "sgd", [90.0, 90.4, 89.9])
     t = compare_cells(runs[runs["optimizer"] == "adamw"], runs[runs["optimizer"] == "sgd"], "test.top1")
     assert t["diff_ci95_high"] < 0
-    assert verdict({**t, "baseline": "optimizer=sgd"}, "max").startswith("worse than optimizer=sgd (p = ")
+    assert verdict({**t, "baseline": "optimizer=sgd"}, "max").startswith("worse than optimizer=sgd (p ")
     a = analyze_runs(tmp_path, baseline="optimizer=sgd", n_boot=50)
     assert a.comparisons["verdict"].tolist() == ["worse"]
     report = (write_report(a, tmp_path / "out", plots=False) / "report.md").read_text()
-    assert "Verdict:\n\n- optimizer=adamw (test.top1): worse than optimizer=sgd (p = " in report
+    assert "Verdict:\n\n- optimizer=adamw (test.top1): worse than optimizer=sgd (p " in report
     assert "\nHighest mean test.top1: optimizer=sgd (90.10; higher is better), the baseline.\n" in report
 
 
@@ -266,3 +266,10 @@ def test_best_cell_sentence_reads_right_for_ties_and_a_single_winner():
     assert best_cell_sentence(s, "m", "min") == "Lowest mean m: a (1.00; lower is better).\n"
     assert best_cell_sentence(s.assign(mean=1.0), "m", "max") == "Every cell has the same mean m (1.00).\n"
     assert best_cell_sentence(s.iloc[:1], "m", "max") == ""
+
+
+def test_a_tiny_p_reads_p_below_not_p_equals():
+    from stackwise_bench.analysis.stats.verdicts import p_text
+
+    assert p_text({"p_value": 1e-5, "p_holm": 3e-5, "test": "paired t"}) == "p < 0.001, Holm < 0.001, paired t"
+    assert p_text({"p_value": 0.04, "p_holm": 0.12, "test": "paired t"}) == "p = 0.040, Holm 0.120, paired t"

@@ -64,11 +64,17 @@ def verdict(row: Mapping, direction: str | None, than: str | None = None) -> str
 def p_text(row: Mapping) -> str:
     """``p = 0.040`` or ``p = 0.040, Holm 0.120`` (Holm shown where it adjusted something), and the test."""
     p, holm = row.get("p_value"), row.get("p_holm")
-    text = f"p = {fmt_p(p)}"
+    text = f"p {_relation(p)}"
     if not is_missing(holm) and not np.isclose(holm, p):
-        text += f", Holm {fmt_p(holm)}"
+        text += f", Holm {_relation(holm).removeprefix('= ')}"
     test = row.get("test")
     return text + (f", {test}" if test and not is_missing(test) else "")
+
+
+def _relation(p) -> str:
+    """``= 0.040``, or ``< 0.001`` (not ``= <0.001``) where the p-value is shown as a bound."""
+    shown = fmt_p(p)
+    return f"< {shown[1:]}" if shown.startswith("<") else f"= {shown}"
 
 
 def mde_text(row: Mapping) -> str:
