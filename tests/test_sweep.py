@@ -280,19 +280,35 @@ def test_preset_tiny_variant_trains(preset, tmp_path):
 
     full = compose([f"experiment={preset}"], tiny=False)
     assert full.study == preset
-    # 64 images: fp16 autocast convolutions are slow on CPUs; the point is that the preset trains at all.
-    tiny = compose(
-        [
-            f"experiment={preset}",
-            "model=resnet8",
-            "model.pretrained=false",
-            "trainer.max_epochs=1",
-            "trainer.eval_every=1",
-            "trainer.batch_size=16",
-            "dataset.num_train=64",
-            "dataset.num_test=32",
-        ]
-    )
+    if full.dataset.get("tokenizer") is not None:  # a language-model preset: gpt_micro on bytes, a few windows
+        tiny = compose(
+            [
+                f"experiment={preset}",
+                "model=gpt_micro",
+                "dataset.tokenizer=byte",
+                "dataset.seq_len=32",
+                "dataset.steps_per_epoch=3",
+                "dataset.val_tokens=2048",
+                "dataset.test_tokens=2048",
+                "regime.stacks=[1,2,4]",
+                "trainer.max_epochs=1",
+                "trainer.batch_size=8",
+            ],
+            tiny=False,
+        )
+    else:  # 64 images: fp16 autocast convolutions are slow on CPUs; the point is that the preset trains at all.
+        tiny = compose(
+            [
+                f"experiment={preset}",
+                "model=resnet8",
+                "model.pretrained=false",
+                "trainer.max_epochs=1",
+                "trainer.eval_every=1",
+                "trainer.batch_size=16",
+                "dataset.num_train=64",
+                "dataset.num_test=32",
+            ]
+        )
     summary = run(tiny, tmp_path / preset)
     assert summary["status"] == "completed", summary.get("error")
     assert summary["config"]["precision"]["name"] == full.precision.name
