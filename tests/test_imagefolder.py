@@ -189,7 +189,7 @@ def test_concurrent_builds_leave_one_valid_cache(tmp_path, decodes, monkeypatch)
 
     local = threading.local()
     monkeypatch.setattr(image_cache, "decode_file", meet_then_decode)
-    monkeypatch.setattr(image_cache, "_lock", lambda path: contextlib.nullcontext())
+    monkeypatch.setattr(image_cache, "cache_lock", lambda path, what: contextlib.nullcontext())
     results, errors = [None, None], []
 
     def build(i):

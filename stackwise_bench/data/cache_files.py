@@ -14,11 +14,14 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.lease import pid_alive
 
 log = logging.getLogger(__name__)
@@ -128,3 +131,56 @@ def build_owner(path: Path) -> dict | None:
         pass
     named = re.search(r"-(\d+)-\d+-[0-9a-f]{8}$", path.name)
     return {"host": socket.gethostname(), "pid": int(named.group(1))} if named else None
+
+
+def make_dir(cache_dir: Path, setting: str, holds: str) -> None:
+    """Create ``cache_dir`` and prove it writable, or refuse naming ``dataset.cache_dir`` and what it ``holds``."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-probe.{os.getpid()}.{threading.get_ident()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if setting == str(cache_dir) else f" ({cache_dir})"
+        raise ConfigError(
+            f"dataset.cache_dir={setting}{where} cannot be written ({exc.strerror or exc}); point dataset.cache_dir "
+            f"at a writable folder ({holds} are cached there)."
+        ) from exc
+
+
+@contextlib.contextmanager
+def lock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (``.<entry>.lock``) while the block runs; none where the platform or file
+    system has none (concurrent builders are then still safe, only wasteful: the second rename finds the entry and
+    drops its copy). ``what`` names the cache in the waiting message."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the %s %s: waiting for it", what, path.name[1:-5])
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks on this file system
+        yield
+    finally:
+        os.close(fd)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -36,14 +36,24 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stackwise_bench.data.cache_files import MANIFEST, OWNER, check_entry, discard, remove_dead_builds, write_owner
+from stackwise_bench.data.cache_files import (
+    MANIFEST,
+    OWNER,
+    check_entry,
+    discard,
+    fsync,
+    make_dir,
+    remove_dead_builds,
+    write_owner,
+)
+from stackwise_bench.data.cache_files import lock as cache_lock
 from stackwise_bench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,8 +131,8 @@ def open_or_build(
     labels = np.asarray(labels, dtype=np.int64)
     found = _open(entry, key, labels, size)
     if found is None:
-        _make_dir(cache_dir, cache_dir_setting)
-        with _lock(lock):
+        make_dir(cache_dir, cache_dir_setting, "the decoded images")
+        with cache_lock(lock, "image cache"):
             found = _open(entry, key, labels, size)  # built by another process while this one waited
             if found is None:
                 _build(entry, key, root, rel_paths, labels, size, workers, cache_dir_setting)
@@ -158,7 +168,7 @@ def _retry_bad(entry: CacheEntry, root: Path, size: int, lock: Path) -> None:
     from stackwise_bench.runs.files import atomic_write_text
 
     try:
-        with _lock(lock):
+        with cache_lock(lock, "image cache"):
             rows = np.load(entry.path / "images.npy", mmap_mode="r+")
             for i, pixels in recovered.items():
                 rows[i] = pixels
@@ -188,48 +198,6 @@ def _open(entry: Path, key: str, labels: np.ndarray, size: int) -> CacheEntry | 
         os.replace(entry, aside)
         discard(aside)
     return None
-
-
-def _make_dir(cache_dir: Path, setting: str) -> None:
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        probe = cache_dir / f".write-probe.{os.getpid()}.{threading.get_ident()}"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        where = "" if setting == str(cache_dir) else f" ({cache_dir})"
-        raise ConfigError(
-            f"dataset.cache_dir={setting}{where} cannot be written ({exc.strerror or exc}); point dataset.cache_dir "
-            "at a writable folder (the decoded images are cached there)."
-        ) from exc
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` while the block runs; no lock where the platform or file system has none
-    (then concurrent builders are still safe, only wasteful)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is building the image cache %s: waiting for it", path.name[1:-5])
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locks on this file system
-        yield
-    finally:
-        os.close(fd)
 
 
 def _build(
@@ -270,7 +238,7 @@ def _build(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         for name in ("images.npy", "labels.npy"):
-            _fsync(tmp / name)
+            fsync(tmp / name)
         (tmp / OWNER).unlink()
         with open(tmp / MANIFEST, "w") as f:
             f.write(json.dumps(manifest, indent=1) + "\n")
@@ -283,7 +251,7 @@ def _build(
                 raise
             log.info("another process finished the image cache %s first: using its copy", entry)
         with contextlib.suppress(OSError):
-            _fsync(entry.parent)
+            fsync(entry.parent)
         log.info("cached %d images in %.1f s (%.0f img/s)", n, seconds, n / max(seconds, 1e-9))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -364,14 +332,6 @@ def _no_space(cache_dir: Path, setting: str, n: int, size: int) -> ConfigError:
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------ derived files inside an entry
 
 
@@ -411,7 +371,7 @@ def gather_to_disk(images: np.ndarray, idx: np.ndarray, path: Path) -> np.ndarra
             out[start : start + rows] = images[idx[start : start + rows]]
         out.flush()
         del out
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)  # a concurrent writer's identical file may be replaced: harmless
     except OSError as exc:
         log.warning("could not write %s (%s): gathering the subset in memory", path, exc)

@@ -18,11 +18,19 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from stackwise_bench.data.cache_files import MANIFEST, OWNER, discard, remove_dead_builds, write_owner
-from stackwise_bench.errors import ConfigError
+from stackwise_bench.data.cache_files import (
+    MANIFEST,
+    OWNER,
+    discard,
+    fsync,
+    lock,
+    make_dir,
+    remove_dead_builds,
+    write_owner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,7 @@ def open_or_build(
     found = _open(entry, check, what)
     if found is not None:
         return found, False
-    make_dir(entry.parent, setting)
+    make_dir(entry.parent, setting, "the token ids and trained tokenizers")
     with lock(entry.parent / f".{entry.name}.lock", what):
         found = _open(entry, check, what)  # built by another process while this one waited
         if found is not None:
@@ -108,57 +116,3 @@ def _build(entry: Path, fill: Callable[[Path], dict], what: str) -> None:
             fsync(entry.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def make_dir(cache_dir: Path, setting: str) -> None:
-    """Create ``cache_dir`` and prove it writable, or refuse naming ``dataset.cache_dir``."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        probe = cache_dir / f".write-probe.{os.getpid()}.{threading.get_ident()}"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        where = "" if setting == str(cache_dir) else f" ({cache_dir})"
-        raise ConfigError(
-            f"dataset.cache_dir={setting}{where} cannot be written ({exc.strerror or exc}); point dataset.cache_dir "
-            "at a writable folder (the token ids and trained tokenizers are cached there)."
-        ) from exc
-
-
-@contextlib.contextmanager
-def lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` while the block runs; none where the platform or file system has none
-    (concurrent builders are then still safe, only wasteful: the second rename finds the entry and drops its copy).
-
-    The image cache holds the same lock (``image_cache._lock``); this one names what it waits for.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is building the %s %s: waiting for it", what, path.name[1:-5])
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locks on this file system
-        yield
-    finally:
-        os.close(fd)
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
