@@ -95,15 +95,7 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
     optimizer = instantiate(cfg.optimizer, model=model)
     task = build_task(cfg, runtime, data, loaders.train.augment)
-    total_steps = trainer.plan(model, loaders.train, regime, task)  # epochs x steps, or what trainer.max_flops buys
-    regime.plan(total_steps)  # the steps at which depth_time grows the model
-    scheduler = instantiate(
-        cfg.scheduler,
-        optimizer=optimizer,
-        steps_per_epoch=len(loaders.train),
-        max_epochs=trainer.max_epochs,
-        total_steps=total_steps,
-    )
+    total_steps, scheduler = plan_steps(cfg, trainer, model, loaders.train, regime, task, optimizer)
     return Assembly(
         runtime=runtime,
         trainer=trainer,
@@ -144,15 +136,7 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     optimizer = instantiate(cfg.optimizer, model=model)
     task = CausalLM(runtime.autocast, runtime.device)
     trainer.compute.priced_by(task.flops_per_sample, data.seq_len)  # FLOPs per token: 6N + 12·L·H·Q·T
-    total_steps = trainer.plan(model, train, regime, task)
-    regime.plan(total_steps)
-    scheduler = instantiate(
-        cfg.scheduler,
-        optimizer=optimizer,
-        steps_per_epoch=len(train),
-        max_epochs=trainer.max_epochs,
-        total_steps=total_steps,
-    )
+    total_steps, scheduler = plan_steps(cfg, trainer, model, train, regime, task, optimizer)
     return Assembly(
         runtime=runtime,
         trainer=trainer,
@@ -169,6 +153,21 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
         task=task,
         parts=[WindowsPart(train, task), *build_parts(cfg, model, total_steps)],  # first: see WindowsPart
     )
+
+
+def plan_steps(cfg: DictConfig, trainer, model, train_loader, regime, task, optimizer):
+    """The run's steps (epochs x steps, or what ``trainer.max_flops`` buys), the regime's growth steps among them,
+    and the LR scheduler spanning them: ``(total_steps, scheduler)``."""
+    total_steps = trainer.plan(model, train_loader, regime, task)
+    regime.plan(total_steps)  # the steps at which depth_time grows the model
+    scheduler = instantiate(
+        cfg.scheduler,
+        optimizer=optimizer,
+        steps_per_epoch=len(train_loader),
+        max_epochs=trainer.max_epochs,
+        total_steps=total_steps,
+    )
+    return total_steps, scheduler
 
 
 def build_task(cfg: DictConfig, runtime, data, augment):

@@ -11,6 +11,7 @@ without importing it (its ``__init__`` loads the whole encoder), and must have t
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib.metadata
 import json
@@ -38,25 +39,25 @@ BPE_VERSION = 1  # bump when the trainer's settings below change (a new key: old
 CHUNK_CHARS = 1 << 20  # text encoded per call when a split is streamed through a tokenizer
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """What every tokenizer offers; ``sha256`` changes whenever the ids a text gets could change."""
 
     name: str
     vocab_size: int
     sha256: str
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
 
+    @abc.abstractmethod
     def token_bytes(self) -> np.ndarray:
         """int64 ``[vocab_size]``: how many UTF-8 bytes each id decodes to (bytes of targets = its sum over them)."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size, "sha256": self.sha256}
