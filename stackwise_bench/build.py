@@ -121,8 +121,6 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     from stackwise_bench.nn.lm_models import adapt_lm, check_fits, lm_shape
     from stackwise_bench.training.lm_task import CausalLM, WindowsPart
 
-    if cfg.precision.name == "fp8":
-        raise ConfigError("precision=fp8 is not wired for language models yet; use precision=bf16 or precision=fp32.")
     vocab = cfg.model.get("vocab_size") or data.vocab_size
     model = instantiate(cfg.model, vocab_size=vocab)
     check_fits(model, cfg.model.name, data.tokenizer.name, data.vocab_size, data.seq_len)

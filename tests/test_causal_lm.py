@@ -251,6 +251,30 @@ def test_flops_per_token_agrees_with_torchs_flop_counter(name, kwargs):
     assert flops_per_token(model, 64) - attention != pytest.approx(measured, rel=0.02)  # 6N alone is 7% low
 
 
+def test_frozen_weights_are_priced_without_their_gradients():
+    """A LoRA model: 4N + 2·N_trainable + attention, close to what torch's FLOP counter measures (which also skips
+    the first block's input gradient, a few percent here), and well below 6N."""
+    peft = pytest.importorskip("peft")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    full = flops_per_token(build_named("gpt_micro", vocab_size=512), 64)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        model = peft.get_peft_model(
+            build_named("gpt_micro", vocab_size=512), peft.LoraConfig(r=4, target_modules=["c_attn"])
+        )
+    x = torch.randint(0, 512, (2, 64))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(input_ids=x, labels=x).loss.backward()
+    measured = counter.get_total_flops() / x.numel()
+    priced = flops_per_token(model, 64)
+    n = sum(p.numel() for p in model.parameters()) - 64 * 128  # less the position embeddings
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert priced == 4 * n + 2 * adapters + 12 * 4 * 128 * 64
+    assert priced == pytest.approx(measured, rel=0.05) and priced < 0.8 * (full + 6 * adapters)
+
+
 def test_flops_per_token_counts_nanogpts_n():
     model = build_named("gpt2_small", device="meta")
     n = 124_439_808 - 1024 * 768  # nanoGPT's get_num_params(): all but the position embeddings

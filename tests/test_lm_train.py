@@ -114,6 +114,22 @@ def test_rerun_is_bit_identical(lm_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_accumulated_micro_batches_train_the_same_steps(lm_run, tmp_path, cache):
+    """trainer.accumulate=2 runs each batch of 4 windows as 2 micro-batches of 2: the same steps, FLOPs and LR
+    schedule, and the same losses up to float rounding (gpt_micro has no batch statistics)."""
+    _, first_dir, summary = lm_run
+    again = run(compose(tiny(cache, "trainer.accumulate=2")), tmp_path / "accumulated")
+    rows, base = read_metrics(tmp_path / "accumulated"), read_metrics(first_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in base] and again["train"]["flops"] == summary["train"][
+        "flops"
+    ]
+    assert [r["lr"] for r in rows] == [r["lr"] for r in base]
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in base], rel=1e-5)
+    assert again["test"]["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_interrupt_and_resume_matches_uninterrupted(lm_run, tmp_path, monkeypatch, cache):
     """SIGINT at step 3 of epoch 2: last.pt holds the windows' generator; the resume draws the batches the
     uninterrupted run drew, and ends on its numbers bit for bit."""
@@ -167,6 +183,8 @@ def test_lora_on_gpt_micro_adapts_the_family_targets(tmp_path, cache):
     assert summary["status"] == "completed"
     assert summary["adapter"] == {"method": "lora", "rank": 8, "targets": ["c_attn"], "layers": 4}
     assert summary["params"]["trainable"] == 4 * 8 * (128 + 3 * 128) == summary["params"]["lora"]
+    adapters, n = summary["params"]["lora"], 834304 - 64 * 128 + summary["params"]["lora"]  # less the positions
+    assert summary["train"]["flops_per_token"] == 4 * n + 2 * adapters + 12 * 4 * 4 * 32 * 16  # frozen: no 6N
 
 
 @pytest.mark.parametrize(
@@ -180,6 +198,12 @@ def test_lora_on_gpt_micro_adapts_the_family_targets(tmp_path, cache):
             "model.vocab_size=100 is smaller than the 256 ids of dataset.tokenizer=byte",
         ),
         (["model=gpt_micro", "dataset=text"], r"dataset.root=\?\?\? must be set"),
+        (["model=gpt_micro", "dataset=shakespeare", "precision=fp8"], "precision=fp8 is not wired for language models"),
+        (
+            ["model=gpt_micro", "dataset=shakespeare", "lora.rank=8", "lora.method=qalora"],
+            "lora.method=qalora quantizes image models' layers",
+        ),
+        (["model=gpt_micro", "dataset=shakespeare", "trainer.batch_size=4", "trainer.accumulate=5"], "accumulate=5"),
     ],
 )
 def test_bad_input_is_refused_in_one_sentence(overrides, refusal):

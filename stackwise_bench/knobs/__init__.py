@@ -65,7 +65,9 @@ KNOBS: dict[str, Spec] = {
     # conf/model/*.yaml
     "model.name": Text("resnet8", what="a model name (resnet8, resnet14, an alias or any timm name)"),
     "model.pretrained": Bool("false"),
-    "model.checkpoint_path": File("null", null=True, note="a local weights file to start from"),
+    "model.checkpoint_path": File(
+        "null", folder=True, null=True, note="a local weights file, or a language model's save_pretrained folder"
+    ),
     "model.img_size": Int("32", min=1),
     "model.drop_path_rate": Number("0.1", lo=0, hi=1, hi_open=True, note="0 = off"),
     "model.patch_size": Int("4", min=1),  # the timm ViT keys of model=vit_micro_p4
@@ -136,6 +138,7 @@ KNOBS: dict[str, Spec] = {
     "dataset.steps_per_epoch": Int("100", min=1, note="training steps between two validations"),
     "dataset.val_tokens": Int("65536", min=2, null=True, note="null = the whole validation split"),
     "dataset.test_tokens": Int("65536", min=2, null=True, note="null = the whole test split"),
+    "dataset.plays": Choice(("all", "pretrain", "finetune"), "all", note="shakespeare: two fixed disjoint halves"),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
     "regime.stacks": ListOf(
         "[1,2]", Int("1", min=1), increasing=True, null=True, note="null = halved back from the model's depth"
@@ -209,6 +212,7 @@ KNOBS: dict[str, Spec] = {
     # conf/trainer/*.yaml
     "trainer.max_epochs": Int("20", min=1),
     "trainer.batch_size": Int("64", min=1),
+    "trainer.accumulate": Int("2", min=1, note="micro-batches per step; at most trainer.batch_size"),
     "trainer.max_flops": Number("1e12", lo=0, lo_open=True, null=True, note="null = train by trainer.max_epochs"),
     "trainer.eval_batch_size": Int("256", min=1, null=True, note="null = 512 on a GPU, the training batch on a CPU"),
     "trainer.grad_clip": Number("1.0", lo=0, null=True, note="0 and null disable clipping"),

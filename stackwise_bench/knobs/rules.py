@@ -182,8 +182,42 @@ def _model_reads_the_data(get: Get) -> str | None:
     return None
 
 
+QUANTIZED_LORA = ("qalora", "qlora")  # = nn.peft_methods.QUANTIZED_METHODS (knobs sit below nn): image layers only
+
+
+def _language_model_options(get: Get) -> str | None:
+    """Options built for image models' layers that a language model would not honour."""
+    if get("model._target_") != LM_MODEL:
+        return None
+    model = show(get("model.name"))
+    if get("precision.name") == "fp8":
+        return (
+            f"precision=fp8 is not wired for language models (model={model}); use precision=bf16 (or fp16 on a "
+            "GPU, fp32 anywhere)."
+        )
+    method, rank = get("lora.method"), get("lora.rank")
+    if method in QUANTIZED_LORA and rank not in (0, None, ABSENT):
+        return (
+            f"lora.method={method} quantizes image models' layers and is not wired for language models; use "
+            f"lora.method=lora (or dora, rslora, ...) on model={model}."
+        )
+    return None
+
+
+def _accumulate_within_batch(get: Get) -> str | None:
+    steps, batch = get("trainer.accumulate"), get("trainer.batch_size")
+    if steps is not ABSENT and batch is not ABSENT and steps > batch:
+        return (
+            f"trainer.accumulate={steps} splits each batch of trainer.batch_size={batch} into more micro-batches "
+            f"than it has samples; use trainer.accumulate<={batch}."
+        )
+    return None
+
+
 RULES: list[Rule] = [
     _model_reads_the_data,
+    _language_model_options,
+    _accumulate_within_batch,
     _monitors_are_configs,
     _digits_size,
     _synthetic_counts,

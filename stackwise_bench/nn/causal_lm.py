@@ -202,7 +202,8 @@ def lora_targets(family_or_model: str | nn.Module) -> list[str]:
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> int:
-    """Training FLOPs (forward + backward) per token, nanoGPT's estimate: 6N + 12·L·H·Q·T.
+    """Training FLOPs (forward + backward) per token, nanoGPT's estimate: 6N + 12·L·H·Q·T; with frozen weights
+    (PEFT), 4N + 2·N_trainable + 12·L·H·Q·T.
 
     N is the parameters that take part in a matrix product: every parameter once, less the position embeddings
     (as nanoGPT's ``get_num_params(non_embedding=True)``) and, where the output layer is not tied to them, the
@@ -211,6 +212,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
     layer and token in the forward pass, three times that with the backward. Neither term credits the causal mask
     (the kernels compute the full square), and norms, activations and softmax are left out: on a GPT-2 step
     ``torch.utils.flop_counter.FlopCounterMode`` agrees within 1% (tests/test_causal_lm_flops.py).
+
+    Each weight costs 2 FLOPs per token forward, 2 for its input's gradient and 2 for its own: a frozen weight
+    skips the last, so a LoRA run is priced 4N + 2·N_trainable (adapters included in both), not 6N.
     """
     if not is_int(seq_len) or seq_len < 1:
         raise ConfigError(f"seq_len={seq_len!r} must be a positive integer; use e.g. dataset.seq_len=256.")
@@ -220,10 +224,12 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
     token, output = model.get_input_embeddings().weight, model.get_output_embeddings()
     if output is None or output.weight is not token:
         skip.append(token)
-    n = sum(p.numel() for p in unique.values()) - sum(p.numel() for p in skip)
+    skipped = {id(p) for p in skip}
+    matmul = [p for key, p in unique.items() if key not in skipped]
+    n, trained = sum(p.numel() for p in matmul), sum(p.numel() for p in matmul if p.requires_grad)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 6 * n + 12 * config.num_hidden_layers * heads * head_dim * seq_len
+    return 4 * n + 2 * trained + 12 * config.num_hidden_layers * heads * head_dim * seq_len
 
 
 def _check_family(family) -> None:

@@ -19,6 +19,7 @@ import time
 import torch
 
 from stackwise_bench.nn.lora import count_parameters
+from stackwise_bench.training.accumulate import merge_outputs, micro_batches
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.training.compute import Compute, current_depth
 from stackwise_bench.training.divergence import TrainingDiverged, check_loss, check_weights, divergence_fix  # noqa: F401
@@ -59,12 +60,14 @@ class Trainer:
         progress: str = "auto",
         log_every_n_steps: int = 20,
         max_flops: float | None = None,
+        accumulate: int = 1,
     ):
         self.runtime, self.device = runtime, runtime.device
         self.max_epochs, self.batch_size = max_epochs, batch_size
         self.eval_batch_size = runtime.eval_batch_size(eval_batch_size, batch_size)
         self.grad_clip, self.patience, self.eval_every = grad_clip, early_stopping_patience, eval_every
         self.resume, self.log_every_n_steps = resume, log_every_n_steps
+        self.accumulate = accumulate  # micro-batches per step: the same step in less memory (:meth:`_backward`)
         self.show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self._compile_pending = runtime.compile  # the first compiled step of this process includes compilation
         self.max_flops, self.max_steps = max_flops, None  # max_steps: set by plan() from the FLOP budget
@@ -207,9 +210,8 @@ class Trainer:
             self._grow_if_due(optimizer, scheduler, progress)
             info = StepInfo(step=progress.global_step + 1, epoch=progress.epoch)
             self.parts.before_forward(info.step)
-            out = self.task.objective(model, batch, progress.epoch, progress.step)
             optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(self.parts.objective(out.loss)).backward()
+            out = self._backward(model, batch, progress)
             info.loss, info.grad_norm = out.loss.detach(), self._unclipped_norm(model, optimizer, info.step)
             self.parts.after_backward(info)
             if self.grad_clip:
@@ -235,6 +237,23 @@ class Trainer:
             if self.max_steps is not None and progress.global_step >= self.max_steps:
                 break  # the FLOP budget is spent: this (last) epoch ends here
         return self._epoch_row(meter, bar, optimizer, progress)
+
+    def _backward(self, model, batch, progress: Progress):
+        """The step's gradients: the whole batch at once, or ``trainer.accumulate`` micro-batches whose losses are
+        weighted by their share of the samples, so the summed gradients are the whole batch's (up to float rounding;
+        batch statistics such as BatchNorm's and batch mixing's partners are per micro-batch)."""
+        if self.accumulate == 1:
+            out = self.task.objective(model, batch, progress.epoch, progress.step)
+            self.scaler.scale(self.parts.objective(out.loss)).backward()
+            return out
+        outs = []
+        chunks = micro_batches(batch, self.accumulate)
+        total = sum(len(chunk[0]) for chunk in chunks)
+        for chunk in chunks:
+            out = self.task.objective(model, chunk, progress.epoch, progress.step)
+            self.scaler.scale(self.parts.objective(out.loss) * (len(chunk[0]) / total)).backward()
+            outs.append(out)
+        return merge_outputs(outs)
 
     def _unclipped_norm(self, model, optimizer, step: int):
         """Unscale the gradients where clipping or a part needs them true; the global norm before clipping, where
