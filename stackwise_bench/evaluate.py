@@ -2,6 +2,10 @@
 
 The command line of :func:`stackwise_bench.evaluation.evaluate_checkpoint`: re-evaluate a
 run's checkpoint on its own test split, optionally with FP8 or int8/int4 weights, into ``<run>/eval/<name>/``.
+A language-model run reports test loss, perplexity and bits per byte; ``generate=true prompt="ROMEO:"`` adds
+seeded samples, ``export=DIR`` writes the tested weights as a ``save_pretrained`` folder
+(``model.checkpoint_path=DIR`` starts a new run from it).
+``prompt=`` is taken verbatim (everything after its first ``=``), never parsed: ``prompt=ROMEO:`` stays text.
 Keys and defaults: ``conf/evaluate.yaml``. Not a Hydra app on purpose: Hydra's override
 grammar rejects the ``=`` in sweep job folders (``multirun/AugmFP16/seed=42``);
 ``OmegaConf.from_dotlist`` splits each argument at its first ``=``, as ``analyze`` does.
@@ -34,7 +38,8 @@ CONF = Path(CONF_DIR) / "evaluate.yaml"
 USAGE = (
     "usage: python -m stackwise_bench.evaluate checkpoint=<run folder>|<file.pt> "
     "[quantize=fp8_e4m3|fp8_e5m2|int8|int4] [group_size=32] [keep_head=true] [activations=false] "
-    "[name=<folder>] [device=cpu|cuda] [dataset.root=<dir>]"
+    "[name=<folder>] [device=cpu|cuda] [dataset.root=<dir>] "
+    "[generate=true prompt=<text> max_new_tokens=200 temperature=0.8 top_k=200 seed=1337 samples=1] [export=<new dir>]"
 )
 
 
@@ -43,7 +48,11 @@ def parse_args(argv: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     defaults = OmegaConf.to_container(OmegaConf.load(CONF))
-    given = parse_key_values(argv, defaults, USAGE)
+    # prompt= is text, verbatim: OmegaConf's dotlist would read prompt=ROMEO: as a mapping, prompt=1999 as a number
+    prompts = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == "prompt"]
+    given = parse_key_values([a for a in argv if a.split("=", 1)[0] != "prompt"], defaults, USAGE)
+    if prompts:
+        given["prompt"] = prompts[-1]
     args = {**defaults, **given, "dataset": {**defaults["dataset"], **given.get("dataset", {})}}
     if not args["checkpoint"]:
         raise ConfigError(f"checkpoint= is missing: name a run folder or a .pt file inside one; {USAGE}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, group_size_problem, int_activations_problem
+from stackwise_bench.lm_evaluation import check_language_options, evaluate_lm_into, is_lm_config, rebuild_lm
 from stackwise_bench.runs import identity, jsonsafe
 from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, SUMMARY, read_summary
 from stackwise_bench.runs.files import atomic_write_text, claim_new_dir
@@ -48,6 +49,14 @@ def evaluate_checkpoint(
     command: str | None = None,
     datasets: dict | None = None,
     group_size: int = GROUP_SIZE_DEFAULT,
+    generate: bool = False,
+    prompt: str | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 1337,
+    samples: int = 1,
+    export: str | None = None,
 ) -> dict:
     """Evaluate one checkpoint with its run's config into a new ``<run>/eval/<name>/``; returns that summary.
 
@@ -65,6 +74,10 @@ def evaluate_checkpoint(
         command: The command line, recorded in the summary.
         datasets: Loaded datasets by config, shared across calls (``evaluate_study`` reads each once).
         group_size: ``int4``'s weights per scale and zero point; another value with another format is refused.
+        generate, prompt, max_new_tokens, temperature, top_k, seed, samples: language models only: also write
+            seeded completions of ``prompt`` (:func:`~stackwise_bench.lm_evaluation.write_samples`).
+        export: Language models only: also write the tested weights as a ``save_pretrained`` folder there (a new
+            or empty folder), which ``model.checkpoint_path=`` loads.
 
     Raises:
         ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
@@ -86,10 +99,19 @@ def evaluate_checkpoint(
     source = read_summary(run_dir) or {}
     run_config = recorded_config(run_dir, source)
     came_from = _origin(ckpt, run_dir, source, run_config)
+    language = is_lm_config(run_config)
+    check_language_options(run_dir, run_config, language, quantize, generate, export, prompt)
     config = _with_overrides(run_config, device, dataset or {})
     settings = {"checkpoint": ckpt.name, "quantize": quantize, "keep_head": keep_head, "activations": activations}
     if quantize == "int4":  # only there: the other formats' settings (and fingerprints) stay as they were
         settings["group_size"] = check_group_size(group_size)
+    generation = None
+    if generate:  # only then: an evaluation without samples keeps its fingerprint
+        generation = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature}
+        generation |= {"top_k": top_k, "seed": seed, "samples": samples}
+        settings["generate"] = generation
+    if export is not None:
+        settings["export"] = str(export)
     digest = file_sha256(ckpt)
     fp = hashlib.sha256(json.dumps([digest, settings, config], sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations, group_size)
@@ -103,7 +125,7 @@ def evaluate_checkpoint(
             source.get("status") or "unrecorded",
             ckpt.name,
         )
-    built = rebuild(config, ckpt, datasets)
+    built = rebuild_lm(config, ckpt) if language else rebuild(config, ckpt, datasets)
     record = RunRecord(claim_new_dir(run_dir / EVAL_DIR / base, sep=NAME_SEP))
     log.info(
         "evaluating %s (epoch %s%s) into %s",
@@ -113,7 +135,7 @@ def evaluate_checkpoint(
         shown_path(record.dir),
     )
     tested = ckpt.resolve() == (run_dir / CHECKPOINTS / "best.pt").resolve()  # what the run's test metrics came from
-    recorded = (source.get("test") or {}).get("top1") if tested else None
+    recorded = (source.get("test") or {}).get("loss" if language else "top1") if tested else None
     src_run = source.get("run", {})
     # "run" describes this evaluation (RunRecord's layout); seed and choices are the evaluated run's, so an
     # eval folder groups like its run in an analysis. "source" is the evaluated run itself.
@@ -138,14 +160,17 @@ def evaluate_checkpoint(
             "checkpoint_epoch": built.epoch,
             "checkpoint_run": came_from,  # the stamp of the run that wrote it (None: written before stamps)
             "status": source.get("status"),
-            "recorded_test_top1": recorded,
+            "recorded_test_loss" if language else "recorded_test_top1": recorded,
             "run": src_run,
         },
         config=config,
         classes=built.classes,
     )
     try:
-        _evaluate_into(record, built, quantize, keep_head, activations, recorded, group_size)
+        if language:
+            evaluate_lm_into(record, built, recorded, generation, export)
+        else:
+            _evaluate_into(record, built, quantize, keep_head, activations, recorded, group_size)
     except KeyboardInterrupt:
         record.finish("interrupted")
         raise
@@ -283,7 +308,9 @@ def _with_overrides(config: dict, device: str | None, dataset: dict) -> dict:
             )
         config["dataset"][key] = value
     # The checkpoint replaces every weight: never fetch pretrained weights or read the start file again.
-    config["model"].update(pretrained=False, checkpoint_path=None)
+    config["model"]["checkpoint_path"] = None
+    if not is_lm_config(config):  # a language model has no pretrained= (model.checkpoint_path is its start)
+        config["model"]["pretrained"] = False
     return config
 
 

@@ -433,6 +433,15 @@ BAD_EVALUATE = [
     ("dataset.download=maybe", r"^dataset\.download=maybe must be true or false, or null"),
     ("activations=true", r"^activations=true only applies to a quantized model; add quantize=fp8_e4m3"),
     ("keep_head=false", r"^keep_head=false only applies to a quantized model"),
+    # language-model runs' samples and export (more in tests/test_lm_evaluate.py)
+    ("generate=maybe", r"^generate=maybe must be true or false"),
+    ("generate=true prompt=", r"^prompt='' must be non-empty text, or null \(null = a new line\)"),
+    ("generate=true max_new_tokens=0", r"^max_new_tokens=0 must be a positive integer"),
+    ("generate=true temperature=-0.5", r"^temperature=-0\.5 must be a non-negative number \(0 = greedy\)"),
+    ("generate=true top_k=0", r"^top_k=0 must be a positive integer, or null"),
+    ("generate=true seed=-1", r"^seed=-1 must be a non-negative integer below 2\*\*64"),
+    ("generate=true temperature=0 samples=2", r"^samples=2 with temperature=0: greedy decoding gives one text"),
+    ("export=[a]", r"^export=\[a\] must be a folder path, or null"),
 ]
 
 

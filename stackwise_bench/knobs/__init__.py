@@ -317,6 +317,15 @@ EVALUATE_KNOBS: dict[str, Spec] = {
     "device": Pattern(r"auto|cpu|cuda(:\d+)?", "cpu", null=True, what="auto, cpu, cuda or cuda:N"),
     "dataset.root": Text("data", null=True, what="a folder path", note="null keeps the run's own"),
     "dataset.download": Bool("false", null=True, note="null keeps the run's own"),
+    # language-model runs only (stackwise_bench/lm_evaluation.py); _generation_only below
+    "generate": Bool("true"),
+    "prompt": Text('"ROMEO:"', null=True, what="non-empty text", note="null = a new line"),
+    "max_new_tokens": Int("200", min=1),
+    "temperature": Number("0.8", lo=0, note="0 = greedy"),
+    "top_k": Int("200", min=1, null=True, note="null = every token"),
+    "seed": SEED,
+    "samples": Int("1", min=1, max=1000),
+    "export": Text("exports/gpt_mini", null=True, what="a folder path", note="null = no export"),
 }
 
 # conf/evaluate_study.yaml: `python -m stackwise_bench.evaluate --multirun experiment=FP8Test`
@@ -352,7 +361,28 @@ def check_config(cfg: DictConfig | Mapping) -> None:
 
 def check_evaluate_config(args: DictConfig | Mapping) -> None:
     """The ``evaluate`` command line's arguments over ``conf/evaluate.yaml``: one sentence for the first bad one."""
-    _check(args, EVALUATE_KNOBS, after=[_quantized_only("")])
+    _check(args, EVALUATE_KNOBS, after=[_quantized_only(""), _generation_only])
+
+
+# conf/evaluate.yaml's sampling knobs: what they are without generate=true (a value other than the default is refused)
+GENERATION_DEFAULTS = {"prompt": None, "max_new_tokens": 200, "temperature": 0.8, "top_k": 200, "seed": 1337}
+
+
+def _generation_only(get: Get) -> str | None:
+    """The sampling knobs only with ``generate=true``; greedy decoding (``temperature=0``) gives one text."""
+    if get("generate") is not True:
+        for key, default in {**GENERATION_DEFAULTS, "samples": 1}.items():
+            value = get(key)
+            if value is not ABSENT and value != default:
+                return f"{key}={show(value)} only applies to generate=true; add generate=true, or drop {key}."
+        return None
+    samples = get("samples")
+    if get("temperature") == 0 and samples not in (ABSENT, 1):
+        return (
+            f"samples={show(samples)} with temperature=0: greedy decoding gives one text; use samples=1, or a "
+            "temperature above 0 (e.g. temperature=0.8) for several."
+        )
+    return None
 
 
 def check_evaluate_study_config(cfg: DictConfig | Mapping) -> None:

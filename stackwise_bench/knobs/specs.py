@@ -157,12 +157,22 @@ class FolderName(Spec):
 
 
 class File(Text):
-    """A path to an existing file (cheap to check here, before the run builds anything)."""
+    """A path to an existing file (cheap to check here, before the run builds anything); with ``folder`` also a
+    folder (a language model's ``save_pretrained`` output)."""
 
     what = "the path of an existing file"
 
+    def __init__(self, example: str, *, folder: bool = False, **kw):
+        self.folder = folder
+        if folder:
+            kw.setdefault("what", "the path of an existing file or folder")
+        super().__init__(example, **kw)
+
     def accepts(self, value) -> bool:
-        return super().accepts(value) and os.path.isfile(os.path.expanduser(value))
+        if not super().accepts(value):
+            return False
+        path = os.path.expanduser(value)
+        return os.path.isfile(path) or (self.folder and os.path.isdir(path))
 
 
 class Pair(Spec):
