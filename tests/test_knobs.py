@@ -71,9 +71,11 @@ def compose_options(conf: Path, groups: set[str] | None = None) -> dict[tuple[st
 
 
 # Options that only compose into a valid run with a partner: a language model reads text, text needs one.
-LM = ("gpt_micro", "gpt_mini", "gpt2_small", "llama_micro")
+LM = ("gpt_micro", "gpt_mini", "gpt2_small", "gpt2_medium", "gpt2_large", "llama_micro", "llama_mini")
 PAIRED = {("model", m): ["dataset=shakespeare"] for m in LM}
 PAIRED |= {("dataset", "shakespeare"): ["model=gpt_micro"], ("dataset", "text"): ["model=gpt_micro", "dataset.root=."]}
+PAIRED |= {("dataset", "wikitext103"): ["model=gpt2_small", "dataset.root=."]}
+PAIRED |= {("experiment", "lm_peft"): ["model.checkpoint_path=null"]}  # its pretrained folder: none before the script
 
 TABLES = {"config": (KNOBS, EXEMPT), "evaluate_study": (EVALUATE_STUDY_KNOBS, {})}
 

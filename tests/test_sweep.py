@@ -293,6 +293,7 @@ def test_preset_tiny_variant_trains(preset, tmp_path):
                 "regime.stacks=[1,2,4]",
                 "trainer.max_epochs=1",
                 "trainer.batch_size=8",
+                *(["model.checkpoint_path=null"] if preset == "lm_peft" else []),  # no pretrained folder here
             ],
             tiny=False,
         )

@@ -56,7 +56,7 @@ def make_plots(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
         "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
             summary, done(a.runs), metric, group_by, out_dir / "accuracy_vs_params.png", lower=lower
         ),
-        "PEFT methods: accuracy vs trainable parameters (Pareto frontier)": lambda: peft_pareto(
+        "PEFT methods: metric vs trainable parameters (Pareto frontier)": lambda: peft_pareto(
             peft, metric, out_dir / "peft_pareto.png", lower=lower
         ),
         "Time per epoch and throughput": lambda: throughput(

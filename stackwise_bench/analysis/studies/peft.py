@@ -1,4 +1,4 @@
-"""The PEFT study: accuracy against trainable parameters across LoRA ranks and adapter methods.
+"""The PEFT study: the headline metric against trainable parameters across LoRA ranks and adapter methods.
 
 Two shapes, by what the cells vary:
 
@@ -16,6 +16,13 @@ The efficient frontier is the Pareto front of (trainable parameters, accuracy) w
 grouping keys, across methods and ranks: a row is on it when no row is at least as good with at most its
 trainable parameters, and strictly better in one of the two ("good" in the metric's direction, from the runs'
 task records: a lower error is better).
+
+How a row compares with full fine-tuning depends on that direction too. An accuracy is kept as a share
+(``acc_retained_pct``, ``efficiency_vs_full``, ``acc_per_m_trainable``); a lower-is-better metric (a language
+model's loss) has no share to keep: ``gap_vs_full`` is its distance to full fine-tuning's mean (> 0 is worse), and
+for a language model's loss in nats per token (``task.unit`` token) ``ppl`` = exp(mean loss) (the geometric mean of
+the seeds' perplexities) and ``ppl_vs_full`` = exp(gap), the perplexity's ratio to full fine-tuning's. The
+adapter's throughput against plain LoRA is per task unit: ``img_s_vs_lora``, ``token_s_vs_lora``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stackwise_bench.analysis.read.directions import lower_is_better, range_of
+from stackwise_bench.analysis.read.directions import lower_is_better, metric_name, range_of, task_units
 from stackwise_bench.analysis.read.grouping import format_value, group_label, iter_groups
 from stackwise_bench.analysis.read.numeric import is_missing, mean_of
 from stackwise_bench.analysis.stats.seeds import describe
@@ -59,14 +66,9 @@ def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by:
             label: mean_of(cell[col]) if col in cell else np.nan for label, cell in _cells_by_label(done, group_by)
         }
         table[name] = table["group"].map(means)
-    full_acc = ratio_to_reference(table, group_by, RANK, 0, "mean")
-    full_params = ratio_to_reference(table, group_by, RANK, 0, "trainable")
-    table["acc_retained_pct"] = 100 * full_acc
-    table["trainable_pct"] = 100 * full_params
-    # Accuracy kept per share of parameters trained: 1 = as good a trade as full fine-tuning.
-    table["efficiency_vs_full"] = full_acc / full_params
-    table["acc_per_m_trainable"] = table["mean"] / (table["trainable"] / 1e6)
-    table["on_frontier"] = frontier(table, [k for k in group_by if k != RANK], lower_is_better(runs, metric))
+    lower = lower_is_better(runs, metric)
+    versus = _versus_full(table, group_by, RANK, 0, lower, _is_lm_loss(runs, metric))
+    table["on_frontier"] = frontier(table, [k for k in group_by if k != RANK], lower)
     for col in ("trainable", "lora_params"):
         table[col] = as_count(table[col])
     table = table[
@@ -79,20 +81,20 @@ def peft_study(summary: pd.DataFrame, runs: pd.DataFrame, metric: str, group_by:
             "trainable",
             "lora_params",
             "trainable_pct",
-            "acc_retained_pct",
-            "efficiency_vs_full",
-            "acc_per_m_trainable",
+            *versus,
             "on_frontier",
             "group",
         ]
     ]
-    return StudyView("PEFT study (LoRA rank)", table, _frontier_highlights(table, metric))
+    return StudyView("PEFT study (LoRA rank)", table, _frontier_highlights(table, metric, lower))
 
 
 def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> StudyView | None:
     others = [k for k in group_by if k not in (METHOD, RANK)]
     done = _canonical(runs[runs["status"].isin(FINISHED)], others)
     bounds = range_of(runs, metric)
+    unit = next((u for u in task_units(runs) if f"train.{u}_s" in runs), "img")  # what the training speed counts
+    speed = f"train.{unit}_s"
     rows = []
     for values, cell in iter_groups(done, ["method", RANK, *others]):
         s = describe(pd.to_numeric(cell[metric], errors="coerce") if metric in cell else [], bounds)
@@ -101,7 +103,7 @@ def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> Study
         row["trainable"] = mean_of(cell["params.trainable"]) if "params.trainable" in cell else np.nan
         row["adapter_params"] = mean_of(adapter_counts(cell))
         for src, dst in (
-            ("train.img_s", "_img_s"),
+            (speed, "_speed"),
             ("adapter.merged.top1", "merged_top1"),
             ("adapter.merged.bits", "_bits"),
             ("adapter.rank_budget", "rank_budget"),
@@ -121,17 +123,13 @@ def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> Study
     table = table.sort_values(["method", RANK], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable")
     table = table.reset_index(drop=True)
     table[RANK] = as_count(table[RANK])
-    full_acc = ratio_to_reference(table, ["method", *others], "method", FULL, "mean")
-    full_params = ratio_to_reference(table, ["method", *others], "method", FULL, "trainable")
-    table["acc_retained_pct"] = 100 * full_acc
-    table["trainable_pct"] = 100 * full_params
-    table["efficiency_vs_full"] = full_acc / full_params
-    table["acc_per_m_trainable"] = table["mean"] / (table["trainable"] / 1e6)
-    table["img_s_vs_lora"] = ratio_to_reference(table, ["method", RANK, *others], "method", LORA, "_img_s")
-    table["merged_drop"] = table["mean"] - table["merged_top1"]
     lower = lower_is_better(runs, metric)
+    versus = _versus_full(table, ["method", *others], "method", FULL, lower, _is_lm_loss(runs, metric))
+    speed_vs = f"{unit}_s_vs_lora"
+    table[speed_vs] = ratio_to_reference(table, ["method", RANK, *others], "method", LORA, "_speed")
+    table["merged_drop"] = table["mean"] - table["merged_top1"]
     table["on_frontier"] = frontier(table, others, lower)
-    highlights = _frontier_highlights(table, metric) + _method_highlights(table, metric, others, lower)
+    highlights = _frontier_highlights(table, metric, lower) + _method_highlights(table, metric, others, lower)
     for col in ("trainable", "adapter_params"):
         table[col] = as_count(table[col])
     columns = [
@@ -145,10 +143,8 @@ def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> Study
         "trainable",
         "adapter_params",
         "trainable_pct",
-        "acc_retained_pct",
-        "efficiency_vs_full",
-        "acc_per_m_trainable",
-        "img_s_vs_lora",
+        *versus,
+        speed_vs,
         "merged_top1",
         "merged_drop",
         "rank_budget",
@@ -157,6 +153,31 @@ def _method_study(runs: pd.DataFrame, metric: str, group_by: list[str]) -> Study
     ]
     table = table[[c for c in columns if c not in OPTIONAL or table[c].notna().any()]]
     return StudyView("PEFT study (method × rank)", table, highlights)
+
+
+def _is_lm_loss(runs: pd.DataFrame, metric: str) -> bool:
+    """Whether ``metric`` is a language model's loss in nats per token (its perplexity is exp of it)."""
+    return metric_name(metric) == "loss" and "token" in task_units(runs)
+
+
+def _versus_full(table: pd.DataFrame, keys: list[str], key: str, ref, lower: bool, lm_loss: bool) -> list[str]:
+    """Add the columns comparing each row with full fine-tuning (``key=ref``) and return their names: shares of
+    accuracy kept where higher is better, the gap (and for a language model's loss, perplexities) where lower is."""
+    table["trainable_pct"] = 100 * ratio_to_reference(table, keys, key, ref, "trainable")
+    if not lower:
+        full_acc = ratio_to_reference(table, keys, key, ref, "mean")
+        table["acc_retained_pct"] = 100 * full_acc
+        # Accuracy kept per share of parameters trained: 1 = as good a trade as full fine-tuning.
+        table["efficiency_vs_full"] = full_acc / (table["trainable_pct"] / 100)
+        table["acc_per_m_trainable"] = table["mean"] / (table["trainable"] / 1e6)
+        return ["acc_retained_pct", "efficiency_vs_full", "acc_per_m_trainable"]
+    full_mean = table["mean"] / ratio_to_reference(table, keys, key, ref, "mean")
+    table["gap_vs_full"] = table["mean"] - full_mean
+    if not lm_loss:
+        return ["gap_vs_full"]
+    table["ppl"] = np.exp(table["mean"])
+    table["ppl_vs_full"] = np.exp(table["gap_vs_full"])
+    return ["ppl", "gap_vs_full", "ppl_vs_full"]
 
 
 def _canonical(done: pd.DataFrame, others: list[str]) -> pd.DataFrame:
@@ -198,9 +219,10 @@ def _short(row: pd.Series) -> str:
     return f"{row['method']} r={format_value(row[RANK])}"
 
 
-def _frontier_highlights(table: pd.DataFrame, metric: str) -> list[str]:
+def _frontier_highlights(table: pd.DataFrame, metric: str, lower: bool = False) -> list[str]:
+    digits = 4 if lower else 2  # losses differ in the third decimal; accuracies in percent in the first
     return [
-        f"on the efficient frontier: {row['group']} — {row['mean']:.2f} "
+        f"on the efficient frontier: {row['group']} — {row['mean']:.{digits}f} "
         f"({metric}) with {count_text(row['trainable'])} trainable parameters"
         for _, row in table[table["on_frontier"]].iterrows()
     ]
@@ -210,6 +232,7 @@ def _method_highlights(table: pd.DataFrame, metric: str, others: list[str], lowe
     """The best method at each rank, then per QA-LoRA/QLoRA row its accuracy after merging, per AdaLoRA row
     its final rank budget."""
     out = []
+    digits = 4 if lower else 2  # losses differ in the third decimal; accuracies in percent in the first
     for values, cell in iter_groups(table, others):
         where = f" ({group_label(values, others)})" if others else ""
         ranked = cell[cell[RANK].notna() & (cell["method"] != FULL) & cell["mean"].notna()]
@@ -218,11 +241,11 @@ def _method_highlights(table: pd.DataFrame, metric: str, others: list[str], lowe
                 continue
             best = at["mean"].min() if lower else at["mean"].max()
             tied = at.loc[np.isclose(at["mean"], best), "method"].tolist()
-            rest = ", ".join(f"{m} {v:.2f}" for m, v in zip(at["method"], at["mean"]) if m not in tied)
+            rest = ", ".join(f"{m} {v:.{digits}f}" for m, v in zip(at["method"], at["mean"]) if m not in tied)
             who = tied[0] if len(tied) == 1 else "tie between " + " and ".join(tied)
             out.append(
-                f"highest mean at r={format_value(rank)}{where}: {who} ({best:.2f} {metric}"
-                + (f"; {rest})" if rest else ")")
+                f"{'lowest' if lower else 'highest'} mean at r={format_value(rank)}{where}: {who} "
+                f"({best:.{digits}f} {metric}" + (f"; {rest})" if rest else ")")
             )
     for _, row in table.iterrows():
         where = f" ({group_label(row, others)})" if others else ""

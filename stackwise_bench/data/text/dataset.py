@@ -99,9 +99,11 @@ def load_text_dataset(
     split_seed: int = 0,
     bpe_vocab_size: int = 4096,
     tokenizer_files: str | None = None,
+    plays: str = "all",
 ) -> TextData:
     """The corpus ``corpus`` split into train/val/test, and the tokenizer ``tokenizer`` (a BPE is trained on
-    the train split and cached in ``cache_dir``).
+    the train split and cached in ``cache_dir``). ``plays`` (shakespeare only): ``all``, or the fixed disjoint
+    ``pretrain`` / ``finetune`` halves of the plays.
 
     Raises:
         ConfigError: An unknown corpus, a ``root`` where the corpus needs none or none where it needs one, or
@@ -109,8 +111,10 @@ def load_text_dataset(
     """
     if corpus not in CORPORA:
         raise ConfigError(f"dataset.corpus={corpus} is not a text corpus; use one of {', '.join(CORPORA)}.")
+    if plays != "all" and corpus != "shakespeare":
+        raise ConfigError(f"dataset.plays={plays} picks Shakespeare plays, not {corpus} text; leave it at all.")
     if corpus == "shakespeare":
-        text = load_shakespeare(val_fraction, test_fraction, split_seed)
+        text = load_shakespeare(val_fraction, test_fraction, split_seed, plays)
     elif root is None:
         raise ConfigError(f"dataset.root=null: dataset.corpus={corpus} reads local files; set dataset.root=DIR.")
     elif corpus == "text":
