@@ -6,6 +6,9 @@
 #
 #   bash scripts/lm_peft.sh             # the study: gpt_mini (10.7M parameters) on the plays' bytes (a GPU)
 #   QUICK=1 bash scripts/lm_peft.sh     # offline on a CPU: gpt_micro pretrained for 200 steps, lora/dora/vera
+#
+# Extra arguments go to the fine-tuning runs (e.g. trainer.device=cuda), not to the pretraining: a relaunch with
+# other arguments must find the same pretrained model.
 set -uo pipefail
 study=lm_peft
 model=gpt_mini

@@ -204,6 +204,10 @@ def test_lora_on_gpt_micro_adapts_the_family_targets(tmp_path, cache):
             "lora.method=qalora quantizes image models' layers",
         ),
         (["model=gpt_micro", "dataset=shakespeare", "trainer.batch_size=4", "trainer.accumulate=5"], "accumulate=5"),
+        (
+            ["model=gpt_micro", "dataset=shakespeare", "lora.rank=4", "lora.method=oft"],
+            "lora.method=oft has no adapter in peft for GPT-2's Conv1D projections",
+        ),
     ],
 )
 def test_bad_input_is_refused_in_one_sentence(overrides, refusal):

@@ -73,6 +73,18 @@ def test_a_single_job_sweep_gets_a_stable_name_and_a_second_one_another(tmp_path
     assert other not in ("", first)  # another config, nothing varying in its launch either: a name of its own
 
 
+def test_a_relaunch_with_a_long_shared_path_gets_short_folder_names(tmp_path):
+    """A shared override that changed between launches (a long model.checkpoint_path): the new jobs' varying-key
+    names are taken and their identities are too long for a folder (ENAMETOOLONG), so they get name-hash folders."""
+    first = name_grid(tmp_path, grid(["seed=1", "seed=2"]))
+    long = f"model.checkpoint_path={'/deep' * 60}/export"
+    later = name_grid(tmp_path, [[*job, long] for job in grid(["seed=1", "seed=2"])])
+    assert set(first.values()) == {"seed=1", "seed=2"} and len(set(later.values()) | set(first.values())) == 4
+    for name in later.values():
+        assert name.startswith("seed=") and len(name.encode()) <= naming.MAX_NAME and "/" not in name
+        (tmp_path / name).mkdir()  # the file system takes it
+
+
 def test_a_study_launched_before_names_were_recorded_keeps_its_full_names(tmp_path):
     jobs = grid(["seed=1", "seed=2"])
     identities = list(naming.parse_jobs(jobs, EXCLUDE))

@@ -182,6 +182,7 @@ def _model_reads_the_data(get: Get) -> str | None:
     return None
 
 
+CONV1D_UNSUPPORTED = ("loha", "lokr", "oft")  # peft builds these on nn.Linear/Conv layers, not transformers' Conv1D
 QUANTIZED_LORA = ("qalora", "qlora")  # = nn.peft_methods.QUANTIZED_METHODS (knobs sit below nn): image layers only
 
 
@@ -196,10 +197,17 @@ def _language_model_options(get: Get) -> str | None:
             "GPU, fp32 anywhere)."
         )
     method, rank = get("lora.method"), get("lora.rank")
-    if method in QUANTIZED_LORA and rank not in (0, None, ABSENT):
+    if rank in (0, None, ABSENT):
+        return None
+    if method in QUANTIZED_LORA:
         return (
             f"lora.method={method} quantizes image models' layers and is not wired for language models; use "
             f"lora.method=lora (or dora, rslora, ...) on model={model}."
+        )
+    if method in CONV1D_UNSUPPORTED and get("model.family") == "gpt2":
+        return (
+            f"lora.method={method} has no adapter in peft for GPT-2's Conv1D projections (model={model}); use "
+            "lora.method=lora (or dora, rslora, pissa, adalora, vera, ia3), or a LLaMA model (model=llama_micro)."
         )
     return None
 

@@ -33,6 +33,7 @@ from stackwise_bench.runs.files import atomic_write_text
 
 NAMES_FILE = "folders.json"
 SINGLE = "job"  # the folder of a sweep in which nothing varies
+MAX_NAME = 200  # bytes of a job folder's name: file systems take 255 per component, its outcome file adds ".json"
 VARYING, FULL = "varying", "full"
 _NOT_JOBS = {".study", ".submitit", "multirun.yaml", "optuna.db"}  # what a study folder holds besides its jobs
 
@@ -123,13 +124,20 @@ def assign(names: dict, sweep_dir: str | os.PathLike, candidates: dict[str, list
     for identity, tries in candidates.items():
         if identity not in folders:
             digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
-            for name in (*tries, identity, f"{identity or SINGLE}-{digest}"):
+            fallback = f"{(tries[0] if tries else identity or SINGLE)[: MAX_NAME // 2].replace(os.sep, '_')}-{digest}"
+            for name in (*[t for t in (*tries, identity) if _fits(t)], fallback):
                 if name and name not in taken and not (Path(sweep_dir) / name).exists():
                     break
             folders[identity] = name
             taken.add(name)
         out[identity] = folders[identity]
     return out
+
+
+def _fits(name: str) -> bool:
+    """A folder name every file system takes (a long identity, e.g. with a long path in a shared override
+    that changed between launches, would fail with ENAMETOOLONG); its outcome file adds ``%2F`` for each ``/``."""
+    return len(name.encode()) + 2 * name.count(os.sep) <= MAX_NAME
 
 
 def grid_candidates(names: dict, jobs: dict[str, dict[str, str]]) -> dict[str, list[str]]:
