@@ -232,3 +232,23 @@ def test_the_scripts_end_with_the_analysis():
     for name in ("lm_scaling", "lm_peft"):
         lines = [ln for ln in (ROOT / "scripts" / f"{name}.sh").read_text().splitlines() if ln.strip()]
         assert lines[-1] == "exit $status" and "stackwise_bench.analyze" in "\n".join(lines[-4:])
+
+
+# ------------------------------------------------------------------------------------------------ dynamics
+
+
+def test_a_language_models_convergence_is_within_one_percent_of_its_best_loss():
+    """Not the 0.5 accuracy points of image runs (0.5 nats would call almost any epoch converged)."""
+    from stackwise_bench.analysis.read.dynamics import run_dynamics
+
+    runs = lm_runs([{"seed": 1}])
+    val = [4.0, 3.0, 2.6, 2.52, 2.5]  # 2.52 is within 1% of 2.5, 2.6 is not
+    epochs = pd.DataFrame(
+        [
+            {"run_dir": "r0", "status": "completed", "epoch": i + 1, "val_loss": v, "train_loss": v - 0.1}
+            for i, v in enumerate(val)
+        ]
+    )
+    r = run_dynamics(runs, epochs, metric="loss").iloc[0]
+    assert r["best_val_loss"] == 2.5 and r["convergence_epoch"] == 4
+    assert r["overfitting"] == 0.0 and r["generalisation_gap"] == pytest.approx(0.1)

@@ -38,6 +38,7 @@ def make_plots(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
     group_by, metric, summary = a.group_by, a.metric, a.summary
     lower = lower_is_better(a.runs, metric)
     peft = next((v for v in a.views if v.title.startswith("PEFT")), None)
+    quality = "Loss" if lower else "Accuracy"  # the headings say what is drawn: a language model's loss
     search = next((v for v in a.views if hasattr(v, "importances")), None)
     jobs = {
         "Learning curves": lambda: learning_curves(
@@ -46,14 +47,14 @@ def make_plots(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
         "Learning-rate schedule": lambda: lr_schedule(
             done(a.epochs), group_by, out_dir / "lr_schedule.png", steps=collect_steps(done(a.runs))
         ),
-        "Accuracy vs LoRA rank": lambda: accuracy_vs_rank(
+        f"{quality} vs LoRA rank": lambda: accuracy_vs_rank(
             summary, metric, group_by, out_dir / "accuracy_vs_rank.png", lower=lower
         ),
         "Scaling fit": lambda: scaling_figure(a.scaling, out_dir / "scaling.png"),
-        "Accuracy vs training FLOPs": lambda: accuracy_vs_flops(
+        f"{quality} vs training FLOPs": lambda: accuracy_vs_flops(
             a.regimes, done(a.epochs), out_dir / "accuracy_vs_flops.png"
         ),
-        "Accuracy vs trainable parameters": lambda: accuracy_vs_params(
+        f"{quality} vs trainable parameters": lambda: accuracy_vs_params(
             summary, done(a.runs), metric, group_by, out_dir / "accuracy_vs_params.png", lower=lower
         ),
         "PEFT methods: metric vs trainable parameters (Pareto frontier)": lambda: peft_pareto(

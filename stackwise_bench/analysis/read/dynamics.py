@@ -18,7 +18,15 @@ import pandas as pd
 from stackwise_bench.analysis.read.collect import override_keys
 from stackwise_bench.analysis.read.directions import lower_is_better, task_metrics
 
-CONVERGENCE_TOLERANCE = 0.5  # in the metric's units (accuracy points): closer than this is noise between epochs
+CONVERGENCE_TOLERANCE = 0.5  # accuracy points: closer than this is noise between epochs
+RELATIVE_TOLERANCE = 0.01  # any other metric (a loss in nats, an error): within 1% of the run's best
+
+
+def convergence_tolerance(metric: str) -> str:
+    """How close to the run's best its convergence epoch is, in words (for the report)."""
+    return f"{CONVERGENCE_TOLERANCE} points" if metric == "top1" else f"{RELATIVE_TOLERANCE:.0%}"
+
+
 # {m}: the task metric's name (top1, mse).
 COLUMNS = (
     "best_val_{m}",
@@ -100,7 +108,9 @@ def _from_curves(epochs: pd.DataFrame, m: str, sign: float) -> pd.DataFrame:
         final = ev[depth.isna() | last.isna() | (depth == last)]
     best = final.loc[final.groupby("run_dir", sort=False)["_score"].idxmax()].set_index("run_dir")
     out[f"best_val_{m}"], out["best_epoch"] = best[val], best["epoch"]
-    near = ev[ev["_score"] >= ev["run_dir"].map(sign * out[f"best_val_{m}"]) - CONVERGENCE_TOLERANCE]
+    best_score = ev["run_dir"].map(sign * out[f"best_val_{m}"])
+    tolerance = CONVERGENCE_TOLERANCE if m == "top1" else RELATIVE_TOLERANCE * best_score.abs()
+    near = ev[ev["_score"] >= best_score - tolerance]
     out["convergence_epoch"] = near.groupby("run_dir")["epoch"].min()
     for src, dst in ((train, f"final_train_{m}"), (val, f"final_val_{m}"), ("val_loss", "final_val_loss")):
         out[dst] = g[src].last() if src in e else np.nan  # last logged value of each curve

@@ -6,7 +6,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.pipeline import StudyAnalysis
 from stackwise_bench.analysis.read.directions import MAX, MIN, SPOKEN, WORDS, lower_is_better, task_metrics
-from stackwise_bench.analysis.read.dynamics import CONVERGENCE_TOLERANCE
+from stackwise_bench.analysis.read.dynamics import convergence_tolerance
 from stackwise_bench.analysis.read.formatting import fmt_p, fmt_sig, markdown_table, mean_std, metric_digits
 from stackwise_bench.analysis.stats.compare import ALPHA, MIN_WILCOXON_PAIRS, PAIRED_FRACTION
 from stackwise_bench.analysis.stats.stat_power import TARGET_POWER, fmt_seeds, is_underpowered, underpowered_sentence
@@ -185,7 +185,7 @@ def dynamics_md(a: StudyAnalysis) -> str:
         "## Training dynamics\n\n"
         + markdown_table(pd.DataFrame(rows))
         + f"\nmean ± std over seeds, {WORDS[MIN if lower_is_better(a.runs, f'val_{m}') else MAX]} for {m}. "
-        f"Convergence epoch: first epoch within {CONVERGENCE_TOLERANCE} of the run's best validation {what}; "
+        f"Convergence epoch: first epoch within {convergence_tolerance(m)} of the run's best validation {what}; "
         f"generalisation gap: how much worse the final validation {what} is than the final train {what}; "
         f"overfitting: how much worse the final validation {what} is than the best.\n"
     )
