@@ -9,7 +9,9 @@ pilot and print, per comparison, the observed effect and the seeds a full study 
 then exit 0 without writing the report or checking expectations), ``scaling`` (a numeric axis such as
 ``lora.rank`` or ``params.trainable``: fit error = E + A·x^(−α) with bootstrap intervals, scaling.csv and a
 log-log plot), ``aggregate`` (mean, the default, or iqm: adds the interquartile mean with stratified-bootstrap
-intervals), ``bootstrap`` (resamples for the bootstrap intervals, default 1000).
+intervals), ``bootstrap`` (resamples for the bootstrap intervals, default 1000), ``target`` (a depth-as-time study's
+validation value to reach, e.g. ``target=3.0`` for a loss; default: 99% of the classical arm's final top-1, 101%
+of its loss).
 
 Not a Hydra app on purpose: Hydra's override grammar rejects
 ``baseline=precision=fp32``; ``OmegaConf.from_dotlist`` splits at the first ``=``.
@@ -25,11 +27,12 @@ import time
 
 from stackwise_bench.cli import parse_key_values
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.values import is_number
 
 USAGE = (
     "usage: python -m stackwise_bench.analyze runs=<folder>|[<folder>,...] [metric=test.top1] "
     "[baseline=<key>=<value>] [group_by=[<key>,...]] [out=<folder>] [expect=<file.yaml>] [plots=true] "
-    "[plan_seeds=false] [scaling=<axis>] [aggregate=mean|iqm] [bootstrap=1000]"
+    "[plan_seeds=false] [scaling=<axis>] [aggregate=mean|iqm] [bootstrap=1000] [target=<val metric>]"
 )
 DEFAULTS = {
     "runs": None,
@@ -43,6 +46,7 @@ DEFAULTS = {
     "scaling": None,
     "aggregate": "mean",
     "bootstrap": 1000,
+    "target": None,
 }
 
 
@@ -71,6 +75,12 @@ def parse_args(argv: list[str]) -> dict:
     boot = args["bootstrap"]
     if not is_int(boot) or boot < 100:
         raise ConfigError(f"bootstrap={boot} must be a whole number of resamples of at least 100 (default 1000).")
+    target = args["target"]
+    if target is not None and not is_number(target, finite=True):
+        raise ConfigError(
+            f"target={target} must be a number: the validation value a depth-as-time study's arms must reach "
+            "(e.g. target=3.0 for a loss); leave it out for 101% (99%) of the classical arm's final value."
+        )
     if args["scaling"] is not None:
         args["scaling"] = str(args["scaling"])
     return args
@@ -97,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             aggregate=args["aggregate"],
             scaling=args["scaling"],
             n_boot=args["bootstrap"],
+            target=args["target"],
         )
         if args["plan_seeds"]:
             print_seed_plan(a)

@@ -289,3 +289,20 @@ def test_runs_without_flops_and_without_a_classical_arm_get_one_sentence_each(tm
     assert r.table["ftt_ratio"].isna().all()
     assert r.runs["time_to_target_s"].notna().any()  # wall time still counts
     assert accuracy_vs_flops_figure(r, analyze_runs(study).epochs) is None
+
+
+@pytest.mark.slow
+def test_a_given_target_replaces_the_share_of_the_classical_arm(regime_study, tmp_path):
+    """``analyze target=76``: every run's val_top1 reaches 76 at epoch 3 (70, 73, 76, ... or 89.5 from its hit)."""
+    from stackwise_bench.analyze import main
+
+    a = analyze_runs(regime_study, baseline="regime=classical_matched", target=76.0)
+    assert a.regimes.targets == {"all runs": 76.0}
+    for arm in TOP1:
+        runs = a.regimes.runs[a.regimes.runs["regime"] == arm]
+        assert list(runs["flops_to_target"]) == [FLOPS[profile(arm)][2] * U] * 3 and runs["reached"].all()
+    out = tmp_path / "an"
+    assert main([f"runs={regime_study}", "target=76", "plots=false", f"out={out}"]) == 0
+    assert "Target: given (analyze target=): 76.00% validation top-1." in (out / "report.md").read_text()
+    assert main([f"runs={regime_study}", "target=high", f"out={tmp_path / 'x'}"]) == 2
+    assert not (tmp_path / "x").exists()

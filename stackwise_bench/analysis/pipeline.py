@@ -125,6 +125,7 @@ def analyze_runs(
     aggregate: str = "mean",
     scaling: str | None = None,
     n_boot: int = N_BOOT,
+    target: float | None = None,
 ) -> StudyAnalysis:
     """Collect the runs below ``paths`` and compute statistics, comparisons, dynamics and views.
 
@@ -181,7 +182,7 @@ def analyze_runs(
         duplicates=duplicates,
         aggregate=aggregate,
         scaling=scaled,
-        regimes=analyze_regimes(runs, epochs, group_by),
+        regimes=analyze_regimes(runs, epochs, group_by, target=target),
         direction=direction_of(runs, metric),
     )
     if aggregate == "iqm":

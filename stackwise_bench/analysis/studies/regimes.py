@@ -75,6 +75,7 @@ class RegimeAnalysis:
     metric: str = "test.top1"  # the test metric compared; its validation curve (val_top1) decides the target
     lower: bool = False  # the metric is lower-is-better (the runs' task record says so)
     checkpoint: str = ""  # which checkpoint the runs were tested with (test.checkpoint_policy), as a sentence
+    given_target: bool = False  # the target is the user's (analyze target=...), not a share of the classical arm's
 
     @property
     def name(self) -> str:
@@ -92,9 +93,16 @@ def regime_key(runs: pd.DataFrame) -> str | None:
 
 
 def analyze_regimes(
-    runs: pd.DataFrame, epochs: pd.DataFrame, group_by: list[str], fraction: float = TARGET_FRACTION
+    runs: pd.DataFrame,
+    epochs: pd.DataFrame,
+    group_by: list[str],
+    fraction: float = TARGET_FRACTION,
+    target: float | None = None,
 ) -> RegimeAnalysis | None:
-    """The regime study of ``runs`` (None when they are not one); ``epochs`` from ``collect_epochs``."""
+    """The regime study of ``runs`` (None when they are not one); ``epochs`` from ``collect_epochs``.
+
+    ``target``: the validation value to reach (``analyze target=3.0``: a loss every arm can reach within its
+    budget), instead of ``fraction`` of the classical arm's final test value."""
     key = regime_key(runs)
     if key is None:
         return None
@@ -106,6 +114,7 @@ def analyze_regimes(
     done["arm"] = [group_label(r, [*others, key]) for _, r in done.iterrows()]
     curves = {d: c.sort_values("epoch") for d, c in epochs.groupby("run_dir")} if len(epochs) else {}
     a = RegimeAnalysis(key, fraction, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), notes=_notes(done, key))
+    a.given_target = target is not None
     a.metric, a.lower = metric, lower_is_better(runs, metric)
     a.checkpoint = checkpoint_sentence(done)
     share = 2 - fraction if a.lower else fraction  # within 1% of the reference, on the worse side
@@ -118,15 +127,16 @@ def analyze_regimes(
         means = {v: m for v, m in means.items() if np.isfinite(m)}
         ref = next((v for v in cells if same_value(v, CLASSICAL)), None)
         best = (min if a.lower else max)(means, key=means.get, default=None)
-        a.targets[label] = target = float(share * means.get(ref if ref is not None else best, NAN))
-        if not np.isfinite(target):
+        goal = target if target is not None else float(share * means.get(ref if ref is not None else best, NAN))
+        a.targets[label] = goal
+        if not np.isfinite(goal):
             a.notes.append(f"{where}No finished run recorded {metric}: there is no target to reach.")
-        elif ref is None:
+        elif ref is None and target is None:
             a.notes.append(
                 f"{where}No classical full-budget arm (regime={CLASSICAL}): the target is {share:.0%} of the "
                 f"best arm's ({format_value(best)}) mean {label_of(metric)}, and no FLOPs ratio is computed."
             )
-        mine = pd.DataFrame([_run_row(r, curves.get(r["run_dir"]), target, key, a) for _, r in stratum.iterrows()])
+        mine = pd.DataFrame([_run_row(r, curves.get(r["run_dir"]), goal, key, a) for _, r in stratum.iterrows()])
         per_run.append(mine)
         growth += [g for _, r in stratum.iterrows() for g in _growths(r, curves.get(r["run_dir"]), key)]
         of = {v: mine[mine["run_dir"].isin(c["run_dir"])] for v, c in cells.items()}
@@ -134,7 +144,7 @@ def analyze_regimes(
         for value, cell in cells.items():
             kind = _kind(value, cell.get(TRAIN_REGIME))
             stats = _arm_stats(of[value], of[ref] if ref is not None else None, a)
-            rows.append({**values, "arm": cell["arm"].iloc[0], REGIME: value, "kind": kind, **stats, "target": target})
+            rows.append({**values, "arm": cell["arm"].iloc[0], REGIME: value, "kind": kind, **stats, "target": goal})
             if kind == DEPTH_TIME and matched is not None:
                 name = format_value(value) + (f" ({label})" if others else "")
                 tests.append((len(rows) - 1, name, compare_cells(cell, matched, metric, lower=a.lower)))

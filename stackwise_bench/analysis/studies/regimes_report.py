@@ -37,9 +37,14 @@ def regimes_md(r: RegimeAnalysis) -> str:
         parts.append("".join(f"- {n}\n" for n in r.notes))
     if r.checkpoint:
         parts.append(f"{r.checkpoint}\n")
+    where = (
+        "given (analyze target=)"
+        if r.given_target
+        else f"{share} of the mean final {test} of the classical full-budget arm (regime={CLASSICAL}; the best arm "
+        "where there is none)"
+    )
     parts.append(
-        f"Target: {share} of the mean final {test} of the classical full-budget arm "
-        f"(regime={CLASSICAL}; the best arm where there is none): {targets} {val}. FLOPs to target: the "
+        f"Target: {where}: {targets} {val}. FLOPs to target: the "
         "cumulative training FLOPs (forward and backward passes of training steps) at the end of the first epoch "
         f"whose *{val}* {reaches} the target: {seen} is what a run can see while it trains, "
         "so the resolution is one epoch. Time to target: the training time of the epochs up to it. × classical: "
