@@ -157,6 +157,31 @@ def test_interrupt_and_resume_matches_uninterrupted(lm_run, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_continues_bit_for_bit(tmp_path, cache):
+    """kill -9 once the first epoch's row is written (the run is then inside epoch 2: no handler runs, nothing is
+    saved); the resume starts from epoch 1's last.pt, whose windows generator redraws epoch 2's batches."""
+    import time
+
+    args = tiny(cache, "dataset.steps_per_epoch=40", "monitors=none")  # composed alike here (tiny=False) and there
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "stackwise_bench.train", *args, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its first epoch was seen"
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert len(read_metrics(run_dir)) < 3 and read_summary(run_dir)["status"] == "running"  # killed mid-run
+    resumed = run(compose([*args, "trainer.resume=true"], tiny=False), run_dir)
+    reference = run(compose(args, tiny=False), tmp_path / "reference")
+    assert resumed["status"] == reference["status"] == "completed" and resumed["run"]["resumed"]
+    assert numbers(read_metrics(run_dir)) == numbers(read_metrics(tmp_path / "reference"))
+    assert resumed["test"]["nats"] == reference["test"]["nats"]
+
+
+@pytest.mark.slow
 def test_resume_on_another_tokenizer_is_refused(lm_run, tmp_path, cache):
     import shutil
 
