@@ -133,7 +133,7 @@ def project_argv(s: LMSize, setup: dict, cache_dir: Path, run_dir: Path, seed: i
         "model=gpt_micro",
         "dataset=shakespeare",
         "dataset.tokenizer=byte",
-        "++model.nanogpt=true",  # exact GELU, dropout 0, eps 1e-5, init 0.02 with scaled residual projections
+        "model.nanogpt=true",  # exact GELU, dropout 0, eps 1e-5, init 0.02 with scaled residual projections
         f"model.n_layer={SHAPE['n_layer']}",
         f"model.n_head={SHAPE['n_head']}",
         f"model.n_embd={SHAPE['n_embd']}",

@@ -81,6 +81,7 @@ KNOBS: dict[str, Spec] = {
     "model.weight_init": Choice(("", "skip", "reset", "jax", "jax_nlhb", "moco"), "jax"),
     # conf/model/{gpt_*,llama_*}.yaml: causal language models (stackwise_bench/nn/causal_lm.py)
     "model.family": Choice(("gpt2", "llama"), "gpt2"),
+    "model.nanogpt": Bool("false"),
     "model.n_layer": Int("4", min=1),
     "model.n_embd": Int("128", min=1),
     "model.n_head": Int("4", min=1),
