@@ -26,6 +26,9 @@ Figures (goals from issue 5 for a 2-core CPU machine):
   startup    launch -> first optimizer step of the default run ÷ `python -c "import torch"`   <= 1.8
   sweep      4 tiny jobs: wall time with hydra.launcher.n_jobs=1 ÷ with n_jobs=2         >= 1.7
              (also 4 default-sized jobs, and the ceiling a 2-thread job leaves them)
+  nanogpt    nanoGPT's own train.py (vendored, unchanged) and stackwise_bench.train on the same token file, shape,
+             recipe and steps: tokens/s ratio (median step, fetch included)              >= 1.0
+             and the validation loss at equal steps, one scorer for both                 within seed noise
   diagnostics  training img/s (mean step, so the logging steps count) with diagnostics=basic and full
              ÷ diagnostics=none, at their default every_n_steps=50                       basic >= 0.98
   knobs      what channels_last, torch.compile, foreach/fused AdamW, the larger eval batch,
