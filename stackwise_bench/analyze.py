@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             n_boot=args["bootstrap"],
             target=args["target"],
         )
+        if args["target"] is not None and a.regimes is None:
+            raise ConfigError(
+                f"target={args['target']} is the validation value a depth-as-time study's arms must reach, and "
+                f"{', '.join(args['runs'])} holds no regime= study; drop target= (or analyse a regime study)."
+            )
         if args["plan_seeds"]:
             print_seed_plan(a)
             return 0

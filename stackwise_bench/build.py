@@ -118,12 +118,13 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     """A causal language model's run (``model=gpt_micro dataset=shakespeare``): the model sized to the tokenizer,
     refused before any tokenizing when it cannot read the data, then the token windows and the causal-LM task."""
     from stackwise_bench.data.text.dataset import text_loaders
-    from stackwise_bench.nn.lm_models import adapt_lm, check_fits, lm_shape
+    from stackwise_bench.nn.lm_models import adapt_lm, check_export_tokenizer, check_fits, lm_shape
     from stackwise_bench.training.lm_task import CausalLM, WindowsPart
 
     vocab = cfg.model.get("vocab_size") or data.vocab_size
     model = instantiate(cfg.model, vocab_size=vocab)
     check_fits(model, cfg.model.name, data.tokenizer.name, data.vocab_size, data.seq_len)
+    check_export_tokenizer(cfg.model.get("checkpoint_path"), data.tokenizer.describe())
     shape = lm_shape(model)
     lora = OmegaConf.to_container(cfg.lora, resolve=True)
     model = adapt_lm(model, lora, cfg.trainer.max_epochs * data.steps_per_epoch, cfg.model.name)

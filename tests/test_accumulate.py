@@ -27,6 +27,40 @@ def test_merged_loss_is_the_sample_weighted_mean():
     assert int(merged.tallies["correct"]) == 3
 
 
+def test_micro_batches_accumulate_the_whole_batchs_gradient_with_a_penalty():
+    """The trainer's step on 5 samples as 2 micro-batches (3 + 2): the same gradients as one batch of 5, a part's
+    penalty counted once (a wrong weighting, e.g. none, doubles them)."""
+    from types import SimpleNamespace
+
+    from stackwise_bench.training.parts import Parts, StepPart
+    from stackwise_bench.training.trainer import Trainer
+
+    class Penalty(StepPart):
+        key = "penalty"
+
+        def __init__(self, model):
+            self.model = model
+
+        def penalty(self):
+            return 0.1 * self.model.weight.square().sum()
+
+    task = ImageClassification(3, lambda: torch.autocast("cpu", enabled=False), "cpu")
+    torch.manual_seed(0)
+    batch = (torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
+    grads = {}
+    for n in (1, 2):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(4, 3)
+        trainer = Trainer.__new__(Trainer)
+        trainer.accumulate, trainer.task = n, task
+        trainer.scaler, trainer.parts = torch.amp.GradScaler("cpu", enabled=False), Parts([Penalty(model)])
+        out = trainer._backward(model, batch, SimpleNamespace(epoch=0, step=0))
+        grads[n] = (model.weight.grad.clone(), model.bias.grad.clone(), float(out.loss), out.samples)
+    torch.testing.assert_close(grads[2][0], grads[1][0])
+    torch.testing.assert_close(grads[2][1], grads[1][1])
+    assert grads[2][2] == pytest.approx(grads[1][2]) and grads[2][3] == grads[1][3] == 5
+
+
 @pytest.mark.slow
 def test_accumulated_vit_run_matches_one_batch(tmp_path, monkeypatch):
     """A ViT (no batch statistics) trained with 4 micro-batches per step: the same steps and, up to float rounding,

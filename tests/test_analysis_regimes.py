@@ -267,6 +267,11 @@ def test_cli_writes_the_section_the_csv_and_the_figure(regime_study, tmp_path, c
 
 
 @pytest.mark.slow
+def test_a_target_for_a_study_without_regimes_is_refused(optimizer_study, tmp_path, capsys):
+    assert main([f"runs={optimizer_study}", "target=90", f"out={tmp_path / 'an'}"]) == 2
+    assert "holds no regime= study; drop target=" in capsys.readouterr().err and not (tmp_path / "an").exists()
+
+
 def test_a_study_without_regimes_has_no_section(optimizer_study, tmp_path, capsys):
     a = analyze_runs(optimizer_study)
     assert a.regimes is None and a.baseline == {"optimizer": "sgd"}
@@ -294,7 +299,6 @@ def test_runs_without_flops_and_without_a_classical_arm_get_one_sentence_each(tm
 @pytest.mark.slow
 def test_a_given_target_replaces_the_share_of_the_classical_arm(regime_study, tmp_path):
     """``analyze target=76``: every run's val_top1 reaches 76 at epoch 3 (70, 73, 76, ... or 89.5 from its hit)."""
-    from stackwise_bench.analyze import main
 
     a = analyze_runs(regime_study, baseline="regime=classical_matched", target=76.0)
     assert a.regimes.targets == {"all runs": 76.0}

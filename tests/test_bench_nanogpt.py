@@ -76,6 +76,7 @@ def test_welch_interval_agrees_with_scipy():
     lo, hi = t.confidence_interval(0.95)
     assert test["ci"] == pytest.approx([lo, hi]) and test["within_noise"] == (t.pvalue > 0.05)
     assert lm.welch([1.0], [2.0])["ci"] is None
+    assert lm.welch([2.10, 2.14], [2.11, 2.16])["within_noise"] is None  # 2 seeds a side: no verdict
 
 
 @pytest.mark.slow

@@ -64,6 +64,13 @@ def test_scaling_fits_the_loss_itself_with_one_curve_across_widths_and_depths():
     assert low <= s.fit.fit.alpha <= high
 
 
+def test_another_swept_key_splits_the_ladder_but_not_its_size_keys():
+    runs = ladder()
+    runs = pd.concat([runs.assign(**{"optimizer.lr": lr}) for lr in (1e-3, 3e-3)], ignore_index=True)
+    keys = ["model.n_embd", "model.n_layer", "optimizer.lr"]
+    assert strata_keys(runs.assign(_x=runs["params.total"]), "params.total", keys) == ["optimizer.lr"]
+
+
 def test_a_key_named_by_words_still_splits_the_fit():
     runs = ladder().assign(**{"lora.method": "lora"})
     runs.loc[runs["model.n_layer"] == 4, "lora.method"] = "dora"  # a method, not a size: its own curve
@@ -224,8 +231,27 @@ def test_lm_peft_fine_tunes_a_pretrained_folder_on_held_out_plays(tmp_path):
     assert summary["params"]["trainable"] == 4 * 4 * (128 + 3 * 128)  # 4 blocks' c_attn: r·(in + out)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["source"]["plays"] == "finetune"
-    held_out = set(load_shakespeare(which="pretrain").record["splits"]["train"])
-    assert not held_out & {n for docs in split["splits"].values() for n in docs}
+    pretraining = {n for docs in load_shakespeare(which="pretrain").record["splits"].values() for n in docs}
+    assert len(pretraining) == 19 and not pretraining & {n for docs in split["splits"].values() for n in docs}
+
+
+def test_an_export_trained_with_another_tokenizer_is_refused(tmp_path):
+    """Same vocabulary size, other ids: the export's recorded tokenizer (stackwise_bench.json) must be the run's."""
+    import json
+
+    from stackwise_bench.nn.causal_lm import build_named
+    from stackwise_bench.train import run
+
+    pretrained = tmp_path / "pretrained"
+    build_named("gpt_micro", vocab_size=256).save_pretrained(pretrained)
+    other = {"name": "bpe", "vocab_size": 256, "sha256": "ab" * 32}
+    (pretrained / "stackwise_bench.json").write_text(json.dumps({"tokenizer": other}))
+    cfg = compose(["model=gpt_micro", "dataset=shakespeare", f"model.checkpoint_path={pretrained}"], tiny=False)
+    with pytest.raises(
+        ConfigError, match=r"was trained with the bpe tokenizer \(sha256 abababababab\), not this run's byte"
+    ):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_the_scripts_end_with_the_analysis():

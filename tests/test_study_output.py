@@ -83,6 +83,10 @@ def test_a_relaunch_with_a_long_shared_path_gets_short_folder_names(tmp_path):
     for name in later.values():
         assert name.startswith("seed=") and len(name.encode()) <= naming.MAX_NAME and "/" not in name
         (tmp_path / name).mkdir()  # the file system takes it
+    wide = name_grid(tmp_path, grid([f"+prompt='{c * 150}'" for c in "日月"]))
+    for name in wide.values():  # a multi-byte override: cut by bytes, and a third launch gets folders of its own
+        assert len(name.encode()) <= naming.MAX_NAME and name not in set(first.values()) | set(later.values())
+        (tmp_path / name).mkdir()
 
 
 def test_a_study_launched_before_names_were_recorded_keeps_its_full_names(tmp_path):

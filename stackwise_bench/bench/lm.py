@@ -236,7 +236,8 @@ def read_paths(side: str, folder: Path) -> list[str]:
 
 
 def welch(a: list[float], b: list[float]) -> dict:
-    """mean(a) - mean(b) with a Welch 95% interval (None with fewer than 2 runs a side)."""
+    """mean(a) - mean(b) with a Welch 95% interval (None with fewer than 2 runs a side); ``within_noise`` only from
+    3 runs a side: with 2, the t quantile (~12.7) makes almost any difference "noise", a verdict worth nothing."""
     from scipy import stats
 
     diff = statistics.fmean(a) - statistics.fmean(b)
@@ -248,7 +249,12 @@ def welch(a: list[float], b: list[float]) -> dict:
         return {"diff": diff, "ci": [diff, diff], "within_noise": diff == 0}
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = float(stats.t.ppf(0.975, df)) * se
-    return {"diff": diff, "ci": [diff - half, diff + half], "within_noise": diff - half <= 0 <= diff + half}
+    judged = min(len(a), len(b)) >= 3
+    return {
+        "diff": diff,
+        "ci": [diff - half, diff + half],
+        "within_noise": diff - half <= 0 <= diff + half if judged else None,
+    }
 
 
 def fig_nanogpt(b: Budget, work: Path, size: LMSize | None = None, cache_dir: Path | None = None) -> list[dict]:
@@ -322,7 +328,7 @@ def rows(s: LMSize, setup: dict, files: dict, samples: dict, runs: dict) -> list
     test = welch(losses["stackwise"], losses["nanoGPT"])
     sd = {side: statistics.stdev(v) if len(v) > 1 else float("nan") for side, v in losses.items()}
     ci = f"[{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}]" if test["ci"] else "[n/a]"
-    verdict = {True: "yes", False: "NO", None: "n/a"}[test["within_noise"]]
+    verdict = {True: "yes", False: "NO", None: "n/a (fewer than 3 seeds a side)"}[test["within_noise"]]
     mean = {side: statistics.fmean(v) for side, v in losses.items()}
     loss = {
         "setting": (
@@ -334,8 +340,8 @@ def rows(s: LMSize, setup: dict, files: dict, samples: dict, runs: dict) -> list
         "goal": "",
         "a": "stackwise",
         "b": "nanoGPT",
-        "a_median": mean["stackwise"],
-        "b_median": mean["nanoGPT"],
+        "a_median": statistics.median(losses["stackwise"]),
+        "b_median": statistics.median(losses["nanoGPT"]),
         "ratio": mean["stackwise"] / mean["nanoGPT"],
         "ratio_min": min(losses["stackwise"]) / max(losses["nanoGPT"]),
         "ratio_max": max(losses["stackwise"]) / min(losses["nanoGPT"]),

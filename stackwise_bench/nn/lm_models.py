@@ -6,6 +6,9 @@ transformers is imported by :mod:`.causal_lm` only when a model is built; this m
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
@@ -39,6 +42,23 @@ def check_fits(model: nn.Module, name: str, tokenizer: str, vocab_size: int, seq
         raise ConfigError(
             f"dataset.seq_len={seq_len} is beyond model={name}'s context of {context} tokens; use "
             f"dataset.seq_len<={context} or a larger model.context."
+        )
+
+
+def check_export_tokenizer(checkpoint_path, tokenizer: dict) -> None:
+    """A folder that ``evaluate export=`` wrote records the tokenizer its embeddings were trained with
+    (``stackwise_bench.json``): another one with the same vocabulary size (a BPE trained on other text) would train
+    on embeddings whose ids mean other strings, silently. Folders from elsewhere record nothing and pass."""
+    record = Path(str(checkpoint_path or "")).expanduser() / "stackwise_bench.json"
+    if not checkpoint_path or not record.is_file():
+        return
+    saved = json.loads(record.read_text()).get("tokenizer") or {}
+    if saved.get("sha256") and saved["sha256"] != tokenizer.get("sha256"):
+        raise ConfigError(
+            f"model.checkpoint_path={checkpoint_path} was trained with the {saved.get('name')} tokenizer "
+            f"(sha256 {saved['sha256'][:12]}), not this run's {tokenizer.get('name')} "
+            f"({tokenizer.get('sha256', '')[:12]}); "
+            f"set dataset.tokenizer={saved.get('name')} (for bpe: the same corpus and dataset.bpe_vocab_size)."
         )
 
 

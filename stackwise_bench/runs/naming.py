@@ -123,11 +123,14 @@ def assign(names: dict, sweep_dir: str | os.PathLike, candidates: dict[str, list
     out = {}
     for identity, tries in candidates.items():
         if identity not in folders:
-            digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
-            fallback = f"{(tries[0] if tries else identity or SINGLE)[: MAX_NAME // 2].replace(os.sep, '_')}-{digest}"
-            for name in (*[t for t in (*tries, identity) if _fits(t)], fallback):
-                if name and name not in taken and not (Path(sweep_dir) / name).exists():
-                    break
+            head = (tries[0] if tries else identity or SINGLE).replace(os.sep, "_")
+            head = head.encode()[: MAX_NAME // 2].decode("utf-8", "ignore")  # bytes, not characters
+            free = lambda n: n and n not in taken and not (Path(sweep_dir) / n).exists()  # noqa: E731
+            digest = hashlib.sha1(identity.encode()).hexdigest()
+            # the hashed fallback lengthens its digest until it is free: never another job's folder
+            hashed = (f"{head}-{digest[:k]}" for k in range(8, len(digest) + 1))
+            tried = (t for t in (*tries, identity) if _fits(t))
+            name = next(n for n in (*tried, *hashed) if free(n))
             folders[identity] = name
             taken.add(name)
         out[identity] = folders[identity]

@@ -4,7 +4,8 @@
 are planned for); ``trainer.accumulate`` only says in how many pieces its forward and backward passes run, so a
 recipe keeps its meaning on a smaller device. Each micro-batch's loss is weighted by its share of the samples, so
 the accumulated gradients are the whole batch's mean up to float rounding. Batch statistics (BatchNorm) and batch
-mixing's partners are per micro-batch, as in every accumulating trainer.
+mixing's partners are per micro-batch, as in every accumulating trainer; ``diagnostics.activations`` records the
+last micro-batch's activations of a logging step.
 """
 
 from __future__ import annotations

@@ -110,9 +110,9 @@ def strata_keys(done: pd.DataFrame, axis: str, group_by: list[str]) -> list[str]
 
     That key is the one whose values, within each cell of the other keys, map one to one onto at least two
     axis values (``lora.rank`` for ``params.trainable``); with several, the one with the most levels. When every
-    key does and all of them are numeric (``model.n_embd`` x ``model.n_layer`` for ``params.total``), they are
-    the size together: no key splits the fit, one curve runs across the whole ladder. A key named by words
-    (``lora.method``, ``precision``) always splits it.
+    key of several does and all of them are numeric (``model.n_embd`` x ``model.n_layer`` for ``params.total``),
+    they are the size together: none of them splits the fit, one curve runs across the whole ladder (per value of
+    any other key, such as ``optimizer.lr``). A key named by words (``lora.method``, ``precision``) always splits it.
     """
     keys = [k for k in group_by if k != axis]
     if axis in group_by:
@@ -125,8 +125,9 @@ def strata_keys(done: pd.DataFrame, axis: str, group_by: list[str]) -> list[str]
             drivers.append((done[k].nunique(), k))
     if not drivers:
         return keys
-    if len(drivers) == len(keys) > 1 and all(pd.to_numeric(done[k], errors="coerce").notna().all() for k in keys):
-        return []
+    sizes = [k for _, k in drivers]
+    if len(sizes) > 1 and all(pd.to_numeric(done[k], errors="coerce").notna().all() for k in sizes):
+        return [k for k in keys if k not in sizes]  # the size keys together; any other key still splits
     driver = max(drivers)[1]
     return [k for k in keys if k != driver]
 
