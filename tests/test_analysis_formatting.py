@@ -93,3 +93,13 @@ def test_sampled_floats_label_cells_in_six_significant_digits():
     df = pd.DataFrame({"optimizer.lr": [0.0018662266976517971, 0.0018662266976517971, 0.001866226], "x": [1, 2, 3]})
     assert list(with_group_labels(df, ["optimizer.lr"])["group"])[0] == "optimizer.lr=0.00186623"
     assert len(list(iter_groups(df, ["optimizer.lr"]))) == 2
+
+
+def test_the_seed_spread_sets_the_decimals_of_a_headline():
+    """A loss whose seeds differ in the third decimal shows it (2.414 ± 0.001), an accuracy keeps two decimals, a
+    count none."""
+    from stackwise_bench.analysis.read.formatting import spread_digits
+
+    assert spread_digits([0.001, 0.002, 0.003]) == 3
+    assert spread_digits([0.4, 0.9]) == 2 and spread_digits([]) == 2 and spread_digits([0.0, float("nan")]) == 2
+    assert spread_digits([1e-9]) == 6  # capped

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from stackwise_bench.analysis.read.directions import MIN, WORDS
-from stackwise_bench.analysis.read.formatting import column_digits, fmt, fmt_p, mean_std
+from stackwise_bench.analysis.read.formatting import column_digits, fmt, fmt_p, mean_std, spread_digits
 from stackwise_bench.analysis.read.grouping import format_value, same_value
 from stackwise_bench.analysis.read.numeric import is_missing
 from stackwise_bench.analysis.stats.verdicts import verdict
@@ -37,6 +37,8 @@ def headline_table(
         else pd.DataFrame()
     )
     digits = column_digits(s["mean"]) if len(s) else 2
+    if digits:  # not a count nor a large number: enough decimals to show the seeds' spread
+        digits = spread_digits(s["std"], digits)
     energy = energy_columns(runs, group_by) if runs is not None else {}
     energy_names = list(dict.fromkeys(name for cells in energy.values() for name in cells))
     rows = []
