@@ -274,3 +274,24 @@ def test_search_figure_shows_sampled_values_readably():
     assert lr.get_xscale() == "log"
     labels = [t.get_text() for t in lr.get_xticklabels() if t.get_text()]
     assert labels and all(len(text) <= 6 for text in labels), labels  # 0.001, 0.01: no 17-digit tails
+
+
+# ---- a rankless method is a level across the rank axis, not a point at the rank it was launched with -----------------
+def test_ia3_is_drawn_as_a_level_not_at_rank_1(monkeypatch, tmp_path):
+    from stackwise_bench.analysis.plots import figures
+
+    rows = [("lora", 0, 2.37), ("lora", 4, 2.42), ("lora", 16, 2.41), ("ia3", 1, 2.42)]
+    summary = pd.DataFrame(
+        [
+            {"lora.method": m, "lora.rank": r, "metric": "test.loss", "mean": v, "ci95_low": v - 0.01}
+            | {"ci95_high": v + 0.01, "std": 0.001, "n": 2}
+            for m, r, v in rows
+        ]
+    )
+    drawn = {}
+    monkeypatch.setattr(drawing, "save", lambda fig, path, title: drawn.setdefault("fig", fig) and path)
+    figures.accuracy_vs_rank(summary, "test.loss", ["lora.method", "lora.rank"], tmp_path / "r.png", lower=True)
+    ax = drawn["fig"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0\n(full FT)", "4", "16"]  # no rank 1
+    (level,) = [line for line in ax.get_lines() if line.get_label().endswith("(no rank)")]
+    assert level.get_label() == "lora.method=ia3 (no rank)" and set(level.get_ydata()) == {2.42}

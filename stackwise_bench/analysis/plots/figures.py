@@ -24,6 +24,7 @@ from stackwise_bench.analysis.plots.search import search_objective
 from stackwise_bench.analysis.read.collect import collect_steps
 from stackwise_bench.analysis.read.directions import best_index, lower_is_better, task_metrics
 from stackwise_bench.analysis.read.grouping import format_value
+from stackwise_bench.analysis.studies.adapters import RANKLESS
 from stackwise_bench.analysis.studies.quantization_report import format_label, settings_label
 from stackwise_bench.runs.contract import FINISHED, read_summary
 
@@ -97,12 +98,16 @@ def accuracy_vs_rank(
     others = [k for k in group_by if k != "lora.rank"]
     s = drawing.labelled(s, others, "series")
     s["rank_num"] = pd.to_numeric(s["lora.rank"], errors="coerce")
-    ranks = sorted(s["rank_num"].dropna().unique())
+    rankless = s["lora.method"].isin(RANKLESS) if "lora.method" in s else pd.Series(False, index=s.index)
+    ranks = sorted(s.loc[~rankless, "rank_num"].dropna().unique())
     pos = {r: i for i, r in enumerate(ranks)}
     fig, axes = drawing.figure(1, 1, width=7)
     ax = axes[0]
     looks = drawing.styles(list(dict.fromkeys(s["series"])))
-    for series, part in s.groupby("series", sort=False):
+    for series, part in s[rankless].groupby("series", sort=False):  # IA3, OFT: no rank, a level across the axis
+        look = {k: v for k, v in looks[series].items() if k == "color"}
+        ax.axhline(part["mean"].mean(), linestyle=":", label=f"{series} (no rank)", **look)
+    for series, part in s[~rankless].groupby("series", sort=False):
         part = part.sort_values("rank_num")
         x = part["rank_num"].map(pos).to_numpy(dtype=float)
         err = drawing.yerr(part)
