@@ -295,3 +295,23 @@ def test_ia3_is_drawn_as_a_level_not_at_rank_1(monkeypatch, tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0\n(full FT)", "4", "16"]  # no rank 1
     (level,) = [line for line in ax.get_lines() if line.get_label().endswith("(no rank)")]
     assert level.get_label() == "lora.method=ia3 (no rank)" and set(level.get_ydata()) == {2.42}
+
+
+def test_scaling_ticks_are_levels_when_apart_and_compact_decade_ticks_when_crowded():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from stackwise_bench.analysis.plots.scaling import _plain_log_axes, compact
+
+    assert [compact(v) for v in (8, 23008, 834304, 1.24e8)] == ["8", "23k", "834k", "124M"]
+    ranks = Figure().add_subplot()
+    ranks.plot([2, 4, 8, 16], [1, 2, 3, 4])
+    _plain_log_axes(ranks, np.array([2, 4, 8, 16]))
+    assert list(ranks.get_xticks()) == [2, 4, 8, 16]
+    ladder = Figure().add_subplot()  # 61,120 and 70,592 would print over each other
+    ladder.plot([23008, 61120, 70592, 834304], [1, 2, 3, 4])
+    _plain_log_axes(ladder, np.array([23008, 61120, 70592, 834304]))
+    ticks = [t for t in ladder.get_xticks() if 23008 <= t <= 834304]
+    assert 61120 not in ticks and {5e4, 1e5, 2e5, 5e5} <= set(ticks)

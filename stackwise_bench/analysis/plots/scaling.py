@@ -49,21 +49,32 @@ def scaling_figure(s: ScalingAnalysis | None, path: Path) -> Path | None:
         )
     _plain_log_axes(ax, np.unique(np.concatenate([st.x for st in s.strata])))
     ax.set_xlabel(s.axis)
-    ax.set_ylabel(s.error)
+    ax.set_ylabel(f"{s.error} (lower is better)")  # what is fitted is an error: the metric, or 100 − accuracy
     ax.legend(fontsize=8, loc="best")
     return drawing.save(fig, path, f"{s.error} along {s.axis}: E + A·x^(−α), 95% bootstrap band")
 
 
+def compact(v: float) -> str:
+    """A tick label that fits: ``8``, ``23k``, ``1.2M``, ``3.4G`` (parameter counts, tokens)."""
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{unit}"
+    return f"{v:g}"
+
+
 def _plain_log_axes(ax, levels: np.ndarray) -> None:
     """Log scales with plain numbers (``4``, not ``4×10⁰``); the levels ticked where there are few of them."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    if 1 < len(levels) <= 12:
+    spread = len(levels) > 1 and bool(np.all(np.diff(np.log10(np.sort(levels))) >= np.log10(1.4)))
+    if 1 < len(levels) <= 12 and spread:  # every level apart enough for its label (ranks 4, 8, 16, ...)
         ax.set_xticks(levels)
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.xaxis.set_major_formatter(plain)
+    else:  # 1, 2, 5 per decade: a ladder inside a decade or two still gets a few labelled ticks
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # else decades only: close levels' labels would overlap
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
