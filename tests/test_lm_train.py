@@ -103,6 +103,7 @@ def test_task_record_is_lower_is_better_and_best_is_the_lowest_loss(lm_run):
     assert summary["train"]["best_val_loss"] == best["val_loss"]
     analysis = analyze_runs(run_dir)
     assert analysis.metric == "test.loss" and analysis.direction == "min"
+    assert {"test.ppl", "test.bpb"} <= set(analysis.summary["metric"])  # shown beside the loss
 
 
 @pytest.mark.slow

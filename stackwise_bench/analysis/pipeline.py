@@ -23,6 +23,7 @@ from stackwise_bench.analysis.read.directions import (
     task_metrics,
     task_units,
 )
+from stackwise_bench.analysis.read.directions import tasks as task_records
 from stackwise_bench.analysis.read.dynamics import dynamics_columns, run_dynamics
 from stackwise_bench.analysis.read.formatting import count
 from stackwise_bench.analysis.read.grouping import check_group_by, default_group_by, format_value
@@ -45,7 +46,7 @@ from stackwise_bench.analysis.studies.scaling import ScalingAnalysis, analyze_sc
 from stackwise_bench.analysis.studies.search import search_views
 from stackwise_bench.analysis.studies.view import StudyView
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import FINISHED
+from stackwise_bench.runs.contract import FINISHED, IMAGE_CLASSIFICATION
 from stackwise_bench.runs.folders import PathsLike, as_path_list
 
 # Summarised for every cell besides the chosen metric, where the runs have them; {m}: each task's metric.
@@ -60,6 +61,7 @@ DEFAULT_METRICS = (
     "params.trainable",
     "resources.peak_rss_mb",
 )
+IMAGE_TASK = IMAGE_CLASSIFICATION["name"]
 MAX_LISTED = 6  # more incomplete cells than this: one summary line instead of one line each
 # The headline metric when none is given: the first with values, for each task metric (top1, mse) in turn.
 METRIC_FALLBACKS = ("test.{m}", "train.best_val_{m}", "train.final_val_{m}")
@@ -160,6 +162,14 @@ def analyze_runs(
     epochs, hardware = collect_epochs(runs), collect_hardware(runs)
     per_task = [c.format(m=m) for m in task_metrics(runs) for c in TASK_METRICS]
     per_task += [f"train.{unit}_s" for unit in task_units(runs)]
+    # every test metric a task records beside its headline (a language model's perplexity and bits per byte);
+    # image classification's own are in DEFAULT_METRICS already
+    per_task += [
+        f"test.{k}"
+        for task, _ in task_records(runs)
+        if task.get("name") != IMAGE_TASK
+        for k in task.get("directions", {})
+    ]
     metrics = [metric] + [m for m in dict.fromkeys([*DEFAULT_METRICS, *per_task]) if m != metric and m in runs]
     summary = seed_stats(runs, metrics, group_by)
     tasks = [k for k in default_group_by(runs) if k not in group_by]
