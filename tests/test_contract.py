@@ -109,3 +109,13 @@ def test_the_writer_records_only_the_contracts_statuses(tmp_path):
     assert read_summary(tmp_path)["status"] == "running" and "running" in STATUSES
     record.finish("completed")
     assert read_summary(tmp_path)["status"] == "completed"
+
+
+def test_a_key_added_at_its_neutral_value_keeps_old_fingerprints_and_records_equal():
+    """trainer.accumulate=1 trains as the code before the key did: the same fingerprint as a config without it (a
+    sweep launched then is not "changed", a run recorded then resumes); another value is another run."""
+    before = {"trainer": {"batch_size": 64, "max_epochs": 2}, "seed": 1}
+    now = {"trainer": {"batch_size": 64, "max_epochs": 2, "accumulate": 1}, "seed": 1}
+    split = {"trainer": {"batch_size": 64, "max_epochs": 2, "accumulate": 2}, "seed": 1}
+    assert fingerprint(now) == fingerprint(before) != fingerprint(split)
+    assert config_diff(before, now) == "" and config_diff(before, split) == "trainer.accumulate: 1 -> 2"

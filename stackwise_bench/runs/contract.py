@@ -102,6 +102,12 @@ FOLDER_ONLY_KEYS = ("experiment", "hparams_search", "hydra.launcher.n_jobs")
 PLACE_KEYS = ("dataset.root", "dataset.download", "model.checkpoint_path")
 
 
+# Keys added after runs were recorded, at the value with which they train as the code before them did: a config at
+# that value has the fingerprint it had before the key existed (a sweep launched then is not "changed", a run
+# recorded then resumes), and a record without the key compares equal to it.
+NEUTRAL = {"trainer.accumulate": 1}
+
+
 def is_volatile(key: str) -> bool:
     """Whether the dotted config ``key`` is, or sits under, one of :data:`VOLATILE_KEYS`."""
     return any(key == v or key.startswith(v + ".") for v in VOLATILE_KEYS)

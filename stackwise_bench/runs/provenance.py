@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from stackwise_bench.runs.contract import is_volatile
+from stackwise_bench.runs.contract import NEUTRAL, is_volatile
 
 
 def fingerprint(cfg: Any) -> str:
@@ -35,8 +35,8 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> str:
     """
     keys = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
         dotted = f"{prefix}{key}"
+        a, b = old.get(key, NEUTRAL.get(dotted)), new.get(key, NEUTRAL.get(dotted))
         if key == "_target_" or is_volatile(dotted):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -56,14 +56,17 @@ def _as_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+_ABSENT = object()
+
+
 def _essential(node: Any, prefix: str = "") -> Any:
-    """``node`` without volatile keys and ``_target_`` entries, at any depth."""
+    """``node`` without volatile keys, ``_target_`` entries and :data:`NEUTRAL` keys at their neutral value."""
     if not isinstance(node, dict):
         return node
     return {
         k: _essential(v, f"{prefix}{k}.")
         for k, v in node.items()
-        if k != "_target_" and not is_volatile(f"{prefix}{k}")
+        if k != "_target_" and not is_volatile(f"{prefix}{k}") and NEUTRAL.get(f"{prefix}{k}", _ABSENT) != v
     }
 
 
