@@ -119,3 +119,5 @@ def test_a_key_added_at_its_neutral_value_keeps_old_fingerprints_and_records_equ
     split = {"trainer": {"batch_size": 64, "max_epochs": 2, "accumulate": 2}, "seed": 1}
     assert fingerprint(now) == fingerprint(before) != fingerprint(split)
     assert config_diff(before, now) == "" and config_diff(before, split) == "trainer.accumulate: 1 -> 2"
+    plays = {"dataset": {"corpus": "shakespeare", "plays": "all"}, "model": {"n_layer": 4, "nanogpt": False}}
+    assert fingerprint(plays) == fingerprint({"dataset": {"corpus": "shakespeare"}, "model": {"n_layer": 4}})
