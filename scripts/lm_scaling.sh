@@ -8,7 +8,7 @@
 set -uo pipefail
 quick=()
 ladder=()
-tokens=(model.n_embd=256 model.n_layer=4 "dataset.steps_per_epoch=50,100,200,400")
+tokens=(model.n_embd=256 model.n_layer=4 "dataset.train_tokens=2000000,4000000,8000000,16000000")
 study=lm_scaling
 if [[ "${QUICK:-0}" == 1 ]]; then
   # gpt_micro's context and heads (64 tokens, 4 heads) on byte tokens: widths 32-128 x depths 1-4, 2 seeds,
@@ -16,7 +16,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
   quick=(model.context=64 dataset.tokenizer=byte dataset.seq_len=64 trainer.max_epochs=6 trainer.batch_size=16
          dataset.steps_per_epoch=10 dataset.val_tokens=8192 dataset.test_tokens=8192 seed=1,2)
   ladder=("model.n_embd=32,64,96,128" "model.n_layer=1,2,4")
-  tokens=(model.n_embd=64 model.n_layer=2 "dataset.steps_per_epoch=3,6,12,24")
+  tokens=(model.n_embd=64 model.n_layer=2 "dataset.train_tokens=18432,36864,73728,147456")  # 18-144 steps of 16 x 64
   study=lm_scaling_quick
 fi
 status=0

@@ -9,6 +9,7 @@ here takes plain arguments and can be used without Hydra.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # _target_ module paths of records written before the package had layers: evaluate still rebuilds those runs.
 MOVED_MODULES = {
@@ -117,7 +120,7 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
 def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     """A causal language model's run (``model=gpt_micro dataset=shakespeare``): the model sized to the tokenizer,
     refused before any tokenizing when it cannot read the data, then the token windows and the causal-LM task."""
-    from stackwise_bench.data.text.dataset import text_loaders
+    from stackwise_bench.data.text.dataset import budget_steps, text_loaders
     from stackwise_bench.nn.lm_models import adapt_lm, check_export_tokenizer, check_fits, lm_shape
     from stackwise_bench.training.lm_task import CausalLM, WindowsPart
 
@@ -135,7 +138,17 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     optimizer = instantiate(cfg.optimizer, model=model)
     task = CausalLM(runtime.autocast, runtime.device)
     trainer.compute.priced_by(task.flops_per_sample, data.seq_len)  # FLOPs per token: 6N + 12·L·H·Q·T
-    total_steps, scheduler = plan_steps(cfg, trainer, model, train, regime, task, optimizer)
+    budget = budget_steps(data.train_tokens, trainer.batch_size, data.seq_len) if data.train_tokens else None
+    if budget is not None:
+        log.info(
+            "dataset.train_tokens=%d: %d steps of %d x %d tokens; trainer.max_epochs=%d is not used",
+            data.train_tokens,
+            budget,
+            trainer.batch_size,
+            data.seq_len,
+            cfg.trainer.max_epochs,
+        )
+    total_steps, scheduler = plan_steps(cfg, trainer, model, train, regime, task, optimizer, steps=budget)
     return Assembly(
         runtime=runtime,
         trainer=trainer,
@@ -154,10 +167,10 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     )
 
 
-def plan_steps(cfg: DictConfig, trainer, model, train_loader, regime, task, optimizer):
-    """The run's steps (epochs x steps, or what ``trainer.max_flops`` buys), the regime's growth steps among them,
-    and the LR scheduler spanning them: ``(total_steps, scheduler)``."""
-    total_steps = trainer.plan(model, train_loader, regime, task)
+def plan_steps(cfg: DictConfig, trainer, model, train_loader, regime, task, optimizer, steps: int | None = None):
+    """The run's steps (epochs x steps, ``steps`` of a token budget, or what ``trainer.max_flops`` buys), the
+    regime's growth steps among them, and the LR scheduler spanning them: ``(total_steps, scheduler)``."""
+    total_steps = trainer.plan(model, train_loader, regime, task, steps=steps)
     regime.plan(total_steps)  # the steps at which depth_time grows the model
     scheduler = instantiate(
         cfg.scheduler,

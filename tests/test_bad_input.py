@@ -146,6 +146,7 @@ BAD_KNOBS = [
     ("model=gpt_micro dataset=shakespeare dataset.seq_len=0", r"positive integer"),
     ("model=gpt_micro dataset=shakespeare dataset.steps_per_epoch=0", r"positive integer"),
     ("model=gpt_micro dataset=shakespeare dataset.test_tokens=-1", r"integer >= 2, or null"),
+    ("model=gpt_micro dataset=shakespeare dataset.train_tokens=0", r"positive integer, or null \(null = train by"),
     ("model=gpt_micro dataset=shakespeare dataset.tokenizer=words", r"one of byte, gpt2, bpe"),
     ("model=gpt_micro dataset=shakespeare dataset.tokenizer_files=''", r"folder path, or null"),
     ("model=gpt_micro dataset=shakespeare dataset.val_tokens=-5", r"integer >= 2, or null"),

@@ -84,10 +84,10 @@ def test_the_tokens_axis_is_steps_times_batch_times_seq_len():
         for seed in (1, 2):
             tokens = steps * 16 * 64
             loss = 1.2 + 300 * tokens**-0.5 + 0.001 * seed
-            row = {"dataset.steps_per_epoch": steps // 6, "seed": seed, "train.best_val_loss": loss}
+            row = {"dataset.train_tokens": tokens, "seed": seed, "train.best_val_loss": loss}
             rows.append(row | {"train.steps": steps, "trainer.batch_size": 16, "data.seq_len": 64})
-    a = analyze_scaling(lm_runs(rows), "train.tokens", "train.best_val_loss", ["dataset.steps_per_epoch"], n_boot=50)
-    (s,) = a.strata  # steps_per_epoch sets the tokens: one fit
+    a = analyze_scaling(lm_runs(rows), "train.tokens", "train.best_val_loss", ["dataset.train_tokens"], n_boot=50)
+    (s,) = a.strata  # the token budget sets the axis: one fit
     assert sorted(set(s.x)) == [18 * 1024, 36 * 1024, 72 * 1024, 144 * 1024]
     assert s.fit is not None and s.fit.fit.alpha == pytest.approx(0.5, abs=0.1)
 

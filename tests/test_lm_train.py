@@ -158,6 +158,26 @@ def test_interrupt_and_resume_matches_uninterrupted(lm_run, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_token_budget_trains_the_steps_it_buys_with_the_schedule_spanning_them(tmp_path, cache):
+    """dataset.train_tokens=1000 at 4 x 16 tokens a step buys ceil(1000 / 64) = 16 steps: four epochs of 4 steps
+    (trainer.max_epochs=3 is not used), the LR at the end of its schedule; the depth-time arm grows within them
+    and the matched classical arm spends what it spends."""
+    summary = run(compose(tiny(cache, "dataset.train_tokens=1000")), tmp_path / "budget")
+    rows = read_metrics(tmp_path / "budget")
+    assert [r["step"] for r in rows] == [4, 8, 12, 16] and summary["train"]["steps"] == 16
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0 at its last step
+    odd = run(compose(tiny(cache, "dataset.train_tokens=900")), tmp_path / "odd")  # 15 steps: the last epoch partial
+    assert [r["step"] for r in read_metrics(tmp_path / "odd")] == [4, 8, 12, 15] and odd["train"]["steps"] == 15
+    grown = run(compose(tiny(cache, "dataset.train_tokens=900", "regime=depth_time")), tmp_path / "grown")
+    matched = run(compose(tiny(cache, "dataset.train_tokens=900", "regime=classical_matched")), tmp_path / "matched")
+    assert grown["train"]["steps"] == 15 and [r["depth"] for r in read_metrics(tmp_path / "grown")][-1] == 4
+    step_cost = matched["train"]["flops_per_token"] * 4 * 16
+    assert matched["train"]["flops"] <= grown["train"]["flops"] < matched["train"]["flops"] + step_cost
+    with pytest.raises(ConfigError, match="dataset.train_tokens=900 sets this run's budget in tokens, and"):
+        check_config(compose(tiny(cache, "dataset.train_tokens=900", "trainer.max_flops=1e9")))
+
+
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_continues_bit_for_bit(tmp_path, cache):
     """kill -9 once the first epoch's row is written (the run is then inside epoch 2: no handler runs, nothing is
     saved); the resume starts from epoch 1's last.pt, whose windows generator redraws epoch 2's batches."""

@@ -139,6 +139,7 @@ KNOBS: dict[str, Spec] = {
     "dataset.steps_per_epoch": Int("100", min=1, note="training steps between two validations"),
     "dataset.val_tokens": Int("65536", min=2, null=True, note="null = the whole validation split"),
     "dataset.test_tokens": Int("65536", min=2, null=True, note="null = the whole test split"),
+    "dataset.train_tokens": Int("1000000", min=1, null=True, note="null = train by trainer.max_epochs"),
     "dataset.plays": Choice(("all", "pretrain", "finetune"), "all", note="shakespeare: two fixed disjoint halves"),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
     "regime.stacks": ListOf(

@@ -212,6 +212,16 @@ def _language_model_options(get: Get) -> str | None:
     return None
 
 
+def _one_budget(get: Get) -> str | None:
+    tokens, flops = get("dataset.train_tokens"), get("trainer.max_flops")
+    if tokens not in (None, ABSENT) and flops not in (None, ABSENT):
+        return (
+            f"dataset.train_tokens={tokens} sets this run's budget in tokens, and trainer.max_flops={show(flops)} "
+            "another in FLOPs; keep one of them."
+        )
+    return None
+
+
 def _accumulate_within_batch(get: Get) -> str | None:
     steps, batch = get("trainer.accumulate"), get("trainer.batch_size")
     if steps is not ABSENT and batch is not ABSENT and steps > batch:
@@ -226,6 +236,7 @@ RULES: list[Rule] = [
     _model_reads_the_data,
     _language_model_options,
     _accumulate_within_batch,
+    _one_budget,
     _monitors_are_configs,
     _digits_size,
     _synthetic_counts,

@@ -105,7 +105,7 @@ PLACE_KEYS = ("dataset.root", "dataset.download", "model.checkpoint_path")
 # Keys added after runs were recorded, at the value with which they train as the code before them did: a config at
 # that value has the fingerprint it had before the key existed (a sweep launched then is not "changed", a run
 # recorded then resumes), and a record without the key compares equal to it.
-NEUTRAL = {"trainer.accumulate": 1, "model.nanogpt": False, "dataset.plays": "all"}
+NEUTRAL = {"trainer.accumulate": 1, "model.nanogpt": False, "dataset.plays": "all", "dataset.train_tokens": None}
 
 
 def is_volatile(key: str) -> bool:

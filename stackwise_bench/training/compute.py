@@ -67,24 +67,31 @@ class Compute:
             self.pending = 0
         return None if self.failed else self.total
 
-    def plan(self, max_flops, regime, model, input_shape, batch_size: int, steps_per_epoch: int, max_epochs: int):
+    def plan(
+        self, max_flops, regime, model, input_shape, batch_size: int, steps_per_epoch: int, max_epochs: int, steps=None
+    ):
         """``(total steps, the step to stop at or None, the FLOP budget or None)`` of a run.
 
         The budget is ``max_flops``, or, for ``regime=classical_matched``, what its depth-time schedule spends over
         ``max_epochs`` (:meth:`depth_time_flops`); a depth-time run trains by epochs and takes no budget.
+        ``steps`` (a token budget's, ``dataset.train_tokens``) replaces ``max_epochs x steps_per_epoch`` throughout.
         """
         batch_size = batch_size * self.per_row  # samples per step
+        planned = steps if steps is not None else max_epochs * steps_per_epoch
+        if steps is not None and max_flops is not None:
+            raise ConfigError(
+                "dataset.train_tokens sets this run's budget in tokens, and trainer.max_flops another in FLOPs; "
+                "keep one of them."
+            )
         if getattr(regime, "matched", None) is not None:
             if max_flops is not None:
                 raise ConfigError(
                     "regime.match=true sets this classical run's FLOP budget (what depth_time spends with its stacks), "
                     "and trainer.max_flops sets another; keep one of them."
                 )
-            max_flops = self.depth_time_flops(
-                model, regime.matched, max_epochs * steps_per_epoch, batch_size, input_shape
-            )
+            max_flops = self.depth_time_flops(model, regime.matched, planned, batch_size, input_shape)
         if max_flops is None:
-            return max_epochs * steps_per_epoch, None, None
+            return planned, steps, None
         if regime is not None and regime.name != "classical":
             raise ConfigError(
                 f"trainer.max_flops applies to regime=classical; a regime={regime.name} run trains by "

@@ -73,12 +73,13 @@ class Trainer:
         self.max_flops, self.max_steps = max_flops, None  # max_steps: set by plan() from the FLOP budget
         self.compute = Compute(runtime.device, runtime.precision)  # the FLOP ledger
 
-    def plan(self, model, loader, regime=None, task=None) -> int:
-        """The steps this run will take: epochs x steps, or what a FLOP budget buys (:meth:`Compute.plan`; then
-        ``max_epochs`` becomes the epochs it spans, the last one partial, and training stops at its step)."""
+    def plan(self, model, loader, regime=None, task=None, steps: int | None = None) -> int:
+        """The steps this run will take: epochs x steps, ``steps`` (a token budget's), or what a FLOP budget buys
+        (:meth:`Compute.plan`; then ``max_epochs`` becomes the epochs it spans, the last one partial, and training
+        stops at its step)."""
         shape = task.sample_shape(loader) if task is not None else loader.image_shape
         total, self.max_steps, self.max_flops = self.compute.plan(
-            self.max_flops, regime, model, shape, self.batch_size, len(loader), self.max_epochs
+            self.max_flops, regime, model, shape, self.batch_size, len(loader), self.max_epochs, steps
         )
         if self.max_steps is not None:
             self.max_epochs = math.ceil(self.max_steps / len(loader))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class TextData:
     test_tokens: int | None
     cache_dir: Path
     cache_setting: str
+    train_tokens: int | None = None  # a training budget in tokens: the steps it buys (:func:`budget_steps`)
     kind: str = "text"
     classes: tuple = ()
     _tokens: TokenCache | None = field(default=None, repr=False)
@@ -100,10 +102,12 @@ def load_text_dataset(
     bpe_vocab_size: int = 4096,
     tokenizer_files: str | None = None,
     plays: str = "all",
+    train_tokens: int | None = None,
 ) -> TextData:
     """The corpus ``corpus`` split into train/val/test, and the tokenizer ``tokenizer`` (a BPE is trained on
     the train split and cached in ``cache_dir``). ``plays`` (shakespeare only): ``all``, or the fixed disjoint
-    ``pretrain`` / ``finetune`` halves of the plays.
+    ``pretrain`` / ``finetune`` halves of the plays. ``train_tokens``: the training budget in tokens instead of
+    ``trainer.max_epochs`` (the token-scaling axis); the run trains the whole steps it buys, its last epoch partial.
 
     Raises:
         ConfigError: An unknown corpus, a ``root`` where the corpus needs none or none where it needs one, or
@@ -124,8 +128,23 @@ def load_text_dataset(
     where = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     tok = load_tokenizer(tokenizer, corpus=text, vocab_size=bpe_vocab_size, cache_dir=where, files=tokenizer_files)
     return TextData(
-        text.name, text, tok, seq_len, steps_per_epoch, val_tokens, test_tokens, where, str(cache_dir or where)
+        text.name,
+        text,
+        tok,
+        seq_len,
+        steps_per_epoch,
+        val_tokens,
+        test_tokens,
+        where,
+        str(cache_dir or where),
+        train_tokens,
     )
+
+
+def budget_steps(train_tokens: int, batch_size: int, seq_len: int) -> int:
+    """The optimizer steps ``train_tokens`` buys at ``batch_size`` windows of ``seq_len`` targets (rounded up: the
+    run trains at least its budget, at most one batch more)."""
+    return math.ceil(train_tokens / (batch_size * seq_len))
 
 
 class TrainWindows:
