@@ -46,6 +46,7 @@ def count(model) -> int:
 # The causal language models' options and their derived stacks (regime=depth_time on gpt_micro:
 # tests/test_lm_train.py).
 LM_DERIVED = {"gpt_micro": [1, 2, 4], "gpt_mini": [3, 6], "gpt2_small": [3, 6, 12], "llama_micro": [1, 2, 4]}
+LM_DERIVED |= {"gpt2_medium": [3, 6, 12, 24], "gpt2_large": [9, 18, 36], "llama_mini": [3, 6]}
 
 
 def test_every_model_option_is_listed():
