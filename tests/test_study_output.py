@@ -97,6 +97,10 @@ def test_a_study_launched_before_names_were_recorded_keeps_its_full_names(tmp_pa
     assert all(folder == identity for identity, folder in folders.items())
     assert json.loads(naming.names_path(tmp_path).read_text())["scheme"] == "full"
     assert naming.job_folder(tmp_path, identities[0]) == identities[0]
+    long = name_grid(tmp_path, grid([f"+prompt='{'x' * 300}'"]))  # too long for a folder: recorded short
+    ((identity, folder),) = long.items()
+    assert folder != identity and len(folder.encode()) <= naming.MAX_NAME
+    assert naming.job_folder(tmp_path, identity) == folder  # the job resolves it from the record
 
 
 def test_each_job_resolves_its_recorded_folder_and_an_unrecorded_one_keeps_its_full_name(tmp_path):

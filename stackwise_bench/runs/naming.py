@@ -117,24 +117,31 @@ def assign(names: dict, sweep_dir: str | os.PathLike, candidates: dict[str, list
     new job gets its first candidate that no other job of the study holds, else its identity, else that with a hash.
     """
     folders = names["folders"]
-    if names["scheme"] == FULL:
+    if names["scheme"] == FULL:  # named by identity, as before this module; one too long for a folder is recorded
+        for identity in candidates:  # with a short name instead (each job resolves its folder from the record)
+            if identity not in folders and not _fits(identity):
+                folders[identity] = _short_name(identity, [], sweep_dir, set(folders.values()))
         return {identity: folders.get(identity, identity) for identity in candidates}
     taken = set(folders.values())
     out = {}
     for identity, tries in candidates.items():
         if identity not in folders:
-            head = (tries[0] if tries else identity or SINGLE).replace(os.sep, "_")
-            head = head.encode()[: MAX_NAME // 2].decode("utf-8", "ignore")  # bytes, not characters
-            free = lambda n: n and n not in taken and not (Path(sweep_dir) / n).exists()  # noqa: E731
-            digest = hashlib.sha1(identity.encode()).hexdigest()
-            # the hashed fallback lengthens its digest until it is free: never another job's folder
-            hashed = (f"{head}-{digest[:k]}" for k in range(8, len(digest) + 1))
-            tried = (t for t in (*tries, identity) if _fits(t))
-            name = next(n for n in (*tried, *hashed) if free(n))
+            name = _short_name(identity, tries, sweep_dir, taken)
             folders[identity] = name
             taken.add(name)
         out[identity] = folders[identity]
     return out
+
+
+def _short_name(identity: str, tries: list[str], sweep_dir, taken: set[str]) -> str:
+    """The first of ``tries`` (then the identity) that fits and is free, else ``<first try>-<hash>``: cut by bytes,
+    its digest lengthened until it is free, so never another job's folder."""
+    head = (tries[0] if tries else identity or SINGLE).replace(os.sep, "_")
+    head = head.encode()[: MAX_NAME // 2].decode("utf-8", "ignore")  # bytes, not characters
+    free = lambda n: n and n not in taken and not (Path(sweep_dir) / n).exists()  # noqa: E731
+    digest = hashlib.sha1(identity.encode()).hexdigest()
+    hashed = (f"{head}-{digest[:k]}" for k in range(8, len(digest) + 1))
+    return next(n for n in (*(t for t in (*tries, identity) if _fits(t)), *hashed) if free(n))
 
 
 def _fits(name: str) -> bool:
