@@ -82,19 +82,7 @@ def evaluate_checkpoint(
     Raises:
         ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
     """
-    from stackwise_bench.quant.intq import INT_FORMATS, check_group_size
-    from stackwise_bench.quant.ptq import check_format
-
-    if quantize is not None:
-        check_format(quantize)
-    elif activations or not keep_head:
-        raise ConfigError(
-            "activations=true and keep_head=false only apply to a quantized model; add quantize=fp8_e4m3 (or fp8_e5m2)."
-        )
-    if problem := group_size_problem("", quantize, group_size):
-        raise ConfigError(problem)
-    if quantize in INT_FORMATS and activations:
-        raise ConfigError(int_activations_problem("", quantize))
+    _check_quantize_options(quantize, keep_head, activations, group_size)
     run_dir, ckpt = _locate(checkpoint)
     source = read_summary(run_dir) or {}
     run_config = recorded_config(run_dir, source)
@@ -104,7 +92,7 @@ def evaluate_checkpoint(
     config = _with_overrides(run_config, device, dataset or {})
     settings = {"checkpoint": ckpt.name, "quantize": quantize, "keep_head": keep_head, "activations": activations}
     if quantize == "int4":  # only there: the other formats' settings (and fingerprints) stay as they were
-        settings["group_size"] = check_group_size(group_size)
+        settings["group_size"] = group_size
     generation = None
     if generate:  # only then: an evaluation without samples keeps its fingerprint
         generation = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature}
@@ -136,36 +124,8 @@ def evaluate_checkpoint(
     )
     tested = ckpt.resolve() == (run_dir / CHECKPOINTS / "best.pt").resolve()  # what the run's test metrics came from
     recorded = (source.get("test") or {}).get("loss" if language else "top1") if tested else None
-    src_run = source.get("run", {})
-    # "run" describes this evaluation (RunRecord's layout); seed and choices are the evaluated run's, so an
-    # eval folder groups like its run in an analysis. "source" is the evaluated run itself.
-    record.start(
-        kind="evaluate",
-        run={
-            "name": record.dir.name,
-            "dir": str(record.dir.resolve()),
-            "fingerprint": fp,
-            "command": command,
-            "started_at": now_iso(),
-            "device": str(built.runtime.device),
-            "precision": config["precision"]["name"],
-            "seed": config.get("seed"),
-            "choices": src_run.get("choices", {}),
-            **settings,
-        },
-        source={
-            "dir": str(run_dir.resolve()),
-            "checkpoint": str(ckpt.resolve()),
-            "checkpoint_sha256": digest,
-            "checkpoint_epoch": built.epoch,
-            "checkpoint_run": came_from,  # the stamp of the run that wrote it (None: written before stamps)
-            "status": source.get("status"),
-            "recorded_test_loss" if language else "recorded_test_top1": recorded,
-            "run": src_run,
-        },
-        config=config,
-        classes=built.classes,
-    )
+    provenance = {"fingerprint": fp, "command": command, "settings": settings, "digest": digest, "came_from": came_from}
+    _start(record, built, config, run_dir, ckpt, source, recorded, language, provenance)
     try:
         if language:
             evaluate_lm_into(record, built, recorded, generation, export)
@@ -178,6 +138,58 @@ def evaluate_checkpoint(
         record.fail(exc)
         raise
     return record.summary
+
+
+def _start(record: RunRecord, built, config: dict, run_dir: Path, ckpt: Path, source: dict, recorded, language, given):
+    """The evaluation's record: ``run`` describes this evaluation (RunRecord's layout; seed and choices are the
+    evaluated run's, so an eval folder groups like its run in an analysis), ``source`` the evaluated run."""
+    src_run = source.get("run", {})
+    record.start(
+        kind="evaluate",
+        run={
+            "name": record.dir.name,
+            "dir": str(record.dir.resolve()),
+            "fingerprint": given["fingerprint"],
+            "command": given["command"],
+            "started_at": now_iso(),
+            "device": str(built.runtime.device),
+            "precision": config["precision"]["name"],
+            "seed": config.get("seed"),
+            "choices": src_run.get("choices", {}),
+            **given["settings"],
+        },
+        source={
+            "dir": str(run_dir.resolve()),
+            "checkpoint": str(ckpt.resolve()),
+            "checkpoint_sha256": given["digest"],
+            "checkpoint_epoch": built.epoch,
+            "checkpoint_run": given["came_from"],  # the stamp of the run that wrote it (None: written before stamps)
+            "status": source.get("status"),
+            "recorded_test_loss" if language else "recorded_test_top1": recorded,
+            "run": src_run,
+        },
+        config=config,
+        classes=built.classes,
+    )
+
+
+def _check_quantize_options(quantize, keep_head: bool, activations: bool, group_size) -> None:
+    """The quantization settings, before any run is read: a known format, and each option only where it applies."""
+    from stackwise_bench.quant.intq import INT_FORMATS, check_group_size
+    from stackwise_bench.quant.ptq import check_format
+
+    if quantize is not None:
+        check_format(quantize)
+    elif activations or not keep_head:
+        raise ConfigError(
+            "activations=true and keep_head=false only apply to a quantized model; add quantize=fp8_e4m3 (or fp8_e5m2)."
+        )
+    if problem := group_size_problem("", quantize, group_size):
+        raise ConfigError(problem)
+    if quantize in INT_FORMATS and activations:
+        raise ConfigError(int_activations_problem("", quantize))
+    if quantize == "int4":
+        check_group_size(group_size)
 
 
 def _evaluate_into(record: RunRecord, built, quantize, keep_head, activations, recorded, group_size) -> None:
