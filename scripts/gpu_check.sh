@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a CUDA GPU (under 8 minutes on one GPU):
 #   1. the GPU-marked tests (tests/test_gpu.py: bit-identical reruns, fp16/bf16, FP8 on 8.9+, one job per GPU,
-#      evaluate reproducing test.top1);
+#      evaluate reproducing test.top1; gpt_micro in fp32 and bf16 rerun bit for bit, evaluate reproducing test.loss);
 #   2. the benchmark's GPU rows (deit_tiny at 224 and resnet8 at 32, bf16/fp32 img/s with MFU against the
 #      bf16 peak; trainer.compile on/off; precision=fp8 against bf16 on 8.9+).
 # Writes <folder>/gpu_check.json (tests + benchmark rows) and <folder>/gpu_check.log, and prints the folder.

@@ -123,3 +123,31 @@ def test_power_energy_and_diagnostics_on_the_gpu(tmp_path):
     assert resources["gpu_temp_max_c"] is not None and resources["thermal_throttled"] in (True, False)
     diag = [json.loads(line) for line in (tmp_path / "power" / "diagnostics.jsonl").read_text().splitlines()]
     assert diag[-1]["kind"] == "weights" and any(r.get("activations") for r in diag)
+
+
+LM_ON_GPU = [
+    "model=gpt_micro",
+    "dataset=shakespeare",
+    "trainer.device=cuda",
+    "trainer.max_epochs=2",
+    "trainer.batch_size=16",
+    "dataset.steps_per_epoch=20",
+    "dataset.val_tokens=8192",
+    "dataset.test_tokens=8192",
+    "monitors=none",
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_language_model_reruns_bit_identical_and_evaluate_reproduces_its_loss(precision, tmp_path):
+    """gpt_micro on the plays' bytes on the GPU: two runs give the same rows, and evaluate re-tests best.pt to the
+    run's own test loss (with the KV cache's greedy samples equal to the uncached ones, tests/test_lm_evaluate)."""
+    from stackwise_bench.evaluation import evaluate_checkpoint
+
+    cfg = compose([*LM_ON_GPU, f"precision={precision}"], tiny=False)
+    first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
+    assert first["status"] == "completed" and first["env"]["device"].startswith("cuda"), first.get("error")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_time_s", "_token_s"))} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    again = evaluate_checkpoint(tmp_path / "a")
+    assert again["test"]["loss"] == first["test"]["loss"] == second["test"]["loss"]
