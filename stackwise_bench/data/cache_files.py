@@ -1,4 +1,5 @@
-"""The files of an image-cache folder, read back with suspicion (:mod:`stackwise_bench.data.image_cache`).
+"""The files of a cache folder (the image cache, the token and BPE caches), written atomically and read back with
+suspicion (:mod:`stackwise_bench.data.image_cache`, :mod:`stackwise_bench.data.text.builds`).
 
 Anything in the cache folder may have been hand-edited, half-copied, truncated or written by another version:
 :func:`check_entry` says which file is wrong and how, so that the entry is set aside and rebuilt instead of
@@ -8,6 +9,7 @@ raising. :func:`remove_dead_builds` removes what builds killed mid-way (``kill -
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -184,3 +186,25 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish(tmp: Path, entry: Path, manifest: dict, what: str) -> None:
+    """Make the build folder ``tmp`` the cache entry ``entry``: every file synced, the owner file gone, the manifest
+    written last (a folder with a manifest is complete), one rename. Where another process published the entry
+    first, its copy is kept (``tmp`` is the caller's to remove)."""
+    for child in tmp.iterdir():
+        if child.name != OWNER:
+            fsync(child)
+    (tmp / OWNER).unlink()
+    with open(tmp / MANIFEST, "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.replace(tmp, entry)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) and not entry.exists():
+            raise
+        log.info("another process finished the %s %s first: using its copy", what, entry)
+    with contextlib.suppress(OSError):
+        fsync(entry.parent)

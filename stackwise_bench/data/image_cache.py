@@ -45,11 +45,11 @@ import numpy as np
 
 from stackwise_bench.data.cache_files import (
     MANIFEST,
-    OWNER,
     check_entry,
     discard,
     fsync,
     make_dir,
+    publish,
     remove_dead_builds,
     write_owner,
 )
@@ -237,21 +237,7 @@ def _build(
             "workers": workers,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        for name in ("images.npy", "labels.npy"):
-            fsync(tmp / name)
-        (tmp / OWNER).unlink()
-        with open(tmp / MANIFEST, "w") as f:
-            f.write(json.dumps(manifest, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.replace(tmp, entry)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) and not entry.exists():
-                raise
-            log.info("another process finished the image cache %s first: using its copy", entry)
-        with contextlib.suppress(OSError):
-            fsync(entry.parent)
+        publish(tmp, entry, manifest, "image cache")
         log.info("cached %d images in %.1f s (%.0f img/s)", n, seconds, n / max(seconds, 1e-9))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):

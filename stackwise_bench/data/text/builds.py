@@ -11,7 +11,6 @@ image cache).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -23,11 +22,10 @@ from pathlib import Path
 
 from stackwise_bench.data.cache_files import (
     MANIFEST,
-    OWNER,
     discard,
-    fsync,
     lock,
     make_dir,
+    publish,
     remove_dead_builds,
     write_owner,
 )
@@ -97,22 +95,6 @@ def _build(entry: Path, fill: Callable[[Path], dict], what: str) -> None:
     tmp.mkdir()
     try:
         write_owner(tmp)
-        manifest = fill(tmp)
-        for child in tmp.iterdir():
-            if child.name != OWNER:
-                fsync(child)
-        (tmp / OWNER).unlink()
-        with open(tmp / MANIFEST, "w") as f:  # written last: a folder with a manifest is complete
-            f.write(json.dumps(manifest, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.replace(tmp, entry)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) and not entry.exists():
-                raise
-            log.info("another process finished the %s %s first: using its copy", what, entry)
-        with contextlib.suppress(OSError):
-            fsync(entry.parent)
+        publish(tmp, entry, fill(tmp), what)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
