@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.nn.lm_models import context_of
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,6 @@ class Decoded:
 
     ids: list[int]
     stopped: str
-
-
-def context_length(model: nn.Module) -> int:
-    """The longest window the model reads: GPT-2's position table, LLaMA's ``max_position_embeddings``."""
-    config = model.config
-    return config.n_positions if config.model_type == "gpt2" else config.max_position_embeddings
 
 
 @torch.inference_mode()
@@ -59,7 +54,7 @@ def generate_ids(
     if not prompt:
         raise ConfigError("prompt= encodes to no token; give a prompt of at least one character.")
     device = next(model.parameters()).device
-    context = context_length(model)
+    context = context_of(model)
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     past, new, stopped = None, [], "length"
     cache_key = _cache_argument(model)

@@ -23,6 +23,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def context_of(model: nn.Module) -> int:
+    """The longest window the model reads: GPT-2's position table, LLaMA's ``max_position_embeddings``."""
     config = model.config
     return config.n_positions if config.model_type == "gpt2" else config.max_position_embeddings
 
