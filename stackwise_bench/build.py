@@ -70,7 +70,9 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
-def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device: str | None = None) -> Assembly:
+def build_run(
+    cfg: DictConfig, resume: bool, threads: int | None = None, device: str | None = None, group=None
+) -> Assembly:
     """Every object of a training run, in dependency order; bad input is refused before any step.
 
     Args:
@@ -78,13 +80,17 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
         resume: Continue from the run folder's ``last.pt`` (the trainer restores it in ``fit``).
         threads, device: A sweep job's share of the machine; they apply only where the config leaves
             ``trainer.threads`` null and ``trainer.device`` auto.
+        group: This rank's :class:`~stackwise_bench.training.distributed.Group` on several devices (None: one).
     """
-    runtime = build_runtime(cfg, threads=threads, device=device)
-    runtime.apply()
-    trainer = build_trainer(cfg, runtime, resume)
+    from stackwise_bench.training.distributed import SINGLE
+
+    group = group or SINGLE
+    runtime = build_runtime(cfg, threads=threads, device=group.device or device)
+    runtime.apply()  # every rank seeds alike: the model starts with the same weights on each
+    trainer = build_trainer(cfg, runtime, resume, group)
     data = instantiate(cfg.dataset)
     if getattr(data, "kind", "images") == "text":  # dataset=shakespeare, text, wikitext103
-        return build_lm_run(cfg, runtime, trainer, data)
+        return build_lm_run(cfg, runtime, trainer, data, group)
     if trainer.batch_size > len(data.train_y):
         raise ConfigError(
             f"trainer.batch_size={trainer.batch_size} is larger than the training split of {data.name} "
@@ -96,6 +102,7 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
     regime.setup(model, cfg.model.name)  # stacks left null: derived from the model's depth (refused if it cannot grow)
     model = model.to(runtime.device)  # Trainer.fit makes convnets (only) channels_last when asked
     loaders = build_loaders(data, instantiate(cfg.augmentation), trainer, cfg.model.img_size, model)
+    model = placed(model, group, runtime.seed, trainer, loaders.train.image_shape)
     optimizer = instantiate(cfg.optimizer, model=model)
     task = build_task(cfg, runtime, data, loaders.train.augment)
     total_steps, scheduler = plan_steps(cfg, trainer, model, loaders.train, regime, task, optimizer)
@@ -113,11 +120,11 @@ def build_run(cfg: DictConfig, resume: bool, threads: int | None = None, device:
         loggers=build_loggers(cfg),
         regime=regime,
         task=task,
-        parts=build_parts(cfg, model, total_steps),
+        parts=build_parts(cfg, model, total_steps, group),
     )
 
 
-def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
+def build_lm_run(cfg: DictConfig, runtime, trainer, data, group) -> Assembly:
     """A causal language model's run (``model=gpt_micro dataset=shakespeare``): the model sized to the tokenizer,
     refused before any tokenizing when it cannot read the data, then the token windows and the causal-LM task."""
     from stackwise_bench.data.text.dataset import budget_steps, text_loaders
@@ -135,6 +142,7 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
     regime.setup(model, cfg.model.name)  # depth_time: the model starts at its first stack
     model = model.to(runtime.device)
     train, val, test = text_loaders(data, trainer.batch_size, trainer.eval_batch_size, runtime.seed, runtime.device)
+    model = placed(model, group, runtime.seed, trainer, None)
     optimizer = instantiate(cfg.optimizer, model=model)
     task = CausalLM(runtime.autocast, runtime.device)
     trainer.compute.priced_by(task.flops_per_sample, data.seq_len)  # FLOPs per token: 6N + 12·L·H·Q·T
@@ -163,8 +171,33 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data) -> Assembly:
         loggers=build_loggers(cfg),
         regime=regime,
         task=task,
-        parts=[WindowsPart(train, task), *build_parts(cfg, model, total_steps)],  # first: see WindowsPart
+        parts=[WindowsPart(train, task), *build_parts(cfg, model, total_steps, group)],  # first: see WindowsPart
     )
+
+
+def placed(model, group, seed: int, trainer, image_shape):
+    """The model as this rank trains it (before its optimizer is built): FSDP2 shards its blocks, DDP syncs a
+    convnet's BatchNorm statistics across the ranks; ranks > 0 then draw their own dropout masks.
+
+    A sharded model cannot be copied to count its FLOPs: they are counted before (FSDP refuses growth, so the
+    architecture never changes after)."""
+    if group.size == 1:
+        return model
+    if group.strategy == "fsdp" and image_shape is not None:
+        rate = trainer.compute.per_image(model, image_shape)
+        trainer.compute.priced_by(lambda _model, _shape: rate)
+    import torch
+
+    from stackwise_bench.nn.growth import block_lists
+    from stackwise_bench.training.checkpointing import rank_seed
+
+    if group.strategy == "ddp" and group.backend == "nccl":  # BatchNorm over the whole batch, as one process does
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (torch's runs on GPUs only: not on gloo)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = group.prepare(model, block_lists(base)[0] if group.strategy == "fsdp" else [])
+    if group.rank:
+        torch.manual_seed(rank_seed(seed, group.rank))
+    return model
 
 
 def plan_steps(cfg: DictConfig, trainer, model, train_loader, regime, task, optimizer, steps: int | None = None):
@@ -197,7 +230,7 @@ def build_task(cfg: DictConfig, runtime, data, augment):
     )
 
 
-def build_parts(cfg: DictConfig, model, total_steps: int) -> list:
+def build_parts(cfg: DictConfig, model, total_steps: int, group=None) -> list:
     """The step parts, in the order their rows reach the record: the weight average (``trainer.ema``), AdaLoRA's
     schedule, the diagnostics, the trackers' step rows (:mod:`stackwise_bench.training.parts`)."""
     from stackwise_bench.training.ema import AveragePart
@@ -209,7 +242,9 @@ def build_parts(cfg: DictConfig, model, total_steps: int) -> list:
             AveragePart(cfg.trainer.ema, cfg.trainer.get("ema_warmup_power"), cfg.trainer.get("best_weights") == "ema")
         )
     parts.append(build_adapter_schedule(cfg, model, total_steps))
-    if cfg.get("diagnostics"):
+    if cfg.get("diagnostics") and group is not None and group.strategy == "fsdp":
+        log.warning("diagnostics are not measured under trainer.strategy=fsdp (each rank holds a shard of a layer)")
+    elif cfg.get("diagnostics"):
         parts.append(DiagnosticsPart(instantiate(cfg.diagnostics), compiled=bool(cfg.trainer.get("compile"))))
     parts.append(StepRows(cfg.trainer.get("log_every_n_steps", 20)))
     return [part for part in parts if part is not None]
@@ -238,16 +273,19 @@ def build_runtime(cfg: DictConfig, threads: int | None = None, device: str | Non
 
 # trainer.* knobs that configure the task or a step part, not the loop (build_task, build_parts read them).
 PART_KEYS = ("label_smoothing", "ema", "ema_warmup_power", "best_weights")
+# trainer.* knobs that say on how many devices the run trains (train.train_job starts the ranks from them).
+GROUP_KEYS = ("devices", "strategy")
 
 
-def build_trainer(cfg: DictConfig, runtime, resume: bool = False):
+def build_trainer(cfg: DictConfig, runtime, resume: bool = False, group=None):
     """The Trainer from ``cfg.trainer``'s loop knobs (the runtime's keys went into ``runtime``, the task's and
     the parts' are :data:`PART_KEYS`)."""
     from stackwise_bench.training.runtime import RUNTIME_KEYS
 
-    loop = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in RUNTIME_KEYS + PART_KEYS])
+    loop = [k for k in cfg.trainer if k not in RUNTIME_KEYS + PART_KEYS + GROUP_KEYS]
     # Called here, not given to instantiate: Hydra would turn the Runtime dataclass into a config node.
-    return instantiate(loop, _partial_=True)(runtime=runtime, resume=resume)
+    trainer = instantiate(OmegaConf.masked_copy(cfg.trainer, loop), _partial_=True)
+    return trainer(runtime=runtime, resume=resume, **({"group": group} if group is not None else {}))
 
 
 def build_model(cfg: DictConfig, num_classes: int, total_steps: int | None = None) -> tuple:

@@ -10,6 +10,7 @@ Tests compose the config with ``hydra.compose`` and call :func:`run` directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from stackwise_bench.data.splits import check_resumed_split
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.evaluation import is_quantized_lora, merged_test
 from stackwise_bench.knobs import check_config
-from stackwise_bench.runs import lease
+from stackwise_bench.runs import lease, output_dir
 from stackwise_bench.runs.folders import shown_path
-from stackwise_bench.runs.job import Job, run_job
+from stackwise_bench.runs.job import Job, ranks_launched, run_job
 from stackwise_bench.runs.provenance import env_info, fingerprint, git_sha
 from stackwise_bench.runs.record import ADDITIVE, RunRecord, now_iso
 from stackwise_bench.training.stop import StopSignal
@@ -40,11 +41,14 @@ def run(
     auto_resume: bool = False,
     threads: int | None = None,
     device: str | None = None,
+    ranks=None,
 ) -> dict:
     """Train one run described by ``cfg`` into ``run_dir``; returns its summary dict.
 
     ``auto_resume`` (sweeps): an unfinished run with the same config resumes from its ``last.pt``
     without ``trainer.resume=true``. ``threads`` and ``device`` are a sweep job's share of the machine.
+    ``ranks``: on several devices, rank 0's :class:`~stackwise_bench.training.ranks.Ranks` (this process writes
+    the record; the other ranks are told whether and how to train, :func:`follow`).
     """
     if cfg.get("evaluate") is not None:
         raise ConfigError(
@@ -57,7 +61,8 @@ def run(
     knobs = cfg.get("lease") or {}
     # The stop handler covers the whole run (a signal in the test phase or while recording still saves and
     # records); the lease makes this process the folder's one writer until the record is final.
-    with StopSignal() as stop:
+    group = ranks.group if ranks is not None else None
+    with StopSignal() as stop, telling(group) as tell:
         with lease.acquire(run_dir, knobs.get("timeout_s", 120), knobs.get("on_busy", "skip")) as held:
             record = RunRecord(run_dir, fence=held.check)  # once the lease is another's, nothing more is written
             attempts = len(record.summary.get("previous_attempts", []))
@@ -75,11 +80,13 @@ def run(
                 record.restart_logs()
             record.start(run=run_section(cfg, run_dir, fp, overrides, choices, held.content, resume), config=config)
             from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
+            from stackwise_bench.training import group_sink
 
             try:
                 check_config(cfg)  # every knob's type and range, before anything is built
-                built = build_run(cfg, resume=resume, threads=threads, device=device)
-                record.update(env=env_info(built.runtime.device))
+                tell({"resume": resume, "threads": threads})
+                built = build_run(cfg, resume=resume, threads=threads, device=device, group=group)
+                record.update(env=env_info(built.runtime.device) | (group.describe() if group else {}))
                 if resume:  # it continues only on the split it was trained on
                     check_resumed_split(record.dir, built.data.split)
                 record.write_split(built.data.split)
@@ -105,7 +112,7 @@ def run(
                     built.loaders,
                     built.optimizer,
                     built.scheduler,
-                    sink=record,
+                    sink=record if group is None else group_sink.LeaderSink(record, group),
                     task=built.task,
                     monitors=built.monitors,
                     stop=stop,
@@ -123,7 +130,10 @@ def run(
                     except OSError as io:  # a full disk must not hide the interrupt
                         log.error("the interruption of %s could not be recorded: %s", record.dir, io)
                 else:
+                    original, exc = exc, ranks.explain(exc) if ranks is not None else exc  # another rank's, if first
                     record.fail(exc)
+                    if exc is not original:
+                        raise exc from None
                 raise
             if result.status == "interrupted":
                 record.summary["run"]["stopped_by"] = stop.requested
@@ -136,6 +146,53 @@ def run(
             record.finish(result.status, train=result.train, test=result.test, resources=resources)
         stop.chain()  # under submitit, a SIGUSR2 (preemption) now requeues the job, which resumes from last.pt
     return record.summary
+
+
+@contextlib.contextmanager
+def telling(group):
+    """Rank 0's one message to the other ranks of its run: whether to train (``tell(how)``), or, where it leaves
+    without saying (the run was finished, a refusal, a busy folder), that they have nothing to do."""
+    said = []
+
+    def tell(how: dict) -> None:
+        if group is not None:
+            group.broadcast(how)
+        said.append(how)
+
+    try:
+        yield tell
+    finally:
+        if group is not None and not said:
+            try:
+                group.broadcast(None)
+            except RuntimeError as exc:  # they are gone already (a rank failed): there is nobody left to tell
+                log.debug("telling the other ranks to stop: %s", exc)
+
+
+def follow(group, cfg: DictConfig, run_dir: str | Path) -> None:
+    """A rank > 0 of a run on several devices: build what rank 0 builds and train beside it, writing nothing.
+
+    Rank 0 decides (the folder, a resume, the threads) and holds the record; it says whether to train at all.
+    """
+    how = group.broadcast(None)
+    if how is None:
+        return
+    from stackwise_bench.training.group_sink import FollowerSink
+
+    logging.getLogger("stackwise_bench").setLevel(logging.WARNING)  # rank 0 logs the run once
+    with StopSignal() as stop:
+        built = build_run(cfg, resume=how["resume"], threads=how["threads"], group=group)
+        built.trainer.fit(
+            built.model,
+            built.loaders,
+            built.optimizer,
+            built.scheduler,
+            sink=FollowerSink(group, run_dir, built.runtime.device),
+            task=built.task,
+            stop=stop,
+            parts=built.parts,
+            regime=built.regime,
+        )
 
 
 def run_section(cfg, run_dir, fp: str, overrides, choices, lease_content: dict, resume: bool) -> dict:
@@ -214,16 +271,34 @@ def run_resources(resources: dict, attempts: list[dict]) -> dict:
 
 
 def train_job(cfg: DictConfig, job: Job) -> dict:
-    """One Hydra job of training (single or in a sweep), for :func:`~stackwise_bench.runs.job.run_job`."""
-    return run(
-        cfg,
-        job.run_dir,
-        overrides=job.overrides,
-        choices=job.choices,
-        auto_resume=job.sweeping,
-        threads=job.threads,
-        device=job.device,
-    )
+    """One Hydra job of training (single or in a sweep), for :func:`~stackwise_bench.runs.job.run_job`.
+
+    With ``trainer.devices`` > 1 (or under torchrun/Slurm tasks) the job is one run on several ranks
+    (:mod:`stackwise_bench.training.ranks`): this process is rank 0 and writes the record, or a rank > 0 that
+    follows the run folder rank 0 names.
+    """
+    args = dict(overrides=job.overrides, choices=job.choices, auto_resume=job.sweeping, device=job.device)
+    if int(cfg.trainer.get("devices", 1) or 1) == 1 and not ranks_launched():
+        return run(cfg, job.run_dir, threads=job.threads, **args)
+    from stackwise_bench.training import ranks
+    from stackwise_bench.training.precision import resolve_device
+
+    kind = resolve_device(cfg.trainer.get("device", "auto")).type
+    check_config(cfg)  # every knob, and the devices' own rules, before any rank starts
+    world = ranks.plan(cfg.trainer, kind)
+    if world is None:
+        return run(cfg, job.run_dir, threads=job.threads, **args)
+    threads = ranks.rank_threads(world, job.threads)
+    with ranks.started(world, kind, follow, (cfg, job.run_dir)) as started:
+        run_dir = Path(job.run_dir).resolve()
+        if world.launcher != "self":  # torchrun or Slurm started every rank, each with its own Hydra: rank 0's folder
+            run_dir = Path(started.group.broadcast(str(run_dir)))
+        if not started.group.leads:  # a rank torchrun or Slurm started: rank 0 writes, this one follows
+            if run_dir != Path(job.run_dir).resolve():
+                output_dir.discard(job.run_dir)  # the folder this rank's own Hydra made (a ${now:} name)
+            follow(started.group, cfg, run_dir)
+            return {}
+        return run(cfg, run_dir, threads=threads, ranks=started, **args)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -56,7 +56,7 @@ def signature_of(target):
     parts' (build_task and build_parts read build.PART_KEYS), and Hydra's launcher plugins take ``**kwargs``,
     so their keys are bound against the plugin's config schema instead.
     """
-    from stackwise_bench.build import PART_KEYS
+    from stackwise_bench.build import GROUP_KEYS, PART_KEYS
     from stackwise_bench.training.runtime import RUNTIME_KEYS, Runtime
     from stackwise_bench.training.trainer import Trainer
 
@@ -64,7 +64,7 @@ def signature_of(target):
         trainer, runtime = inspect.signature(Trainer), inspect.signature(Runtime.create)
         params = [p for p in trainer.parameters.values() if p.name != "runtime"]
         params += [runtime.parameters[k] for k in RUNTIME_KEYS]
-        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in PART_KEYS]
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in PART_KEYS + GROUP_KEYS]
         return inspect.Signature(sorted(params, key=lambda p: p.kind))
     module = getattr(target, "__module__", "")
     if module.startswith("hydra_plugins."):

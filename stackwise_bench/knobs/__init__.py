@@ -228,6 +228,8 @@ KNOBS: dict[str, Spec] = {
     "trainer.data_on_device": Bool("true"),
     "trainer.compile": Bool("false"),
     "trainer.threads": Int("1", min=1, null=True, note="null keeps torch's default"),
+    "trainer.devices": Int("2", min=1, note="ranks of one run: GPUs, or CPU processes over gloo"),
+    "trainer.strategy": Choice(("ddp", "fsdp"), "ddp", null=True, note="null = ddp"),
     "trainer.progress": Choice(("auto", "bar", "log"), "log"),
     "trainer.log_every_n_steps": Int("20", min=1),
     "trainer.ema": Number("0.999", lo=0, hi=1, lo_open=True, hi_open=True, null=True, note="null = off"),

@@ -232,7 +232,56 @@ def _accumulate_within_batch(get: Get) -> str | None:
     return None
 
 
+def _devices(get: Get) -> str | None:
+    """What a run on several devices cannot do: an uneven batch, FSDP without blocks or with a growing model."""
+    devices, strategy = get("trainer.devices"), get("trainer.strategy")
+    if devices is ABSENT or devices == 1:
+        return None
+    batch = get("trainer.batch_size")
+    if batch % devices:
+        return (
+            f"trainer.batch_size={batch} does not divide into trainer.devices={devices} equal slices (each rank "
+            f"trains on batch_size/devices); use e.g. trainer.batch_size={max(devices, batch // devices * devices)}."
+        )
+    if get("trainer.accumulate") not in (ABSENT, 1) and (batch // devices) < get("trainer.accumulate"):
+        return (
+            f"trainer.accumulate={get('trainer.accumulate')} splits each rank's slice of {batch // devices} samples "
+            f"into more micro-batches than it has; use trainer.accumulate<={batch // devices}."
+        )
+    device = get("trainer.device")
+    if isinstance(device, str) and ":" in device:
+        return (
+            f"trainer.device={device} names one GPU, but trainer.devices={devices} trains on several (rank r on "
+            "cuda:r); use trainer.device=auto or trainer.device=cuda."
+        )
+    if get("lora.method") in ("qalora", "qlora"):
+        return (
+            f"lora.method={get('lora.method')} trains on one device (its merged test runs in one process); use "
+            "trainer.devices=1, or lora.method=lora."
+        )
+    if strategy != "fsdp":
+        return None
+    model = str(get("model.name"))
+    if model.startswith("resnet"):
+        return (
+            f"trainer.strategy=fsdp shards a model block by block, and model={model} has no block list to wrap; "
+            "use trainer.strategy=ddp, or a transformer (model=vit_micro_p4, deit_tiny, gpt_micro)."
+        )
+    if get("regime._target_") == "stackwise_bench.training.regime.DepthTime":
+        return (
+            "regime=depth_time grows the model, which FSDP's sharded blocks cannot; use trainer.strategy=ddp "
+            "(DDP is rebuilt after each growth), or regime=classical."
+        )
+    if get("trainer.ema") not in (ABSENT, None):
+        return (
+            f"trainer.ema={get('trainer.ema')} keeps a whole copy of the weights, which FSDP's shards do not give "
+            "it; use trainer.strategy=ddp, or trainer.ema=null."
+        )
+    return None
+
+
 RULES: list[Rule] = [
+    _devices,
     _model_reads_the_data,
     _language_model_options,
     _accumulate_within_batch,

@@ -95,6 +95,10 @@ VOLATILE_KEYS = (
     "plan",
     "lease",
 )
+# Where a run computes, not what: the fingerprint ignores them, so a run resumes on another number of devices (its
+# last digits then differ, as after a change of trainer.threads), but a sweep over them names its job folders
+# by them and the analysis shows them (the world size each run trained on).
+PLACEMENT_KEYS = ("trainer.devices", "trainer.strategy")
 # Left out of job folder names only: a preset's name restates its values (which the fingerprint sees),
 # a search preset (hparams_search) sets Hydra's sweeper, and the number of parallel jobs is the launcher's business.
 FOLDER_ONLY_KEYS = ("experiment", "hparams_search", "hydra.launcher.n_jobs")

@@ -81,6 +81,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
+    if launched_rank() > 0:  # a rank > 0 that torchrun or Slurm started: rank 0 reports the job, this one follows
+        task(cfg, Job(Path(hc.runtime.output_dir), "", list(hc.overrides.task), {}, sweeping, None))
+        return None
     job = Job(
         run_dir=Path(hc.runtime.output_dir),
         name=folder_name(hc.runtime.output_dir, hc.sweep.dir) if sweeping else "",
@@ -164,6 +167,22 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Job], dict]) -> float |
         log.warning("the launcher of this study is gone: this worker ends")
         os._exit(1)
     return _top1(summary)
+
+
+def launched_rank() -> int:
+    """This process's rank when torchrun or Slurm tasks (through submitit) started several; 0 otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    if int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+        return int(os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0"))
+    return 0
+
+
+def ranks_launched() -> bool:
+    """Whether torchrun or Slurm started this job's process as one of several ranks."""
+    return any(int(os.environ.get(k, "1")) > 1 for k in ("WORLD_SIZE", "SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS"))
 
 
 def launch_of(sweep_dir: Path) -> Launch:

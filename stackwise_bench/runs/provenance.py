@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from stackwise_bench.runs.contract import NEUTRAL, is_volatile
+from stackwise_bench.runs.contract import NEUTRAL, PLACEMENT_KEYS, is_volatile
 
 
 def fingerprint(cfg: Any) -> str:
@@ -37,7 +37,7 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> str:
     for key in sorted(set(old) | set(new)):
         dotted = f"{prefix}{key}"
         a, b = old.get(key, NEUTRAL.get(dotted)), new.get(key, NEUTRAL.get(dotted))
-        if key == "_target_" or is_volatile(dotted):
+        if key == "_target_" or is_volatile(dotted) or dotted in PLACEMENT_KEYS:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             sub = config_diff(a, b, dotted + ".")
@@ -66,7 +66,10 @@ def _essential(node: Any, prefix: str = "") -> Any:
     return {
         k: _essential(v, f"{prefix}{k}.")
         for k, v in node.items()
-        if k != "_target_" and not is_volatile(f"{prefix}{k}") and NEUTRAL.get(f"{prefix}{k}", _ABSENT) != v
+        if k != "_target_"
+        and not is_volatile(f"{prefix}{k}")
+        and f"{prefix}{k}" not in PLACEMENT_KEYS
+        and NEUTRAL.get(f"{prefix}{k}", _ABSENT) != v
     }
 
 

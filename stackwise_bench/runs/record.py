@@ -371,6 +371,9 @@ class RunRecord:
     def checkpoint_path(self, name: str) -> Path:
         return self.ckpt_dir / f"{name}.pt"
 
+    def has_checkpoint(self, name: str) -> bool:
+        return self.checkpoint_path(name).exists()
+
     def save_checkpoint(self, name: str, state: dict) -> None:
         """Write ``checkpoints/<name>.pt`` atomically, stamped with ``saved_at`` (unix seconds) for resume trimming
         and with the run it belongs to (``run``: :func:`~stackwise_bench.runs.identity.stamp`).

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from stackwise_bench.errors import ConfigError, short_error
+from stackwise_bench.training.distributed import SINGLE
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,17 @@ def migrate(state: dict) -> dict:
     return {**state, "progress": progress}
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, device: torch.device) -> dict:
-    """Everything a resume needs, as one dict for ``sink.save_checkpoint``."""
+def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, device: torch.device, group=SINGLE):
+    """Everything a resume needs, as one dict for ``sink.save_checkpoint``: in the single-process format on
+    several devices too (``group``: :mod:`.distributed`), with each rank's RNG state."""
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    if group.size > 1:  # dropout draws differ per rank: a resume on as many ranks gives each its own back
+        rng["ranks"] = group.gather(rng["torch"])
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": group.model_state(model),
+        "optimizer": group.optimizer_state(model, optimizer),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng,
@@ -75,14 +79,16 @@ def checkpoint_state(model, optimizer, scheduler, scaler, progress: Progress, de
     }
 
 
-def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.device, prepare=None) -> Progress:
+def restore_checkpoint(
+    model, optimizer, scheduler, scaler, sink, device: torch.device, prepare=None, group=SINGLE
+) -> Progress:
     """Loads the sink's ``last`` checkpoint into the objects in place; a fresh Progress when there is none yet.
 
     ``prepare(state, model, optimizer, scheduler)`` runs before the states are loaded: a depth-as-time regime
     grows the fresh model and optimizer to the shape the checkpoint holds, and the step parts take their states.
     """
     path = sink.checkpoint_path("last")
-    if not path.exists():
+    if not sink.has_checkpoint("last"):
         log.info("trainer.resume: no %s yet, starting from scratch", path)
         sink.restart_logs()  # the logs and best.pt of an attempt that saved no last.pt
         return Progress()
@@ -90,12 +96,12 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
     try:
         if prepare is not None:
             prepare(state, model, optimizer, scheduler)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        group.load_model(model, state["model"])
+        group.load_optimizer(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        torch.set_rng_state(own_rng(state["rng"], group).cpu())
         if "cuda" in state["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     except Exception as exc:
@@ -106,3 +112,20 @@ def restore_checkpoint(model, optimizer, scheduler, scaler, sink, device: torch.
     sink.trim_to_checkpoint(state)  # metrics and hardware samples written after this checkpoint would repeat
     log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step)
     return progress
+
+
+def own_rng(rng: dict, group) -> torch.Tensor:
+    """This rank's CPU RNG state from a checkpoint's ``rng``: its own where the checkpoint has one per rank of a
+    group this size; else rank 0's, and the other ranks draw from a seed of their own (:func:`rank_seed`)."""
+    ranks = rng.get("ranks")
+    if group.size > 1 and ranks is not None and len(ranks) == group.size:
+        return ranks[group.rank]
+    if group.rank:
+        return torch.Generator().manual_seed(rank_seed(int(rng["torch"][:8].sum()), group.rank)).get_state()
+    return rng["torch"]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The global RNG seed of ``rank`` > 0: its dropout masks are not rank 0's (every rank builds the model from
+    the run's seed first, so the weights start equal)."""
+    return (int(seed) * 1_000_003 + rank) % 2**63

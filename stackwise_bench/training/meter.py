@@ -63,6 +63,15 @@ class EpochMeter:
         self.compile_samples += samples
         return False
 
+    def combine(self, total) -> None:
+        """Replace this rank's sums by ``total`` of them (every rank's, on several devices) at the epoch's end."""
+        names = list(self._tallies)
+        summed = total([float(self.loss), float(self.seen), *(float(self._tallies[n]) for n in names)])
+        self.loss = torch.tensor(summed[0], device=self.device, dtype=torch.float64)
+        self.seen = int(round(summed[1]))
+        for name, value in zip(names, summed[2:], strict=True):
+            self._tallies[name] = torch.tensor(value, device=self.device).to(self._tallies[name].dtype)
+
     def mean_loss(self) -> float:
         return float(self.loss) / max(1, self.seen)
 

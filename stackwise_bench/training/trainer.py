@@ -22,6 +22,7 @@ from stackwise_bench.nn.lora import count_parameters
 from stackwise_bench.training.accumulate import merge_outputs, micro_batches
 from stackwise_bench.training.checkpointing import Progress, checkpoint_state, restore_checkpoint
 from stackwise_bench.training.compute import Compute, current_depth
+from stackwise_bench.training.distributed import SINGLE, Group, SyncedStop, full_tensor
 from stackwise_bench.training.divergence import TrainingDiverged, check_loss, check_weights, divergence_fix  # noqa: F401
 from stackwise_bench.training.meter import EpochMeter
 from stackwise_bench.training.optim import base_lr, global_norm
@@ -61,8 +62,10 @@ class Trainer:
         log_every_n_steps: int = 20,
         max_flops: float | None = None,
         accumulate: int = 1,
+        group: Group = SINGLE,
     ):
         self.runtime, self.device = runtime, runtime.device
+        self.group = group  # the ranks of a run on several devices (:mod:`.distributed`); SINGLE: this process
         self.max_epochs, self.batch_size = max_epochs, batch_size
         self.eval_batch_size = runtime.eval_batch_size(eval_batch_size, batch_size)
         self.grad_clip, self.patience, self.eval_every = grad_clip, early_stopping_patience, eval_every
@@ -93,7 +96,8 @@ class Trainer:
         the test phase: the result is then ``interrupted`` with ``last.pt`` saved where training stood.
         """
         with contextlib.nullcontext(stop) if stop is not None else StopSignal() as stop:
-            self.task, self.parts, self.stop, self.scheduler = task, Parts(list(parts)), stop, scheduler
+            self.task, self.parts, self.scheduler = task, Parts(list(parts)), scheduler
+            self.stop = SyncedStop(stop, self.group)  # every rank stops (and saves) at the same step
             self.regime = regime if regime is not None else Classical()
             self.shape, self.scaler, self.raw_model = task.sample_shape(loaders.train), self.runtime.scaler(), model
             if self.runtime.wants_channels_last(model):
@@ -106,9 +110,13 @@ class Trainer:
                 self.parts.close()
 
     def _fit(self, model, loaders, optimizer, scheduler, sink, monitors) -> FitResult:
-        forward = torch.compile(model) if self.runtime.compile else model
+        compiled = torch.compile(model) if self.runtime.compile else model
+        self.forward = self.group.wrap(compiled)  # the training step's module: DDP's wrapper on several ranks
+        forward = self.group.eval_model(compiled)  # evaluation's: each rank scores a slice, the logits gathered
         objects = (model, optimizer, scheduler, self.scaler)
-        progress = restore_checkpoint(*objects, sink, self.device, self._prepare_resume) if self.resume else Progress()
+        progress = Progress()
+        if self.resume:
+            progress = restore_checkpoint(*objects, sink, self.device, self._prepare_resume, self.group)
         self.compute.restore(progress.compute)
 
         def save_last() -> None:
@@ -126,7 +134,7 @@ class Trainer:
             monitor.start(sink)
         try:
             while progress.epoch < self.max_epochs and status == "completed":
-                row = self._train_epoch(forward, loaders.train, optimizer, scheduler, progress, save_last, sink)
+                row = self._train_epoch(loaders.train, optimizer, scheduler, progress, save_last, sink)
                 if row is None:  # a signal arrived: last.pt holds this step
                     status = "interrupted"
                     break
@@ -162,7 +170,7 @@ class Trainer:
     def _checkpoint(self, progress: Progress) -> dict:
         objects = (self.raw_model, self.fit_ctx.optimizer, self.scheduler, self.scaler)
         return {
-            **checkpoint_state(*objects, progress, self.device),
+            **checkpoint_state(*objects, progress, self.device, self.group),
             "regime": self.regime.state_dict(),
             **self.parts.state(),
         }
@@ -187,6 +195,8 @@ class Trainer:
         grown = self.regime.before_step(step, self.raw_model, optimizer, scheduler)
         if grown is not None:
             self.parts.attach(self.fit_ctx)
+            if self.group.strategy == "ddp":  # DDP's wrapper knows the parameters it was built with: wrap anew
+                self.forward = self.group.wrap(getattr(self.forward, "module", self.forward))
             what = (step, grown["depth"], grown["stage"], grown["new_params"])
             log.info("step %d: grew to depth %d (stage %d, %d new parameter tensors)", *what)
 
@@ -203,37 +213,38 @@ class Trainer:
         return bool(self.patience) and progress.bad_evals >= self.patience
 
     # -------------------------------------------------------------- epochs
-    def _train_epoch(self, model, loader, optimizer, scheduler, progress, save_last, sink) -> dict | None:
-        model.train()
-        meter = EpochMeter(self.device, self.task.tallies, progress.partial)
+    def _train_epoch(self, loader, optimizer, scheduler, progress, save_last, sink) -> dict | None:
+        self.forward.train()
+        meter = EpochMeter(self.device, self.task.tallies, self.group.own_partial(progress.partial))
         bar = progress_bar(len(loader), progress, self.max_epochs) if self.show_bar else None
         for batch in self.task.batches(loader, progress.epoch, progress.step):
             self._grow_if_due(optimizer, scheduler, progress)
             info = StepInfo(step=progress.global_step + 1, epoch=progress.epoch)
             self.parts.before_forward(info.step)
             optimizer.zero_grad(set_to_none=True)
-            out = self._backward(model, batch, progress)
-            info.loss, info.grad_norm = out.loss.detach(), self._unclipped_norm(model, optimizer, info.step)
+            out = self._backward(self.forward, self.group.shard(batch), progress)
+            info.loss, info.grad_norm = out.loss.detach(), self._unclipped_norm(self.raw_model, optimizer, info.step)
             self.parts.after_backward(info)
             if self.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.grad_clip, info.grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), self.grad_clip, info.grad_norm)
             self.scaler.step(optimizer)
             self.scaler.update()
             scheduler.step()
             self.parts.after_step(info)
             meter.add(out.loss, out.samples, out.tallies)
-            self.images += out.samples
-            self.compute.step(out.samples)
+            samples = out.samples * self.group.size  # every rank's slice is as large as this one's
+            self.images += samples
+            self.compute.step(samples)
             progress.step, progress.global_step = progress.step + 1, progress.global_step + 1
             if self._compile_pending:
                 self._compile_pending = meter.compiled(out.samples)
             if bar is not None and progress.step % self.log_every_n_steps == 0:
                 update_bar(bar, progress.step, meter, self.task)
-            if self.stop.requested or self.stop.save_now:  # save this step: to stop, or a scheduler may kill us
-                progress.partial = meter.partial()
+            if self.stop.poll():  # save this step: to stop, or a scheduler may kill us
+                progress.partial = self.group.total_partial(meter.partial())
                 save_last()
-                progress.partial, self.stop.save_now = {}, False
-                if self.stop.requested:
+                progress.partial = {}
+                if self.stop.saved():  # True: stop here; False: a scheduler's "save now", training goes on
                     return None
             if self.max_steps is not None and progress.global_step >= self.max_steps:
                 break  # the FLOP budget is spent: this (last) epoch ends here
@@ -263,11 +274,12 @@ class Trainer:
             self.scaler.unscale_(optimizer)  # true gradients (scaler.step would unscale them anyway)
         if self.grad_clip:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            return torch.nn.utils.get_total_norm(grads)
+            return full_tensor(torch.nn.utils.get_total_norm(grads))  # FSDP's shards: the whole model's norm
         return global_norm(model) if self.parts.wants_norm(step) else None
 
     def _epoch_row(self, meter: EpochMeter, bar, optimizer, progress: Progress) -> dict:
         train_time = meter.finish()
+        meter.combine(self.group.sum)  # every rank's slices
         if bar is not None:
             bar.close()
         train_loss = meter.mean_loss()
@@ -305,7 +317,7 @@ class Trainer:
         t0 = time.perf_counter()
         val = self.task.evaluate(model, loader)
         row.update({f"val_{k}": val[k] for k in keys})
-        val = self.parts.validate(lambda m: self.task.evaluate(m, loader), row) or val
+        val = self.parts.validate(lambda m: self.task.evaluate(self.group.eval_model(m), loader), row) or val
         for key in [k for k in row if k.startswith("val_loss")]:  # the model's, and a part's own (val_loss_ema)
             what = "the validation loss" + ("" if key == "val_loss" else f" ({key})")
             check_loss(
@@ -326,7 +338,7 @@ class Trainer:
         """Full metrics on the test split with the best checkpoint's weights (at the final depth: ``_validate``);
         None when ``stop`` cut it short. ``checkpoint_*`` say which checkpoint that was and what it holds."""
         best = sink.load_checkpoint("best", map_location=self.device)
-        model.load_state_dict(best["model"])
+        self.group.load_model(model, best["model"])
         test = self.task.evaluate(forward, loader, full=True, stop=self.stop)
         if test is None:
             return None
