@@ -134,13 +134,14 @@ def started(world: World, device_kind: str, follower: Callable, args: tuple) -> 
         world = dataclasses.replace(world, address=f"tcp://127.0.0.1:{_free_port()}")
         ctx = mp.get_context("spawn")
         errors = ctx.SimpleQueue()
-        for rank in range(1, world.size):
-            spec = dataclasses.replace(world, rank=rank, local_rank=rank)
-            proc = ctx.Process(
-                target=_rank_main, args=(spec, device_kind, follower, args, errors, os.getpid()), daemon=False
-            )
-            proc.start()
-            procs.append(proc)
+        with _spawn_default():
+            for rank in range(1, world.size):
+                spec = dataclasses.replace(world, rank=rank, local_rank=rank)
+                proc = ctx.Process(
+                    target=_rank_main, args=(spec, device_kind, follower, args, errors, os.getpid()), daemon=False
+                )
+                proc.start()
+                procs.append(proc)
     ranks = Ranks(world, procs, errors)
     try:
         ranks.group = init_group(world.rank, world.size, world.strategy, world.address, _device(world, device_kind))
@@ -148,6 +149,23 @@ def started(world: World, device_kind: str, follower: Callable, args: tuple) -> 
         yield ranks
     finally:
         ranks.close()
+
+
+@contextlib.contextmanager
+def _spawn_default() -> Iterator[None]:
+    """``spawn`` as the process-wide start method while ranks start: a spawned child sets the parent's default,
+    and in a joblib worker that is ``loky``, which a fresh interpreter does not know."""
+    import multiprocessing
+
+    old = multiprocessing.get_start_method(allow_none=True)
+    if old in (None, "spawn", "fork", "forkserver"):
+        yield
+        return
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(old, force=True)
 
 
 class Ranks:

@@ -1,0 +1,247 @@
+"""One run on several devices (``trainer.devices=2``): gloo on this CPU, the real entrypoint in subprocesses.
+
+2 ranks at batch B/2 must train what 1 process trains at batch B (DDP and FSDP2, a ViT and gpt_micro): every
+metric row and the final weights agree to 1e-5. Rank 0 is the one writer; a SIGTERM stops the group once and the
+resume equals an uninterrupted 2-rank run bit for bit; kill -9 of a rank ends the group within seconds and says
+which rank; the launchers (joblib, submitit_local's tasks, torchrun) run it unchanged; bad input is refused
+before any rank starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, read_summary
+
+pytestmark = pytest.mark.slow
+
+VIT = ["model=vit_micro_p4", "trainer.max_epochs=2", "monitors=none", "trainer.progress=log"]
+GPT = [
+    "model=gpt_micro",
+    "dataset=shakespeare",
+    "trainer.max_epochs=3",
+    "dataset.steps_per_epoch=4",
+    "trainer.batch_size=4",
+    "dataset.seq_len=16",
+    "dataset.val_tokens=512",
+    "dataset.test_tokens=1024",
+    "monitors=none",
+    "trainer.progress=log",
+]
+COMPARED = ("step", "flops", "train_loss", "train_top1", "val_loss", "val_top1", "val_ppl", "val_bpb", "lr")
+# Long enough to be caught after a few epochs on a busy machine, short enough to finish twice.
+LONG = [*VIT, "trainer.max_epochs=24", "trainer.early_stopping_patience=null"]
+
+
+def train(args: list[str], cwd: Path, *, wait: bool = True, module: list[str] | None = None):
+    """``python -m stackwise_bench.train <args>`` (or ``module``'s command) in a session of its own."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = module or [sys.executable, "-m", "stackwise_bench.train"]
+    proc = subprocess.Popen(
+        [*command, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def wait_for(condition, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+
+
+def max_delta(a: Path, b: Path) -> float:
+    """The largest |difference| of the compared metrics over two runs' metrics.jsonl, row by row."""
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+    deltas = [abs(x[k] - y[k]) for x, y in zip(ra, rb, strict=True) for k in COMPARED if x.get(k) is not None]
+    return max(deltas)
+
+
+def weights_delta(a: Path, b: Path) -> float:
+    """The largest |difference| of two runs' final weights, but for a ViT's attention key bias: softmax is blind to
+    it, so its gradient is 0 in exact arithmetic and pure rounding noise in floats, which AdamW normalises into
+    steps of size lr (measured: 2e-4 on it after 40 steps; every other weight within 1e-7)."""
+    wa = torch.load(a / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    wb = torch.load(b / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert wa.keys() == wb.keys()
+    deltas = []
+    for key in [k for k in wa if wa[k].is_floating_point()]:
+        d = (wa[key].double() - wb[key].double()).abs()
+        if key.endswith("attn.qkv.bias"):
+            n = len(d) // 3
+            d = torch.cat([d[:n], d[2 * n :]])  # q and v biases; k's is the noise above
+        deltas.append(float(d.max()))
+    return max(deltas)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process runs the ranks are compared with (one thread, like each rank)."""
+    base = tmp_path_factory.mktemp("one")
+    for name, args in (("vit", VIT), ("gpt", [*GPT, f"dataset.cache_dir={base / 'cache'}"])):
+        code, out = train([*args, "trainer.threads=1", f"hydra.run.dir={base / name}"], base)
+        assert code == 0, out[-3000:]
+    return base
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("model", ["vit", "gpt"])
+def test_two_ranks_train_what_one_process_trains(one_process, tmp_path, model, strategy):
+    args = VIT if model == "vit" else [*GPT, f"dataset.cache_dir={one_process / 'cache'}"]
+    run_dir = tmp_path / "run"
+    code, out = train(
+        [*args, "trainer.devices=2", f"trainer.strategy={strategy}", f"hydra.run.dir={run_dir}"], tmp_path
+    )
+    assert code == 0, out[-3000:]
+    summary, single = read_summary(run_dir), read_summary(one_process / model)
+    assert summary["status"] == "completed"
+    assert {k: summary["env"][k] for k in ("world_size", "backend", "strategy")} == {
+        "world_size": 2,
+        "backend": "gloo",
+        "strategy": strategy,
+    }
+    assert max_delta(run_dir, one_process / model) < 1e-5
+    assert weights_delta(run_dir, one_process / model) < 1e-5
+    metric = summary["task"]["metric"]
+    assert summary["test"][metric] == pytest.approx(single["test"][metric], abs=1e-5)
+    assert summary["train"]["flops"] == single["train"]["flops"]  # every rank's samples are counted once
+    # one writer: no folder, lease or file of another rank's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not list(run_dir.glob("**/*rank*"))
+
+
+def test_evaluate_reads_an_fsdp_checkpoint_on_one_device(tmp_path):
+    run_dir = tmp_path / "run"
+    code, out = train([*VIT, "trainer.devices=2", "trainer.strategy=fsdp", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 0, out[-3000:]
+    code, out = train([f"checkpoint={run_dir}"], tmp_path, module=[sys.executable, "-m", "stackwise_bench.evaluate"])
+    assert code == 0, out[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in run_dir.glob("eval/*/summary.json")]
+    assert record["test"]["top1"] == pytest.approx(read_summary(run_dir)["test"]["top1"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("whole")
+    code, out = train([*LONG, "trainer.devices=2", f"hydra.run.dir={base / 'run'}"], base)
+    assert code == 0, out[-3000:]
+    return base / "run"
+
+
+def test_sigterm_stops_the_group_once_and_the_resume_is_bit_identical(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train([*LONG, "trainer.devices=2", f"hydra.run.dir={run_dir}"], tmp_path, wait=False)
+    wait_for(lambda: len(rows(run_dir)) >= 2 or proc.poll() is not None, "two epochs")
+    os.kill(proc.pid, signal.SIGTERM)  # rank 0 only: the others hear it through the group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted" and summary["run"]["stopped_by"] == "SIGTERM"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    code, out = train([*LONG, "trainer.devices=2", f"hydra.run.dir={run_dir}", "trainer.resume=true"], tmp_path)
+    assert code == 0, out[-3000:]
+    assert read_summary(run_dir)["status"] == "completed"
+    assert max_delta(run_dir, uninterrupted) == 0.0
+    assert weights_delta(run_dir, uninterrupted) == 0.0
+
+
+def test_kill_9_of_rank_1_ends_the_group_and_a_relaunch_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train([*LONG, "trainer.devices=2", f"hydra.run.dir={run_dir}"], tmp_path, wait=False)
+    wait_for(lambda: len(rows(run_dir)) >= 2 or proc.poll() is not None, "two epochs")
+    ranks = [p for p in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(ranks) == 1, [p.cmdline() for p in ranks]
+    ranks[0].kill()
+    killed = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30
+    assert proc.returncode != 0
+    assert not ranks[0].is_running()
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed"
+    assert "rank 1 was killed by SIGKILL" in summary["error"]["message"]
+    code, out = train([*LONG, "trainer.devices=2", f"hydra.run.dir={run_dir}", "trainer.resume=true"], tmp_path)
+    assert code == 0, out[-3000:]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, 25))
+    assert read_summary(run_dir)["previous_attempts"][0]["status"] == "failed"
+
+
+def test_the_weight_average_trains_on_every_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    code, out = train([*VIT, "trainer.devices=2", "trainer.ema=0.5", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 0, out[-3000:]  # the weight average runs on every rank and the run completes
+    assert "val_top1_ema" in read_metrics(run_dir)[-1]
+
+
+def test_joblib_and_submitit_tasks_run_two_ranks(tmp_path):
+    code, out = train(
+        ["--multirun", *VIT, "trainer.devices=2", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'joblib'}"], tmp_path
+    )
+    assert code == 0, out[-3000:]
+    for seed in (1, 2):
+        summary = read_summary(tmp_path / "joblib" / f"seed={seed}")
+        assert summary["status"] == "completed" and summary["env"]["world_size"] == 2
+    args = ["--multirun", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *VIT]
+    code, out = train([*args, f"hydra.sweep.dir={tmp_path / 'tasks'}"], tmp_path)
+    assert code == 0, out[-3000:]
+    (job,) = [d for d in (tmp_path / "tasks").iterdir() if (d / "summary.json").exists()]
+    summary = read_summary(job)
+    assert summary["status"] == "completed" and summary["env"]["world_size"] == 2
+    assert summary["env"]["strategy"] == "ddp"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_ranks_share_rank_0s_folder(tmp_path):
+    """Each torchrun rank runs Hydra and makes a ${now:} folder: only rank 0's is left, and it holds the run."""
+    torchrun = [shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "stackwise_bench.train"]
+    code, out = train(VIT, tmp_path, module=torchrun)
+    assert code == 0, out[-3000:]
+    folders = [p.parent for p in tmp_path.glob("multirun/single-runs/*/*/summary.json")]
+    assert len(folders) == 1 and read_summary(folders[0])["env"]["world_size"] == 2
+    assert len(list(tmp_path.glob("multirun/single-runs/*/*"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["trainer.devices=4096", "trainer.batch_size=4096"], "trainer.devices=4096 is more than the"),
+        (["trainer.devices=2", "trainer.strategy=fsdp", "model=resnet8"], "has no block list to wrap"),
+        (["trainer.devices=2", "trainer.batch_size=63"], "does not divide into trainer.devices=2"),
+        (["trainer.devices=2", "trainer.strategy=fsdp", "regime=depth_time"], "FSDP's sharded blocks cannot"),
+        (["trainer.devices=2", "trainer.strategy=zero"], "trainer.strategy"),
+    ],
+)
+def test_bad_input_is_refused_before_any_rank_starts(tmp_path, args, says):
+    run_dir = tmp_path / "run"
+    code, out = train([*VIT, *args, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and says in errors[0], out[-3000:]
+    assert not run_dir.exists()
+    assert "Traceback" not in out
