@@ -76,17 +76,19 @@ def run(
             resume = may_resume and record.can_resume()  # "resumed" only where a last.pt is there to continue
             if resume:
                 threads = resume_threads(record.summary, cfg.trainer.get("threads"), threads)
+                resume_world(record.summary, group.size if group else 1)
             else:
                 record.restart_logs()
             record.start(run=run_section(cfg, run_dir, fp, overrides, choices, held.content, resume), config=config)
             from stackwise_bench.nn.lora import count_parameters  # imports torch: once a run starts, not for --help
             from stackwise_bench.training import group_sink
+            from stackwise_bench.training.distributed import SINGLE
 
             try:
                 check_config(cfg)  # every knob's type and range, before anything is built
                 tell({"resume": resume, "threads": threads})
                 built = build_run(cfg, resume=resume, threads=threads, device=device, group=group)
-                record.update(env=env_info(built.runtime.device) | (group.describe() if group else {}))
+                record.update(env=env_info(built.runtime.device) | (group or SINGLE).describe())
                 if resume:  # it continues only on the split it was trained on
                     check_resumed_split(record.dir, built.data.split)
                 record.write_split(built.data.split)
@@ -224,6 +226,21 @@ def note_takeover(record: RunRecord, holder: dict, new_attempt: bool) -> None:
     if not new_attempt:
         attempts.append({"status": record.summary.get("status"), "error": None, "ended_at": None})
     attempts[-1]["taken_over"] = {k: holder.get(k) for k in ("host", "pid", "job_id", "started_at", "heartbeat", "why")}
+
+
+def resume_world(summary: dict, size: int) -> None:
+    """Say so when a run resumes on another number of devices: it trains the same steps on the same global batch,
+    but each rank sums its slice's gradients in another order, so its numbers differ in the last digits."""
+    recorded = (summary.get("env") or {}).get("world_size") or 1
+    if recorded != size:
+        log.warning(
+            "resuming on %d device(s), not the %d this run started on: the same steps on the same batches, but its "
+            "numbers will differ in the last digits from an uninterrupted run (resume with trainer.devices=%d to "
+            "continue bit for bit)",
+            size,
+            recorded,
+            recorded,
+        )
 
 
 def resume_threads(summary: dict, configured: int | None, share: int | None) -> int | None:

@@ -57,3 +57,15 @@ def test_the_optimizer_summary_compares_only_cells_that_differ_in_the_optimizer(
         for h in view.highlights
     )
     assert not any("bf16" in h and " vs " in h for h in view.highlights)  # never compared with the fp32 sgd cell
+
+
+def test_a_sweep_over_devices_is_a_cell_per_device_count(tmp_path):
+    """trainer.devices does not change what is trained (one fingerprint: a run resumes on another count), but a
+    sweep over it compares the counts: each is its own cell, not a duplicate of the other."""
+    for seed in (1, 2):
+        for devices in (1, 2):
+            cell(tmp_path, f"seed={seed},trainer.devices={devices}", seed, 90.0 + seed, [f"trainer.devices={devices}"])
+    analysis = analyze_runs(tmp_path, metric="test.top1")
+    table = analysis.summary[analysis.summary["metric"] == "test.top1"].set_index("group")
+    assert sorted(table.index) == ["trainer.devices=1", "trainer.devices=2"]
+    assert list(table["n"]) == [2, 2] and not analysis.duplicates

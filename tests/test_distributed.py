@@ -39,6 +39,7 @@ GPT = [
     "monitors=none",
     "trainer.progress=log",
 ]
+GROWN = [*VIT, "regime=depth_time", "trainer.max_epochs=4"]
 COMPARED = ("step", "flops", "train_loss", "train_top1", "val_loss", "val_top1", "val_ppl", "val_bpb", "lr")
 # Long enough to be caught after a few epochs on a busy machine, short enough to finish twice.
 LONG = [*VIT, "trainer.max_epochs=24", "trainer.early_stopping_patience=null"]
@@ -104,16 +105,18 @@ def weights_delta(a: Path, b: Path) -> float:
 def one_process(tmp_path_factory):
     """The 1-process runs the ranks are compared with (one thread, like each rank)."""
     base = tmp_path_factory.mktemp("one")
-    for name, args in (("vit", VIT), ("gpt", [*GPT, f"dataset.cache_dir={base / 'cache'}"])):
+    for name, args in (("vit", VIT), ("gpt", [*GPT, f"dataset.cache_dir={base / 'cache'}"]), ("grown", GROWN)):
         code, out = train([*args, "trainer.threads=1", f"hydra.run.dir={base / name}"], base)
         assert code == 0, out[-3000:]
     return base
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("model", ["vit", "gpt"])
+@pytest.mark.parametrize(
+    ("model", "strategy"), [("vit", "ddp"), ("vit", "fsdp"), ("gpt", "ddp"), ("gpt", "fsdp"), ("grown", "ddp")]
+)
 def test_two_ranks_train_what_one_process_trains(one_process, tmp_path, model, strategy):
-    args = VIT if model == "vit" else [*GPT, f"dataset.cache_dir={one_process / 'cache'}"]
+    """``grown``: depth-as-time under DDP, whose wrapper is built again after the growth."""
+    args = {"vit": VIT, "grown": GROWN, "gpt": [*GPT, f"dataset.cache_dir={one_process / 'cache'}"]}[model]
     run_dir = tmp_path / "run"
     code, out = train(
         [*args, "trainer.devices=2", f"trainer.strategy={strategy}", f"hydra.run.dir={run_dir}"], tmp_path
@@ -169,6 +172,26 @@ def test_sigterm_stops_the_group_once_and_the_resume_is_bit_identical(uninterrup
     assert read_summary(run_dir)["status"] == "completed"
     assert max_delta(run_dir, uninterrupted) == 0.0
     assert weights_delta(run_dir, uninterrupted) == 0.0
+
+
+@pytest.mark.parametrize("again", [["trainer.devices=2", "trainer.strategy=fsdp"], ["trainer.devices=1"]])
+def test_an_fsdp_run_resumes_on_as_many_or_fewer_devices(uninterrupted, tmp_path, again):
+    """FSDP's checkpoint is the single-process format: it resumes under FSDP (the optimizer's state re-keyed by
+    name) and on one device, which says that the last digits will differ."""
+    run_dir = tmp_path / "run"
+    proc = train(
+        [*LONG, "trainer.devices=2", "trainer.strategy=fsdp", f"hydra.run.dir={run_dir}"], tmp_path, wait=False
+    )
+    wait_for(lambda: len(rows(run_dir)) >= 2 or proc.poll() is not None, "two epochs")
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert read_summary(run_dir)["status"] == "interrupted", out[-3000:]
+    code, out = train([*LONG, *again, f"hydra.run.dir={run_dir}", "trainer.resume=true"], tmp_path)
+    assert code == 0, out[-3000:]
+    assert ("not the 2 this run started on" in out) == (again == ["trainer.devices=1"])
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["env"]["world_size"] == int(again[0][-1])
+    assert max_delta(run_dir, uninterrupted) < 1e-5
 
 
 def test_kill_9_of_rank_1_ends_the_group_and_a_relaunch_finishes(tmp_path):

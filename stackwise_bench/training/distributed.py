@@ -54,7 +54,7 @@ class Group:
 
     def describe(self) -> dict:
         """``env``'s record of the group: world size, backend, strategy."""
-        return {"world_size": self.size, "backend": self.backend, "strategy": self.strategy}
+        return {"world_size": self.size, "backend": self.backend, "strategy": self.strategy if self.size > 1 else None}
 
     # ---- data ----------------------------------------------------------------------------------------------------
     def shard(self, batch: tuple) -> tuple:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from stackwise_bench.analysis.read.run_row import SECTIONS, STUDY_KEYS, config_cell, run_row
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS, STEPS
+from stackwise_bench.runs.contract import FINISHED, HARDWARE, METRICS, PLACEMENT_KEYS, STEPS
 from stackwise_bench.runs.folders import PathsLike, as_path_list, find_records
 
 # The adapter of runs whose config has no lora.method (recorded before methods could be chosen).
@@ -241,7 +241,10 @@ def drop_duplicate_runs(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, 
         return runs, []
     done = runs["status"].isin(FINISHED) & runs[key].notna() & runs["seed"].notna()
     candidates = runs[done].sort_values("run_dir")
-    groups = candidates.groupby([candidates[key].astype(str), candidates["seed"].astype(str)], sort=False)
+    # a rerun on another number of devices trains the same config (one fingerprint), but a sweep over the devices
+    # compares them: each placement is its own cell
+    placement = [candidates[k].astype(str) for k in PLACEMENT_KEYS if k in candidates]
+    groups = candidates.groupby([candidates[key].astype(str), candidates["seed"].astype(str), *placement], sort=False)
     dropped, found = [], []
     for _, group in groups:
         if len(group) < 2:
