@@ -41,4 +41,11 @@ Figures (goals from issue 5 for a 2-core CPU machine):
              packed int4 tinygemm kernel (stackwise_bench.quant.int4_kernel) ÷ the dequantized reference path, on
              the CPU and on CUDA where there is one (bfloat16 there)
   gpu        (CUDA only) deit_tiny at 224 and resnet8 at 32: img/s and MFU
+  devices    one run on N devices (trainer.devices=N, ddp; fsdp too for transformers) ÷ the same run on 1, through
+             ``python -m stackwise_bench.train``: same global batch and steps, train img/s (tokens/s for gpt_micro
+             in the full budget), world_size/backend/strategy read back from summary.json, and the largest
+             |train/val loss difference| to the 1-device run (<= 1e-4). GPUs (NCCL, deit_tiny at 224 bf16): the
+             scaling figure, N = 1, 2, 4, ... up to the GPUs. CPU (gloo processes, vit_micro_p4 on digits, the same
+             total threads split between the ranks, N up to min(cores, 4)): it proves the path only.
+             ``--devices 1,2,4`` chooses the counts.
 """

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     mode = "quick" if args.quick else "full"
     budget = BUDGETS[mode]
+    if args.devices:
+        budget = dataclasses.replace(budget, devices=args.devices)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report = {
         "command": " ".join([_prog(), *(argv if argv is not None else sys.argv[1:])]),
@@ -79,9 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--out", default=None, help="JSON path (default multirun/benchmark/<full|quick>.json)")
     parser.add_argument(
+        "--devices",
+        type=_counts,
+        default=None,
+        help="device counts of the devices figure, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to the GPUs, or up to "
+        "4 CPU processes, at most the cores)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all cores)"
     )
     return parser
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``--devices 1,2,4``: positive integers."""
+    try:
+        counts = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers, such as 1,2,4")
+    return counts
 
 
 def _prog() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from stackwise_bench.bench import gpu, knobs, lm, overhead, peft, pipelines, processes
+from stackwise_bench.bench import devices, gpu, knobs, lm, overhead, peft, pipelines, processes
 from stackwise_bench.bench.harness import Budget
 
 # A figure takes the budget and a scratch folder (removed after the run) and returns its rows.
@@ -24,4 +24,5 @@ FIGURES: dict[str, Figure] = {
     "int4": peft.fig_int4,
     "nanogpt": lm.fig_nanogpt,
     "gpu": gpu.fig_gpu,
+    "devices": devices.fig_devices,
 }

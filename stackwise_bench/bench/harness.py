@@ -34,6 +34,9 @@ class Budget:
     sweep_epochs: int  # trainer.max_epochs of each tiny sweep job
     sweep_default_epochs: int  # trainer.max_epochs of each default-sized (compute-bound) sweep job
     compile: bool  # measure torch.compile (slow to compile on a CPU)
+    # --devices: the device counts of the devices figure (empty: 1, 2, 4, ... up to the machine's). Not compared:
+    # a figure that tells the quick budget from the full one by equality (lm.size_of) still does.
+    devices: tuple = dataclasses.field(default=(), compare=False)
 
 
 # Speed differs more between two runs of the same loop (allocation, placement, neighbours) than
