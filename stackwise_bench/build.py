@@ -191,8 +191,13 @@ def placed(model, group, seed: int, trainer, image_shape):
     from stackwise_bench.nn.growth import block_lists
     from stackwise_bench.training.checkpointing import rank_seed
 
-    if group.strategy == "ddp" and group.backend == "nccl":  # BatchNorm over the whole batch, as one process does
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (torch's runs on GPUs only: not on gloo)
+    if group.strategy == "ddp":  # BatchNorm over the whole batch, as one process does
+        if group.backend == "nccl":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's needs CUDA kernels
+            from stackwise_bench.training.sync_norm import convert
+
+            model = convert(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model = group.prepare(model, block_lists(base)[0] if group.strategy == "fsdp" else [])
     if group.rank:
