@@ -49,6 +49,7 @@ SCRIPT_TEXT = {"lm_depth_time.sh"}
 SKIP = {
     "pip": "the test environment has the package and its extras installed",
     "pytest": "the suite itself (this test is part of it)",
+    "torchrun": "starts ranks of its own: tests/test_distributed.py launches it",
 }
 SERVERS = {"tensorboard", "mlflow", "trackio", "wandb"}
 

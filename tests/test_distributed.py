@@ -49,6 +49,7 @@ RESNET = [
     *("trainer.max_epochs=2", "trainer.channels_last=false", "optimizer=sgd", "optimizer.lr=0.01"),
     *("monitors=none", "trainer.progress=log"),
 ]
+ACCUMULATED = [*VIT, "trainer.accumulate=2"]
 # max |difference| of the metrics and of the final weights (ResNet: BatchNorm's float32 rounding, see above)
 TOLERANCE = {"resnet": (1e-4, 1e-3)}
 COMPARED = ("step", "flops", "train_loss", "train_top1", "val_loss", "val_top1", "val_ppl", "val_bpb", "lr")
@@ -125,13 +126,18 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("model", "strategy"),
-    [("vit", "ddp"), ("vit", "fsdp"), ("gpt", "ddp"), ("gpt", "fsdp"), ("grown", "ddp"), ("resnet", "ddp")],
+    [
+        *(("vit", "ddp"), ("vit", "fsdp"), ("gpt", "ddp"), ("gpt", "fsdp")),
+        *(("grown", "ddp"), ("resnet", "ddp"), ("accumulated", "ddp"), ("accumulated", "fsdp")),
+    ],
 )
 def test_two_ranks_train_what_one_process_trains(one_process, tmp_path, model, strategy):
-    """``grown``: depth-as-time under DDP, whose wrapper is built again after the growth; ``resnet``: BatchNorm
-    over the whole batch (per-rank statistics: the losses miss by 4e-3, the weights by 2e-2)."""
+    """``grown``: depth-as-time under DDP, whose wrapper is built again after the growth; ``accumulated``:
+    micro-batches on each rank (DDP syncs after the last); ``resnet``: BatchNorm over the whole batch (with
+    per-rank statistics the losses miss by 4e-3, the weights by 2e-2)."""
     cache = f"dataset.cache_dir={one_process / 'cache'}"
-    args = {"vit": VIT, "grown": GROWN, "gpt": [*GPT, cache], "resnet": RESNET}[model]
+    args = {"vit": VIT, "grown": GROWN, "gpt": [*GPT, cache], "resnet": RESNET, "accumulated": ACCUMULATED}[model]
+    model = "vit" if model == "accumulated" else model  # 2 ranks x 2 micro-batches of 16 train as 1 x 64
     metrics_tol, weights_tol = TOLERANCE.get(model, (1e-5, 1e-5))
     run_dir = tmp_path / "run"
     code, out = train(
@@ -147,6 +153,11 @@ def test_two_ranks_train_what_one_process_trains(one_process, tmp_path, model, s
     }
     assert max_delta(run_dir, one_process / model) < metrics_tol
     assert weights_delta(run_dir, one_process / model) < weights_tol
+    steps = [
+        [json.loads(line)["loss"] for line in (d / "steps.jsonl").read_text().splitlines()]
+        for d in (run_dir, one_process / model)
+    ]
+    assert len(steps[0]) == len(steps[1]) and max(abs(a - b) for a, b in zip(*steps)) < metrics_tol  # the batch's loss
     metric = summary["task"]["metric"]
     assert summary["test"][metric] == pytest.approx(single["test"][metric], abs=metrics_tol)
     assert summary["train"]["flops"] == single["train"]["flops"]  # every rank's samples are counted once

@@ -104,6 +104,14 @@ class Group:
         """The module evaluation calls: each rank scores its slice and the logits are gathered."""
         return model if self.size == 1 else GatherForward(model, self)
 
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over the ranks, on the device (no host sync: NCCL queues it on the stream)."""
+        if self.size == 1:
+            return value
+        total = value.clone()
+        dist.all_reduce(total)
+        return total / self.size
+
     # ---- collectives on the CPU ----------------------------------------------------------------------------------
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks (float64)."""

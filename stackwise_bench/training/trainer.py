@@ -223,7 +223,8 @@ class Trainer:
             self.parts.before_forward(info.step)
             optimizer.zero_grad(set_to_none=True)
             out = self._backward(self.forward, self.group.shard(batch), progress)
-            info.loss, info.grad_norm = out.loss.detach(), self._unclipped_norm(self.raw_model, optimizer, info.step)
+            info.grad_norm = self._unclipped_norm(self.raw_model, optimizer, info.step)
+            info.loss = self.group.mean(out.loss.detach())  # the whole batch's (each rank holds its slice's)
             self.parts.after_backward(info)
             if self.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), self.grad_clip, info.grad_norm)
@@ -237,7 +238,7 @@ class Trainer:
             self.compute.step(samples)
             progress.step, progress.global_step = progress.step + 1, progress.global_step + 1
             if self._compile_pending:
-                self._compile_pending = meter.compiled(out.samples)
+                self._compile_pending = meter.compiled(samples)
             if bar is not None and progress.step % self.log_every_n_steps == 0:
                 update_bar(bar, progress.step, meter, self.task)
             if self.stop.poll():  # save this step: to stop, or a scheduler may kill us
@@ -261,9 +262,11 @@ class Trainer:
         outs = []
         chunks = micro_batches(batch, self.accumulate)
         total = sum(len(chunk[0]) for chunk in chunks)
-        for chunk in chunks:
-            out = self.task.objective(model, chunk, progress.epoch, progress.step)
-            self.scaler.scale(self.parts.objective(out.loss) * (len(chunk[0]) / total)).backward()
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1  # DDP averages the gradients once, after the last micro-batch
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                out = self.task.objective(model, chunk, progress.epoch, progress.step)
+                self.scaler.scale(self.parts.objective(out.loss) * (len(chunk[0]) / total)).backward()
             outs.append(out)
         return merge_outputs(outs)
 
@@ -275,11 +278,12 @@ class Trainer:
         if self.grad_clip:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             return full_tensor(torch.nn.utils.get_total_norm(grads))  # FSDP's shards: the whole model's norm
-        return global_norm(model) if self.parts.wants_norm(step) else None
+        return full_tensor(global_norm(model)) if self.parts.wants_norm(step) else None
 
     def _epoch_row(self, meter: EpochMeter, bar, optimizer, progress: Progress) -> dict:
         train_time = meter.finish()
-        meter.combine(self.group.sum)  # every rank's slices
+        if self.group.size > 1:
+            meter.combine(self.group.sum)  # every rank's slices
         if bar is not None:
             bar.close()
         train_loss = meter.mean_loss()
