@@ -151,3 +151,23 @@ def test_a_language_model_reruns_bit_identical_and_evaluate_reproduces_its_loss(
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
     again = evaluate_checkpoint(tmp_path / "a")
     assert again["test"]["loss"] == first["test"]["loss"] == second["test"]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_train_what_one_gpu_trains(strategy, tmp_path):
+    """NCCL: 2 GPUs at batch 32 each (SyncBatchNorm for the ResNet under DDP) equal 1 GPU at 64, row by row."""
+    model = "resnet8" if strategy == "ddp" else "vit_micro_p4"
+    args = [*ON_GPU, f"model={model}", "dataset=digits", "trainer.batch_size=64", "trainer.channels_last=false"]
+    if model == "resnet8":
+        args += ["optimizer=sgd", "optimizer.lr=0.01"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name, extra in (("one", []), ("two", ["trainer.devices=2", f"trainer.strategy={strategy}"])):
+        command = [sys.executable, "-m", "stackwise_bench.train", *args, *extra, f"hydra.run.dir={tmp_path / name}"]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = read_summary(tmp_path / "two")
+    assert summary["env"]["world_size"] == 2 and summary["env"]["backend"] == "nccl"
+    for a, b in zip(numbers(tmp_path / "one"), numbers(tmp_path / "two"), strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (key, a, b)
