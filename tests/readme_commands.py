@@ -49,7 +49,6 @@ SCRIPT_TEXT = {"lm_depth_time.sh"}
 SKIP = {
     "pip": "the test environment has the package and its extras installed",
     "pytest": "the suite itself (this test is part of it)",
-    "torchrun": "starts ranks of its own: tests/test_distributed.py launches it",
 }
 SERVERS = {"tensorboard", "mlflow", "trackio", "wandb"}
 
@@ -191,6 +190,10 @@ def form(cmd: Command) -> Form:
         return Form(cmd, None, SKIP[prog])
     placeholder = any("<" in a for a in argv)
     lane = "runs" if placeholder else "studies"
+    if prog == "torchrun":  # starts ranks of its own: tests/test_distributed.py launches it
+        if not cmd.needs:
+            raise ValueError(f"README.md:{cmd.line}: torchrun starts several processes: mark it '# needs: gpu'")
+        return Form(cmd, None, "parse", which=prog)
     if prog in SERVERS:
         if not cmd.needs:
             raise ValueError(f"README.md:{cmd.line}: {prog} serves or uploads: mark it '# needs: server' (or network)")

@@ -285,6 +285,8 @@ BAD_KNOBS = [
     ("regime=depth_time regime.seed=1.5", r"an integer"),
     ("regime=classical regime.match=maybe", r"true or false"),
     ("trainer.threads=0", r"positive integer, or null \(null keeps torch's default\)"),
+    ("trainer.devices=0", r"positive integer \(ranks of one run"),
+    ("trainer.strategy=zero", r"ddp or fsdp, or null \(null = ddp\)"),
     ("trainer.progress=quiet", r"one of auto, bar, log"),
     ("trainer.log_every_n_steps=0", r"positive integer"),
     ("trainer.ema=1.0", r"number in \(0, 1\), or null \(null = off\)"),

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, read_summary
+from conftest import ROOT, read_metrics, read_summary, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -74,14 +74,6 @@ def train(args: list[str], cwd: Path, *, wait: bool = True, module: list[str] | 
         return proc
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
-
-
-def wait_for(condition, what: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import ROOT, TINY_DATA, compose, read_metrics, read_summary
+from conftest import ROOT, TINY_DATA, compose, read_metrics, read_summary, wait_for
 
 EPOCHS = 4
 # Long enough to be caught mid-run (512 images an epoch), short enough to relaunch to the end.
@@ -45,14 +44,6 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen:
         env=env,
         start_new_session=True,
     )
-
-
-def wait_for(condition, what: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def runs(study: Path) -> dict[str, dict]:
