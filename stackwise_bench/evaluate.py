@@ -4,7 +4,8 @@ The command line of :func:`stackwise_bench.evaluation.evaluate_checkpoint`: re-e
 run's checkpoint on its own test split, optionally with FP8 or int8/int4 weights, into ``<run>/eval/<name>/``.
 A language-model run reports test loss, perplexity and bits per byte; ``generate=true prompt="ROMEO:"`` adds
 seeded samples, ``export=DIR`` writes the tested weights as a ``save_pretrained`` folder
-(``model.checkpoint_path=DIR`` starts a new run from it).
+(``model.checkpoint_path=DIR`` starts a new run from it); ``zero_shot.task=lambada zero_shot.path=FILE`` scores a
+zero-shot task (lambada, hellaswag, piqa; PIQA's labels file: ``zero_shot.labels=``) into ``eval/best_<task>``.
 ``prompt=`` is taken verbatim (everything after its first ``=``), never parsed: ``prompt=ROMEO:`` stays text.
 Keys and defaults: ``conf/evaluate.yaml``. Not a Hydra app on purpose: Hydra's override
 grammar rejects the ``=`` in sweep job folders (``multirun/AugmFP16/seed=42``);
@@ -39,7 +40,8 @@ USAGE = (
     "usage: python -m stackwise_bench.evaluate checkpoint=<run folder>|<file.pt> "
     "[quantize=fp8_e4m3|fp8_e5m2|int8|int4] [group_size=32] [keep_head=true] [activations=false] "
     "[name=<folder>] [device=cpu|cuda] [dataset.root=<dir>] "
-    "[generate=true prompt=<text> max_new_tokens=200 temperature=0.8 top_k=200 seed=1337 samples=1] [export=<new dir>]"
+    "[generate=true prompt=<text> max_new_tokens=200 temperature=0.8 top_k=200 seed=1337 samples=1] [export=<new dir>] "
+    "[zero_shot.task=lambada|hellaswag|piqa zero_shot.path=<jsonl> [zero_shot.labels=<piqa .lst>]]"
 )
 
 
@@ -53,7 +55,9 @@ def parse_args(argv: list[str]) -> dict:
     given = parse_key_values([a for a in argv if a.split("=", 1)[0] != "prompt"], defaults, USAGE)
     if prompts:
         given["prompt"] = prompts[-1]
-    args = {**defaults, **given, "dataset": {**defaults["dataset"], **given.get("dataset", {})}}
+    args = {**defaults, **given}
+    for group in ("dataset", "zero_shot"):
+        args[group] = {**defaults[group], **given.get(group, {})}
     if not args["checkpoint"]:
         raise ConfigError(f"checkpoint= is missing: name a run folder or a .pt file inside one; {USAGE}")
     check_evaluate_config(args)  # every value's type and range, before any run is read

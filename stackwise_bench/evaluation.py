@@ -20,9 +20,23 @@ from pathlib import Path
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, group_size_problem, int_activations_problem
-from stackwise_bench.lm_evaluation import check_language_options, evaluate_lm_into, is_lm_config, rebuild_lm
+from stackwise_bench.lm_evaluation import (
+    check_language_options,
+    evaluate_lm_into,
+    is_lm_config,
+    read_zero_shot,
+    rebuild_lm,
+)
 from stackwise_bench.runs import identity, jsonsafe
-from stackwise_bench.runs.contract import CHECKPOINTS, EVAL_DIR, FINISHED, SUMMARY, read_summary
+from stackwise_bench.runs.contract import (
+    CHECKPOINTS,
+    EVAL_DIR,
+    FINISHED,
+    SUMMARY,
+    ZERO_SHOT_METRICS,
+    read_summary,
+    zero_shot_task,
+)
 from stackwise_bench.runs.files import atomic_write_text, claim_new_dir
 from stackwise_bench.runs.folders import (
     find_evaluation,
@@ -57,6 +71,7 @@ def evaluate_checkpoint(
     seed: int = 1337,
     samples: int = 1,
     export: str | None = None,
+    zero_shot: dict | None = None,
 ) -> dict:
     """Evaluate one checkpoint with its run's config into a new ``<run>/eval/<name>/``; returns that summary.
 
@@ -78,6 +93,9 @@ def evaluate_checkpoint(
             seeded completions of ``prompt`` (:func:`~stackwise_bench.lm_evaluation.write_samples`).
         export: Language models only: also write the tested weights as a ``save_pretrained`` folder there (a new
             or empty folder), which ``model.checkpoint_path=`` loads.
+        zero_shot: Language models only: ``{"task": "lambada"|"hellaswag"|"piqa", "path": file, "labels": PIQA's
+            .lst or None}``: the task instead of the test pass, into ``eval/<checkpoint>_<task>``
+            (:func:`~stackwise_bench.lm_evaluation.zero_shot_test`).
 
     Raises:
         ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
@@ -88,7 +106,9 @@ def evaluate_checkpoint(
     run_config = recorded_config(run_dir, source)
     came_from = _origin(ckpt, run_dir, source, run_config)
     language = is_lm_config(run_config)
-    check_language_options(run_dir, run_config, language, quantize, generate, export, prompt)
+    task = (zero_shot or {}).get("task")
+    check_language_options(run_dir, run_config, language, quantize, generate, export, prompt, task)
+    zero = read_zero_shot(zero_shot)  # the task's file, read and refused before any model is built
     config = _with_overrides(run_config, device, dataset or {})
     settings = {"checkpoint": ckpt.name, "quantize": quantize, "keep_head": keep_head, "activations": activations}
     if quantize == "int4":  # only there: the other formats' settings (and fingerprints) stay as they were
@@ -100,9 +120,11 @@ def evaluate_checkpoint(
         settings["generate"] = generation
     if export is not None:
         settings["export"] = str(export)
+    if zero is not None:  # only then: an evaluation without a task keeps its fingerprint
+        settings["zero_shot"] = zero.settings
     digest = file_sha256(ckpt)
     fp = hashlib.sha256(json.dumps([digest, settings, config], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations, group_size)
+    base = _check_name(name) if name else _default_name(ckpt, quantize, keep_head, activations, group_size, task)
     if skip_done and (done := find_evaluation(run_dir, base, fp)) is not None:
         log.info("%s: already evaluated with the same %s and settings", shown_path(done["run"]["dir"]), ckpt.name)
         return done
@@ -123,12 +145,12 @@ def evaluate_checkpoint(
         shown_path(record.dir),
     )
     tested = ckpt.resolve() == (run_dir / CHECKPOINTS / "best.pt").resolve()  # what the run's test metrics came from
-    recorded = (source.get("test") or {}).get("loss" if language else "top1") if tested else None
+    recorded = (source.get("test") or {}).get("loss" if language else "top1") if tested and not zero else None
     provenance = {"fingerprint": fp, "command": command, "settings": settings, "digest": digest, "came_from": came_from}
     _start(record, built, config, run_dir, ckpt, source, recorded, language, provenance)
     try:
         if language:
-            evaluate_lm_into(record, built, recorded, generation, export)
+            evaluate_lm_into(record, built, recorded, generation, export, zero)
         else:
             _evaluate_into(record, built, quantize, keep_head, activations, recorded, group_size)
     except KeyboardInterrupt:
@@ -170,6 +192,8 @@ def _start(record: RunRecord, built, config: dict, run_dir: Path, ckpt: Path, so
         },
         config=config,
         classes=built.classes,
+        # a zero-shot record names its metrics' directions, as a run's task section does (analysis/read/directions)
+        **({"task": zero_shot_task(zs["task"])} if (zs := given["settings"].get("zero_shot")) else {}),
     )
 
 
@@ -332,13 +356,21 @@ NAME_SEP = "_"
 
 
 def _default_name(
-    ckpt: Path, quantize: str | None, keep_head: bool, activations: bool, group_size: int = GROUP_SIZE_DEFAULT
+    ckpt: Path,
+    quantize: str | None,
+    keep_head: bool,
+    activations: bool,
+    group_size: int = GROUP_SIZE_DEFAULT,
+    task: str | None = None,
 ) -> str:
-    """``<checkpoint>[_<quantize>][_g<group_size> for int4][_act][_qhead]``, e.g. ``best_int4_g32``."""
+    """``<checkpoint>[_<quantize>][_g<group_size> for int4][_act][_qhead][_<zero-shot task>]``, e.g.
+    ``best_int4_g32``, ``best_lambada``."""
     parts = [ckpt.stem]
     if quantize is not None:
         parts.append(f"{quantize}_g{group_size}" if quantize == "int4" else quantize)
         parts += ["act"] * activations + ["qhead"] * (not keep_head)
+    if task is not None:
+        parts.append(task)
     return NAME_SEP.join(parts)
 
 
@@ -361,16 +393,19 @@ def evaluate_study(
     threads: int | None = None,
     device: str | None = None,
     group_size: int = GROUP_SIZE_DEFAULT,
+    zero_shot: dict | None = None,
 ) -> dict:
     """Evaluate every finished run below ``runs`` (one job of ``evaluate --multirun experiment=FP8Test``).
 
-    Each run gets ``<run>/eval/<checkpoint>_<quantize>/`` (skipped when already done with the same
-    checkpoint bytes and settings). A run that cannot be evaluated does not stop the others.
-    ``out_dir`` (the sweep job's folder) gets ``evaluations.json``: one row per run.
+    Each run gets ``<run>/eval/<checkpoint>_<quantize>/`` (or ``<checkpoint>_<task>/`` with a zero-shot task of
+    language-model runs; skipped when already done with the same checkpoint bytes, files and settings). A run that
+    cannot be evaluated does not stop the others. ``out_dir`` (the sweep job's folder) gets ``evaluations.json``:
+    one row per run.
 
     Returns:
         ``{"status": "completed", "test": {"top1": mean top1 after quantization}, "mean": {...}, "evaluations": rows}``
-        (the sweep records ``status``; the app returns ``test.top1``).
+        (the sweep records ``status``; the app returns ``test.top1``); with a zero-shot task ``test`` and ``mean``
+        hold the means of its metrics (``lambada_acc``, ...).
 
     Raises:
         ConfigError: ``runs`` holds no finished run with that checkpoint, or some runs could not be evaluated
@@ -395,6 +430,8 @@ def evaluate_study(
         import torch
 
         torch.set_num_threads(threads)  # the sweep's share of the cores (the runs' own trainer.threads still win)
+    task = (zero_shot or {}).get("task")
+    metrics = [f"{task}_{m}" for m in ZERO_SHOT_METRICS.get(task, ())]
     rows, datasets = [], {}
     for run_dir in found:
         row = {"run": str(run_dir)}
@@ -408,21 +445,17 @@ def evaluate_study(
                 skip_done=True,
                 group_size=group_size,
                 datasets=datasets,
+                zero_shot=zero_shot,
             )
-            row.update(
-                status="completed",
-                eval_dir=s["run"]["dir"],
-                seed=s["run"]["seed"],
-                top1_before=s.get("baseline", s["test"])["top1"],
-                top1=s["test"]["top1"],
-                degradation_points=(s.get("degradation") or {}).get("top1_points"),
-            )
+            row.update(status="completed", eval_dir=s["run"]["dir"], seed=s["run"]["seed"])
+            row.update({m: s["test"].get(m) for m in metrics} if task else _quantized_row(s))
         except Exception as exc:  # recorded here (and in its eval folder, if it got one); the others go on
             log.error("%s: %s", shown_path(run_dir), exc)
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         rows.append(row)
     ok = [r for r in rows if r["status"] == "completed"]
-    values = {key: [r[key] for r in ok if r[key] is not None] for key in ("top1_before", "top1", "degradation_points")}
+    keys = metrics or ["top1_before", "top1", "degradation_points"]
+    values = {key: [r[key] for r in ok if r[key] is not None] for key in keys}
     mean = {key: sum(v) / len(v) if v else None for key, v in values.items()}
     if out_dir is not None:
         atomic_write_text(
@@ -435,6 +468,7 @@ def evaluate_study(
                     "keep_head": keep_head,
                     "activations": activations,
                     "group_size": group_size if quantize == "int4" else None,
+                    "zero_shot": zero_shot if task else None,
                     "mean": mean,
                     "evaluations": rows,
                 },
@@ -448,4 +482,14 @@ def evaluate_study(
             f"{len(failed)} of {len(rows)} runs below {runs} could not be evaluated (first: "
             f"{failed[0]['run']}: {failed[0]['error']}); the others are done, see evaluations.json."
         )
-    return {"status": "completed", "test": {"top1": mean["top1"]}, "mean": mean, "evaluations": rows}
+    test = mean if task else {"top1": mean["top1"]}
+    return {"status": "completed", "test": test, "mean": mean, "evaluations": rows}
+
+
+def _quantized_row(s: dict) -> dict:
+    """An evaluation study's row of an image run's record: top-1 before and after, the degradation."""
+    return {
+        "top1_before": s.get("baseline", s["test"])["top1"],
+        "top1": s["test"]["top1"],
+        "degradation_points": (s.get("degradation") or {}).get("top1_points"),
+    }

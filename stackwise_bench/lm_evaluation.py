@@ -7,6 +7,8 @@ adapters on the family's targets) at the checkpoint's depth: a depth-time run's 
 which is the config's ``n_layer``; a checkpoint saved before a growth holds fewer blocks and the model is cut to
 them (:func:`~stackwise_bench.nn.growth.match_depth`, which renumbers the KV-cache indices). The test split is
 scored with the run's own windows, batch and precision, so ``best.pt`` gives the run's ``test.loss`` again.
+With ``zero_shot.task=`` the test pass is a zero-shot task instead (:mod:`stackwise_bench.lm_zero_shot`), read from
+its file before any model is built, with the run's batch and precision.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"  # one row per sample, in the eval folder; samples.md shows them for reading
 PROVENANCE = "stackwise_bench.json"  # in an export folder: where the weights came from, their test, the tokenizer
 NEWLINE_PROMPT = "\n"  # prompt=null: a new line, nanoGPT's sample.py start (a fresh speech in the plays)
+
+
+class ZeroShot(NamedTuple):
+    """A zero-shot task's examples, read before any model is built, and the settings its evaluation records."""
+
+    task: str
+    examples: list
+    settings: dict
 
 
 class LMRebuilt(NamedTuple):
@@ -60,11 +70,17 @@ def check_export_target(export) -> Path:
 
 
 def check_language_options(
-    run_dir: Path, config: dict, language: bool, quantize, generate: bool, export, prompt=None
+    run_dir: Path, config: dict, language: bool, quantize, generate: bool, export, prompt=None, zero_shot_task=None
 ) -> None:
-    """Refuse, before any work, what only one kind of run has: samples and exports (language models), quantized
-    weights (image models: stackwise_bench.quant converts nn.Linear/Conv layers, GPT-2's are transformers Conv1D)."""
+    """Refuse, before any work, what only one kind of run has: samples, exports and zero-shot tasks (language
+    models), quantized weights (image models: stackwise_bench.quant converts nn.Linear/Conv layers, GPT-2's are
+    transformers Conv1D)."""
     model = (config.get("model") or {}).get("name")
+    if not language and zero_shot_task is not None:
+        raise ConfigError(
+            f"zero_shot.task={zero_shot_task} scores a language model, and {shown_path(run_dir)} trained model={model} "
+            "on images; drop zero_shot.task (or point checkpoint= at a gpt_*/llama_* run)."
+        )
     if not language and generate:
         raise ConfigError(
             f"generate=true samples text from a language-model run, and {shown_path(run_dir)} trained model={model} "
@@ -85,6 +101,28 @@ def check_language_options(
         check_export_target(export)
     if generate and prompt is not None and not str(prompt):
         raise ConfigError('prompt= is empty and gives the model nothing to continue; use e.g. prompt="ROMEO:".')
+
+
+def read_zero_shot(zero_shot: dict | None) -> ZeroShot | None:
+    """``zero_shot.task``'s examples from ``zero_shot.path`` (and PIQA's ``zero_shot.labels``), refused in one
+    sentence before any model is built; None without a task. The settings hold the files' SHA-256, so an evaluation
+    of changed files is a new one (``skip_done`` in a study)."""
+    from stackwise_bench.lm_zero_shot import KEY, read_task
+    from stackwise_bench.runs.provenance import file_sha256
+
+    zero_shot = zero_shot or {}
+    task, path, labels = zero_shot.get("task"), zero_shot.get("path"), zero_shot.get("labels")
+    if task is None:
+        return None
+    if path is None:
+        raise ConfigError(f"zero_shot.task={task} needs the task's file: add {KEY}=<its released jsonl>.")
+    examples = read_task(task, path, labels)
+    settings = {"task": task, "path": str(Path(str(path)).expanduser().resolve())}
+    settings["sha256"] = file_sha256(Path(settings["path"]))
+    if labels is not None:
+        settings |= {"labels": str(Path(str(labels)).expanduser().resolve())}
+        settings["labels_sha256"] = file_sha256(Path(settings["labels"]))
+    return ZeroShot(task, examples, settings)
 
 
 def rebuild_lm(config: dict, ckpt: Path) -> LMRebuilt:
@@ -119,25 +157,46 @@ def rebuild_lm(config: dict, ckpt: Path) -> LMRebuilt:
     return LMRebuilt(model, test, runtime, [], epoch, data, task, cfg.model.name)
 
 
-def evaluate_lm_into(record, built: LMRebuilt, recorded: float | None, generation: dict | None, export) -> None:
-    """The test pass (and samples, and the export) of a language model into its eval ``record``."""
+def evaluate_lm_into(
+    record, built: LMRebuilt, recorded: float | None, generation: dict | None, export, zero_shot: ZeroShot | None = None
+) -> None:
+    """The test pass or the zero-shot task (and samples, and the export) of a language model into its ``record``."""
     import torch
 
     from stackwise_bench.nn.growth import depth_of
 
-    forward = torch.compile(built.model) if built.runtime.compile else built.model
-    test = built.task.evaluate(forward, built.loader, full=True)
-    test["matches_recorded"] = None if recorded is None else test["loss"] == recorded
+    if zero_shot is not None:
+        test = zero_shot_test(record.dir, built, zero_shot)
+    else:
+        forward = torch.compile(built.model) if built.runtime.compile else built.model
+        test = built.task.evaluate(forward, built.loader, full=True)
+        test["matches_recorded"] = None if recorded is None else test["loss"] == recorded
+        shown = "" if recorded is None else f" (the run recorded {recorded:.4f})"
+        log.info("%s: test %s%s", shown_path(record.dir), built.task.describe(test), shown)
     test["checkpoint_epoch"] = built.epoch
     test["checkpoint_depth"] = depth_of(_base(built.model))
     sections = {"test": test}
-    shown = "" if recorded is None else f" (the run recorded {recorded:.4f})"
-    log.info("%s: test %s%s", shown_path(record.dir), built.task.describe(test), shown)
     if generation is not None:
         sections["samples"] = write_samples(record.dir, built, **generation)
     if export is not None:
         sections["export"] = export_pretrained(built, export, record, test)
     record.finish("completed", **sections)
+
+
+def zero_shot_test(folder: Path, built: LMRebuilt, zero_shot: ZeroShot) -> dict:
+    """The test section of a zero-shot task: ``<task>_acc`` (percent), LAMBADA's ``lambada_ppl``, the multiple-choice
+    tasks' ``<task>_acc_norm``; the run's eval batch (its windows' batch) and precision (its autocast)."""
+    from stackwise_bench.lm_zero_shot import score
+
+    t0 = time.perf_counter()
+    with built.runtime.autocast():
+        metrics = score(built.model, built.data.tokenizer, zero_shot.task, zero_shot.examples, built.loader.batch_size)
+    elapsed = time.perf_counter() - t0
+    n = metrics.pop("n")
+    test = {f"{zero_shot.task}_{k}": v for k, v in metrics.items()}
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in test.items())
+    log.info("%s: %s over %d examples", shown_path(folder), shown, n)
+    return {**test, "examples": n, "infer_example_s": n / max(elapsed, 1e-9)}
 
 
 def write_samples(

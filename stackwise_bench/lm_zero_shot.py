@@ -37,7 +37,8 @@ from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn.lm_models import context_of
 
 TASKS = ("lambada", "hellaswag", "piqa")
-KEY = "zero_shot.path"  # the override that names the task's file (the integration's key)
+KEY = "zero_shot.path"  # the override that names the task's file (evaluate's key)
+LABELS_KEY = "zero_shot.labels"  # PIQA's separate labels file (*-labels.lst)
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...], key: str = KEY) -> list[dict]:
@@ -45,21 +46,26 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...], key: str = KEY) -> lis
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}={path} is not a file; point it at the task's released jsonl file.")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON text may hold a raw U+2028
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{key}={path} cannot be read ({type(exc).__name__}); point it at the task's released jsonl file."
+        ) from exc
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or any(k not in row for k in fields):
-                raise ConfigError(
-                    f"{key}={path} line {line} is not a JSON object with {', '.join(fields)}; use the task's "
-                    "released jsonl file."
-                )
-            rows.append(row)
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or any(k not in row for k in fields):
+            raise ConfigError(
+                f"{key}={path} line {line} is not a JSON object with {', '.join(fields)}; use the task's "
+                "released jsonl file."
+            )
+        rows.append(row)
     if not rows:
         raise ConfigError(f"{key}={path} holds no rows; use the task's released jsonl file.")
     return rows
@@ -103,7 +109,9 @@ def read_piqa(path: str | Path, labels_path: str | Path | None = None, key: str 
     rows = read_jsonl(path, ("goal", "sol1", "sol2"), key)
     if labels_path is not None:
         if not Path(labels_path).expanduser().is_file():
-            raise ConfigError(f"{key}={path}: its labels file {labels_path} is not a file; give PIQA's *-labels.lst.")
+            raise ConfigError(
+                f"{LABELS_KEY}={labels_path} is not a file (the labels of {key}={path}); give PIQA's *-labels.lst."
+            )
         lines = [t for t in Path(labels_path).expanduser().read_text().splitlines() if t.strip()]
         if len(lines) != len(rows):
             raise ConfigError(
@@ -207,7 +215,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def lambada(model, tokenizer, path: str | Path, batch_size: int = 16) -> dict:
     """LAMBADA's last-word ``acc`` (percent) and ``ppl``, over the rows of ``path``."""
-    rows = read_lambada(path)
+    return lambada_rows(model, tokenizer, read_lambada(path), batch_size)
+
+
+def lambada_rows(model, tokenizer, rows: list[tuple[str, str]], batch_size: int = 16) -> dict:
+    """LAMBADA's last-word ``acc`` (percent) and ``ppl`` of ``(context, " " + word)`` rows."""
     results = loglikelihoods(model, [encode_pair(tokenizer, c, t) for c, t in rows], batch_size)
     lls = [ll for ll, _ in results]
     acc = 100.0 * sum(g for _, g in results) / len(results)
@@ -231,12 +243,27 @@ def _first_max(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
+def read_task(task: str, path, labels_path=None) -> list:
+    """The examples of ``task`` (:data:`TASKS`) from its file: refused in one sentence before any scoring."""
+    if task not in TASKS:
+        raise ConfigError(f"zero_shot.task={task} is not a zero-shot task; use one of {', '.join(TASKS)}.")
+    if labels_path is not None and task != "piqa":
+        raise ConfigError(f"{LABELS_KEY}={labels_path} is PIQA's labels file; drop it for zero_shot.task={task}.")
+    if task == "lambada":
+        return read_lambada(path)
+    if task == "hellaswag":
+        return read_hellaswag(path)
+    return read_piqa(path, labels_path)
+
+
+def score(model, tokenizer, task: str, examples: list, batch_size: int = 16) -> dict:
+    """``task``'s metrics of the examples :func:`read_task` read: LAMBADA's ``acc`` and ``ppl``, else ``acc`` and
+    ``acc_norm``; with ``n``, the number of examples."""
+    if task == "lambada":
+        return lambada_rows(model, tokenizer, examples, batch_size)
+    return multiple_choice(model, tokenizer, examples, batch_size)
+
+
 def zero_shot(model, tokenizer, task: str, path, labels_path=None, batch_size: int = 16) -> dict:
     """Score ``model`` on ``task`` (:data:`TASKS`) from the file ``path`` (PIQA: labels in ``labels_path`` or rows)."""
-    if task == "lambada":
-        return lambada(model, tokenizer, path, batch_size)
-    if task == "hellaswag":
-        return multiple_choice(model, tokenizer, read_hellaswag(path), batch_size)
-    if task == "piqa":
-        return multiple_choice(model, tokenizer, read_piqa(path, labels_path), batch_size)
-    raise ConfigError(f"zero_shot.task={task} is not a zero-shot task; use one of {', '.join(TASKS)}.")
+    return score(model, tokenizer, task, read_task(task, path, labels_path), batch_size)

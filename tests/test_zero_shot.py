@@ -130,7 +130,7 @@ def test_piqa_reads_labels_from_the_lst_file_or_the_rows(model, tmp_path):
     (tmp_path / "short.lst").write_text("0\n")
     with pytest.raises(ConfigError, match=r"has 2 rows but its labels file .* has 1 lines"):
         read_piqa(path, tmp_path / "short.lst")
-    with pytest.raises(ConfigError, match=r"labels file .*nowhere.lst is not a file"):
+    with pytest.raises(ConfigError, match=r"zero_shot.labels=.*nowhere.lst is not a file"):
         read_piqa(path, tmp_path / "nowhere.lst")
     with pytest.raises(ConfigError, match=r"rows without a label"):
         read_piqa(path)

@@ -45,6 +45,7 @@ from stackwise_bench.analysis.studies.regimes import RegimeAnalysis, analyze_reg
 from stackwise_bench.analysis.studies.scaling import ScalingAnalysis, analyze_scaling
 from stackwise_bench.analysis.studies.search import search_views
 from stackwise_bench.analysis.studies.view import StudyView
+from stackwise_bench.analysis.studies.zero_shot import zero_shot_records, zero_shot_table
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.runs.contract import FINISHED, IMAGE_CLASSIFICATION
 from stackwise_bench.runs.folders import PathsLike, as_path_list
@@ -91,6 +92,9 @@ class StudyAnalysis:
     evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
     quantized: pd.DataFrame = field(default_factory=pd.DataFrame)
     quantization: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Zero-shot task records (evaluate zero_shot.task=...): one row per record and metric, and their table.
+    zero_shot_records: pd.DataFrame = field(default_factory=pd.DataFrame)
+    zero_shot: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Per-layer diagnostics (diagnostics.jsonl), long: one row per run, step, layer and statistic.
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Runs of one config and seed found more than once (collect.drop_duplicate_runs): counted once.
@@ -211,6 +215,8 @@ def analyze_runs(
     analysis.evaluations = collect_evaluations(runs)
     analysis.quantized = quantized_evaluations(analysis.evaluations, runs, group_by)
     analysis.quantization = quantization_table(analysis.quantized, runs, group_by)
+    analysis.zero_shot_records = zero_shot_records(runs)
+    analysis.zero_shot = zero_shot_table(analysis.zero_shot_records, runs, group_by)
     if expectations is not None:
         analysis.validation = summarize_validation(check_expectations(runs, expectations, group_by))
     analysis.warnings = direction_notes + _warnings(analysis, explicit_baseline=baseline is not None)

@@ -54,6 +54,9 @@ PEFT_METHOD_NAMES = (
 SEED = Int("42", min=0, max=2**64 - 1, what="a non-negative integer below 2**64")
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 PTQ_FORMATS = (*FP8_FORMATS, *INT_FORMATS)  # evaluate's quantize=
+# evaluate's zero_shot.task= (stackwise_bench/lm_zero_shot.py's TASKS and runs/contract.py's ZERO_SHOT_METRICS;
+# repeated here: this package imports neither; tests/test_zero_shot_evaluate.py checks that the three agree)
+ZERO_SHOT_TASKS = ("lambada", "hellaswag", "piqa")
 
 KNOBS: dict[str, Spec] = {
     # conf/config.yaml
@@ -330,6 +333,10 @@ EVALUATE_KNOBS: dict[str, Spec] = {
     "seed": SEED,
     "samples": Int("1", min=1, max=1000),
     "export": Text("exports/gpt_mini", null=True, what="a folder path", note="null = no export"),
+    # language-model runs only: a zero-shot task (stackwise_bench/lm_zero_shot.py); _zero_shot_only below
+    "zero_shot.task": Choice(ZERO_SHOT_TASKS, "lambada", null=True, note="null = the test split's pass"),
+    "zero_shot.path": Text("data/lambada_test.jsonl", null=True, what="the task's released jsonl file"),
+    "zero_shot.labels": Text("data/valid-labels.lst", null=True, what="PIQA's labels file", note="null = rows'"),
 }
 
 # conf/evaluate_study.yaml: `python -m stackwise_bench.evaluate --multirun experiment=FP8Test`
@@ -342,6 +349,9 @@ EVALUATE_STUDY_KNOBS: dict[str, Spec] = {
     "evaluate.group_size": Int(str(GROUP_SIZE_DEFAULT), min=1, note="int4 weights per scale and zero point"),
     "evaluate.keep_head": Bool("true"),
     "evaluate.activations": Bool("false"),
+    "evaluate.zero_shot.task": Choice(ZERO_SHOT_TASKS, "lambada", null=True, note="null = no zero-shot task"),
+    "evaluate.zero_shot.path": Text("data/lambada_test.jsonl", null=True, what="the task's released jsonl file"),
+    "evaluate.zero_shot.labels": Text("data/valid-labels.lst", null=True, what="PIQA's labels file"),
 }
 
 
@@ -365,11 +375,33 @@ def check_config(cfg: DictConfig | Mapping) -> None:
 
 def check_evaluate_config(args: DictConfig | Mapping) -> None:
     """The ``evaluate`` command line's arguments over ``conf/evaluate.yaml``: one sentence for the first bad one."""
-    _check(args, EVALUATE_KNOBS, after=[_quantized_only(""), _generation_only])
+    _check(args, EVALUATE_KNOBS, after=[_quantized_only(""), _generation_only, _zero_shot_only("")])
 
 
 # conf/evaluate.yaml's sampling knobs: what they are without generate=true (a value other than the default is refused)
 GENERATION_DEFAULTS = {"prompt": None, "max_new_tokens": 200, "temperature": 0.8, "top_k": 200, "seed": 1337}
+
+
+def _zero_shot_only(prefix: str) -> Rule:
+    """``zero_shot.path`` with ``zero_shot.task`` and the other way round; ``zero_shot.labels`` with PIQA only."""
+
+    def rule(get: Get) -> str | None:
+        task, path, labels = (get(f"{prefix}zero_shot.{k}") for k in ("task", "path", "labels"))
+        task, path, labels = (None if v is ABSENT else v for v in (task, path, labels))
+        if task is not None and path is None:
+            return (
+                f"{prefix}zero_shot.task={task} needs the task's file: add {prefix}zero_shot.path=<its released jsonl>."
+            )
+        if task is None and (path is not None or labels is not None):
+            return (
+                f"{prefix}zero_shot.path and {prefix}zero_shot.labels name a zero-shot task's files; add "
+                f"{prefix}zero_shot.task=lambada (or hellaswag, piqa), or drop them."
+            )
+        if labels is not None and task != "piqa":
+            return f"{prefix}zero_shot.labels={labels} is PIQA's labels file; drop it for zero_shot.task={task}."
+        return None
+
+    return rule
 
 
 def _generation_only(get: Get) -> str | None:
@@ -395,7 +427,8 @@ def check_evaluate_study_config(cfg: DictConfig | Mapping) -> None:
     def no_typo(get: Get) -> str | None:
         return unknown_key(cfg, EVALUATE_STUDY_KNOBS, set())
 
-    _check(cfg, EVALUATE_STUDY_KNOBS, before=[no_typo], after=[_quantized_only("evaluate.")])
+    after = [_quantized_only("evaluate."), _zero_shot_only("evaluate.")]
+    _check(cfg, EVALUATE_STUDY_KNOBS, before=[no_typo], after=after)
 
 
 def _check(

@@ -73,6 +73,31 @@ CAUSAL_LM = {
     },
 }
 
+# Zero-shot tasks of a causal language model (lm_zero_shot.py; `evaluate zero_shot.task=lambada ...`): an evaluation
+# record's test section holds <task>_<metric>, e.g. lambada_acc, and its task section the directions. Accuracies are
+# percentages, higher is better; LAMBADA's ppl is the perplexity of the last word, lower is better. The headline of
+# a multiple-choice task is acc_norm (length-normalised), as the GPT-2/GPT-3 papers and the harness report it.
+ZERO_SHOT_METRICS = {
+    "lambada": {"acc": "max", "ppl": "min"},
+    "hellaswag": {"acc": "max", "acc_norm": "max"},
+    "piqa": {"acc": "max", "acc_norm": "max"},
+}
+ZERO_SHOT_HEADLINE = {"lambada": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm"}
+
+
+def zero_shot_task(task: str) -> dict:
+    """The ``task`` section of a zero-shot evaluation record of ``task`` (a key of :data:`ZERO_SHOT_METRICS`)."""
+    metrics = ZERO_SHOT_METRICS[task]
+    ranges = {"max": {"low": 0, "high": 100}, "min": {"low": 1, "high": None}}  # percentages; a perplexity
+    return {
+        "name": f"zero_shot_{task}",
+        "unit": "example",
+        "metric": f"{task}_{ZERO_SHOT_HEADLINE[task]}",
+        "directions": {f"{task}_{m}": d for m, d in metrics.items()},
+        "ranges": {f"{task}_{m}": ranges[d] for m, d in metrics.items()},
+    }
+
+
 # ---- statuses ------------------------------------------------------------------------------------
 STATUSES = ("running", "completed", "early_stopped", "failed", "interrupted")
 # A run that trained to its end: its metrics and best.pt are final.

@@ -27,6 +27,7 @@ from stackwise_bench.analysis.studies.quantization_report import quantization_md
 from stackwise_bench.analysis.studies.regimes_report import regimes_md
 from stackwise_bench.analysis.studies.scaling import scaling_md
 from stackwise_bench.analysis.studies.view import view_md
+from stackwise_bench.analysis.studies.zero_shot import zero_shot_md
 from stackwise_bench.runs import jsonsafe
 from stackwise_bench.runs.contract import SUMMARY
 from stackwise_bench.runs.files import claim_new_dir
@@ -63,6 +64,8 @@ def write_report(
     if len(a.quantization):
         a.quantization.to_csv(out_dir / "quantization.csv", index=False)
         a.quantized.to_csv(out_dir / "evaluations.csv", index=False)
+    if len(a.zero_shot):
+        a.zero_shot.to_csv(out_dir / "zero_shot.csv", index=False)
     if len(a.iqm):
         a.iqm.to_csv(out_dir / "iqm.csv", index=False)
     if a.scaling is not None:
@@ -102,6 +105,7 @@ def render_markdown(
         dynamics_md(a),
     ]
     parts += [view_md(v) for v in a.views] + [quantization_md(a.quantization, a.quantized, a.group_by)]
+    parts += [zero_shot_md(a.zero_shot, a.group_by)]
     parts += [other_metrics_md(a), validation_md(a.validation), _figures_md(figures, out_dir), _files_md(a)]
     return "\n".join(p for p in parts if p)
 
@@ -180,6 +184,8 @@ def _files_md(a: StudyAnalysis) -> str:
         "epochs.csv (per-epoch curves)",
         "table.tex (booktabs)",
     ] + (["validation.json"] if a.validation is not None else [])
+    if len(a.zero_shot):
+        files.append("zero_shot.csv (zero-shot tasks per cell, task and metric, with each metric's direction)")
     if len(a.iqm):
         files.append("iqm.csv (interquartile mean per cell with its stratified-bootstrap interval)")
     if a.scaling is not None:
