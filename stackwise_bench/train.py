@@ -122,6 +122,8 @@ def run(
                     regime=built.regime,
                 )
                 record.update(**result.sections)  # the task's, and the parts' (AdaLoRA: the ranks it ended with)
+                if result.test and hasattr(built.task, "prediction_rows"):  # GLUE: the test rows' predictions
+                    record.write_predictions(built.task.prediction_rows())
                 if result.status != "interrupted" and is_quantized_lora(built.model):
                     record.update(adapter={"merged": merged_test(built.model, built.loaders, built.runtime)})
             except BaseException as exc:
