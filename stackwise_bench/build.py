@@ -56,6 +56,7 @@ class Assembly(NamedTuple):
     regime: Any  # training.regime.Classical or DepthTime
     task: Any  # training.tasks.ImageClassification: batches, objective, metrics, throughput unit
     parts: list  # training.parts.StepPart: what joins each step (weight average, AdaLoRA, diagnostics, step rows)
+    sections: dict = {}  # more of summary.json as the run starts (a fine-tune's ``pretrained``: its source run's arm)
 
 
 def instantiate(node, *args, **kwargs):
@@ -190,7 +191,7 @@ def build_encoder_run(cfg: DictConfig, runtime, trainer, group) -> Assembly:
     special = special_tokens(data)
     vocab = cfg.model.get("vocab_size") or special.vocab_size
     head = {"head": "classifier", "num_labels": data.num_labels} if glue else {"head": "mlm"}
-    path = cfg.model.get("checkpoint_path")
+    path = seed_job(cfg.model.get("checkpoint_path"), cfg.seed)
     pretrained = pretrained_run(path, data.tokenizer.describe())
     if pretrained is not None:  # model.checkpoint_path=<an MLM run's folder>: its best.pt's encoder
         model = encoder_from_run(path, pretrained, head)
@@ -227,7 +228,22 @@ def build_encoder_run(cfg: DictConfig, runtime, trainer, group) -> Assembly:
         regime=regime,
         task=task,
         parts=[*first, *build_parts(cfg, model, total_steps, group)],
+        sections={"pretrained": pretrained_arm(pretrained)} if pretrained is not None else {},
     )
+
+
+def pretrained_arm(summary: dict) -> dict:
+    """summary.json's ``pretrained`` section of a fine-tune from a run's folder: the values that run was launched
+    with (``regime=depth_time`` ...), but its seed. The analysis reads them as the columns ``pretrained.<key>``, so
+    fine-tunes from the arms of a pretraining study fall into one cell per arm (model.checkpoint_path never does)."""
+    from stackwise_bench.runs.contract import is_volatile
+
+    arm = {}
+    for item in (summary.get("run") or {}).get("overrides") or []:
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if sep and key != "seed" and not is_volatile(key) and not key.startswith("hydra"):
+            arm[key] = value
+    return arm
 
 
 def special_tokens(data):
@@ -250,6 +266,27 @@ def encoder_task(data, runtime, train, batch_size: int) -> tuple:
     task = MaskedLM(special_tokens(data), runtime.autocast, runtime.device, seed=runtime.seed)
     budget = budget_steps(data.train_tokens, batch_size, data.seq_len) if data.train_tokens else None
     return task, [MaskedWindowsPart(train, task)], budget
+
+
+def seed_job(path, seed: int):
+    """``model.checkpoint_path`` as a run folder: a pretraining *study* folder (job folders below it, no
+    ``checkpoints/``) stands for its job of this run's seed, so one sweep over seeds fine-tunes each from its own
+    pretraining run (scripts/bert_depth_time.sh). Any other path is returned as it is."""
+    if path is None:
+        return None
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir() or (folder / "checkpoints").is_dir() or (folder / "config.json").is_file():
+        return path
+    from stackwise_bench.runs.contract import SUMMARY, read_summary
+
+    jobs = [d for d in sorted(folder.iterdir()) if (d / SUMMARY).is_file()]
+    same = [d for d in jobs if ((read_summary(d) or {}).get("run") or {}).get("seed") == seed]
+    if len(same) != 1:
+        raise ConfigError(
+            f"model.checkpoint_path={path} is a study folder with {len(same)} runs of seed={seed} (of {len(jobs)}); "
+            "point it at one run's folder, or at a study with one run per seed."
+        )
+    return str(same[0])
 
 
 def pretrained_run(path, tokenizer: dict) -> dict | None:

@@ -100,6 +100,8 @@ def run(
                     record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
                 record.update(params=count_parameters(built.model, cfg.lora.head) | built.model_shape)
                 record.update(adapter=adapter_record(cfg, built.model))
+                if built.sections:
+                    record.update(**built.sections)
                 record.attach(built.loggers)
                 log.info(
                     "training %s on %s (%s, %s) in %s",

@@ -283,6 +283,21 @@ def test_bad_input_is_refused_in_one_sentence_before_any_work(case, refusal, glu
 
 
 @pytest.mark.slow
+def test_a_decoder_is_never_started_from_an_encoder(mlm_run, tmp_path, cache):
+    """model=gpt_micro from a masked-LM run's folder, or from a BERT save_pretrained folder: refused, one sentence."""
+    from stackwise_bench.nn.bert import build_named_bert
+
+    _, mlm_dir, _ = mlm_run
+    folder = tmp_path / "bert_folder"
+    build_named_bert("bert_micro", vocab_size=260, pad_token_id=256).save_pretrained(folder)
+    for source in (mlm_dir, folder):
+        overrides = [o.replace("model=bert_micro", "model=gpt_micro") for o in mlm(cache) if "dropout" not in o]
+        with pytest.raises(ConfigError, match="holds a BERT encoder, which has no causal language-model head") as err:
+            run(compose([*overrides, f"model.checkpoint_path={source}"]), tmp_path / source.name)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
 def test_refusal_on_the_command_line_is_one_line_and_leaves_no_folder(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     args = ["model=gpt_micro", "dataset=glue", f"dataset.root={tmp_path}"]
@@ -293,3 +308,52 @@ def test_refusal_on_the_command_line_is_one_line_and_leaves_no_folder(tmp_path):
     lines = (out.stdout + out.stderr).splitlines()
     assert len(lines) == 1 and "dataset=glue fine-tunes an encoder's classifier" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the QUICK study: experiment=bert_depth_time, then experiment=bert_depth_time_glue from its runs ----------------
+
+
+def quick_arrays(cwd) -> dict[str, list[str]]:
+    """The QUICK branch of scripts/bert_depth_time.sh run by bash up to its launches (it generates the synthetic
+    GLUE-layout task under ``cwd``): its pretraining and fine-tuning overrides, the model and the task's folder."""
+    text = (ROOT / "scripts" / "bert_depth_time.sh").read_text()
+    head = text[: text.index("status=0")]
+    show = (
+        'printf "%s\\n" "${pretrain[@]}"; echo ---; printf "%s\\n" "${finetune[@]}"; echo ---; echo "$model $glue_root"'
+    )
+    env = dict(os.environ, QUICK="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(["bash", "-c", head + show], cwd=cwd, capture_output=True, text=True, env=env, check=True)
+    pretrain, finetune, last = out.stdout.strip().split("---\n")
+    model, root = last.split()
+    return {"pretrain": pretrain.split(), "finetune": finetune.split(), "model": model, "root": str(cwd / root)}
+
+
+@pytest.mark.slow
+def test_quick_study_pretrains_an_arm_and_fine_tunes_its_seed_on_the_synthetic_task(tmp_path):
+    quick = quick_arrays(tmp_path)
+    assert quick["model"] == "bert_micro" and "synthetic" in quick["root"]
+    assert "Not GLUE" in (tmp_path / "multirun" / "synthetic_glue" / "SYNTHETIC.md").read_text()
+    study = tmp_path / "multirun" / "q_depth_time"
+    for seed in (1, 2):
+        overrides = ["experiment=bert_depth_time", "regime=depth_time", f"seed={seed}", *quick["pretrain"]]
+        pre = run(compose(overrides, tiny=False), study / f"seed={seed}", overrides=overrides)
+        assert pre["status"] == "completed" and pre["task"]["name"] == "masked_lm"
+    assert [r["depth"] for r in read_metrics(study / "seed=2")] == [1, 1, 1, 2, 2, 2]
+    overrides = [
+        "experiment=bert_depth_time_glue",
+        f"model={quick['model']}",
+        f"dataset.root={quick['root']}",
+        f"model.checkpoint_path={study}",
+        *quick["finetune"],
+        "trainer.max_epochs=1",
+    ]
+    summary = run(compose([*overrides, "seed=2"], tiny=False), tmp_path / "ft")
+    assert summary["status"] == "completed" and summary["task"]["glue_task"] == "sst2"
+    assert summary["pretrained"]["regime"] == "depth_time" and "seed" not in summary["pretrained"]
+    assert summary["params"]["depth"] == 2 and 0 <= summary["test"]["acc"] <= 100
+    from stackwise_bench.analysis.read.collect import collect_runs, override_keys
+
+    runs = collect_runs(tmp_path / "ft")  # the pretraining arm is a column the analysis groups by and compares
+    assert runs["pretrained.regime"].tolist() == ["depth_time"] and "pretrained.regime" in override_keys(runs)
+    with pytest.raises(ConfigError, match="is a study folder with 0 runs of seed=3"):
+        build_run(compose([*overrides, "seed=3"], tiny=False), resume=False)

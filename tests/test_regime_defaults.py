@@ -48,7 +48,7 @@ def count(model) -> int:
 LM_DERIVED = {"gpt_micro": [1, 2, 4], "gpt_mini": [3, 6], "gpt2_small": [3, 6, 12], "llama_micro": [1, 2, 4]}
 LM_DERIVED |= {"gpt2_medium": [3, 6, 12, 24], "gpt2_large": [9, 18, 36], "llama_mini": [3, 6]}
 
-# The BERT encoders' options: bert.encoder.layer halved back (regime=depth_time on bert_micro: tests/test_bert_train.py).
+# The BERT encoders' options: bert.encoder.layer halved back (through train: tests/test_bert_train.py).
 BERT_DERIVED = {"bert_micro": [1, 2], "bert_tiny": [1, 2], "bert_base": [3, 6, 12], "bert_large": [3, 6, 12, 24]}
 
 
