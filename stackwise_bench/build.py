@@ -18,6 +18,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stackwise_bench.errors import ConfigError
+from stackwise_bench.knobs.rules import BERT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Assembly(NamedTuple):
     regime: Any  # training.regime.Classical or DepthTime
     task: Any  # training.tasks.ImageClassification: batches, objective, metrics, throughput unit
     parts: list  # training.parts.StepPart: what joins each step (weight average, AdaLoRA, diagnostics, step rows)
+    sections: dict = {}  # more of summary.json as the run starts (a fine-tune's ``pretrained``: its source run's arm)
 
 
 def instantiate(node, *args, **kwargs):
@@ -88,6 +90,8 @@ def build_run(
     runtime = build_runtime(cfg, threads=threads, device=group.device or device)
     runtime.apply()  # every rank seeds alike: the model starts with the same weights on each
     trainer = build_trainer(cfg, runtime, resume, group)
+    if cfg.model.get("_target_") == BERT_MODEL:  # model=bert_*: masked-LM pretraining on text, or GLUE
+        return build_encoder_run(cfg, runtime, trainer, group)
     data = instantiate(cfg.dataset)
     if getattr(data, "kind", "images") == "text":  # dataset=shakespeare, text, wikitext103
         return build_lm_run(cfg, runtime, trainer, data, group)
@@ -173,6 +177,179 @@ def build_lm_run(cfg: DictConfig, runtime, trainer, data, group) -> Assembly:
         task=task,
         parts=[WindowsPart(train, task), *build_parts(cfg, model, total_steps, group)],  # first: see WindowsPart
     )
+
+
+def build_encoder_run(cfg: DictConfig, runtime, trainer, group) -> Assembly:
+    """A BERT's run; the task follows the dataset: masked-LM pretraining on text (``dataset=shakespeare``, ``text``,
+    ``wikitext103``), fine-tuning on one GLUE task (``dataset=glue``). The model is sized to the tokenizer and its 4
+    special ids, and refused before any tokenizing when it cannot read the data."""
+    from stackwise_bench.nn.bert import check_encoder_fits
+    from stackwise_bench.nn.lm_models import lm_shape
+
+    data = instantiate(cfg.dataset)
+    glue = getattr(data, "kind", None) == "glue"
+    special = special_tokens(data)
+    vocab = cfg.model.get("vocab_size") or special.vocab_size
+    head = {"head": "classifier", "num_labels": data.num_labels} if glue else {"head": "mlm"}
+    path = seed_job(cfg.model.get("checkpoint_path"), cfg.seed)
+    pretrained = pretrained_run(path, data.tokenizer.describe())
+    if pretrained is not None:  # model.checkpoint_path=<an MLM run's folder>: its best.pt's encoder
+        model = encoder_from_run(path, pretrained, head)
+    else:
+        model = instantiate(cfg.model, vocab_size=vocab, pad_token_id=special.pad, **head)
+    check_encoder_fits(model, cfg.model.name, data.tokenizer.name, special.vocab_size, data.seq_len)
+    shape = lm_shape(model)
+    regime = instantiate(cfg.regime)
+    regime.setup(model, cfg.model.name)  # depth_time: the encoder starts at its first stack
+    model = model.to(runtime.device)
+    if glue:
+        train, val, test = data.loaders(trainer.batch_size, trainer.eval_batch_size, runtime.seed, runtime.device)
+    else:
+        from stackwise_bench.data.text.dataset import text_loaders
+
+        train, val, test = text_loaders(data, trainer.batch_size, trainer.eval_batch_size, runtime.seed, runtime.device)
+    model = placed(model, group, runtime.seed, trainer, None)
+    optimizer = instantiate(cfg.optimizer, model=model)
+    task, first, budget = encoder_task(data, runtime, train, trainer.batch_size)
+    trainer.compute.priced_by(task.flops_per_sample, 1 if glue else data.seq_len)
+    total_steps, scheduler = plan_steps(cfg, trainer, model, train, regime, task, optimizer, steps=budget)
+    return Assembly(
+        runtime=runtime,
+        trainer=trainer,
+        data=data,
+        model=model,
+        model_shape=shape,
+        fp8_layers=None,
+        loaders=Loaders(train, val, test, data.num_classes),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        monitors=[instantiate(node) for node in cfg.monitors.values()],
+        loggers=build_loggers(cfg),
+        regime=regime,
+        task=task,
+        parts=[*first, *build_parts(cfg, model, total_steps, group)],
+        sections={"pretrained": pretrained_arm(pretrained)} if pretrained is not None else {},
+    )
+
+
+def pretrained_arm(summary: dict) -> dict:
+    """summary.json's ``pretrained`` section of a fine-tune from a run's folder: the values that run was launched
+    with (``regime=depth_time`` ...), but its seed. The analysis reads them as the columns ``pretrained.<key>``, so
+    fine-tunes from the arms of a pretraining study fall into one cell per arm (model.checkpoint_path never does)."""
+    from stackwise_bench.runs.contract import is_volatile
+
+    arm = {}
+    for item in (summary.get("run") or {}).get("overrides") or []:
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if sep and key != "seed" and not is_volatile(key) and not key.startswith("hydra"):
+            arm[key] = value
+    return arm
+
+
+def special_tokens(data):
+    """BERT's [PAD] [CLS] [SEP] [MASK], reserved past the tokenizer's ids (data/text/special_tokens.py)."""
+    from stackwise_bench.data.text.special_tokens import special_tokens_for
+
+    return special_tokens_for(data.tokenizer)
+
+
+def encoder_task(data, runtime, train, batch_size: int) -> tuple:
+    """``(task, parts that come first, token-budget steps or None)`` of a BERT run: GLUE's task, or masked LM with
+    the training windows' generator in every checkpoint."""
+    if getattr(data, "kind", None) == "glue":
+        from stackwise_bench.training.glue_task import GlueTask
+
+        return GlueTask(data.task, data.num_labels, runtime.autocast, runtime.device), [], None
+    from stackwise_bench.data.text.dataset import budget_steps
+    from stackwise_bench.training.mlm_task import MaskedLM, MaskedWindowsPart
+
+    task = MaskedLM(special_tokens(data), runtime.autocast, runtime.device, seed=runtime.seed)
+    budget = budget_steps(data.train_tokens, batch_size, data.seq_len) if data.train_tokens else None
+    return task, [MaskedWindowsPart(train, task)], budget
+
+
+def seed_job(path, seed: int):
+    """``model.checkpoint_path`` as a run folder: a pretraining *study* folder (job folders below it, no
+    ``checkpoints/``) stands for its job of this run's seed, so one sweep over seeds fine-tunes each from its own
+    pretraining run (scripts/bert_depth_time.sh). Any other path is returned as it is."""
+    if path is None:
+        return None
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir() or (folder / "checkpoints").is_dir() or (folder / "config.json").is_file():
+        return path
+    from stackwise_bench.runs.contract import SUMMARY, read_summary
+
+    jobs = [d for d in sorted(folder.iterdir()) if (d / SUMMARY).is_file()]
+    same = [d for d in jobs if ((read_summary(d) or {}).get("run") or {}).get("seed") == seed]
+    if len(same) != 1:
+        raise ConfigError(
+            f"model.checkpoint_path={path} is a study folder with {len(same)} runs of seed={seed} (of {len(jobs)}); "
+            "point it at one run's folder, or at a study with one run per seed."
+        )
+    return str(same[0])
+
+
+def pretrained_run(path, tokenizer: dict) -> dict | None:
+    """The summary of the finished masked-LM run that ``model.checkpoint_path`` names (its folder holds
+    ``checkpoints/best.pt``), or None for a ``save_pretrained`` folder (loaded as it is) or no path. A run that is not
+    a finished masked-LM run, or was trained with another tokenizer, is refused."""
+    if path is None or not (Path(str(path)).expanduser() / "checkpoints" / "best.pt").is_file():
+        return None
+    from stackwise_bench.runs.contract import FINISHED, read_summary
+
+    summary = read_summary(Path(str(path)).expanduser()) or {}
+    task = (summary.get("task") or {}).get("name")
+    if summary.get("status") not in FINISHED or task != "masked_lm":
+        raise ConfigError(
+            f"model.checkpoint_path={path} is not a finished masked-LM run (status {summary.get('status')}, task "
+            f"{task}); point it at a completed model=bert_* run on text, or at a save_pretrained folder."
+        )
+    saved = (summary.get("data") or {}).get("tokenizer") or {}
+    if saved.get("sha256") != tokenizer.get("sha256"):
+        raise ConfigError(
+            f"model.checkpoint_path={path} was pretrained with the {saved.get('name')} tokenizer, not this run's "
+            f"{tokenizer.get('name')}; set dataset.tokenizer={saved.get('name')}."
+        )
+    return summary
+
+
+def encoder_from_run(path, summary: dict, head: dict) -> Any:
+    """A BERT with the encoder of a masked-LM run's ``best.pt`` (at its final depth) and a fresh ``head`` (GLUE's
+    classifier and pooler: what every fine-tune from a pretrained encoder starts with), or its MLM head as well.
+    The shape is read from the weights themselves (a depth-time run's grown depth), the heads from its config."""
+    from stackwise_bench.nn.bert import build_named_bert
+    from stackwise_bench.nn.state_dict import read_checkpoint
+
+    best = Path(str(path)).expanduser() / "checkpoints" / "best.pt"
+    config, special = summary["config"]["model"], summary["task"]["special_tokens"]
+    state, _ = read_checkpoint(best, "cpu")
+    words = state["bert.embeddings.word_embeddings.weight"]
+    shape = {
+        "n_layer": len({k.split(".")[3] for k in state if k.startswith("bert.encoder.layer.")}),
+        "hidden": words.shape[1],
+        "intermediate": state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "n_head": config.get("n_head"),
+    }
+    model = build_named_bert(
+        config["name"],
+        vocab_size=words.shape[0],
+        max_positions=state["bert.embeddings.position_embeddings.weight"].shape[0],
+        dropout=config.get("dropout", 0.1),
+        pad_token_id=special["pad"],
+        **head,
+        **{k: v for k, v in shape.items() if v is not None},
+    )
+    if head["head"] == "mlm":
+        model.load_state_dict(state)
+        return model
+    encoder = {k: v for k, v in state.items() if k.startswith("bert.")}
+    missing, unexpected = model.load_state_dict(encoder, strict=False)
+    if unexpected or any(not k.startswith(("bert.pooler.", "classifier.")) for k in missing):
+        raise ConfigError(
+            f"model.checkpoint_path={path}: its best.pt does not fit a BERT encoder ({(unexpected or missing)[0]}); "
+            "point it at a model=bert_* masked-LM run."
+        )
+    return model
 
 
 def placed(model, group, seed: int, trainer, image_shape):
@@ -381,9 +558,11 @@ def adapter_record(cfg: DictConfig, model) -> dict:
 
 def model_shape(model, head_name: str | None) -> dict:
     """Inputs of the LoRA parameter formula (48·d·r + head): the width, depth and head size."""
+    from stackwise_bench.nn.bert import is_bert
     from stackwise_bench.nn.lm_models import is_causal_lm, lm_shape
 
-    if is_causal_lm(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if is_causal_lm(model) or is_bert(base):
         return lm_shape(model)
     head = model.get_submodule(head_name) if head_name and hasattr(model, head_name) else None
     blocks = getattr(model, "blocks", None)

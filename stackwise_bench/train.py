@@ -100,6 +100,8 @@ def run(
                     record.update(precision={"name": "fp8", "fp8_layers": built.fp8_layers})
                 record.update(params=count_parameters(built.model, cfg.lora.head) | built.model_shape)
                 record.update(adapter=adapter_record(cfg, built.model))
+                if built.sections:
+                    record.update(**built.sections)
                 record.attach(built.loggers)
                 log.info(
                     "training %s on %s (%s, %s) in %s",
@@ -122,6 +124,8 @@ def run(
                     regime=built.regime,
                 )
                 record.update(**result.sections)  # the task's, and the parts' (AdaLoRA: the ranks it ended with)
+                if result.test and hasattr(built.task, "prediction_rows"):  # GLUE: the test rows' predictions
+                    record.write_predictions(built.task.prediction_rows())
                 if result.status != "interrupted" and is_quantized_lora(built.model):
                     record.update(adapter={"merged": merged_test(built.model, built.loaders, built.runtime)})
             except BaseException as exc:

@@ -137,6 +137,18 @@ def test_every_model_instantiates(option, cfg_factory):
         with torch.no_grad():
             assert model.eval()(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, 256)
         return
+    if "bert" in OmegaConf.load(CONF / "model" / f"{option}.yaml")["_target_"]:  # an encoder: both of its heads
+        cfg = cfg_factory([f"model={option}", "dataset=shakespeare"])
+        depth = min(cfg.model.n_layer, 2)  # the published sizes' counts: tests/test_bert_train.py, on the meta device
+        x = torch.zeros(1, 8, dtype=torch.long)
+        with torch.no_grad():
+            model = instantiate(cfg.model, vocab_size=260, pad_token_id=256, n_layer=depth)
+            assert model.eval()(input_ids=x).logits.shape == (1, 8, 260)
+            model = instantiate(
+                cfg.model, vocab_size=260, pad_token_id=256, n_layer=depth, head="classifier", num_labels=3
+            )
+            assert model.eval()(input_ids=x).logits.shape == (1, 3)
+        return
     cfg = cfg_factory([f"model={option}", "model.pretrained=false"])
     model = instantiate(cfg.model, num_classes=10)
     x = torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)

@@ -18,7 +18,8 @@ from stackwise_bench.data.text.glue_batches import GlueBatches, encode_examples,
 from stackwise_bench.data.text.special_tokens import special_tokens_for
 from stackwise_bench.data.text.tokenizers import ByteTokenizer
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.training.glue_metrics import GLUE, TASK_METRICS, grouped_metrics, task_metrics
+from stackwise_bench.runs.contract import GLUE
+from stackwise_bench.training.glue_metrics import TASK_METRICS, grouped_metrics, task_metrics
 from stackwise_bench.training.glue_task import GlueTask
 
 TOKENIZER = ByteTokenizer()

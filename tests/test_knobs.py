@@ -75,6 +75,9 @@ LM = ("gpt_micro", "gpt_mini", "gpt2_small", "gpt2_medium", "gpt2_large", "llama
 PAIRED = {("model", m): ["dataset=shakespeare"] for m in LM}
 PAIRED |= {("dataset", "shakespeare"): ["model=gpt_micro"], ("dataset", "text"): ["model=gpt_micro", "dataset.root=."]}
 PAIRED |= {("dataset", "wikitext103"): ["model=gpt2_small", "dataset.root=."]}
+PAIRED |= {("model", m): ["dataset=shakespeare"] for m in ("bert_micro", "bert_tiny", "bert_base", "bert_large")}
+PAIRED |= {("dataset", "glue"): ["model=bert_micro", "dataset.root=."]}  # an encoder fine-tunes on a local GLUE
+PAIRED |= {("experiment", "bert_depth_time_glue"): ["dataset.root=."]}  # the script names the GLUE folder
 PAIRED |= {("experiment", "lm_peft"): ["model.checkpoint_path=null"]}  # its pretrained folder: none before the script
 
 TABLES = {"config": (KNOBS, EXEMPT), "evaluate_study": (EVALUATE_STUDY_KNOBS, {})}

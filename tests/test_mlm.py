@@ -15,7 +15,8 @@ from stackwise_bench.data.text.dataset import EvalWindows, TrainWindows
 from stackwise_bench.data.text.special_tokens import SpecialTokens, special_tokens_for
 from stackwise_bench.data.text.tokenizers import ByteTokenizer
 from stackwise_bench.nn.bert import build_bert_mlm, flops_per_token
-from stackwise_bench.training.mlm_task import MASKED_LM, MaskedLM, bert_sequences, mask_generator, mask_tokens
+from stackwise_bench.runs.contract import MASKED_LM
+from stackwise_bench.training.mlm_task import MaskedLM, bert_sequences, mask_generator, mask_tokens
 from stackwise_bench.training.tasks import Output
 
 pytest.importorskip("transformers")

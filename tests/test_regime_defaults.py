@@ -48,9 +48,25 @@ def count(model) -> int:
 LM_DERIVED = {"gpt_micro": [1, 2, 4], "gpt_mini": [3, 6], "gpt2_small": [3, 6, 12], "llama_micro": [1, 2, 4]}
 LM_DERIVED |= {"gpt2_medium": [3, 6, 12, 24], "gpt2_large": [9, 18, 36], "llama_mini": [3, 6]}
 
+# The BERT encoders' options: bert.encoder.layer halved back (through train: tests/test_bert_train.py).
+BERT_DERIVED = {"bert_micro": [1, 2], "bert_tiny": [1, 2], "bert_base": [3, 6, 12], "bert_large": [3, 6, 12, 24]}
+
 
 def test_every_model_option_is_listed():
-    assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted({**DERIVED, **LM_DERIVED})
+    listed = {**DERIVED, **LM_DERIVED, **BERT_DERIVED}
+    assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted(listed)
+
+
+@pytest.mark.parametrize("name", sorted(BERT_DERIVED))
+def test_encoders_derive_their_stacks(name):
+    from hydra.utils import instantiate
+
+    cfg = compose(["regime=depth_time", f"model={name}", "dataset=shakespeare"])
+    regime = DepthTime(**{k: v for k, v in cfg.regime.items() if k != "_target_"})
+    with torch.device("meta"):
+        model = instantiate(cfg.model, vocab_size=260, pad_token_id=256)
+    regime.setup(model, name)
+    assert regime.stacks == BERT_DERIVED[name] and len(model.bert.encoder.layer) == BERT_DERIVED[name][0]
 
 
 @pytest.mark.parametrize("name", sorted(LM_DERIVED))

@@ -91,6 +91,10 @@ KNOBS: dict[str, Spec] = {
     "model.context": Int("64", min=1, note="the longest window; dataset.seq_len at most this"),
     "model.vocab_size": Int("256", min=2, null=True, note="null = the tokenizer's"),
     "model.dropout": Number("0.0", lo=0, hi=1, hi_open=True, note="0 = off"),
+    # conf/model/bert_*.yaml: BERT encoders (stackwise_bench/nn/bert.py; n_layer, n_head, vocab_size above)
+    "model.hidden": Int("64", min=1, note="the encoder's width"),
+    "model.intermediate": Int("256", min=1, note="the feed-forward width, 4 x hidden in BERT"),
+    "model.max_positions": Int("128", min=2, note="learned positions; dataset.seq_len at most this"),
     # conf/augmentation/*.yaml
     "augmentation.crop_padding": Int("4", min=0, note="0 = no crop"),
     "augmentation.flip": Bool("true"),
@@ -143,6 +147,10 @@ KNOBS: dict[str, Spec] = {
     "dataset.val_tokens": Int("65536", min=2, null=True, note="null = the whole validation split"),
     "dataset.test_tokens": Int("65536", min=2, null=True, note="null = the whole test split"),
     "dataset.train_tokens": Int("1000000", min=1, null=True, note="null = train by trainer.max_epochs"),
+    # conf/dataset/glue.yaml: one GLUE task (stackwise_bench/data/text/glue_data.py)
+    "dataset.task": Choice(
+        ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"), "cola", note="GLUE's tasks"
+    ),
     "dataset.plays": Choice(("all", "pretrain", "finetune"), "all", note="shakespeare: two fixed disjoint halves"),
     # conf/regime/*.yaml (DepthTime checks its own lists: lengths and order depend on each other)
     "regime.stacks": ListOf(

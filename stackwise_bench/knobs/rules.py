@@ -145,6 +145,9 @@ def _target_regex_compiles(get: Get) -> str | None:
 LM_MODEL = "stackwise_bench.nn.causal_lm.build_named"  # conf/model/{gpt_*,llama_*}.yaml
 TEXT_DATA = "stackwise_bench.data.text.dataset.load_text_dataset"  # conf/dataset/{shakespeare,text}.yaml
 TOKENIZER_IDS = {"byte": 256, "gpt2": 50257}  # dataset.tokenizer=bpe has dataset.bpe_vocab_size ids
+BERT_MODEL = "stackwise_bench.nn.bert.build_named_bert"  # conf/model/bert_*.yaml
+GLUE_DATA = "stackwise_bench.data.text.glue_data.load_glue_dataset"  # conf/dataset/glue.yaml
+N_SPECIAL = 4  # BERT's [PAD] [CLS] [SEP] [MASK], past the tokenizer's ids (= data.text.special_tokens.N_SPECIAL)
 
 
 def _model_reads_the_data(get: Get) -> str | None:
@@ -152,6 +155,8 @@ def _model_reads_the_data(get: Get) -> str | None:
     must hold the tokenizer's ids and a whole window (checked again on the built model)."""
     lm, text = get("model._target_") == LM_MODEL, get("dataset._target_") == TEXT_DATA
     model = show(get("model.name"))
+    if get("model._target_") == BERT_MODEL or get("dataset._target_") == GLUE_DATA:
+        return _encoder_reads_the_data(get, model, text)
     if lm and not text:
         data = get("dataset.name")
         data = data if isinstance(data, str) else str(get("dataset._target_")).rpartition(".")[2].split("_")[-1]
@@ -178,6 +183,55 @@ def _model_reads_the_data(get: Get) -> str | None:
         return (
             f"model.vocab_size={vocab} is smaller than the {ids} ids of dataset.tokenizer={tokenizer} (the model "
             "would meet ids it has no embedding for); set model.vocab_size=null to take the tokenizer's."
+        )
+    return None
+
+
+def _encoder_reads_the_data(get: Get, model: str, text: bool) -> str | None:
+    """A BERT pretrains on text (masked LM) or fine-tunes on GLUE; GLUE needs an encoder; a sequence must fit the
+    encoder's positions and its vocabulary the tokenizer's ids and the 4 special ones."""
+    bert, glue = get("model._target_") == BERT_MODEL, get("dataset._target_") == GLUE_DATA
+    if glue and not bert:
+        kind = "a decoder (causal language model)" if get("model._target_") == LM_MODEL else "an image model"
+        return (
+            f"model={model} is {kind}, and dataset=glue fine-tunes an encoder's classifier; use a BERT "
+            "(model=bert_micro, bert_tiny, bert_base or bert_large)."
+        )
+    if not (text or glue):
+        return (
+            f"model={model} is a BERT encoder, which pretrains on text (masked LM: dataset=shakespeare or "
+            "dataset=text) or fine-tunes on GLUE (dataset=glue); pick one of those, or an image model for images."
+        )
+    seq_len, positions = get("dataset.seq_len"), get("model.max_positions")
+    if seq_len is not ABSENT and positions not in (None, ABSENT) and seq_len > positions:
+        return (
+            f"dataset.seq_len={seq_len} is beyond model={model}'s {positions} positions; use "
+            f"dataset.seq_len<={positions} or a larger model.max_positions."
+        )
+    tokenizer, vocab = get("dataset.tokenizer"), get("model.vocab_size")
+    ids = get("dataset.bpe_vocab_size") if tokenizer == "bpe" else TOKENIZER_IDS.get(tokenizer)
+    if vocab not in (None, ABSENT) and ids not in (None, ABSENT) and vocab < ids + N_SPECIAL:
+        return (
+            f"model.vocab_size={vocab} is smaller than the {ids} ids of dataset.tokenizer={tokenizer} and BERT's "
+            f"{N_SPECIAL} special tokens; set model.vocab_size=null to take them."
+        )
+    return _encoder_options(get, model, glue)
+
+
+def _encoder_options(get: Get, model: str, glue: bool) -> str | None:
+    """What BERT runs do not offer (yet): adapters, float8 training, micro-batches of GLUE's dict batches."""
+    rank = get("lora.rank")
+    if rank not in (0, None, ABSENT):
+        return (
+            f"lora.rank={rank}: adapters are not wired for BERT encoders (model={model}) yet; use lora.rank=0 "
+            "(full fine-tuning)."
+        )
+    if get("precision.name") == "fp8":
+        return f"precision=fp8 is not wired for BERT encoders (model={model}); use precision=bf16 or fp32."
+    if glue and get("trainer.accumulate") not in (1, ABSENT):
+        return (
+            f"trainer.accumulate={get('trainer.accumulate')} is not wired for GLUE's batches yet; use "
+            "trainer.accumulate=1 (and a smaller trainer.batch_size for memory)."
         )
     return None
 

@@ -217,3 +217,75 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
     config = base.config
     head_dim = config.hidden_size // config.num_attention_heads
     return 4 * n + 2 * trained + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+
+
+def build_named_bert(
+    name: str,
+    head: str = "mlm",
+    num_labels: int | None = None,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
+    dropout: float = 0.1,
+    pad_token_id: int = 0,
+    checkpoint_path: str | Path | None = None,
+    **shape,
+) -> nn.Module:
+    """``conf/model/bert_*.yaml``'s builder: the named size of :data:`SIZES` (``shape`` keys ``n_layer``, ``hidden``,
+    ``n_head``, ``intermediate`` replace its values) with the head the run's task needs: ``mlm`` (masked-LM
+    pretraining on text) or ``classifier`` (GLUE, ``num_labels`` outputs; 1 = STS-B's regression).
+
+    ``checkpoint_path`` loads a local ``save_pretrained`` folder instead (its config wins over the shape).
+    """
+    if head not in ("mlm", "classifier"):
+        raise ValueError(f"head={head!r} is not mlm or classifier")
+    if name not in SIZES:
+        raise ConfigError(f"model.name={name} is not a BERT size; use one of {', '.join(SIZES)}.")
+    unknown = set(shape) - set(_SHAPE_KEYS)
+    if unknown:
+        raise ConfigError(f"model.{sorted(unknown)[0]} is not a BERT knob; use {', '.join(_SHAPE_KEYS)}.")
+    if checkpoint_path is not None:
+        return load_bert(checkpoint_path, head, num_labels=num_labels)
+    if head == "classifier" and (not is_int(num_labels) or num_labels < 1):
+        raise ConfigError(
+            f"model.num_labels={num_labels!r} must be a positive integer (1 = regression); take it from the task."
+        )
+    extra = {"num_labels": num_labels} if head == "classifier" else {}
+    config = bert_config(name, vocab_size, max_positions, dropout, pad_token_id, **extra)
+    for key, value in shape.items():
+        if not is_int(value) or value < 1:
+            raise ConfigError(f"model.{key}={value!r} must be a positive integer; use the size's (null).")
+        setattr(config, _SHAPE_KEYS[key], value)
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(
+            f"model.n_head={config.num_attention_heads} must divide model.hidden={config.hidden_size}; use e.g. "
+            f"model.n_head={SIZES[name]['n_head']}."
+        )
+    if head == "mlm":
+        from transformers import BertForMaskedLM
+
+        return BertForMaskedLM(config)
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification(config)
+
+
+_SHAPE_KEYS = {"n_layer": "num_hidden_layers", "hidden": "hidden_size", "n_head": "num_attention_heads",
+               "intermediate": "intermediate_size"}  # fmt: skip
+
+
+def check_encoder_fits(model: nn.Module, name: str, tokenizer: str, vocab_size: int, seq_len: int) -> None:
+    """Refuse, in one sentence, a BERT whose vocabulary cannot hold the tokenizer's ids and the 4 special ones, or
+    whose positions are fewer than ``dataset.seq_len`` (checked here for a model loaded from a checkpoint too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    held, positions = base.config.vocab_size, base.config.max_position_embeddings
+    if held < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={held} is smaller than the {vocab_size} ids of dataset.tokenizer={tokenizer} and "
+            f"BERT's 4 special tokens (model={name}); set model.vocab_size=null to take them."
+        )
+    if seq_len > positions:
+        raise ConfigError(
+            f"dataset.seq_len={seq_len} is beyond model={name}'s {positions} positions; use dataset.seq_len<="
+            f"{positions} or a larger model.max_positions."
+        )

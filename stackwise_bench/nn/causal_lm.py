@@ -162,6 +162,8 @@ def load_causal_lm(checkpoint_path: str | Path, device: str | torch.device | Non
                 "copy DIR here and set model.checkpoint_path=DIR."
             )
         raise ConfigError(f"{key} is not a folder; point it at a folder written by save_pretrained.")
+    if _is_encoder_run(path):
+        raise ConfigError(_ENCODER.format(key=key))
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key} holds no config.json; point it at a folder written by save_pretrained.")
     from transformers import AutoConfig, GPT2LMHeadModel, LlamaForCausalLM  # lazy: seconds to import
@@ -170,6 +172,8 @@ def load_causal_lm(checkpoint_path: str | Path, device: str | torch.device | Non
         family = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{key} holds a config.json transformers cannot read ({short_error(e)}).") from e
+    if family == "bert":
+        raise ConfigError(_ENCODER.format(key=key))
     if family not in FAMILIES:
         raise ConfigError(f"{key} holds a {family} model; language models here are {' or '.join(FAMILIES)}.")
     from transformers.utils import logging as hf_logging
@@ -190,6 +194,23 @@ def load_causal_lm(checkpoint_path: str | Path, device: str | torch.device | Non
             hf_logging.enable_progress_bar()
     model.loss_type = "ForCausalLM"
     return model.train()  # from_pretrained returns eval mode; a built model starts in train mode, so both do
+
+
+_ENCODER = (
+    "{key} holds a BERT encoder, which has no causal language-model head to train, sample or export as one; "
+    "train it with model=bert_micro (or bert_tiny, bert_base, bert_large)."
+)
+
+
+def _is_encoder_run(path: Path) -> bool:
+    """A masked-LM run's folder (model=bert_* on text): what a causal LM must not be started from."""
+    from stackwise_bench.runs.contract import read_summary
+
+    try:
+        summary = read_summary(path) if (path / "checkpoints").is_dir() else None
+    except ConfigError:
+        return False
+    return ((summary or {}).get("task") or {}).get("name") == "masked_lm"
 
 
 def lora_targets(family_or_model: str | nn.Module) -> list[str]:

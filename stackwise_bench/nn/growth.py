@@ -56,6 +56,7 @@ from torch import nn
 
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn import lm_growth
+from stackwise_bench.nn.bert import encoder_layers, is_bert
 from stackwise_bench.nn.resnet import BasicBlock, CifarResNet
 from stackwise_bench.values import is_int
 
@@ -86,6 +87,8 @@ def _family(model: nn.Module) -> str:
     is_vit = any(c.__name__ == "VisionTransformer" and c.__module__.startswith("timm.") for c in type(model).__mro__)
     if is_vit and isinstance(getattr(model, "blocks", None), nn.Sequential):
         return "vit"
+    if is_bert(model) and type(model).__module__.startswith("transformers."):
+        return "bert"  # its growth is nn/bert_growth.py's (post-LayerNorm blocks: another identity init)
     family = lm_growth.lm_family(model)  # gpt2 / llama; None for a model not from transformers
     if family is not None:
         return family
@@ -103,6 +106,8 @@ def block_lists(model: nn.Module) -> list[nn.Sequential]:
         return [model.blocks]
     if family in lm_growth.LM_FAMILIES:
         return [lm_growth.lm_blocks(model)]
+    if family == "bert":
+        return [encoder_layers(model)]
     return [model.stage1, model.stage2, model.stage3]
 
 
@@ -125,6 +130,10 @@ def truncate(model: nn.Module, depth: int) -> None:
     """Keep the first ``depth`` blocks of each container (the starting stack), in place."""
     _check_depth(model, depth)
     n = depth_of(model)
+    if _family(model) == "bert" and depth <= n:
+        from stackwise_bench.nn.bert_growth import truncate_bert  # lazy: bert_growth builds on this module
+
+        return truncate_bert(model, depth)
     if depth > n:
         raise ConfigError(
             f"regime.stacks: cannot start {type(model).__name__} at depth {depth}, it has only {n}; "
@@ -192,6 +201,10 @@ def grow(model: nn.Module, depth: int, mode: str, init: str, generator: torch.Ge
             unchanged when it raises.
     """
     family, containers = _family(model), block_lists(model)
+    if family == "bert":
+        from stackwise_bench.nn.bert_growth import grow_bert  # lazy: bert_growth builds on this module
+
+        return grow_bert(model, depth, mode, init, generator)
     _check_choice(mode, MODES, "regime.building_mode")
     _check_choice(init, INITS, "regime.init")
     _check_depth(model, depth)

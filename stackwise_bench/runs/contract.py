@@ -23,6 +23,7 @@ STEPS = "steps.jsonl"  # training steps 1 and every trainer.log_every_n_steps: s
 HARDWARE = "hardware.jsonl"  # monitor samples
 DIAGNOSTICS = "diagnostics.jsonl"  # per-layer gradient/weight/activation statistics on logging steps
 SPLIT = "split.json"  # the exact train/val indices
+PREDICTIONS = "predictions.jsonl"  # the test split's predictions, one row each (GLUE runs: row, part, pred, label)
 CHECKPOINTS = "checkpoints"  # last.pt, best.pt
 LEASE = ".lease"  # who is writing the folder now (runs/lease.py); absent when nobody is
 EVAL_DIR = "eval"  # <run>/eval/<name>/: evaluation records written by `evaluate`
@@ -97,6 +98,35 @@ def zero_shot_task(task: str) -> dict:
         "ranges": {f"{task}_{m}": ranges[d] for m, d in metrics.items()},
     }
 
+
+# Masked language modelling (BERT pretraining, training/mlm_task.py): the cross-entropy per masked token is the
+# headline, lower is better; ``acc`` is the share of masked tokens predicted exactly (percent), ``ppl`` exp(loss).
+MASKED_LM = {
+    "name": "masked_lm",
+    "unit": "token",
+    "metric": "loss",
+    "directions": {"loss": "min", "ppl": "min", "acc": "max"},
+    "ranges": {"loss": {"low": 0, "high": None}, "ppl": {"low": 1, "high": None}, "acc": {"low": 0, "high": 100}},
+}
+
+# GLUE fine-tuning (training/glue_task.py, training/glue_metrics.py): every metric is GLUE's x 100 and higher is
+# better but the loss (cross-entropy, or STS-B's mean squared error). The headline is the task's first metric
+# (CoLA mcc, MRPC/QQP f1, STS-B pearson, the others acc), recorded per run as ``task.metric``; ``score`` is the
+# mean of the task's metrics (GLUE's per-task number), which a study over several tasks averages.
+_PERCENT, _CORRELATION = {"low": 0, "high": 100}, {"low": -100, "high": 100}
+GLUE = {
+    "name": "glue",
+    "unit": "seq",
+    "directions": {
+        "loss": "min", "acc": "max", "f1": "max", "mcc": "max", "pearson": "max", "spearman": "max", "score": "max",
+        "acc_matched": "max", "acc_mismatched": "max",
+    },
+    "ranges": {
+        "loss": {"low": 0, "high": None}, "acc": _PERCENT, "f1": _PERCENT, "mcc": _CORRELATION,
+        "pearson": _CORRELATION, "spearman": _CORRELATION, "score": _CORRELATION,
+        "acc_matched": _PERCENT, "acc_mismatched": _PERCENT,
+    },
+}  # fmt: skip
 
 # ---- statuses ------------------------------------------------------------------------------------
 STATUSES = ("running", "completed", "early_stopped", "failed", "interrupted")

@@ -32,6 +32,7 @@ from stackwise_bench.runs.contract import (
     FINISHED,
     HARDWARE,
     METRICS,
+    PREDICTIONS,
     SCHEMA_VERSION,
     SPLIT,
     STATUSES,
@@ -348,6 +349,11 @@ class RunRecord:
         self.fence()
         self._write_text(self.dir / SPLIT, jsonsafe.dumps(split) + "\n")
         self.split_sha256 = split.get("sha256")
+
+    def write_predictions(self, rows: list[dict]) -> None:
+        """Write ``predictions.jsonl``: the tested checkpoint's prediction of every test row (GLUE runs)."""
+        self.fence()
+        self._write_text(self.dir / PREDICTIONS, "".join(jsonsafe.dumps(row) + "\n" for row in rows))
 
     def _write_text(self, path: Path, text: str) -> None:
         self._write_fenced(path, lambda f: f.write(text), "w")

@@ -24,23 +24,6 @@ TASK_METRICS = {
     "rte": ("acc",),
     "wnli": ("acc",),
 }
-_PERCENT, _CORRELATION = {"low": 0, "high": 100}, {"low": -100, "high": 100}
-
-# The task's contract, as runs/contract.py states CAUSAL_LM (to move there when the task is wired in). Every metric
-# is higher-is-better but the loss (cross-entropy, or STS-B's mean squared error).
-GLUE = {
-    "name": "glue",
-    "unit": "seq",
-    "directions": {
-        "loss": "min", "acc": "max", "f1": "max", "mcc": "max", "pearson": "max", "spearman": "max", "score": "max",
-        "acc_matched": "max", "acc_mismatched": "max",
-    },
-    "ranges": {
-        "loss": {"low": 0, "high": None}, "acc": _PERCENT, "f1": _PERCENT, "mcc": _CORRELATION,
-        "pearson": _CORRELATION, "spearman": _CORRELATION, "score": _CORRELATION,
-        "acc_matched": _PERCENT, "acc_mismatched": _PERCENT,
-    },
-}  # fmt: skip
 
 
 def glue_metric(name: str, preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.training.glue_metrics import GLUE, TASK_METRICS, grouped_metrics
+from stackwise_bench.runs.contract import GLUE
+from stackwise_bench.training.glue_metrics import TASK_METRICS, grouped_metrics
 from stackwise_bench.training.precision import synchronize
 from stackwise_bench.training.tasks import Output
 
@@ -110,15 +111,18 @@ class GlueTask:
         self.last = out
         return out
 
-    def write_predictions(self, path: str | Path) -> Path:
-        """The latest evaluation's predictions as JSON lines: ``row``, ``part``, ``pred``, ``label``."""
+    def prediction_rows(self) -> list[dict]:
+        """The latest evaluation's predictions, one dict per row in file order: row, part, pred, label."""
         if self.predictions is None:
             raise RuntimeError("no evaluation has run yet: nothing to write")
         kept = self.predictions
+        rows = zip(kept["pred"].tolist(), kept["target"].tolist(), kept["group"].tolist())
+        return [{"row": i, "part": kept["groups"][g], "pred": p, "label": t} for i, (p, t, g) in enumerate(rows)]
+
+    def write_predictions(self, path: str | Path) -> Path:
+        """:meth:`prediction_rows` as JSON lines at ``path``."""
         path = Path(path)
-        with open(path, "w") as f:
-            for row, (p, t, g) in enumerate(zip(kept["pred"].tolist(), kept["target"].tolist(), kept["group"])):
-                f.write(json.dumps({"row": row, "part": kept["groups"][int(g)], "pred": p, "label": t}) + "\n")
+        path.write_text("".join(json.dumps(row) + "\n" for row in self.prediction_rows()))
         return path
 
     def score(self, metrics: dict) -> tuple:

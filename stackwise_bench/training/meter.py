@@ -25,7 +25,13 @@ class EpochMeter:
         self.loss = torch.tensor(float(partial.get("loss", 0.0)), device=device, dtype=torch.float64)
         self.names = tallies
         # each tally keeps the dtype the task counts in (an int64 count, a float sum): made by its first step
-        self._tallies = {name: torch.tensor(partial[name], device=device) for name in tallies if name in partial}
+        self._tallies = {
+            name: torch.tensor(
+                partial[name], device=device, dtype=torch.float64 if isinstance(partial[name], float) else None
+            )
+            for name in tallies
+            if name in partial
+        }  # a float tally (masked LM's nats) is float64: a float32 one would round it on resume
         self.seen = int(partial.get("seen", 0))
         self.before_s = float(partial.get("time_s", 0.0))  # seconds of this epoch before the resume
         self.compile_s = float(partial.get("compile_s", 0.0))

@@ -28,20 +28,13 @@ import torch.nn.functional as F
 
 from stackwise_bench.data.loader import _derive_seed
 from stackwise_bench.data.text.special_tokens import SpecialTokens
+from stackwise_bench.runs.contract import MASKED_LM
+from stackwise_bench.training.lm_task import WindowsPart
 from stackwise_bench.training.precision import synchronize
 from stackwise_bench.training.tasks import Output
 
 MASK_STREAM, EVAL_STREAM = 3, 4  # the loader uses words 0 and 1, batch mixing 2: masking gets streams of its own
 MASK_PROB, MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.15, 0.8, 0.1  # Devlin et al. 2019, section 3.1
-
-# The task's contract, as runs/contract.py states CAUSAL_LM (to move there when the task is wired in).
-MASKED_LM = {
-    "name": "masked_lm",
-    "unit": "token",
-    "metric": "loss",
-    "directions": {"loss": "min", "ppl": "min", "acc": "max"},
-    "ranges": {"loss": {"low": 0, "high": None}, "ppl": {"low": 1, "high": None}, "acc": {"low": 0, "high": 100}},
-}
 
 
 def mask_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -189,3 +182,13 @@ def _tally(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor
     picked, targets = logits[where], labels[where]
     nats = F.cross_entropy(picked, targets, reduction="sum").double()
     return {"masked": where.sum(), "correct": (picked.argmax(-1) == targets).sum(), "nats": nats}
+
+
+class MaskedWindowsPart(WindowsPart):
+    """:class:`~stackwise_bench.training.lm_task.WindowsPart` for masked LM: the training windows' generator in every
+    checkpoint, and ``val_ppl``/``val_acc`` (masked-token perplexity and accuracy) in each epoch's row."""
+
+    def validate(self, evaluate, row: dict) -> None:
+        last = self.task.last if evaluate is not None else None
+        row.update(val_ppl=last["ppl"] if last else None, val_acc=last["acc"] if last else None)
+        return None

@@ -31,7 +31,7 @@ def train_summary(progress: Progress, status: str, metric: str = "top1", unit: s
         "compile_time_s": sum(r.get("compile_time_s", 0.0) for r in hist),
         "epoch_time_mean_s": statistics.fmean(times) if times else None,
         "epoch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        f"final_train_{metric}": hist[-1][f"train_{metric}"] if hist else None,
+        f"final_train_{metric}": hist[-1].get(f"train_{metric}") if hist else None,  # GLUE's mcc/f1: val only
         "final_train_loss": hist[-1]["train_loss"] if hist else None,
         f"final_val_{metric}": last_val.get(f"val_{metric}"),
         "final_val_loss": last_val.get("val_loss"),
@@ -57,7 +57,8 @@ def update_bar(bar, step: int, meter, task) -> None:
 
 def log_epoch(row: dict, max_epochs: int, metric: str = "top1", unit: str = "img") -> None:
     """The epoch's line in the run log (a task whose metric is the loss, a language model's, shows it once)."""
-    extra = "" if metric == "loss" else f"  train_{metric} {row[f'train_{metric}']:.4g}"
+    train_metric = row.get(f"train_{metric}")  # absent for GLUE's whole-split metrics (mcc, f1, pearson)
+    extra = "" if metric == "loss" or train_metric is None else f"  train_{metric} {train_metric:.4g}"
     val_metric = row.get(f"val_{metric}")
     val = "" if val_metric is None else f"  val_loss {row['val_loss']:.4f}"
     if val_metric is not None and metric != "loss":

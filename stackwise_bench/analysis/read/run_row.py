@@ -46,6 +46,11 @@ def run_row(run_dir: Path) -> tuple[dict, dict, dict, dict, set]:
         overrides, choices = _read_hydra(run_dir, overrides, choices)
     choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra")}
     values = _override_values(overrides or [], choices, config)
+    # A fine-tune from a pretraining run's folder (model=bert_* model.checkpoint_path=...): what that run was launched
+    # with, as columns of their own (pretrained.regime=depth_time), so its arms are cells and a baseline.
+    pretrained = summary.get("pretrained")
+    if isinstance(pretrained, dict):
+        values.update({f"pretrained.{k}": parse_value(str(v)) for k, v in pretrained.items()})
     overridden = set(values)
     for key in STUDY_KEYS:
         value = lookup(config, key)
@@ -57,7 +62,7 @@ def run_row(run_dir: Path) -> tuple[dict, dict, dict, dict, set]:
     row.update(values)
     row["seed"] = seed
     for section in [*SECTIONS, *sorted(k for k in summary if k not in SECTIONS)]:
-        if section not in ("run", "config", "error", "status") and isinstance(summary.get(section), dict):
+        if section not in ("run", "config", "error", "status", "pretrained") and isinstance(summary.get(section), dict):
             _flatten(summary[section], section, row)
     _flatten({k: v for k, v in run.items() if k not in ("seed", "overrides", "choices")}, "run", row)
     for key in JOINED_LISTS:
