@@ -50,9 +50,12 @@ RESNET = [
     *("monitors=none", "trainer.progress=log"),
 ]
 ACCUMULATED = [*VIT, "trainer.accumulate=2"]
+# BERT fine-tuned on a generated SST-2-layout task (a dict batch: ids, segments, mask, labels), dropout off
+GLUE = ["model=bert_micro", "model.dropout=0.0", "dataset=glue", "dataset.task=sst2", "trainer.max_epochs=2"]
+GLUE += ["trainer.batch_size=16", "monitors=none", "trainer.progress=log"]
 # max |difference| of the metrics and of the final weights (ResNet: BatchNorm's float32 rounding, see above)
 TOLERANCE = {"resnet": (1e-4, 1e-3)}
-COMPARED = ("step", "flops", "train_loss", "train_top1", "val_loss", "val_top1", "val_ppl", "val_bpb", "lr")
+COMPARED = ("step", "flops", "train_loss", "train_top1", "val_loss", "val_top1", "val_ppl", "val_bpb", "val_acc", "lr")
 # Long enough to be caught after a few epochs on a busy machine, short enough to finish twice.
 LONG = [*VIT, "trainer.max_epochs=24", "trainer.early_stopping_patience=null"]
 
@@ -110,7 +113,12 @@ def one_process(tmp_path_factory):
     """The 1-process runs the ranks are compared with (one thread, like each rank)."""
     base = tmp_path_factory.mktemp("one")
     cache = f"dataset.cache_dir={base / 'cache'}"
-    for name, args in (("vit", VIT), ("gpt", [*GPT, cache]), ("grown", GROWN), ("resnet", RESNET)):
+    made = subprocess.run(
+        [sys.executable, "-m", "stackwise_bench.data.text.glue_synthetic", str(base / "glue"), "200", "64"]
+    )
+    assert made.returncode == 0
+    glue = [*GLUE, f"dataset.root={base / 'glue'}"]
+    for name, args in (("vit", VIT), ("gpt", [*GPT, cache]), ("grown", GROWN), ("resnet", RESNET), ("glue", glue)):
         code, out = train([*args, "trainer.threads=1", f"hydra.run.dir={base / name}"], base)
         assert code == 0, out[-3000:]
     return base
@@ -120,7 +128,7 @@ def one_process(tmp_path_factory):
     ("model", "strategy"),
     [
         *(("vit", "ddp"), ("vit", "fsdp"), ("gpt", "ddp"), ("gpt", "fsdp")),
-        *(("grown", "ddp"), ("resnet", "ddp"), ("accumulated", "ddp"), ("accumulated", "fsdp")),
+        *(("grown", "ddp"), ("resnet", "ddp"), ("accumulated", "ddp"), ("accumulated", "fsdp"), ("glue", "ddp")),
     ],
 )
 def test_two_ranks_train_what_one_process_trains(one_process, tmp_path, model, strategy):
@@ -128,7 +136,16 @@ def test_two_ranks_train_what_one_process_trains(one_process, tmp_path, model, s
     micro-batches on each rank (DDP syncs after the last); ``resnet``: BatchNorm over the whole batch (with
     per-rank statistics the losses miss by 4e-3, the weights by 2e-2)."""
     cache = f"dataset.cache_dir={one_process / 'cache'}"
-    args = {"vit": VIT, "grown": GROWN, "gpt": [*GPT, cache], "resnet": RESNET, "accumulated": ACCUMULATED}[model]
+    glue = [*GLUE, f"dataset.root={one_process / 'glue'}"]
+    args = {
+        "vit": VIT,
+        "grown": GROWN,
+        "gpt": [*GPT, cache],
+        "resnet": RESNET,
+        "accumulated": ACCUMULATED,
+        "glue": glue,
+    }
+    args = args[model]
     model = "vit" if model == "accumulated" else model  # 2 ranks x 2 micro-batches of 16 train as 1 x 64
     metrics_tol, weights_tol = TOLERANCE.get(model, (1e-5, 1e-5))
     run_dir = tmp_path / "run"

@@ -62,6 +62,8 @@ class Group:
         otherwise before any rank starts)."""
         if self.size == 1:
             return batch
+        if isinstance(batch, dict):  # a sequence-pair task's ids, segments, mask and labels
+            return {k: self.shard((v,))[0] if torch.is_tensor(v) else v for k, v in batch.items()}
         return tuple(torch.tensor_split(t, self.size)[self.rank] for t in batch)
 
     def own_partial(self, partial: dict) -> dict:
@@ -218,15 +220,19 @@ class GatherForward(torch.nn.Module):
         self.inner, self.group = model, group
 
     def forward(self, *args, **kwargs):
-        key = "input_ids" if not args else None
-        x = kwargs[key] if key else args[0]
+        x = args[0] if args else kwargs["input_ids"]
         n, size = len(x), self.group.size
         length = -(-n // size)
         slices = torch.tensor_split(torch.arange(n, device=x.device), size)
         mine = slices[self.group.rank]
         padded = torch.cat([mine, mine.new_full((length - len(mine),), max(n - 1, 0))]) if len(mine) < length else mine
-        part = x.index_select(0, padded)
-        out = self.inner(**{**kwargs, key: part}) if key else self.inner(part, *args[1:], **kwargs)
+
+        def part(value):  # every per-sample input (ids, segment ids, attention masks) cut the same way
+            return (
+                value.index_select(0, padded) if torch.is_tensor(value) and value.dim() and len(value) == n else value
+            )
+
+        out = self.inner(*map(part, args), **{k: part(v) for k, v in kwargs.items()})
         logits = out.logits if hasattr(out, "logits") else out
         pieces = [torch.empty_like(logits) for _ in range(size)]
         dist.all_gather(pieces, logits.contiguous())

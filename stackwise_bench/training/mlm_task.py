@@ -95,7 +95,11 @@ class MaskedLM:
         self.last: dict | None = None
 
     def batches(self, loader, epoch: int, start_step: int):
-        return loader.batches(epoch, start_step)
+        """The windows of ``epoch`` from ``start_step`` on, masked whole (one generator per step): on several devices
+        each rank trains on its slice of the masks one process draws."""
+        for step, (x, _) in enumerate(loader.batches(epoch, start_step), start=start_step):
+            sequences = bert_sequences(x, self.special)
+            yield mask_tokens(sequences, self.special, mask_generator(self.seed, epoch, step), self.mask_prob)
 
     def sample_shape(self, loader) -> tuple:
         """A sample is a token of a ``seq_len`` sequence: what its FLOPs depend on is ``seq_len``."""
@@ -113,10 +117,14 @@ class MaskedLM:
         return logits.float(), labels
 
     def objective(self, model, batch, epoch: int, step: int) -> Output:
-        x, _ = batch
-        logits, labels = self._forward(model, x, mask_generator(self.seed, epoch, step))
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return Output(loss, x.numel(), _tally(logits.detach(), labels))
+        inputs, labels = batch  # masked by :meth:`batches`
+        with self.amp():
+            logits = mlm_logits(model, inputs).float()
+        if bool((labels != -100).any()):
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        else:  # a rank's slice (several devices) without a masked token: nothing to learn from, not a NaN
+            loss = logits.sum() * 0.0
+        return Output(loss, inputs.numel(), _tally(logits.detach(), labels))
 
     def train_metrics(self, tallies: dict[str, Any], seen: int) -> dict:
         masked = max(1, int(tallies["masked"]))
