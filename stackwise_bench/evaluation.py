@@ -19,7 +19,12 @@ from pathlib import Path
 
 from stackwise_bench.build import rebuild
 from stackwise_bench.errors import ConfigError
-from stackwise_bench.knobs.rules import GROUP_SIZE_DEFAULT, group_size_problem, int_activations_problem
+from stackwise_bench.knobs.rules import (
+    BERT_MODEL,
+    GROUP_SIZE_DEFAULT,
+    group_size_problem,
+    int_activations_problem,
+)
 from stackwise_bench.lm_evaluation import (
     check_language_options,
     evaluate_lm_into,
@@ -98,7 +103,8 @@ def evaluate_checkpoint(
             (:func:`~stackwise_bench.lm_evaluation.zero_shot_test`).
 
     Raises:
-        ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings.
+        ConfigError: A missing or corrupt checkpoint, one from a different model, no run folder, bad settings; a
+            BERT run (:func:`check_encoder_options`: no samples, zero-shot tasks or exports, no re-test yet).
     """
     _check_quantize_options(quantize, keep_head, activations, group_size)
     run_dir, ckpt = _locate(checkpoint)
@@ -107,6 +113,7 @@ def evaluate_checkpoint(
     came_from = _origin(ckpt, run_dir, source, run_config)
     language = is_lm_config(run_config)
     task = (zero_shot or {}).get("task")
+    check_encoder_options(run_dir, run_config, generate, export, task)
     check_language_options(run_dir, run_config, language, quantize, generate, export, prompt, task)
     zero = read_zero_shot(zero_shot)  # the task's file, read and refused before any model is built
     config = _with_overrides(run_config, device, dataset or {})
@@ -194,6 +201,34 @@ def _start(record: RunRecord, built, config: dict, run_dir: Path, ckpt: Path, so
         classes=built.classes,
         # a zero-shot record names its metrics' directions, as a run's task section does (analysis/read/directions)
         **({"task": zero_shot_task(zs["task"])} if (zs := given["settings"].get("zero_shot")) else {}),
+    )
+
+
+def check_encoder_options(run_dir: Path, config: dict, generate: bool, export, zero_shot_task) -> None:
+    """Refuse a BERT run (masked LM or GLUE) in one sentence before any work: an encoder has no causal head to sample
+    from, score a decoder's zero-shot task with or export as a causal LM, and its re-test is not wired yet."""
+    model = config.get("model") or {}
+    if model.get("_target_") != BERT_MODEL:
+        return
+    name, where = model.get("name"), shown_path(run_dir)
+    encoder = f"{where} trained model={name}, a BERT encoder with no causal language-model head"
+    if generate:
+        raise ConfigError(
+            f"generate=true samples text from a causal language model, and {encoder}; drop generate=true."
+        )
+    if zero_shot_task is not None:
+        raise ConfigError(
+            f"zero_shot.task={zero_shot_task} scores a causal language model's continuations, and {encoder}; drop "
+            "zero_shot.task (or point checkpoint= at a gpt_*/llama_* run)."
+        )
+    if export is not None:
+        raise ConfigError(
+            f"export={export} writes a causal language model's save_pretrained folder, and {encoder}; drop export= "
+            "(a GLUE fine-tune starts from the run folder itself: model.checkpoint_path=<run>)."
+        )
+    raise ConfigError(
+        f"evaluate does not re-test BERT runs yet ({where} trained model={name}); their test metrics are in "
+        f"{SUMMARY} (and a GLUE run's predictions in predictions.jsonl)."
     )
 
 
