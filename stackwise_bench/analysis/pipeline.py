@@ -32,6 +32,7 @@ from stackwise_bench.analysis.stats.power_law import N_BOOT
 from stackwise_bench.analysis.stats.robust import iqm_table
 from stackwise_bench.analysis.stats.seeds import seed_stats
 from stackwise_bench.analysis.studies.expectations import check_expectations, load_expectations, summarize_validation
+from stackwise_bench.analysis.studies.glue import glue_average
 from stackwise_bench.analysis.studies.optimizer import optimizer_study
 from stackwise_bench.analysis.studies.peft import peft_study
 from stackwise_bench.analysis.studies.precision import precision_study
@@ -95,6 +96,8 @@ class StudyAnalysis:
     # Zero-shot task records (evaluate zero_shot.task=...): one row per record and metric, and their table.
     zero_shot_records: pd.DataFrame = field(default_factory=pd.DataFrame)
     zero_shot: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # A study over several GLUE tasks: per cell less the task, the GLUE average's seed statistics.
+    glue: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Per-layer diagnostics (diagnostics.jsonl), long: one row per run, step, layer and statistic.
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Runs of one config and seed found more than once (collect.drop_duplicate_runs): counted once.
@@ -217,6 +220,7 @@ def analyze_runs(
     analysis.quantization = quantization_table(analysis.quantized, runs, group_by)
     analysis.zero_shot_records = zero_shot_records(runs)
     analysis.zero_shot = zero_shot_table(analysis.zero_shot_records, runs, group_by)
+    analysis.glue = glue_average(runs, group_by)
     if expectations is not None:
         analysis.validation = summarize_validation(check_expectations(runs, expectations, group_by))
     analysis.warnings = direction_notes + _warnings(analysis, explicit_baseline=baseline is not None)

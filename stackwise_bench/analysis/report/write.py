@@ -23,6 +23,7 @@ from stackwise_bench.analysis.report.headline import CLIPPED, CLIPPED_NOTE, best
 from stackwise_bench.analysis.report.sections import comparisons_md, dynamics_md, other_metrics_md, unfinished_md
 from stackwise_bench.analysis.studies.energy import energy_md
 from stackwise_bench.analysis.studies.expectations import validation_md
+from stackwise_bench.analysis.studies.glue import glue_average_md
 from stackwise_bench.analysis.studies.quantization_report import quantization_md
 from stackwise_bench.analysis.studies.regimes_report import regimes_md
 from stackwise_bench.analysis.studies.scaling import scaling_md
@@ -66,6 +67,8 @@ def write_report(
         a.quantized.to_csv(out_dir / "evaluations.csv", index=False)
     if len(a.zero_shot):
         a.zero_shot.to_csv(out_dir / "zero_shot.csv", index=False)
+    if len(a.glue):
+        a.glue.to_csv(out_dir / "glue.csv", index=False)
     if len(a.iqm):
         a.iqm.to_csv(out_dir / "iqm.csv", index=False)
     if a.scaling is not None:
@@ -105,7 +108,7 @@ def render_markdown(
         dynamics_md(a),
     ]
     parts += [view_md(v) for v in a.views] + [quantization_md(a.quantization, a.quantized, a.group_by)]
-    parts += [zero_shot_md(a.zero_shot, a.group_by)]
+    parts += [zero_shot_md(a.zero_shot, a.group_by), glue_average_md(a.glue, a.group_by)]
     parts += [other_metrics_md(a), validation_md(a.validation), _figures_md(figures, out_dir), _files_md(a)]
     return "\n".join(p for p in parts if p)
 
@@ -186,6 +189,8 @@ def _files_md(a: StudyAnalysis) -> str:
     ] + (["validation.json"] if a.validation is not None else [])
     if len(a.zero_shot):
         files.append("zero_shot.csv (zero-shot tasks per cell, task and metric, with each metric's direction)")
+    if len(a.glue):
+        files.append("glue.csv (the GLUE average per cell less the task: seed statistics, the tasks averaged)")
     if len(a.iqm):
         files.append("iqm.csv (interquartile mean per cell with its stratified-bootstrap interval)")
     if a.scaling is not None:
