@@ -140,6 +140,11 @@ def test_negative_grad_clip(tmp_path, cfg_factory):
 BAD_KNOBS = [
     ("seed=-1", r"non-negative integer"),
     # the language-model knobs, on gpt_micro and shakespeare
+    # the BERT knobs, on bert_micro (GLUE's task key composes without a folder: it is checked before any reading)
+    ("model=bert_micro dataset=shakespeare model.hidden=0", r"positive integer"),
+    ("model=bert_micro dataset=shakespeare model.intermediate=0", r"positive integer"),
+    ("model=bert_micro dataset=shakespeare model.max_positions=1", r"integer >= 2"),
+    ("model=bert_micro dataset=glue dataset.root=/tmp dataset.task=boolq", r"one of cola, sst2"),
     ("model=gpt_micro dataset=shakespeare dataset.bpe_vocab_size=0", r"integer >= 257"),
     ("model=gpt_micro dataset=shakespeare dataset.corpus=hamlet", r"one of shakespeare, text"),
     ("model=gpt_micro dataset=shakespeare dataset.plays=comedies", r"one of all, pretrain, finetune"),
@@ -445,6 +450,10 @@ BAD_EVALUATE = [
     ("generate=true seed=-1", r"^seed=-1 must be a non-negative integer below 2\*\*64"),
     ("generate=true temperature=0 samples=2", r"^samples=2 with temperature=0: greedy decoding gives one text"),
     ("export=[a]", r"^export=\[a\] must be a folder path, or null"),
+    # language-model runs' zero-shot tasks (more in tests/test_zero_shot_evaluate.py)
+    ("zero_shot.task=boolq", r"^zero_shot\.task=boolq must be one of lambada, hellaswag, piqa, or null"),
+    ("zero_shot.task=lambada zero_shot.path=5", r"^zero_shot\.path=5 must be the task's released jsonl file"),
+    ("zero_shot.task=piqa zero_shot.path=a.jsonl zero_shot.labels=5", r"^zero_shot\.labels=5 must be PIQA's labels"),
 ]
 
 
@@ -479,6 +488,12 @@ BAD_EVALUATE_STUDY = [
     ("evaluate.keep_head=2", r"^evaluate\.keep_head=2 must be true or false"),
     ("evaluate.activations=maybe", r"^evaluate\.activations=maybe must be true or false"),
     ("evaluate.quantize=null evaluate.activations=true", r"^evaluate\.activations=true only applies to a quantized"),
+    ("evaluate.zero_shot.task=boolq", r"^evaluate\.zero_shot\.task=boolq must be one of lambada, hellaswag, piqa"),
+    ("evaluate.zero_shot.task=lambada evaluate.zero_shot.path=5", r"^evaluate\.zero_shot\.path=5 must be the task's"),
+    (
+        "evaluate.zero_shot.task=piqa evaluate.zero_shot.path=a.jsonl evaluate.zero_shot.labels=5",
+        r"^evaluate\.zero_shot\.labels=5 must be PIQA's labels file",
+    ),
 ]
 
 

@@ -213,7 +213,8 @@ def test_folders_that_are_not_checkpoints_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_causal_lm(tmp_path)
     assert str(err.value) == (
-        f"model.checkpoint_path={tmp_path} holds a bert model; language models here are gpt2 or llama."
+        f"model.checkpoint_path={tmp_path} holds a BERT encoder, which has no causal language-model head to train, "
+        "sample or export as one; train it with model=bert_micro (or bert_tiny, bert_base, bert_large)."
     )
 
 

@@ -16,9 +16,12 @@ from stackwise_bench.nn.models import create_model
 from stackwise_bench.nn.resnet import BasicBlock
 
 ROOT = Path(__file__).resolve().parents[1]
-# The image models' options; the causal language models' (gpt_*, llama_*) are tests/test_lm_train.py's.
+# The image models' options; the causal language models' (gpt_*, llama_*) are tests/test_lm_train.py's, the
+# encoders' (bert_*) tests/test_bert_train.py's.
 MODEL_CONFIGS = sorted(
-    p for p in (ROOT / "conf" / "model").glob("*.yaml") if "causal_lm" not in yaml.safe_load(p.read_text())["_target_"]
+    p
+    for p in (ROOT / "conf" / "model").glob("*.yaml")
+    if not any(k in yaml.safe_load(p.read_text())["_target_"] for k in ("causal_lm", "nn.bert"))
 )
 IMG_SIZE = {"resnet8": 32, "resnet14": 32, "vit_tiny_p4": 32, "vit_micro_p4": 8, "deit_tiny": 224, "deit_small": 224}
 

@@ -280,7 +280,26 @@ def test_preset_tiny_variant_trains(preset, tmp_path):
 
     full = compose([f"experiment={preset}"], tiny=False)
     assert full.study == preset
-    if full.dataset.get("tokenizer") is not None:  # a language-model preset: gpt_micro on bytes, a few windows
+    if full.dataset.get("task") is not None:  # a GLUE preset: bert_micro on bytes, a generated SST-2-layout task
+        made = subprocess.run(
+            [sys.executable, "-m", "stackwise_bench.data.text.glue_synthetic", str(tmp_path / "glue"), "64", "32"]
+        )
+        assert made.returncode == 0
+        tiny = compose(
+            [
+                f"experiment={preset}",
+                "model=bert_micro",
+                "dataset.task=sst2",
+                f"dataset.root={tmp_path / 'glue'}",
+                "dataset.tokenizer=byte",
+                "dataset.seq_len=32",
+                "model.checkpoint_path=null",  # no pretraining study here
+                "trainer.max_epochs=1",
+                "trainer.batch_size=16",
+            ],
+            tiny=False,
+        )
+    elif full.dataset.get("tokenizer") is not None:  # a language-model preset: gpt_micro on bytes, a few windows
         tiny = compose(
             [
                 f"experiment={preset}",

@@ -28,7 +28,8 @@ from torch import nn
 from stackwise_bench.errors import ConfigError
 from stackwise_bench.nn import lm_growth
 from stackwise_bench.nn.bert import encoder_layers
-from stackwise_bench.nn.growth import INITS, MODES, Growth, _clone, growth_sources
+from stackwise_bench.nn.stacking import INITS, MODES, Growth, growth_sources
+from stackwise_bench.nn.stacking import clone_block as _clone
 from stackwise_bench.values import is_int
 
 
